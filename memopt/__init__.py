@@ -1,0 +1,44 @@
+"""memopt: a torch.compile backend that makes training and fine-tuning fit in less accelerator memory.
+
+``import memopt`` is light: torch is imported, Inductor, OR-Tools and Triton only where used.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from memopt.config import MemoptConfig, parse_options
+from memopt.errors import (
+    MemoptConfigError,
+    MemoptError,
+    MemoptInfeasibleBudget,
+    MemoptPassError,
+    MemoptProfileError,
+    MemoptUnsupportedError,
+)
+
+__version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from memopt.compiler.backend import MemoptBackend
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy: the backend pulls in Inductor, the tracker the profiler; `import memopt` stays fast.
+    if name in ("MemoptBackend", "memopt_backend"):
+        from memopt.compiler import backend
+        return backend.MemoptBackend if name == "MemoptBackend" else backend.memopt
+    if name == "track_memory":
+        from memopt.runtime.tracker import track_memory
+        return track_memory
+    if name == "plan":
+        from memopt.plan import plan
+        return plan
+    raise AttributeError(f"module 'memopt' has no attribute {name!r}")
+
+
+__all__ = [
+    "MemoptBackend", "MemoptConfig", "MemoptConfigError", "MemoptError", "MemoptInfeasibleBudget",
+    "MemoptPassError", "MemoptProfileError", "MemoptUnsupportedError", "parse_options", "plan",
+    "track_memory", "__version__",
+]

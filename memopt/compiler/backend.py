@@ -1,0 +1,122 @@
+"""The ``torch.compile`` backend.
+
+``torch.compile(model, backend="memopt", options={...})`` resolves ``"memopt"`` through the
+``torch_dynamo_backends`` entry point to :func:`memopt`, which Dynamo calls once per captured graph. For
+reports and custom pass lists, build a :class:`MemoptBackend` and pass the object as the backend.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.fx
+
+from memopt.compiler.capture import GraphReport, JointStage, compile_joint
+from memopt.compiler.dump import Dumper, graph_id
+from memopt.compiler.pipeline import PIPELINE
+from memopt.compiler.runner import check_order, run_passes
+from memopt.config import MemoptConfig, parse_options
+from memopt.cost_model.profile import DeviceProfile, load_profile
+from memopt.errors import MemoptConfigError, MemoptUnsupportedError
+from memopt.passes.base import Pass, PassContext
+
+
+def input_kinds(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> tuple[str, ...]:
+    """"parameter", "buffer", "input" or "symint" for each input of a Dynamo graph."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    kinds = []
+    for index, value in enumerate(example_inputs):
+        if isinstance(value, torch.nn.Parameter):
+            kinds.append("parameter")
+        elif isinstance(value, (torch.SymInt, int)):
+            kinds.append("symint")
+        else:
+            source = ""
+            if index < len(placeholders):
+                grapharg = placeholders[index].meta.get("grapharg")
+                source = grapharg.source.name if grapharg is not None and hasattr(grapharg, "source") else ""
+                source = source() if callable(source) else str(source)
+            kinds.append("buffer" if "_buffers[" in source or ".buffers" in source else "input")
+    return tuple(kinds)
+
+
+def _compile_id() -> str:
+    compile_id = torch._guards.CompileContext.current_compile_id()
+    if compile_id is None:
+        return "0_0"
+    return str(compile_id).replace("/", "_").replace(" ", "")
+
+
+class MemoptBackend:
+    """A memopt backend object: ``torch.compile(model, backend=MemoptBackend(options))``.
+
+    ``reports`` holds one :class:`GraphReport` per graph it compiled (the partitioned graphs, the pass
+    records and the simulated memory), in compile order. ``passes`` replaces the pipeline (tests register
+    passes of their own this way).
+    """
+
+    def __init__(self, options: Mapping[str, Any] | MemoptConfig | None = None, *,
+                 passes: Sequence[Pass] | None = None) -> None:
+        self.config = parse_options(options)
+        self.passes: tuple[Pass, ...] = PIPELINE if passes is None else tuple(passes)
+        check_order(self.passes)
+        self.reports: list[GraphReport] = []
+        self._profile: DeviceProfile | None = None
+        self.__name__ = "memopt"
+
+    @property
+    def profile(self) -> DeviceProfile:
+        if self._profile is None:
+            self._profile = load_profile(self.config.cost_profile)
+        return self._profile
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any,
+                 ) -> Callable[..., Any]:
+        if kwargs:
+            raise MemoptConfigError(
+                f"memopt takes its settings through options=..., not {sorted(kwargs)}; e.g. "
+                "torch.compile(model, backend='memopt', options={'memory_budget': '12GiB'})")
+        config = self.config
+        kinds = input_kinds(gm, example_inputs)
+        training = torch.is_grad_enabled() and any(
+            isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs)
+        if config.memory_budget is not None and torch.is_grad_enabled() and not training:
+            raise MemoptUnsupportedError(
+                "a memory_budget was given for training, but no input of the compiled graph requires a "
+                "gradient (no trainable parameters?). Unfreeze the parameters to train, call memopt.prepare "
+                "with adapter options, or run under torch.no_grad() for inference")
+        report = GraphReport(graph_id=graph_id(_compile_id(), gm), codegen=config.codegen, input_kinds=kinds)
+        self.reports.append(report)
+        dumper = Dumper(config.dump_dir, report.graph_id)
+        dumper.meta = {"options": {k: v for k, v in config.to_dict().items() if k != "dump_dir"},
+                       "codegen": config.codegen, "profile": self.profile.name, "input_kinds": list(kinds)}
+        dumper.stage("captured", gm, kind="model", status="captured", stats={"nodes": len(gm.graph.nodes)})
+        ctx = PassContext(config=config, stage="model", profile=self.profile, input_kinds=kinds)
+        start = time.perf_counter()
+        gm, records = run_passes(gm, self.passes, ctx, dumper)
+        report.passes.extend(records)
+        report.seconds["model_passes"] = time.perf_counter() - start
+        stage = JointStage(config, self.profile, self.passes, report, dumper)
+        if not training and config.codegen != "eager":
+            # Inductor compiles an inference graph without a partition hook: record what we know.
+            dumper.stage("inference", None, kind="partition",
+                         status="compiled by Inductor without a joint graph")
+            dumper.finish()
+        return compile_joint(gm, example_inputs, stage)
+
+
+def memopt(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options: Mapping[str, Any] | None = None,
+           **kwargs: Any) -> Callable[..., Any]:
+    """The ``backend="memopt"`` entry point: validates ``options`` and compiles one Dynamo graph."""
+    if kwargs.get("mode") is not None:
+        raise MemoptConfigError(
+            f"memopt does not take mode={kwargs['mode']!r}; its settings go in options=... "
+            "(see the README's option table)")
+    kwargs.pop("mode", None)
+    if kwargs:
+        warnings.warn(f"memopt: ignoring unexpected backend arguments {sorted(kwargs)}", stacklevel=2)
+    return MemoptBackend(options)(gm, example_inputs)

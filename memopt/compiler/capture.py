@@ -1,0 +1,187 @@
+"""Capture: from Dynamo's graph to compiled forward and backward functions.
+
+``compile_graph`` runs the model-graph passes, then hands the graph to AOTAutograd, whose partition hook
+(:class:`JointStage`) is where memopt does its work on the joint forward+backward graph: joint passes,
+cost annotation, partition, simulation, dumps. The same hook serves both code generators:
+
+- ``codegen="eager"``: ``aot_autograd`` with ``partition_fn=JointStage`` and compilers that run the FX
+  graphs with the boxed calling convention (inputs freed as soon as they are dead).
+- ``codegen="inductor"``: ``compile_fx`` with ``config_patches={"custom_partitioner_fn": JointStage}``,
+  which keeps Inductor's own decompositions and joint-graph passes before ours.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.fx
+from torch._inductor.custom_graph_pass import CustomPartitionerFn
+
+from memopt.compiler.dump import Dumper
+from memopt.compiler.partition import partition_joint
+from memopt.compiler.runner import PassRecord, run_passes
+from memopt.config import MemoptConfig
+from memopt.cost_model.estimate import annotate_costs
+from memopt.cost_model.profile import DeviceProfile
+from memopt.passes.base import Pass, PassContext
+from memopt.schedule.simulate import MemoryTimeline, simulate_joint, simulate_step
+
+
+@dataclasses.dataclass
+class GraphReport:
+    """What memopt did with one captured graph; kept on the backend for tests, `memopt plan` and tools."""
+
+    graph_id: str
+    codegen: str
+    input_kinds: tuple[str, ...]                       # per Dynamo graph input
+    passes: list[PassRecord] = dataclasses.field(default_factory=list)
+    joint: torch.fx.GraphModule | None = None          # after the joint passes
+    forward: torch.fx.GraphModule | None = None        # partitioned (or the inference graph)
+    backward: torch.fx.GraphModule | None = None
+    num_user_outputs: int = 0
+    primal_kinds: tuple[str, ...] = ()                 # per forward-graph input
+    memory: MemoryTimeline | None = None               # the simulated step, nothing outside the graphs
+    predicted_time_s: float | None = None              # forward + backward on the cost profile
+    seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def simulate(self, extra_resident: dict[str, int] | None = None) -> MemoryTimeline:
+        """Simulate this graph's step again with bytes held outside it (optimizer states, ...)."""
+        if self.forward is None:
+            raise RuntimeError(f"graph {self.graph_id} has not been partitioned yet (no backward run?)")
+        return simulate_step(self.forward, self.backward, input_kinds=self.primal_kinds,
+                             num_user_outputs=self.num_user_outputs, extra_resident=extra_resident)
+
+
+def _measure(gm: torch.fx.GraphModule) -> dict[str, Any]:
+    timeline = simulate_joint(gm)
+    return {"saved_activation_bytes": timeline.saved_activation_bytes, "peak_bytes": timeline.peak_bytes}
+
+
+def _primal_kinds(fw_gm: torch.fx.GraphModule, primal_kinds: Sequence[str]) -> tuple[str, ...]:
+    """Kinds of the forward graph's inputs, matched to AOTAutograd's ``primals_<i>`` names."""
+    kinds = []
+    for node in fw_gm.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        index = -1
+        if node.name.startswith("primals_") and node.name[len("primals_"):].isdigit():
+            index = int(node.name[len("primals_"):]) - 1
+        kinds.append(primal_kinds[index] if 0 <= index < len(primal_kinds) else "input")
+    return tuple(kinds)
+
+
+class JointStage(CustomPartitionerFn):
+    """The partition hook: joint passes, cost annotation, partition, simulation and dumps."""
+
+    def __init__(self, config: MemoptConfig, profile: DeviceProfile, passes: Sequence[Pass],
+                 report: GraphReport, dumper: Dumper) -> None:
+        self.config, self.profile, self.passes = config, profile, tuple(passes)
+        self.report, self.dumper = report, dumper
+        self.primal_kinds: tuple[str, ...] = ()
+
+    def __call__(self, gm: torch.fx.GraphModule, joint_inputs: Sequence[object], **kwargs: Any,
+                 ) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
+        num_fwd_outputs = int(kwargs["num_fwd_outputs"])
+        static = kwargs.get("static_lifetime_input_indices")
+        primals = joint_inputs[0] if joint_inputs and isinstance(joint_inputs[0], (list, tuple)) else []
+        kinds = self.report.input_kinds
+        if len(primals) != len(kinds):
+            # AOTAutograd deduplicated or added inputs: classify by what the values say.
+            kinds = tuple("parameter" if isinstance(p, torch.Tensor) and p.requires_grad else "input"
+                          for p in primals)
+        self.primal_kinds = kinds
+        self.dumper.stage("joint", gm, kind="joint", status="captured",
+                          stats={"nodes": len(gm.graph.nodes), "predicted": _measure(gm)})
+        ctx = PassContext(config=self.config, stage="joint", profile=self.profile, input_kinds=kinds)
+        start = time.perf_counter()
+        gm, records = run_passes(gm, self.passes, ctx, self.dumper, measure=_measure)
+        self.report.passes.extend(records)
+        self.report.seconds["joint_passes"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        annotate_costs(gm, self.profile)
+        self.report.seconds["cost_model"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        fw_gm, bw_gm = partition_joint(gm, joint_inputs, num_fwd_outputs=num_fwd_outputs,
+                                       static_lifetime_input_indices=static)
+        self.report.seconds["partition"] = time.perf_counter() - start
+        self.report.joint = gm
+        self._finish(fw_gm, bw_gm, num_fwd_outputs)
+        return fw_gm, bw_gm
+
+    def _finish(self, fw_gm: torch.fx.GraphModule, bw_gm: torch.fx.GraphModule | None,
+                num_user_outputs: int) -> None:
+        report = self.report
+        report.forward, report.backward, report.num_user_outputs = fw_gm, bw_gm, num_user_outputs
+        report.primal_kinds = _primal_kinds(fw_gm, self.primal_kinds or report.input_kinds)
+        start = time.perf_counter()
+        report.memory = report.simulate()
+        report.seconds["simulate"] = time.perf_counter() - start
+        for graph in (fw_gm, bw_gm):
+            if graph is not None:
+                annotate_costs(graph, self.profile)
+        report.predicted_time_s = sum(
+            node.meta["memopt_cost"].time_s for graph in (fw_gm, bw_gm) if graph is not None
+            for node in graph.graph.nodes if "memopt_cost" in node.meta)
+        summary = report.memory.summary()
+        summary["predicted_time_s"] = report.predicted_time_s
+        summary["profile"] = self.profile.name
+        self.dumper.stage("forward", fw_gm, kind="partition", status="partitioned",
+                          stats={"nodes": len(fw_gm.graph.nodes), "memory": summary})
+        if bw_gm is not None:
+            self.dumper.stage("backward", bw_gm, kind="partition", status="partitioned",
+                              stats={"nodes": len(bw_gm.graph.nodes), "memory": summary})
+        for name, seconds in report.seconds.items():
+            self.dumper.timing(name, seconds)
+        self.dumper.finish()
+
+    def inference(self, gm: torch.fx.GraphModule) -> None:
+        """Record an inference-only graph (no backward)."""
+        self.primal_kinds = self.report.input_kinds
+        self._finish(gm, None, len(list(gm.graph.output_node().args[0])))
+
+    def uuid(self) -> Any | None:
+        # memopt's joint stage has side effects (reports, dumps) and depends on the options: never let
+        # Inductor's FX graph cache skip it.
+        return None
+
+
+def _boxed_eager(gm: torch.fx.GraphModule) -> Callable[..., Any]:
+    """Run an FX graph as is, with the boxed calling convention so its inputs can be freed early."""
+    from torch.fx.graph import _BoxedCodeGen
+
+    gm.graph.set_codegen(_BoxedCodeGen())
+    gm.recompile()
+    forward = gm.forward
+
+    def run(args: list[Any]) -> Any:
+        return forward(args)
+
+    run._boxed_call = True  # type: ignore[attr-defined]
+    return run
+
+
+def compile_joint(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], stage: JointStage) -> Callable[..., Any]:
+    """Hand a model graph to AOTAutograd with memopt's joint stage, for the configured code generator."""
+    if stage.config.codegen == "eager":
+        from torch._dynamo.backends.common import aot_autograd
+
+        def fw_compiler(fw_gm: torch.fx.GraphModule, inputs: Sequence[Any]) -> Callable[..., Any]:
+            return _boxed_eager(fw_gm)
+
+        def inference_compiler(fw_gm: torch.fx.GraphModule, inputs: Sequence[Any]) -> Callable[..., Any]:
+            stage.inference(fw_gm)
+            return _boxed_eager(fw_gm)
+
+        return aot_autograd(fw_compiler=fw_compiler, bw_compiler=fw_compiler,
+                            inference_compiler=inference_compiler, partition_fn=stage,
+                            keep_inference_input_mutations=True)(gm, example_inputs)
+    # "inductor", and "triton" until memopt's own kernels land: Inductor generates the code.
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(gm, list(example_inputs), config_patches={"custom_partitioner_fn": stage})

@@ -1,0 +1,193 @@
+"""Per-graph dumps: readable, runnable graph code after every stage, stats beside it, one index.
+
+Layout of ``<dump_dir>/<graph id>/``::
+
+    00_captured.py            the Dynamo graph as memopt received it
+    01_<model pass>.py/.json  one pair per model-graph pass that ran
+    NN_joint.py/.json         the joint forward+backward graph from AOTAutograd
+    NN_<joint pass>.py/.json  one pair per joint-graph pass that ran
+    NN_forward.py/.json       the partitioned forward graph, then the backward
+    index.json                what ran, in order, with each stage's status and file names
+    timings.json              measured seconds: the only file that differs between identical runs
+
+Note [Deterministic dumps]
+Two identical runs write byte-identical files apart from ``timings.json``: the graph id is Dynamo's
+compile id plus a hash of the captured code; JSON is written with sorted keys; source locations in the
+code are cut to the path below ``site-packages`` (or the file name), never an absolute path; nothing
+records a time, a pid or an address.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx
+
+from memopt.cost_model.bytes import hint_int
+
+_FILE_RE = re.compile(r'File: (?P<path>[^\n:]*?[/\\][^\n:]*?):(?P<line>\d+)')
+_CLASS_RE = re.compile(r"^class (\w+)\(torch\.nn\.Module\):", re.MULTILINE)
+
+
+def _short_path(path: str) -> str:
+    norm = path.replace("\\", "/")
+    for marker in ("site-packages/", "dist-packages/"):
+        if marker in norm:
+            return norm.split(marker, 1)[1]
+    cwd = os.getcwd().replace("\\", "/").rstrip("/") + "/"
+    if norm.startswith(cwd):
+        return norm[len(cwd):]
+    return norm.rsplit("/", 1)[-1]
+
+
+def strip_paths(code: str) -> str:
+    """Replace absolute source paths in stack-trace comments with short relative ones."""
+    return _FILE_RE.sub(lambda m: f"File: {_short_path(m.group('path'))}:{m.group('line')}", code)
+
+
+def _example_input(val: object) -> str:
+    """Python source that builds a stand-in for one graph input from its metadata."""
+    if isinstance(val, torch.SymInt):
+        return str(hint_int(val))
+    if isinstance(val, (int, float, bool)):
+        return repr(val)
+    if isinstance(val, torch.Tensor):
+        shape = [hint_int(s) for s in val.shape]
+        dtype = str(val.dtype)
+        if val.dtype.is_floating_point or val.dtype.is_complex:
+            return f"torch.randn({shape}, dtype={dtype})"
+        # Zeros are valid indices for embeddings and gathers; random ints might not be.
+        return f"torch.zeros({shape}, dtype={dtype})"
+    return "None"
+
+
+def graph_source(gm: torch.fx.GraphModule, title: str) -> str:
+    """Readable, shape/dtype-annotated graph code that runs on its own with stand-in inputs."""
+    graph = gm.graph
+    flat = torch.fx.Graph()
+    value_map: dict[torch.fx.Node, torch.fx.Node] = {}
+    for node in graph.nodes:
+        value_map[node] = flat.node_copy(node, lambda n: value_map[n])
+    # A plain code generator: the joint graph's pytree signature would not run without its spec.
+    view = torch.fx.GraphModule(gm, flat, class_name="DumpedGraph")
+    body = view.print_readable(print_output=False, include_stride=False, include_device=False,
+                               colored=False, additional_meta=["memopt_pass"])
+    body = strip_paths(body)
+    match = _CLASS_RE.search(body)
+    cls = match.group(1) if match else "DumpedGraph"
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    consts = sorted({str(n.target) for n in graph.nodes if n.op == "get_attr"})
+    lines = [
+        f"# memopt dump: {title}",
+        f"# {sum(1 for n in graph.nodes if n.op == 'call_function')} ops, {len(placeholders)} inputs. "
+        "Run this file to execute the graph on stand-in inputs (random floats, zero integers"
+        + (", zero constants" if consts else "") + ").",
+        "import builtins, math, operator",
+        "import torch",
+        "from torch import device, inf, nan",
+        "import torch.fx._pytree as fx_pytree",
+        "import torch.utils._pytree as pytree",
+        "",
+        body.rstrip(),
+        "",
+        "",
+        'if __name__ == "__main__":',
+        "    torch.manual_seed(0)",
+        f"    module = {cls}()",
+    ]
+    for target in consts:
+        holder = gm
+        for atom in target.split("."):
+            holder = getattr(holder, atom, None)  # type: ignore[assignment]
+        if isinstance(holder, torch.Tensor):
+            shape = [hint_int(s) for s in holder.shape]
+            lines.append(f"    setattr(module, {target!r}, torch.zeros({shape}, dtype={holder.dtype}))")
+    args = ", ".join(_example_input(n.meta.get("val", n.meta.get("example_value"))) for n in placeholders)
+    lines += [
+        f"    outputs = module({args})",
+        "    for value in pytree.tree_leaves(outputs):",
+        "        print(tuple(value.shape) if isinstance(value, torch.Tensor) else value)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def graph_id(compile_id: str, gm: torch.fx.GraphModule) -> str:
+    """``<dynamo compile id>-<8 hex of the captured code>``: unique per graph, stable across runs."""
+    digest = hashlib.sha256(strip_paths(gm.code).encode()).hexdigest()[:8]
+    return f"graph_{compile_id}-{digest}"
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=1, sort_keys=True, default=str) + "\n")
+
+
+class Dumper:
+    """Writes one graph's dump folder. A Dumper with no directory does nothing, cheaply."""
+
+    def __init__(self, root: str | os.PathLike[str] | None, graph: str) -> None:
+        self.folder: Path | None = None if root is None else Path(root) / graph
+        self.graph = graph
+        self._index: list[dict[str, Any]] = []
+        self._timings: dict[str, float] = {}
+        self._next = 0
+        self.meta: dict[str, Any] = {}
+        if self.folder is not None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def enabled(self) -> bool:
+        return self.folder is not None
+
+    def stage(self, name: str, gm: torch.fx.GraphModule | None, *, kind: str, status: str,
+              stats: dict[str, Any] | None = None, seconds: float | None = None,
+              reason: str | None = None) -> None:
+        """Record one stage; write its code and stats when it produced a graph."""
+        entry: dict[str, Any] = {"name": name, "kind": kind, "status": status}
+        if reason is not None:
+            entry["reason"] = reason
+        if gm is not None and self.folder is not None:
+            stem = f"{self._next:02d}_{name}"
+            self._next += 1
+            (self.folder / f"{stem}.py").write_text(graph_source(gm, f"{name} ({kind}, {status})"))
+            if stats is not None:
+                _write_json(self.folder / f"{stem}.json", {"stage": name, "kind": kind, **stats})
+                entry["stats"] = f"{stem}.json"
+            entry["code"] = f"{stem}.py"
+            if seconds is not None:
+                self._timings[stem] = round(seconds, 6)
+        elif seconds is not None:
+            self._timings[name] = round(seconds, 6)
+        self._index.append(entry)
+
+    def timing(self, name: str, seconds: float) -> None:
+        self._timings[name] = round(seconds, 6)
+
+    def write_json(self, name: str, data: Any) -> None:
+        if self.folder is not None:
+            _write_json(self.folder / name, data)
+
+    def finish(self) -> None:
+        if self.folder is None:
+            return
+        _write_json(self.folder / "index.json", {
+            "graph": self.graph,
+            "memopt_version": _version(),
+            "torch_version": torch.__version__,
+            "python": f"{sys.version_info.major}.{sys.version_info.minor}",
+            **self.meta,
+            "stages": self._index,
+        })
+        _write_json(self.folder / "timings.json", self._timings)
+
+
+def _version() -> str:
+    from memopt import __version__
+    return __version__

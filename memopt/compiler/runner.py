@@ -1,0 +1,163 @@
+"""The one runner every pass goes through.
+
+For each pass it: skips it when disabled by name (option ``disable_passes`` or ``MEMOPT_DISABLE_PASSES``)
+or not asked for by the options; lints the graph and checks node metadata before and after; times it;
+tags the nodes it made with ``meta["memopt_pass"]``; records stats (nodes added/removed, the pass's own
+counts, and for joint graphs the predicted saved-activation bytes and peak before/after); and dumps the
+result. A pass that raises, or leaves a graph that fails the checks, is undone (the graph it was given is
+restored) with a warning naming the pass and the reason, or re-raised as :class:`MemoptPassError` with
+``strict=True``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch.fx
+
+from memopt.compiler.dump import Dumper
+from memopt.errors import MemoptConfigError, MemoptPassError
+from memopt.passes.base import Pass, PassContext, PassResult, Stage
+
+
+class MemoptPassWarning(UserWarning):
+    """A pass failed and was skipped; the graph continues without its rewrite."""
+
+
+@dataclasses.dataclass
+class PassRecord:
+    name: str
+    stage: Stage
+    status: str                 # "changed" | "unchanged" | "disabled" | "not requested" | "failed"
+    seconds: float = 0.0
+    stats: dict[str, Any] = dataclasses.field(default_factory=dict)
+    reason: str | None = None
+
+
+def check_order(passes: Sequence[Pass]) -> None:
+    """Model passes before joint passes; every ``after`` constraint met; names unique."""
+    names = [p.name for p in passes]
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise MemoptConfigError(f"pass pipeline lists {dup} more than once; each pass runs once")
+    seen_joint = False
+    for index, p in enumerate(passes):
+        if p.stage not in ("model", "joint"):
+            raise MemoptConfigError(f"pass {p.name!r} has stage {p.stage!r}; expected 'model' or 'joint'")
+        if p.stage == "joint":
+            seen_joint = True
+        elif seen_joint:
+            raise MemoptConfigError(
+                f"model-graph pass {p.name!r} is listed after a joint-graph pass; model passes run "
+                "before AOTAutograd, so list them first")
+        for before in p.after:
+            if before in names and names.index(before) > index:
+                raise MemoptConfigError(
+                    f"pass {p.name!r} must run after {before!r} but is listed before it")
+
+
+def _meta_key(stage: Stage) -> str:
+    # Dynamo records traced values as "example_value"; AOTAutograd's graphs carry "val".
+    return "example_value" if stage == "model" else "val"
+
+
+def check_graph(gm: torch.fx.GraphModule, stage: Stage, *, where: str) -> None:
+    """Lint the graph and check that every value-producing node carries its metadata."""
+    gm.graph.lint()
+    key = _meta_key(stage)
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "call_function", "call_method", "call_module") and key not in node.meta:
+            if stage == "model" and node.op == "placeholder" and "grapharg" in node.meta:
+                continue
+            raise MemoptPassError(
+                f"{where}: node {node.name!r} ({node.op} {node.target}) has no meta[{key!r}]; every pass "
+                f"must set it on the nodes it creates (copy it from the node it replaces, or run the op on "
+                "fake tensors)")
+
+
+def _copy_graph(gm: torch.fx.GraphModule) -> torch.fx.Graph:
+    graph = torch.fx.Graph(owning_module=gm, tracer_cls=gm.graph._tracer_cls)
+    value_map: dict[torch.fx.Node, torch.fx.Node] = {}
+    for node in gm.graph.nodes:
+        value_map[node] = graph.node_copy(node, lambda n: value_map[n])
+    graph._codegen = gm.graph._codegen
+    return graph
+
+
+def run_passes(gm: torch.fx.GraphModule, passes: Sequence[Pass], ctx: PassContext, dumper: Dumper,
+               measure: Callable[[torch.fx.GraphModule], dict[str, Any]] | None = None,
+               ) -> tuple[torch.fx.GraphModule, list[PassRecord]]:
+    """Run the passes of ``ctx.stage`` in order over ``gm``; returns the final graph and one record each.
+
+    ``measure`` gives predicted memory figures of a graph (saved-activation bytes, peak) for the stats;
+    it is called before and after each pass that ran.
+    """
+    records: list[PassRecord] = []
+    config = ctx.config
+    check_graph(gm, ctx.stage, where=f"graph entering the {ctx.stage} passes")
+    before_measure = measure(gm) if measure and any(
+        p.stage == ctx.stage and p.name not in config.disable_passes and p.wanted(config)
+        for p in passes) else {}
+    for p in passes:
+        if p.stage != ctx.stage:
+            continue
+        if p.name in config.disable_passes:
+            records.append(PassRecord(p.name, p.stage, "disabled", reason="disabled by name"))
+            dumper.stage(p.name, None, kind=p.stage, status="disabled", reason="disabled by name")
+            continue
+        if not p.wanted(config):
+            records.append(PassRecord(p.name, p.stage, "not requested"))
+            dumper.stage(p.name, None, kind=p.stage, status="not requested")
+            continue
+        backup = _copy_graph(gm)
+        nodes_before = set(gm.graph.nodes)
+        count_before = len(gm.graph.nodes)
+        start = time.perf_counter()
+        try:
+            result = p.run(gm, ctx)
+            if not isinstance(result, PassResult):
+                raise TypeError(f"returned {type(result).__name__}, expected PassResult")
+            new_gm = result.gm
+            new_gm.recompile()
+            check_graph(new_gm, ctx.stage, where=f"after pass {p.name!r}")
+        except Exception as err:  # noqa: BLE001 - the documented fallback; the cause is reported
+            seconds = time.perf_counter() - start
+            reason = f"{type(err).__name__}: {err}"
+            if config.strict:
+                raise MemoptPassError(f"pass {p.name!r} failed: {reason}") from err
+            warnings.warn(
+                f"memopt: pass {p.name!r} failed and was skipped ({reason}). Training continues without "
+                "this rewrite; set options={'strict': True} to raise instead.", MemoptPassWarning,
+                stacklevel=2)
+            gm.graph = backup
+            gm.recompile()
+            records.append(PassRecord(p.name, p.stage, "failed", seconds, reason=reason))
+            dumper.stage(p.name, None, kind=p.stage, status="failed", seconds=seconds, reason=reason)
+            continue
+        seconds = time.perf_counter() - start
+        added = [n for n in new_gm.graph.nodes if n not in nodes_before]
+        for node in added:
+            node.meta.setdefault("memopt_pass", p.name)
+        after_nodes = set(new_gm.graph.nodes)
+        stats: dict[str, Any] = {
+            "changed": bool(result.changed),
+            "nodes_before": count_before,
+            "nodes_after": len(new_gm.graph.nodes),
+            "nodes_added": len(added),
+            "nodes_removed": sum(1 for n in nodes_before if n not in after_nodes),
+            "pass_stats": dict(result.stats),
+        }
+        if measure is not None:
+            after_measure = measure(new_gm)
+            stats["predicted_before"] = before_measure
+            stats["predicted_after"] = after_measure
+            before_measure = after_measure
+        status = "changed" if result.changed else "unchanged"
+        records.append(PassRecord(p.name, p.stage, status, seconds, stats))
+        dumper.stage(p.name, new_gm, kind=p.stage, status=status, stats=stats, seconds=seconds)
+        gm = new_gm
+    return gm, records

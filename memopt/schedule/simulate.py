@@ -1,0 +1,483 @@
+"""Memory simulator: replay a training step's graphs and give the live bytes after every node.
+
+Pure: FX graphs with ``meta["val"]`` in, a :class:`MemoryTimeline` out. Nothing executes and nothing is
+allocated, so it runs on fake tensors for a 70B model as well as on a real tiny one.
+
+Note [What the simulator models]
+The unit is the *storage*, not the tensor: a view (an op whose schema says its return aliases an argument,
+``getitem`` of such a tuple, an in-place op's return) adds no bytes and keeps its base alive. Every other
+op allocates a fresh storage of ``untyped_storage().nbytes()`` for each tensor it returns. A storage dies
+when the last value referring to it dies, and a value dies right after its last use in the graph — which
+is exactly what FX's code generator emits (``x = None`` after the last use) and what the boxed calling
+convention allows for the graph's inputs (``args_list.clear()``). Values nothing uses die right after
+they are made. The peak is taken after each node's outputs exist and before its dead inputs go, because
+that is when both are live.
+
+A training step is forward then backward:
+- The forward's inputs (parameters, buffers, user inputs) are held by their owners for the whole step.
+- The forward returns the user outputs (held by the caller until the step ends; e.g. ``out.logits``
+  while ``out.loss.backward()`` runs) and the saved activations, which the backward frees at their last use
+  (AOTAutograd clears ``ctx.saved_tensors`` before running the boxed backward).
+- The backward's incoming gradients (tangents) are held by the autograd engine for the whole backward.
+- The backward's outputs are the parameter gradients. The autograd engine keeps each one as ``.grad``
+  when its strides match the parameter's, and otherwise copies it into the parameter's layout (a clone
+  of the same size, then the original is freed), as ``AccumulateGrad`` does.
+- Bytes outside the graphs that the caller knows about (optimizer states, gradients that already exist)
+  are passed in as ``extra_resident`` and counted throughout.
+
+What it cannot see: scratch memory an op allocates inside itself (a CPU flash-attention's per-thread
+buffers, a BLAS workspace), allocator rounding and fragmentation (on CUDA the caching allocator rounds
+to 512 bytes and keeps freed blocks reserved; the figure here is allocated bytes), and anything the
+caller holds that is not declared.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.fx
+
+from memopt.cost_model.bytes import hint_int, storage_nbytes_expr
+
+# Categories of live bytes, in the order reports list them.
+CATEGORIES: tuple[str, ...] = (
+    "parameters", "buffers", "inputs", "optimizer_states", "gradients", "saved_activations", "outputs",
+    "temporaries",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryEvent:
+    phase: str          # "forward", "backward", "accumulate_grad" or "joint"
+    node: str           # the FX node's name
+    live_bytes: int     # live bytes after the node's outputs exist, before its dead inputs are freed
+
+
+@dataclasses.dataclass
+class MemoryTimeline:
+    peak_bytes: int
+    peak_phase: str
+    peak_node: str
+    breakdown: dict[str, int]            # live bytes per category at the peak
+    events: list[MemoryEvent]
+    saved_activation_bytes: int          # bytes the forward hands to the backward (unique storages)
+    resident_bytes: int                  # live at the start of the step (inputs + extra_resident)
+    largest_at_peak: list[tuple[str, str, int]] = dataclasses.field(default_factory=list)
+    # (node that made it, category, bytes): the biggest storages alive at the peak
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "peak_bytes": self.peak_bytes,
+            "peak_at": f"{self.peak_phase}:{self.peak_node}",
+            "breakdown": dict(self.breakdown),
+            "saved_activation_bytes": self.saved_activation_bytes,
+            "resident_bytes": self.resident_bytes,
+        }
+
+
+# --------------------------------------------------------------------------------------------------------
+# Aliasing
+# --------------------------------------------------------------------------------------------------------
+
+
+def _tensors(val: object) -> list[torch.Tensor | None]:
+    """The tensor slots of a node's value, positionally (None where a slot is not a tensor)."""
+    if isinstance(val, torch.Tensor):
+        return [val]
+    if isinstance(val, (list, tuple)):
+        return [v if isinstance(v, torch.Tensor) else None for v in val]
+    return []
+
+
+def aliased_argument(node: torch.fx.Node) -> torch.fx.Node | None:
+    """The argument node whose storage ``node``'s (first) output shares, if the op is a view or in-place.
+
+    Read from the operator schema (``Tensor(a)`` on a return and an argument), never from a list of names,
+    so new view ops are handled without code changes.
+    """
+    target = node.target
+    if not isinstance(target, torch._ops.OpOverload):
+        return None
+    schema = target._schema
+    if not schema.returns or schema.returns[0].alias_info is None:
+        return None
+    alias_set = schema.returns[0].alias_info.before_set
+    for index, arg in enumerate(schema.arguments):
+        if arg.alias_info is None or not (arg.alias_info.before_set & alias_set):
+            continue
+        value = node.kwargs[arg.name] if arg.name in node.kwargs else (
+            node.args[index] if index < len(node.args) else None)
+        if isinstance(value, torch.fx.Node):
+            return value
+        if isinstance(value, (list, tuple)) and value and isinstance(value[0], torch.fx.Node):
+            return value[0]
+    return None
+
+
+class _Live:
+    """Live storages with reference counts, and running totals per category."""
+
+    def __init__(self) -> None:
+        self.size: dict[int, int] = {}
+        self.category: dict[int, str] = {}
+        self.origin: dict[int, str] = {}
+        self.refs: dict[int, int] = {}
+        self.total = 0
+        self.by_category = dict.fromkeys(CATEGORIES, 0)
+        self._next = 0
+
+    def new(self, nbytes: int, category: str, origin: str) -> int:
+        sid = self._next
+        self._next += 1
+        self.size[sid], self.category[sid], self.origin[sid], self.refs[sid] = nbytes, category, origin, 0
+        self.total += nbytes
+        self.by_category[category] += nbytes
+        return sid
+
+    def acquire(self, sids: Iterable[int]) -> None:
+        for sid in sids:
+            self.refs[sid] += 1
+
+    def release(self, sids: Iterable[int]) -> None:
+        for sid in sids:
+            self.refs[sid] -= 1
+            if self.refs[sid] == 0:
+                self.total -= self.size[sid]
+                self.by_category[self.category[sid]] -= self.size[sid]
+                del self.refs[sid]
+
+    def recategorise(self, sid: int, category: str) -> None:
+        if sid in self.refs and self.category[sid] != category:
+            self.by_category[self.category[sid]] -= self.size[sid]
+            self.by_category[category] += self.size[sid]
+        self.category[sid] = category
+
+    def largest(self, n: int = 5) -> list[tuple[str, str, int]]:
+        alive = sorted(self.refs, key=lambda s: (-self.size[s], self.origin[s]))[:n]
+        return [(self.origin[s], self.category[s], self.size[s]) for s in alive]
+
+
+class _Recorder:
+    """Keeps the timeline and the peak."""
+
+    def __init__(self, live: _Live) -> None:
+        self.live = live
+        self.events: list[MemoryEvent] = []
+        self.peak = -1
+        self.peak_phase = self.peak_node = ""
+        self.breakdown: dict[str, int] = {}
+        self.largest: list[tuple[str, str, int]] = []
+
+    def record(self, phase: str, node: str) -> None:
+        total = self.live.total
+        self.events.append(MemoryEvent(phase, node, total))
+        if total > self.peak:
+            self.peak, self.peak_phase, self.peak_node = total, phase, node
+            self.breakdown = {k: v for k, v in self.live.by_category.items() if v}
+            self.largest = self.live.largest()
+
+
+def _storage_bytes(t: torch.Tensor) -> int:
+    return hint_int(storage_nbytes_expr(t))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Replaying one graph
+# --------------------------------------------------------------------------------------------------------
+
+
+def _last_uses(graph: torch.fx.Graph) -> dict[torch.fx.Node, list[torch.fx.Node]]:
+    """For each node, the values whose last use it is (what FX's codegen sets to None after it)."""
+    seen: set[torch.fx.Node] = set()
+    dies_after: dict[torch.fx.Node, list[torch.fx.Node]] = {n: [] for n in graph.nodes}
+    for node in reversed(graph.nodes):
+        for arg in node.all_input_nodes:
+            if arg not in seen:
+                seen.add(arg)
+                dies_after[node].append(arg)
+    return dies_after
+
+
+def _replay(gm: torch.fx.GraphModule, phase: str, live: _Live, rec: _Recorder,
+            placeholder_storages: Sequence[list[int]], moved: Sequence[bool],
+            category_of: Callable[[torch.fx.Node, int], str]) -> list[list[int]]:
+    """Run ``gm``'s nodes over ``live``; returns the storage ids of each graph output, with one reference
+    each that now belongs to the caller.
+
+    ``moved[i]`` says whether the caller hands its reference to input ``i`` over to the graph (the graph
+    frees it at its last use: saved activations in the backward); otherwise the caller keeps holding it
+    and the graph never frees it (parameters, user inputs, tangents).
+    """
+    graph = gm.graph
+    storages: dict[torch.fx.Node, list[int]] = {}
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != len(placeholder_storages):
+        raise ValueError(f"{phase} graph has {len(placeholders)} inputs, {len(placeholder_storages)} given")
+    dies_after = _last_uses(graph)
+    held: set[torch.fx.Node] = set()
+    for node, sids, is_moved in zip(placeholders, placeholder_storages, moved):
+        storages[node] = sids
+        if not is_moved:
+            held.add(node)
+        elif not node.users:
+            live.release(sids)
+    outputs: list[list[int]] = []
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            continue
+        if node.op == "output":
+            for out in node.args[0]:
+                sids = storages.get(out, []) if isinstance(out, torch.fx.Node) else []
+                live.acquire(sids)
+                outputs.append(sids)
+            live.release(s for arg in dies_after[node] if arg not in held for s in storages[arg])
+            break
+        storages[node] = _output_storages(node, storages, live, category_of)
+        live.acquire(storages[node])
+        rec.record(phase, node.name)
+        dead = [arg for arg in dies_after[node] if arg not in held]
+        if not node.users:
+            dead.append(node)
+        live.release(s for arg in dead for s in storages[arg])
+    return outputs
+
+
+def _output_storages(node: torch.fx.Node, storages: Mapping[torch.fx.Node, list[int]], live: _Live,
+                     category_of: Callable[[torch.fx.Node, int], str]) -> list[int]:
+    if node.op != "call_function":
+        # get_attr constants and call_module results: treat as fresh allocations (conservative).
+        tensors = _tensors(node.meta.get("val"))
+        return [live.new(_storage_bytes(t), category_of(node, i), node.name)
+                for i, t in enumerate(tensors) if t is not None]
+    if node.target is operator.getitem:
+        parent, index = node.args[0], node.args[1]
+        if isinstance(parent, torch.fx.Node) and isinstance(index, int):
+            parent_sids = storages.get(parent, [])
+            slots = _slot_storages(parent, parent_sids)
+            sid = slots.get(index)
+            return [] if sid is None else [sid]
+        return []
+    base = aliased_argument(node)
+    if base is not None:
+        # A view or an in-place op: its outputs live in the base's storage.
+        base_sids = storages.get(base, [])
+        count = sum(t is not None for t in _tensors(node.meta.get("val"))) or 1
+        return [base_sids[0]] * count if base_sids else []
+    return [live.new(_storage_bytes(t), category_of(node, i), node.name)
+            for i, t in enumerate(_tensors(node.meta.get("val"))) if t is not None]
+
+
+def _slot_storages(node: torch.fx.Node, sids: list[int]) -> dict[int, int]:
+    """Map the tensor slots of a tuple-valued node to its storage ids, in order."""
+    slots = [i for i, t in enumerate(_tensors(node.meta.get("val"))) if t is not None]
+    if aliased_argument(node) is not None and sids:
+        return {i: sids[0] for i in slots}
+    return dict(zip(slots, sids))
+
+
+# --------------------------------------------------------------------------------------------------------
+# A training step: forward then backward
+# --------------------------------------------------------------------------------------------------------
+
+_KIND_CATEGORY = {"parameter": "parameters", "buffer": "buffers", "input": "inputs", "symint": "inputs"}
+
+
+def _placeholder_vals(gm: torch.fx.GraphModule) -> list[object]:
+    return [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
+
+
+def _output_nodes(gm: torch.fx.GraphModule) -> list[object]:
+    return list(gm.graph.output_node().args[0])
+
+
+def _obeys_layout(grad: torch.Tensor, param: torch.Tensor) -> bool:
+    """Whether ``AccumulateGrad`` can keep ``grad`` as it is (same strides as a dense parameter)."""
+    if grad.shape != param.shape:
+        return False
+    if not (param.is_contiguous() or param.is_contiguous(memory_format=torch.channels_last)):
+        return grad.is_contiguous()
+    if grad.storage_offset() != 0:
+        return False
+    return all(hint_int(a) == hint_int(b) or hint_int(s) == 1
+               for a, b, s in zip(grad.stride(), param.stride(), grad.shape))
+
+
+def simulate_step(fw_gm: torch.fx.GraphModule, bw_gm: torch.fx.GraphModule | None, *,
+                  input_kinds: Sequence[str], num_user_outputs: int,
+                  extra_resident: Mapping[str, int] | None = None) -> MemoryTimeline:
+    """Replay forward then backward (or only the forward when ``bw_gm`` is None).
+
+    ``input_kinds`` gives, per forward input, "parameter", "buffer", "input" or "symint";
+    ``num_user_outputs`` is how many leading forward outputs go to the caller (the rest are saved for the
+    backward); ``extra_resident`` adds bytes held outside the graphs, by category (e.g. optimizer states).
+    """
+    live = _Live()
+    rec = _Recorder(live)
+    resident_sids: list[int] = []
+    for category, nbytes in sorted((extra_resident or {}).items()):
+        if nbytes:
+            sid = live.new(int(nbytes), category, f"<{category}>")
+            live.acquire([sid])
+            resident_sids.append(sid)
+
+    fw_vals = _placeholder_vals(fw_gm)
+    if len(fw_vals) != len(input_kinds):
+        raise ValueError(f"forward graph has {len(fw_vals)} inputs but {len(input_kinds)} input kinds given")
+    fw_inputs: list[list[int]] = []
+    for i, (val, kind) in enumerate(zip(fw_vals, input_kinds)):
+        tensors = [t for t in _tensors(val) if t is not None]
+        sids = [live.new(_storage_bytes(t), _KIND_CATEGORY.get(kind, "inputs"), f"input{i}") for t in tensors]
+        live.acquire(sids)           # the owner's reference (module or caller), held all step
+        fw_inputs.append(sids)
+    resident = live.total
+    rec.record("start", "start")
+
+    # Each storage's category comes from its fate: a saved activation from the moment it is made.
+    fw_outs = _output_nodes(fw_gm)
+    fate: dict[str, str] = {}
+    for index, out in enumerate(fw_outs):
+        if isinstance(out, torch.fx.Node):
+            fate.setdefault(out.name, "outputs" if index < num_user_outputs else "saved_activations")
+            base = out
+            while (parent := _base_of(base)) is not None:
+                fate.setdefault(parent.name, fate[out.name])
+                base = parent
+
+    def fw_category(node: torch.fx.Node, slot: int) -> str:
+        return fate.get(node.name, "temporaries")
+
+    outs = _replay(fw_gm, "forward", live, rec, fw_inputs, [False] * len(fw_inputs), fw_category)
+    saved = outs[num_user_outputs:]
+    saved_bytes = sum(live.size[s] for s in {s for sids in saved for s in sids}
+                      if live.category[s] == "saved_activations")
+    if bw_gm is not None:
+        _simulate_backward(bw_gm, live, rec, saved, fw_inputs, input_kinds, fw_vals)
+    else:
+        for sids in saved:
+            live.release(sids)
+    # user_sids keep their reference: the caller holds the outputs to the end of the step.
+    return MemoryTimeline(
+        peak_bytes=rec.peak, peak_phase=rec.peak_phase, peak_node=rec.peak_node, breakdown=rec.breakdown,
+        events=rec.events, saved_activation_bytes=saved_bytes, resident_bytes=resident,
+        largest_at_peak=rec.largest)
+
+
+def _base_of(node: torch.fx.Node) -> torch.fx.Node | None:
+    if node.op == "call_function" and node.target is operator.getitem:
+        parent = node.args[0]
+        return parent if isinstance(parent, torch.fx.Node) else None
+    return aliased_argument(node) if node.op == "call_function" else None
+
+
+def _simulate_backward(bw_gm: torch.fx.GraphModule, live: _Live, rec: _Recorder, saved: list[list[int]],
+                       fw_inputs: list[list[int]], input_kinds: Sequence[str],
+                       fw_vals: Sequence[object]) -> None:
+    bw_placeholders = [n for n in bw_gm.graph.nodes if n.op == "placeholder"]
+    num_tangents = len(bw_placeholders) - len(saved)
+    if num_tangents < 0:
+        raise ValueError(f"backward graph takes {len(bw_placeholders)} inputs but the forward saved "
+                         f"{len(saved)} values")
+    # Tangents: made by the autograd engine (or AOTAutograd, for outputs the loss does not use) before
+    # the backward runs, and held by the engine until it returns.
+    tangent_sids: list[list[int]] = []
+    for node in bw_placeholders[len(saved):]:
+        tangent_sids.append([live.new(_storage_bytes(t), "temporaries", node.name)
+                             for t in _tensors(node.meta.get("val")) if t is not None])
+    for sids in tangent_sids:
+        live.acquire(sids)
+    # The forward's references to its saved outputs move into the backward's inputs.
+    bw_outs_nodes = _output_nodes(bw_gm)
+    grad_names = {out.name for out in bw_outs_nodes if isinstance(out, torch.fx.Node)}
+    grad_bases: set[str] = set()
+    for out in bw_outs_nodes:
+        base = out
+        while isinstance(base, torch.fx.Node) and (parent := _base_of(base)) is not None:
+            grad_bases.add(parent.name)
+            base = parent
+
+    def bw_category(node: torch.fx.Node, slot: int) -> str:
+        return "gradients" if node.name in grad_names or node.name in grad_bases else "temporaries"
+
+    # AOTAutograd clears ctx.saved_tensors before the boxed backward runs: the saved values' references
+    # move into the backward graph, which frees each at its last use.
+    moved = [True] * len(saved) + [False] * len(tangent_sids)
+    outs = _replay(bw_gm, "backward", live, rec, saved + tangent_sids, moved, bw_category)
+    for sids in tangent_sids:
+        live.release(sids)
+    # AccumulateGrad: keep each parameter gradient, or copy it into the parameter's layout.
+    for index, (sids, out) in enumerate(zip(outs, bw_outs_nodes)):
+        if not sids or index >= len(fw_vals) or not isinstance(out, torch.fx.Node):
+            live.release(sids)
+            continue
+        grad, param = out.meta.get("val"), fw_vals[index]
+        if input_kinds[index] != "parameter" or not isinstance(grad, torch.Tensor) or \
+                not isinstance(param, torch.Tensor):
+            live.release(sids)
+            continue
+        if not _obeys_layout(grad, param):
+            clone = live.new(_storage_bytes(param), "gradients", f"{out.name}.clone")
+            live.acquire([clone])
+            rec.record("accumulate_grad", out.name)
+            live.release(sids)
+
+
+def simulate_joint(joint_gm: torch.fx.GraphModule) -> MemoryTimeline:
+    """A coarse estimate on the unpartitioned joint graph, for pass statistics: the joint graph run as
+    one program (forward nodes, then backward nodes), its inputs held throughout. Saved-activation bytes
+    are the storages made by forward nodes (those that do not depend on a tangent) and read by backward
+    nodes."""
+    live = _Live()
+    rec = _Recorder(live)
+    placeholders = [n for n in joint_gm.graph.nodes if n.op == "placeholder"]
+    inputs = []
+    for node in placeholders:
+        sids = [live.new(_storage_bytes(t), "inputs", node.name)
+                for t in _tensors(node.meta.get("val")) if t is not None]
+        live.acquire(sids)
+        inputs.append(sids)
+    resident = live.total
+    backward = _backward_nodes(joint_gm.graph)
+
+    def category(node: torch.fx.Node, slot: int) -> str:
+        used_in_bw = node not in backward and any(u in backward for u in node.users)
+        return "saved_activations" if used_in_bw else "temporaries"
+
+    _replay(joint_gm, "joint", live, rec, inputs, [False] * len(inputs), category)
+    saved_bytes = _saved_bytes_joint(joint_gm, backward)
+    return MemoryTimeline(
+        peak_bytes=rec.peak, peak_phase=rec.peak_phase, peak_node=rec.peak_node, breakdown=rec.breakdown,
+        events=rec.events, saved_activation_bytes=saved_bytes, resident_bytes=resident,
+        largest_at_peak=rec.largest)
+
+
+def _backward_nodes(graph: torch.fx.Graph) -> set[torch.fx.Node]:
+    """Nodes that depend on a tangent input."""
+    backward: set[torch.fx.Node] = set()
+    for node in graph.nodes:
+        if node.op == "placeholder" and node.name.startswith("tangents"):
+            backward.add(node)
+        elif node.op != "placeholder" and any(a in backward for a in node.all_input_nodes):
+            backward.add(node)
+    return backward
+
+
+def _saved_bytes_joint(joint_gm: torch.fx.GraphModule, backward: set[torch.fx.Node]) -> int:
+    seen: set[torch.fx.Node] = set()
+    total = 0
+    for node in joint_gm.graph.nodes:
+        if node in backward or node.op in ("placeholder", "output"):
+            continue
+        if not any(u in backward for u in node.users):
+            continue
+        base = node
+        while (parent := _base_of(base)) is not None:
+            base = parent
+        if base.op == "placeholder" or base in seen:
+            continue
+        seen.add(base)
+        total += sum(_storage_bytes(t) for t in _tensors(base.meta.get("val")) if t is not None)
+    return total

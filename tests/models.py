@@ -1,0 +1,64 @@
+"""Small models the tests train, built from configs with random weights (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class MLP(nn.Module):
+    def __init__(self, width: int = 64, depth: int = 3, classes: int = 10) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        for _ in range(depth):
+            layers += [nn.Linear(width, width), nn.GELU()]
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.head(self.body(x))
+        return nn.functional.cross_entropy(logits, target), logits
+
+
+class SmallCNN(nn.Module):
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.head = nn.Linear(16, classes)
+
+    def forward(self, x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = torch.relu(self.bn(self.conv1(x)))
+        h = torch.relu(self.conv2(h))
+        logits = self.head(h.mean(dim=(2, 3)))
+        return nn.functional.cross_entropy(logits, target), logits
+
+
+def tiny_llama(layers: int = 2, hidden: int = 64, vocab: int = 256) -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=512, attn_implementation="sdpa")
+    return LlamaForCausalLM(config)
+
+
+def tiny_gpt2(layers: int = 2, hidden: int = 64, vocab: int = 256) -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    # Dropout off: compiled and eager graphs draw different random streams.
+    config = GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=4, n_positions=512,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="sdpa")
+    return GPT2LMHeadModel(config)
+
+
+def hf_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    out = model(**batch)
+    return out.loss, out.logits
+
+
+def token_batch(batch: int, seq: int, vocab: int = 256, seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch, seq), generator=gen)
+    return {"input_ids": ids, "labels": ids.clone()}
