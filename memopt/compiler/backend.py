@@ -60,8 +60,10 @@ class MemoptBackend:
     """
 
     def __init__(self, options: Mapping[str, Any] | MemoptConfig | None = None, *,
-                 passes: Sequence[Pass] | None = None) -> None:
+                 passes: Sequence[Pass] | None = None,
+                 progress: Callable[[str], None] | None = None) -> None:
         self.config = parse_options(options)
+        self.progress: Callable[[str], None] = progress or (lambda message: None)
         self.passes: tuple[Pass, ...] = PIPELINE if passes is None else tuple(passes)
         check_order(self.passes)
         self.reports: list[GraphReport] = []
@@ -96,11 +98,13 @@ class MemoptBackend:
                        "codegen": config.codegen, "profile": self.profile.name, "input_kinds": list(kinds)}
         dumper.stage("captured", gm, kind="model", status="captured", stats={"nodes": len(gm.graph.nodes)})
         ctx = PassContext(config=config, stage="model", profile=self.profile, input_kinds=kinds)
+        self.progress(f"model-graph passes on {report.graph_id} ({len(gm.graph.nodes)} nodes)")
         start = time.perf_counter()
         gm, records = run_passes(gm, self.passes, ctx, dumper)
         report.passes.extend(records)
         report.seconds["model_passes"] = time.perf_counter() - start
-        stage = JointStage(config, self.profile, self.passes, report, dumper)
+        stage = JointStage(config, self.profile, self.passes, report, dumper, self.progress)
+        self.progress("AOTAutograd: tracing the joint forward+backward graph")
         if not training and config.codegen != "eager":
             # Inductor compiles an inference graph without a partition hook: record what we know.
             dumper.stage("inference", None, kind="partition",

@@ -28,6 +28,7 @@ from memopt.config import MemoptConfig
 from memopt.cost_model.estimate import annotate_costs
 from memopt.cost_model.profile import DeviceProfile
 from memopt.passes.base import Pass, PassContext
+from memopt.schedule.budget import check_budget
 from memopt.schedule.simulate import MemoryTimeline, simulate_joint, simulate_step
 
 
@@ -46,6 +47,7 @@ class GraphReport:
     primal_kinds: tuple[str, ...] = ()                 # per forward-graph input
     memory: MemoryTimeline | None = None               # the simulated step, nothing outside the graphs
     predicted_time_s: float | None = None              # forward + backward on the cost profile
+    budget_bytes: int | None = None                    # the memory budget resolved to bytes
     seconds: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def simulate(self, extra_resident: dict[str, int] | None = None) -> MemoryTimeline:
@@ -78,9 +80,10 @@ class JointStage(CustomPartitionerFn):
     """The partition hook: joint passes, cost annotation, partition, simulation and dumps."""
 
     def __init__(self, config: MemoptConfig, profile: DeviceProfile, passes: Sequence[Pass],
-                 report: GraphReport, dumper: Dumper) -> None:
+                 report: GraphReport, dumper: Dumper,
+                 progress: Callable[[str], None] = lambda message: None) -> None:
         self.config, self.profile, self.passes = config, profile, tuple(passes)
-        self.report, self.dumper = report, dumper
+        self.report, self.dumper, self.progress = report, dumper, progress
         self.primal_kinds: tuple[str, ...] = ()
 
     def __call__(self, gm: torch.fx.GraphModule, joint_inputs: Sequence[object], **kwargs: Any,
@@ -94,6 +97,7 @@ class JointStage(CustomPartitionerFn):
             kinds = tuple("parameter" if isinstance(p, torch.Tensor) and p.requires_grad else "input"
                           for p in primals)
         self.primal_kinds = kinds
+        self.progress(f"joint graph captured ({len(gm.graph.nodes)} nodes); running joint-graph passes")
         self.dumper.stage("joint", gm, kind="joint", status="captured",
                           stats={"nodes": len(gm.graph.nodes), "predicted": _measure(gm)})
         ctx = PassContext(config=self.config, stage="joint", profile=self.profile, input_kinds=kinds)
@@ -102,10 +106,12 @@ class JointStage(CustomPartitionerFn):
         self.report.passes.extend(records)
         self.report.seconds["joint_passes"] = time.perf_counter() - start
 
+        self.progress(f"cost model ({self.profile.name}): bytes, FLOPs and time per node")
         start = time.perf_counter()
         annotate_costs(gm, self.profile)
         self.report.seconds["cost_model"] = time.perf_counter() - start
 
+        self.progress("partitioning into forward and backward graphs")
         start = time.perf_counter()
         fw_gm, bw_gm = partition_joint(gm, joint_inputs, num_fwd_outputs=num_fwd_outputs,
                                        static_lifetime_input_indices=static)
@@ -119,6 +125,7 @@ class JointStage(CustomPartitionerFn):
         report = self.report
         report.forward, report.backward, report.num_user_outputs = fw_gm, bw_gm, num_user_outputs
         report.primal_kinds = _primal_kinds(fw_gm, self.primal_kinds or report.input_kinds)
+        self.progress("simulating the step's memory")
         start = time.perf_counter()
         report.memory = report.simulate()
         report.seconds["simulate"] = time.perf_counter() - start
@@ -139,6 +146,8 @@ class JointStage(CustomPartitionerFn):
         for name, seconds in report.seconds.items():
             self.dumper.timing(name, seconds)
         self.dumper.finish()
+        if self.config.memory_budget is not None and bw_gm is not None:
+            report.budget_bytes = check_budget(self.config.memory_budget, report.memory)
 
     def inference(self, gm: torch.fx.GraphModule) -> None:
         """Record an inference-only graph (no backward)."""

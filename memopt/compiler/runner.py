@@ -65,14 +65,17 @@ def _meta_key(stage: Stage) -> str:
     return "example_value" if stage == "model" else "val"
 
 
-def check_graph(gm: torch.fx.GraphModule, stage: Stage, *, where: str) -> None:
-    """Lint the graph and check that every value-producing node carries its metadata."""
+def check_graph(gm: torch.fx.GraphModule, stage: Stage, *, where: str,
+                new_nodes: Sequence[torch.fx.Node] = ()) -> None:
+    """Lint the graph; check that every node a pass made whose value is used carries its metadata.
+
+    Nodes already in the graph are not held to it: Dynamo leaves side-effect calls such as
+    ``_set_grad_enabled`` without an example value.
+    """
     gm.graph.lint()
     key = _meta_key(stage)
-    for node in gm.graph.nodes:
-        if node.op in ("placeholder", "call_function", "call_method", "call_module") and key not in node.meta:
-            if stage == "model" and node.op == "placeholder" and "grapharg" in node.meta:
-                continue
+    for node in new_nodes:
+        if node.op in ("call_function", "call_method", "call_module") and node.users and key not in node.meta:
             raise MemoptPassError(
                 f"{where}: node {node.name!r} ({node.op} {node.target}) has no meta[{key!r}]; every pass "
                 f"must set it on the nodes it creates (copy it from the node it replaces, or run the op on "
@@ -123,7 +126,8 @@ def run_passes(gm: torch.fx.GraphModule, passes: Sequence[Pass], ctx: PassContex
                 raise TypeError(f"returned {type(result).__name__}, expected PassResult")
             new_gm = result.gm
             new_gm.recompile()
-            check_graph(new_gm, ctx.stage, where=f"after pass {p.name!r}")
+            added = [n for n in new_gm.graph.nodes if n not in nodes_before]
+            check_graph(new_gm, ctx.stage, where=f"after pass {p.name!r}", new_nodes=added)
         except Exception as err:  # noqa: BLE001 - the documented fallback; the cause is reported
             seconds = time.perf_counter() - start
             reason = f"{type(err).__name__}: {err}"
@@ -139,7 +143,6 @@ def run_passes(gm: torch.fx.GraphModule, passes: Sequence[Pass], ctx: PassContex
             dumper.stage(p.name, None, kind=p.stage, status="failed", seconds=seconds, reason=reason)
             continue
         seconds = time.perf_counter() - start
-        added = [n for n in new_gm.graph.nodes if n not in nodes_before]
         for node in added:
             node.meta.setdefault("memopt_pass", p.name)
         after_nodes = set(new_gm.graph.nodes)

@@ -1,0 +1,333 @@
+"""``memopt plan``: will this model and configuration fit, and how long will a step take?
+
+The model is built on fake tensors (``FakeTensorMode``: shapes, dtypes and strides, no storage), then
+goes through the real capture and pipeline — Dynamo, the model-graph passes, AOTAutograd, the joint
+passes, cost annotation, partition — and the step is simulated. Nothing is allocated for the model, so a
+70B plan runs on a laptop.
+
+Note [Fake CPU tensors, not the meta device]
+On the meta device ``scaled_dot_product_attention`` always takes the math kernel, which materialises and
+saves every (seq x seq) attention matrix: a GPU plan built that way would charge gigabytes that flash
+attention never allocates. Fake tensors that claim the CPU device take the flash kernel for CPU, whose
+saved tensors (output and log-sum-exp) match the CUDA flash kernel's, so the plan sees what a GPU run saves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from memopt.config import MemoptConfig, closest, parse_budget, parse_options
+from memopt.errors import MemoptConfigError, MemoptInfeasibleBudget, MemoptUnsupportedError
+from memopt.units import format_bytes
+
+# Hugging Face configs of well-known models (public config.json values), so `memopt plan` needs no
+# download. Each is (model_type, config kwargs).
+PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
+    "llama-2-7b": ("llama", dict(
+        hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5)),
+    "llama-2-13b": ("llama", dict(
+        hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+        num_key_value_heads=40, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5)),
+    "llama-3.1-8b": ("llama", dict(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, rms_norm_eps=1e-5,
+        rope_theta=500000.0, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                           "high_freq_factor": 4.0,
+                                           "original_max_position_embeddings": 8192})),
+    "mistral-7b": ("mistral", dict(   # v0.3: no sliding window
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=32768, max_position_embeddings=32768, rms_norm_eps=1e-5,
+        rope_theta=1000000.0, sliding_window=None)),
+    "gpt2": ("gpt2", dict(n_embd=768, n_layer=12, n_head=12, vocab_size=50257, n_positions=1024)),
+    # A model small enough to train on a CPU in seconds; the demo and the tests use its shape.
+    "llama-tiny": ("llama", dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=256, max_position_embeddings=512)),
+}
+
+DTYPES: dict[str, torch.dtype] = {
+    "fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16,
+}
+
+# Optimizer states per trainable parameter, in units of the parameter's own bytes (torch keeps them in
+# the parameter's dtype), and the extra temporaries of torch's foreach implementation of one step.
+OPTIMIZERS: dict[str, tuple[float, float]] = {
+    "adamw": (2.0, 1.0),          # exp_avg, exp_avg_sq; the step makes one sqrt(exp_avg_sq) list
+    "adam": (2.0, 1.0),
+    "sgd-momentum": (1.0, 0.0),   # momentum buffer; updates in place
+    "sgd": (0.0, 0.0),
+    "none": (0.0, 0.0),           # forward and backward only
+}
+
+
+@dataclasses.dataclass
+class PlanReport:
+    """The answer of ``memopt plan``; ``to_json`` is what ``--json`` prints."""
+
+    model: str
+    batch: int
+    seq: int
+    dtype: str
+    optimizer: str
+    device: str
+    device_memory_bytes: int
+    parameters: int                         # count
+    trainable_parameters: int               # count
+    peak_bytes: int
+    breakdown: dict[str, int]               # bytes at the peak, by category; sums to peak_bytes
+    peak_at: str
+    forward_backward_peak_bytes: int         # the peak of forward+backward alone (before the update)
+    totals: dict[str, int]                  # whole-step totals: weights, gradients, optimizer states, saved
+    budget_bytes: int | None
+    fits_device: bool
+    fits_budget: bool | None
+    step_time_s: float                      # predicted on the device profile
+    step_time_parts: dict[str, float]
+    graphs: int
+    stage_seconds: dict[str, float]
+    notes: list[str]
+
+    def to_json(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["peak"] = self.peak_bytes
+        return out
+
+    def render(self) -> str:
+        lines = [
+            f"memopt plan: {self.model}, batch {self.batch} x {self.seq} tokens, {self.dtype}, "
+            f"optimizer {self.optimizer}, device {self.device}",
+            f"  parameters: {self.parameters / 1e9:.2f} B ({self.trainable_parameters / 1e9:.2f} B trainable)",
+            f"  peak memory: {format_bytes(self.peak_bytes)} (at {self.peak_at}); forward+backward "
+            f"alone peaks at {format_bytes(self.forward_backward_peak_bytes)}",
+        ]
+        width = max(len(k) for k in self.breakdown) if self.breakdown else 0
+        for name, nbytes in self.breakdown.items():
+            share = 100.0 * nbytes / self.peak_bytes if self.peak_bytes else 0.0
+            lines.append(f"    {name.replace('_', ' '):<{width}}  {format_bytes(nbytes):>11}  {share:5.1f}%")
+        lines.append("  whole step: " + ", ".join(
+            f"{k.replace('_', ' ')} {format_bytes(v)}" for k, v in self.totals.items()))
+        verdict = "fits" if self.fits_device else "does NOT fit"
+        lines.append(f"  device {self.device}: {format_bytes(self.device_memory_bytes)} -> {verdict}")
+        if self.budget_bytes is not None:
+            lines.append(f"  budget {format_bytes(self.budget_bytes)} -> "
+                         + ("met" if self.fits_budget else "NOT met"))
+        parts = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in self.step_time_parts.items())
+        lines.append(f"  estimated step time: {self.step_time_s * 1e3:.1f} ms ({parts})")
+        lines += [f"  note: {note}" for note in self.notes]
+        return "\n".join(lines)
+
+
+def load_hf_config(model: str) -> tuple[str, Any]:
+    """A preset name or a path to a Hugging Face ``config.json``; returns (display name, config)."""
+    try:
+        from transformers import AutoConfig
+    except ImportError as err:  # pragma: no cover - transformers is a test and plan dependency
+        raise MemoptUnsupportedError(
+            "memopt plan builds Hugging Face models: pip install transformers") from err
+    if model in PRESETS:
+        model_type, kwargs = PRESETS[model]
+        return model, AutoConfig.for_model(model_type, **kwargs)
+    path = Path(model)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise MemoptConfigError(
+            f"unknown model {model!r}: not a preset and not a config file.{closest(model, list(PRESETS))} "
+            f"Presets: {', '.join(PRESETS)}; or give the path of a Hugging Face config.json")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise MemoptConfigError(f"cannot read the model config {str(path)!r}: {err}") from None
+    if not isinstance(data, dict) or "model_type" not in data:
+        raise MemoptConfigError(
+            f"{str(path)!r} is not a Hugging Face model config: it needs a 'model_type' key (e.g. 'llama')")
+    kwargs = {k: v for k, v in data.items() if k not in ("model_type", "transformers_version")}
+    try:
+        config = AutoConfig.for_model(data["model_type"], **kwargs)
+    except (ValueError, KeyError, TypeError) as err:
+        raise MemoptConfigError(f"{str(path)!r}: transformers cannot build this config: {err}") from None
+    return path.stem if path.name != "config.json" else path.parent.name, config
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def fake_causal_lm(config: Any, dtype: torch.dtype) -> tuple[nn.Module, Any]:
+    """Build a ``AutoModelForCausalLM`` from ``config`` on fake tensors; returns (model, fake mode)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+    from transformers import AutoModelForCausalLM
+
+    config._attn_implementation = "sdpa"
+    mode = FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv())
+    with _default_dtype(dtype), mode, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_config(config)
+    return model, mode
+
+
+def _parameter_bytes(model: nn.Module) -> tuple[int, int, int, int]:
+    total = trainable = total_bytes = trainable_bytes = 0
+    for p in model.parameters():
+        nbytes = p.numel() * p.element_size()
+        total += p.numel()
+        total_bytes += nbytes
+        if p.requires_grad:
+            trainable += p.numel()
+            trainable_bytes += nbytes
+    return total, trainable, total_bytes, trainable_bytes
+
+
+def plan(model_or_config: nn.Module | str | Any, example_inputs: Mapping[str, Any] | None = None,
+         options: Mapping[str, Any] | MemoptConfig | None = None, *, device: str | None = None,
+         batch: int = 1, seq: int = 2048, dtype: str = "bf16", optimizer: str = "adamw",
+         progress: Callable[[str], None] | None = None) -> PlanReport:
+    """Plan one training step without running it (the same as ``memopt plan``).
+
+    ``model_or_config``: a preset name, a config.json path, a transformers config, or an ``nn.Module``
+    built on fake tensors (see :func:`fake_causal_lm`). ``example_inputs``: keyword inputs of the model
+    (default: ``input_ids`` and ``labels`` of ``batch x seq`` tokens). ``device``: the cost profile to
+    plan for (overrides ``options['cost_profile']``).
+    """
+    say = progress or (lambda message: None)
+    started = time.perf_counter()
+    seconds: dict[str, float] = {}
+    if dtype not in DTYPES:
+        raise MemoptConfigError(f"dtype {dtype!r} is not supported.{closest(dtype, list(DTYPES))} "
+                                f"Choose one of {', '.join(DTYPES)}")
+    if optimizer not in OPTIMIZERS:
+        raise MemoptConfigError(f"optimizer {optimizer!r} is not known.{closest(optimizer, list(OPTIMIZERS))} "
+                                f"Choose one of {', '.join(OPTIMIZERS)}")
+    if batch <= 0 or seq <= 0:
+        raise MemoptConfigError(f"batch and seq must be positive, got batch={batch}, seq={seq}")
+    config = parse_options(options)
+    if device is not None:
+        config = dataclasses.replace(config, cost_profile=device)
+    # Planning never runs the step: the eager code generator compiles nothing heavy.
+    config = dataclasses.replace(config, codegen="eager")
+
+    from memopt.compiler.backend import MemoptBackend
+    from memopt.cost_model.profile import load_profile
+
+    profile = load_profile(config.cost_profile)
+    mode = None
+    if isinstance(model_or_config, nn.Module):
+        model, name = model_or_config, type(model_or_config).__name__
+    else:
+        if isinstance(model_or_config, str):
+            name, hf_config = load_hf_config(model_or_config)
+        else:
+            name, hf_config = type(model_or_config).__name__, model_or_config
+        say(f"[1/4] building {name} on fake tensors ({dtype}; nothing is allocated)")
+        start = time.perf_counter()
+        model, mode = fake_causal_lm(hf_config, DTYPES[dtype])
+        seconds["build"] = time.perf_counter() - start
+        max_pos = getattr(hf_config, "max_position_embeddings", getattr(hf_config, "n_positions", None))
+        if max_pos is not None and seq > max_pos:
+            raise MemoptConfigError(
+                f"seq {seq} is longer than {name}'s max_position_embeddings ({max_pos})")
+    model.train()
+    if example_inputs is None:
+        if mode is None:
+            raise MemoptConfigError("plan() needs example_inputs when given a module")
+        with mode:
+            ids = torch.zeros(batch, seq, dtype=torch.long)
+        example_inputs = {"input_ids": ids, "labels": ids, "use_cache": False}
+    count, trainable, param_bytes, trainable_bytes = _parameter_bytes(model)
+    if trainable == 0:
+        raise MemoptUnsupportedError(
+            f"{name} has no trainable parameters, so there is no training step to plan; unfreeze some "
+            "parameters (or give adapter options once adapters are supported)")
+    state_factor, step_temp_factor = OPTIMIZERS[optimizer]
+    state_bytes = int(state_factor * trainable_bytes)
+
+    say(f"[2/4] capturing with Dynamo and AOTAutograd ({count / 1e9:.2f} B parameters)")
+    stage_started = time.perf_counter()
+    backend = MemoptBackend(dataclasses.replace(config, memory_budget=None),
+                            progress=lambda message: say(f"      {message}"))
+    compiled = torch.compile(model, backend=backend, fullgraph=False)
+    with warnings.catch_warnings():
+        # The step is only traced; autograd's warnings about fake-tensor kernels do not concern a plan.
+        warnings.simplefilter("ignore")
+        compiled(**example_inputs)
+    seconds["capture_and_pipeline"] = time.perf_counter() - stage_started
+    reports = [r for r in backend.reports if r.memory is not None]
+    if not reports:
+        raise MemoptUnsupportedError(f"{name}: Dynamo captured no graph to plan")
+    notes: list[str] = []
+    if len(reports) > 1:
+        notes.append(f"{len(reports)} graphs (graph breaks): the peak is the largest single graph's; "
+                     "graphs run one after another")
+
+    say("[3/4] simulating the step with optimizer states and the optimizer update")
+    start = time.perf_counter()
+    timelines = [r.simulate({"optimizer_states": state_bytes}) for r in reports]
+    main = max(timelines, key=lambda t: t.peak_bytes)
+    # The optimizer update runs after the backward with every gradient alive, plus its temporaries.
+    # main.resident_bytes holds the weights, buffers, inputs and optimizer states.
+    grads_bytes = trainable_bytes
+    update_temp = int(step_temp_factor * trainable_bytes)
+    update_peak = main.resident_bytes + grads_bytes + update_temp
+    breakdown = _public_breakdown(main.breakdown)
+    peak_at = f"{main.peak_phase}:{main.peak_node}"
+    peak = main.peak_bytes
+    if update_peak > peak:
+        peak, peak_at = update_peak, "optimizer step"
+        breakdown = {"weights": param_bytes, "gradients": grads_bytes, "optimizer_states": state_bytes,
+                     "inputs": main.resident_bytes - param_bytes - state_bytes, "temporaries": update_temp}
+    seconds["simulate"] = time.perf_counter() - start
+
+    say(f"[4/4] estimating the step time on {profile.name}")
+    fw_bw = sum(r.predicted_time_s or 0.0 for r in reports)
+    # The update reads and writes parameters and states and reads gradients, all bandwidth-bound.
+    touched = trainable_bytes * (2 + 1 + 2 * state_factor)
+    update = touched / profile.memory_bandwidth + (profile.launch_overhead_s if state_factor else 0.0)
+    budget = parse_budget(options.get("memory_budget") if isinstance(options, Mapping) else None) \
+        if not isinstance(options, MemoptConfig) else options.memory_budget
+    budget_bytes = None
+    fits_budget = None
+    if budget is not None:
+        from memopt.schedule.budget import budget_bytes as resolve
+
+        budget_bytes = resolve(budget, main)
+        fits_budget = peak <= budget_bytes
+    seconds["total"] = time.perf_counter() - started
+    return PlanReport(
+        model=name, batch=batch, seq=seq, dtype=dtype, optimizer=optimizer, device=profile.name,
+        device_memory_bytes=profile.memory_bytes, parameters=count, trainable_parameters=trainable,
+        peak_bytes=peak, breakdown=breakdown, peak_at=peak_at, forward_backward_peak_bytes=main.peak_bytes,
+        totals={"weights": param_bytes, "gradients": grads_bytes, "optimizer_states": state_bytes,
+                "saved_activations": main.saved_activation_bytes},
+        budget_bytes=budget_bytes, fits_device=peak <= profile.memory_bytes, fits_budget=fits_budget,
+        step_time_s=fw_bw + update, step_time_parts={"forward+backward": fw_bw, "optimizer": update},
+        graphs=len(reports), stage_seconds={k: round(v, 3) for k, v in seconds.items()}, notes=notes)
+
+
+def _public_breakdown(breakdown: Mapping[str, int]) -> dict[str, int]:
+    """The simulator's categories under the names ``plan --json`` documents."""
+    names = {"parameters": "weights", "buffers": "weights", "saved_activations": "activations",
+             "inputs": "inputs", "gradients": "gradients", "optimizer_states": "optimizer_states",
+             "outputs": "outputs", "temporaries": "temporaries"}
+    out: dict[str, int] = {}
+    for key, value in breakdown.items():
+        out[names.get(key, key)] = out.get(names.get(key, key), 0) + value
+    return out

@@ -1,0 +1,47 @@
+"""Memory budgets against a simulated step: resolving fractions, and saying why a budget cannot be met.
+
+Note [Budgets before the scheduler]
+A budget constrains the *peak* live bytes of the whole step (parameters, gradients and temporaries
+included), not only the saved set. A fractional budget ``f`` allows ``f`` of the unoptimised plan's saved
+activation bytes on top of everything else at its peak. Until the scheduler can recompute, offload or
+compress activations, the unoptimised plan is the only plan: a budget below its peak is reported as
+infeasible, with what occupies the peak, never overrun in silence.
+"""
+
+from __future__ import annotations
+
+from memopt.config import MemoryBudget
+from memopt.errors import MemoptInfeasibleBudget
+from memopt.schedule.simulate import CATEGORIES, MemoryTimeline
+from memopt.units import format_bytes
+
+
+def budget_bytes(budget: MemoryBudget, unoptimised: MemoryTimeline) -> int:
+    """The peak limit in bytes that ``budget`` means for this step."""
+    if budget.nbytes is not None:
+        return budget.nbytes
+    assert budget.fraction is not None  # MemoryBudget holds exactly one of the two
+    released = (1.0 - budget.fraction) * unoptimised.saved_activation_bytes
+    return int(unoptimised.peak_bytes - released)
+
+
+def describe_peak(timeline: MemoryTimeline) -> str:
+    parts = [f"{name.replace('_', ' ')} {format_bytes(timeline.breakdown[name])}"
+             for name in CATEGORIES if timeline.breakdown.get(name)]
+    largest = ", ".join(f"{origin} ({category.replace('_', ' ')}, {format_bytes(size)})"
+                        for origin, category, size in timeline.largest_at_peak[:3])
+    return (f"at {timeline.peak_phase}:{timeline.peak_node}: " + ", ".join(parts)
+            + (f"; largest tensors: {largest}" if largest else ""))
+
+
+def check_budget(budget: MemoryBudget, timeline: MemoryTimeline) -> int:
+    """Return the budget in bytes, or raise :class:`MemoptInfeasibleBudget` when the plan exceeds it."""
+    limit = budget_bytes(budget, timeline)
+    if timeline.peak_bytes > limit:
+        raise MemoptInfeasibleBudget(
+            f"memory budget {format_bytes(limit)} ({budget}) cannot be met: the smallest peak memopt "
+            f"can reach is {format_bytes(timeline.peak_bytes)}, {describe_peak(timeline)}. This version "
+            "of memopt does not yet recompute, offload or compress activations; raise the budget or "
+            "lower the batch size or sequence length.",
+            min_peak_bytes=timeline.peak_bytes, breakdown=timeline.breakdown)
+    return limit
