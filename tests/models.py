@@ -49,8 +49,13 @@ def tiny_gpt2(layers: int = 2, hidden: int = 64, vocab: int = 256) -> nn.Module:
 
     # Dropout off: compiled and eager graphs draw different random streams.
     config = GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=4, n_positions=512,
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="sdpa")
-    return GPT2LMHeadModel(config)
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="sdpa",
+                        bos_token_id=0, eos_token_id=0)
+    model = GPT2LMHeadModel(config)
+    # transformers cannot infer GPT2LMHeadModel's loss type from its name and logs a warning inside
+    # forward, which breaks the Dynamo graph in two.
+    model.loss_type = "ForCausalLM"
+    return model
 
 
 def hf_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,7 +63,7 @@ def hf_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Ten
     return out.loss, out.logits
 
 
-def token_batch(batch: int, seq: int, vocab: int = 256, seed: int = 0) -> dict[str, torch.Tensor]:
+def token_batch(batch: int, seq: int, vocab: int = 256, seed: int = 0) -> dict[str, object]:
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (batch, seq), generator=gen)
-    return {"input_ids": ids, "labels": ids.clone()}
+    return {"input_ids": ids, "labels": ids.clone(), "use_cache": False}

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import torch.fx
 
-from memopt.cost_model.bytes import hint_int
+from memopt.cost_model.bytes import hint_int, shape_env_of
 
 _FILE_RE = re.compile(r'File: (?P<path>[^\n:]*?[/\\][^\n:]*?):(?P<line>\d+)')
 _CLASS_RE = re.compile(r"^class (\w+)\(torch\.nn\.Module\):", re.MULTILINE)
@@ -55,11 +55,11 @@ def strip_paths(code: str) -> str:
 def _example_input(val: object) -> str:
     """Python source that builds a stand-in for one graph input from its metadata."""
     if isinstance(val, torch.SymInt):
-        return str(hint_int(val))
+        return str(hint_int(val, shape_env_of(val)))
     if isinstance(val, (int, float, bool)):
         return repr(val)
     if isinstance(val, torch.Tensor):
-        shape = [hint_int(s) for s in val.shape]
+        shape = [hint_int(s, shape_env_of(val)) for s in val.shape]
         dtype = str(val.dtype)
         if val.dtype.is_floating_point or val.dtype.is_complex:
             return f"torch.randn({shape}, dtype={dtype})"

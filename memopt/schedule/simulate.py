@@ -18,7 +18,8 @@ A training step is forward then backward:
 - The forward returns the user outputs (held by the caller until the step ends; e.g. ``out.logits``
   while ``out.loss.backward()`` runs) and the saved activations, which the backward frees at their last use
   (AOTAutograd clears ``ctx.saved_tensors`` before running the boxed backward).
-- The backward's incoming gradients (tangents) are held by the autograd engine for the whole backward.
+- The backward's incoming gradients (tangents) exist when it starts and, like the saved activations,
+  are freed at their last use in the backward (AOTAutograd passes both in the cleared boxed list).
 - The backward's outputs are the parameter gradients. The autograd engine keeps each one as ``.grad``
   when its strides match the parameter's, and otherwise copies it into the parameter's layout (a clone
   of the same size, then the original is freed), as ``AccumulateGrad`` does.
@@ -41,7 +42,7 @@ from typing import Any
 import torch
 import torch.fx
 
-from memopt.cost_model.bytes import hint_int, storage_nbytes_expr
+from memopt.cost_model.bytes import hint_int, shape_env_of, storage_nbytes_expr
 
 # Categories of live bytes, in the order reports list them.
 CATEGORIES: tuple[str, ...] = (
@@ -93,21 +94,34 @@ def _tensors(val: object) -> list[torch.Tensor | None]:
     return []
 
 
+# Ops that return a view of their first argument although their schema does not say so.
+# ``_unsafe_view`` is how decompositions reshape a fresh result (e.g. matmul's output) without a copy.
+_UNANNOTATED_VIEWS = frozenset({torch.ops.aten._unsafe_view.default})
+
+
 def aliased_argument(node: torch.fx.Node) -> torch.fx.Node | None:
     """The argument node whose storage ``node``'s (first) output shares, if the op is a view or in-place.
 
-    Read from the operator schema (``Tensor(a)`` on a return and an argument), never from a list of names,
-    so new view ops are handled without code changes.
+    Read from the operator schema (``Tensor(a)`` on a return and an argument), not from a list of names,
+    so new view ops are handled without code changes; ``_UNANNOTATED_VIEWS`` lists the exceptions.
     """
     target = node.target
     if not isinstance(target, torch._ops.OpOverload):
         return None
+    if target in _UNANNOTATED_VIEWS:
+        arg = node.args[0] if node.args else None
+        return arg if isinstance(arg, torch.fx.Node) else None
     schema = target._schema
     if not schema.returns or schema.returns[0].alias_info is None:
         return None
     alias_set = schema.returns[0].alias_info.before_set
     for index, arg in enumerate(schema.arguments):
-        if arg.alias_info is None or not (arg.alias_info.before_set & alias_set):
+        info = arg.alias_info
+        if info is None:
+            continue
+        # ``Tensor(a)`` returns share the argument's set. A ``Tensor(a)[]`` return (split, unbind, chunk)
+        # reaches Python with an empty set; its argument is then marked ``Tensor(a -> *)``.
+        if not (info.before_set & alias_set or (not alias_set and "*" in info.after_set)):
             continue
         value = node.kwargs[arg.name] if arg.name in node.kwargs else (
             node.args[index] if index < len(node.args) else None)
@@ -182,7 +196,8 @@ class _Recorder:
 
 
 def _storage_bytes(t: torch.Tensor) -> int:
-    return hint_int(storage_nbytes_expr(t))
+    # Symbolic sizes (a dynamic batch or sequence) are evaluated with their hints: the example's sizes.
+    return hint_int(storage_nbytes_expr(t), shape_env_of(t))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -302,7 +317,8 @@ def _obeys_layout(grad: torch.Tensor, param: torch.Tensor) -> bool:
         return grad.is_contiguous()
     if grad.storage_offset() != 0:
         return False
-    return all(hint_int(a) == hint_int(b) or hint_int(s) == 1
+    env = shape_env_of(grad) or shape_env_of(param)
+    return all(hint_int(a, env) == hint_int(b, env) or hint_int(s, env) == 1
                for a, b, s in zip(grad.stride(), param.stride(), grad.shape))
 
 
@@ -351,13 +367,22 @@ def simulate_step(fw_gm: torch.fx.GraphModule, bw_gm: torch.fx.GraphModule | Non
         return fate.get(node.name, "temporaries")
 
     outs = _replay(fw_gm, "forward", live, rec, fw_inputs, [False] * len(fw_inputs), fw_category)
-    saved = outs[num_user_outputs:]
-    saved_bytes = sum(live.size[s] for s in {s for sids in saved for s in sids}
+    # Saved values by name: the partitioner names the backward's inputs after the forward values they
+    # receive, and the two orders differ (saved SymInts come last out of the forward, first into the
+    # backward).
+    saved: dict[str, list[int]] = {}
+    for out, sids in zip(fw_outs[num_user_outputs:], outs[num_user_outputs:]):
+        name = out.name if isinstance(out, torch.fx.Node) else f"<const{len(saved)}>"
+        if name in saved:
+            live.release(sids)       # the same value saved twice is held once
+        else:
+            saved[name] = sids
+    saved_bytes = sum(live.size[s] for s in {s for sids in saved.values() for s in sids}
                       if live.category[s] == "saved_activations")
     if bw_gm is not None:
         _simulate_backward(bw_gm, live, rec, saved, fw_inputs, input_kinds, fw_vals)
     else:
-        for sids in saved:
+        for sids in saved.values():
             live.release(sids)
     # user_sids keep their reference: the caller holds the outputs to the end of the step.
     return MemoryTimeline(
@@ -373,23 +398,26 @@ def _base_of(node: torch.fx.Node) -> torch.fx.Node | None:
     return aliased_argument(node) if node.op == "call_function" else None
 
 
-def _simulate_backward(bw_gm: torch.fx.GraphModule, live: _Live, rec: _Recorder, saved: list[list[int]],
+def _simulate_backward(bw_gm: torch.fx.GraphModule, live: _Live, rec: _Recorder, saved: dict[str, list[int]],
                        fw_inputs: list[list[int]], input_kinds: Sequence[str],
                        fw_vals: Sequence[object]) -> None:
     bw_placeholders = [n for n in bw_gm.graph.nodes if n.op == "placeholder"]
-    num_tangents = len(bw_placeholders) - len(saved)
-    if num_tangents < 0:
-        raise ValueError(f"backward graph takes {len(bw_placeholders)} inputs but the forward saved "
-                         f"{len(saved)} values")
+    missing = [n.name for n in bw_placeholders if n.name not in saved and not n.name.startswith("tangents")]
+    if missing:
+        raise ValueError(f"backward inputs {missing[:5]} are neither saved by the forward nor tangents")
     # Tangents: made by the autograd engine (or AOTAutograd, for outputs the loss does not use) before
-    # the backward runs, and held by the engine until it returns.
-    tangent_sids: list[list[int]] = []
-    for node in bw_placeholders[len(saved):]:
-        tangent_sids.append([live.new(_storage_bytes(t), "temporaries", node.name)
-                             for t in _tensors(node.meta.get("val")) if t is not None])
-    for sids in tangent_sids:
-        live.acquire(sids)
-    # The forward's references to its saved outputs move into the backward's inputs.
+    # the backward runs.
+    inputs: list[list[int]] = []
+    for node in bw_placeholders:
+        if node.name in saved:
+            inputs.append(saved.pop(node.name))
+        else:
+            sids = [live.new(_storage_bytes(t), "temporaries", node.name)
+                    for t in _tensors(node.meta.get("val")) if t is not None]
+            live.acquire(sids)
+            inputs.append(sids)
+    for sids in saved.values():
+        live.release(sids)           # saved but unused by the backward: ctx lets it go
     bw_outs_nodes = _output_nodes(bw_gm)
     grad_names = {out.name for out in bw_outs_nodes if isinstance(out, torch.fx.Node)}
     grad_bases: set[str] = set()
@@ -402,12 +430,10 @@ def _simulate_backward(bw_gm: torch.fx.GraphModule, live: _Live, rec: _Recorder,
     def bw_category(node: torch.fx.Node, slot: int) -> str:
         return "gradients" if node.name in grad_names or node.name in grad_bases else "temporaries"
 
-    # AOTAutograd clears ctx.saved_tensors before the boxed backward runs: the saved values' references
-    # move into the backward graph, which frees each at its last use.
-    moved = [True] * len(saved) + [False] * len(tangent_sids)
-    outs = _replay(bw_gm, "backward", live, rec, saved + tangent_sids, moved, bw_category)
-    for sids in tangent_sids:
-        live.release(sids)
+    # AOTAutograd clears ctx.saved_tensors and hands saved values and tangents to the boxed backward in
+    # one list that it clears: the backward graph holds the only references and frees each value at its
+    # last use (measured: a tangent's bytes go when its last reader has run).
+    outs = _replay(bw_gm, "backward", live, rec, inputs, [True] * len(inputs), bw_category)
     # AccumulateGrad: keep each parameter gradient, or copy it into the parameter's layout.
     for index, (sids, out) in enumerate(zip(outs, bw_outs_nodes)):
         if not sids or index >= len(fw_vals) or not isinstance(out, torch.fx.Node):

@@ -1,0 +1,208 @@
+"""Time and traffic of each node of an aten-level graph, against a device profile (a roofline).
+
+Note [Roofline per node]
+~~~~~~~~~~~~~~~~~~~~~~~~
+Each kernel is assumed to run at the slower of its two limits: arithmetic (FLOPs over the matmul peak for
+its input dtype) and memory (bytes read plus bytes written over the memory bandwidth), plus a fixed
+launch overhead. Only ops PyTorch's flop counter counts (matmuls, convolutions, attention) are given an
+arithmetic limit; elementwise and reduction ops are memory-bound on every device memopt targets, so
+their FLOPs would never decide the time. Fusion is ignored: the scheduler compares alternatives (keep vs
+recompute vs offload) on the same graph, where this bias is shared by both sides. Peaks are datasheet
+numbers, so absolute times are optimistic; `memopt tune` replaces them with measured ones.
+
+Note [Which nodes launch nothing]
+~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+Views (every return of the op's schema aliases an input without writing it: ``view``, ``t``,
+``expand``, ``slice``, ``split``, ``detach``, ...), ``getitem`` on a multi-output node, placeholders,
+``get_attr`` and the output node cost 0 and move 0 bytes. ``_unsafe_view`` carries no alias annotation
+but is a reshape that never copies (AOTAutograd emits it after ``bmm``/``mm`` decompositions), so it is
+treated as a view. Allocation-only ops (``empty*``) write nothing and launch nothing: they cost 0 time
+but their output bytes are counted as allocated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import operator
+from typing import Any
+
+import torch
+import torch.fx
+
+from memopt.cost_model.bytes import value_nbytes
+from memopt.cost_model.flops import node_flops
+from memopt.cost_model.profile import DeviceProfile
+from memopt.errors import MemoptError, MemoptUnsupportedError
+
+__all__ = [
+    "COST_META_KEY",
+    "NodeCost",
+    "annotate_costs",
+    "estimate_node",
+    "graph_time_s",
+    "transfer_time_s",
+]
+
+# node.meta key under which annotate_costs stores each node's NodeCost.
+COST_META_KEY = "memopt_cost"
+
+_aten = torch.ops.aten
+
+# See Note [Which nodes launch nothing].
+_VIEWS_WITHOUT_ALIAS_INFO = frozenset({_aten._unsafe_view.default})
+_ALLOCATION_ONLY = frozenset({
+    _aten.empty.memory_format,
+    _aten.empty_strided.default,
+    _aten.empty_like.default,
+    _aten.new_empty.default,
+    _aten.new_empty_strided.default,
+})
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeCost:
+    """What one node costs. Byte counts are at the example inputs' sizes (ShapeEnv hints)."""
+
+    # Bytes of the tensors the node produces: written by a kernel, or held by a placeholder / get_attr.
+    # 0 for views, getitem and the output node, which only alias memory produced elsewhere.
+    out_bytes: int
+    # Bytes of the distinct input tensors a kernel reads; 0 for nodes that launch nothing.
+    read_bytes: int
+    # FLOPs counted by PyTorch's flop formulas (0 for ops they do not count).
+    flops: int
+    # Predicted run time in seconds (roofline plus launch overhead; 0 for nodes that launch nothing).
+    time_s: float
+
+
+_FREE = NodeCost(out_bytes=0, read_bytes=0, flops=0, time_s=0.0)
+
+
+def _is_view(op: torch._ops.OpOverload) -> bool:
+    if op in _VIEWS_WITHOUT_ALIAS_INFO:
+        return True
+    returns = op._schema.returns
+    return bool(returns) and all(
+        r.alias_info is not None and not r.alias_info.is_write for r in returns
+    )
+
+
+def _has_tensor(val: object) -> bool:
+    if isinstance(val, torch.Tensor):
+        return True
+    if isinstance(val, (tuple, list)):
+        return any(_has_tensor(v) for v in val)
+    return False
+
+
+def _first_tensor(val: object) -> torch.Tensor | None:
+    if isinstance(val, torch.Tensor):
+        return val
+    if isinstance(val, (tuple, list)):
+        for item in val:
+            found = _first_tensor(item)
+            if found is not None:
+                return found
+    return None
+
+
+def _val(node: torch.fx.Node, reader: torch.fx.Node) -> Any:
+    if "val" not in node.meta:
+        who = "" if node is reader else f" (read by '{reader.name}')"
+        raise MemoptUnsupportedError(
+            f"node '{node.name}'{who} has no meta['val']; the cost model sizes tensors from fake-tensor "
+            "metadata. Run torch.fx.passes.fake_tensor_prop.FakeTensorProp on the graph (or trace it with "
+            "make_fx / AOTAutograd, which set it) before costing it."
+        )
+    return node.meta["val"]
+
+
+def _get_attr_value(node: torch.fx.Node) -> Any:
+    if "val" in node.meta:
+        return node.meta["val"]
+    # get_attr nodes of traced graphs often lack meta["val"]; the attribute itself is the value.
+    value: Any = node.graph.owning_module
+    for part in str(node.target).split("."):
+        if not hasattr(value, part):
+            raise MemoptUnsupportedError(
+                f"get_attr node '{node.name}' refers to '{node.target}', which its graph module does not "
+                "have and which has no meta['val']; the graph is inconsistent. Run gm.graph.lint() and "
+                "check the pass that created this node."
+            )
+        value = getattr(value, part)
+    return value
+
+
+def _input_dtype(node: torch.fx.Node) -> torch.dtype | None:
+    # The matmul peak depends on the operand dtype, not the result's (_scaled_mm: fp8 in, bf16 out).
+    for arg in node.all_input_nodes:
+        t = _first_tensor(arg.meta.get("val"))
+        if t is not None:
+            return t.dtype
+    return None
+
+
+def estimate_node(node: torch.fx.Node, profile: DeviceProfile) -> NodeCost:
+    """Roofline cost of one node; see Note [Roofline per node] and Note [Which nodes launch nothing]."""
+    if node.op == "output":
+        return _FREE
+    if node.op == "placeholder":
+        return dataclasses.replace(_FREE, out_bytes=value_nbytes(_val(node, node)))
+    if node.op == "get_attr":
+        return dataclasses.replace(_FREE, out_bytes=value_nbytes(_get_attr_value(node)))
+    if node.target is operator.getitem:
+        return _FREE
+    if isinstance(node.target, torch._ops.OpOverload) and _is_view(node.target):
+        return _FREE
+
+    out_val = _val(node, node)
+    if not _has_tensor(out_val):
+        # SymInt arithmetic and size queries (sym_size, sym_numel, operator.mul on SymInts) run on the
+        # host while tracing or as scalar code; they launch no kernel.
+        return _FREE
+    out_bytes = value_nbytes(out_val)
+    if node.target in _ALLOCATION_ONLY:
+        return dataclasses.replace(_FREE, out_bytes=out_bytes)
+
+    # all_input_nodes is deduplicated: x + x reads x once.
+    read_bytes = sum(value_nbytes(_val(arg, node)) for arg in node.all_input_nodes)
+    flops = node_flops(node)
+    memory_time = (read_bytes + out_bytes) / profile.memory_bandwidth
+    if flops > 0:
+        dtype = _input_dtype(node) or torch.float32
+        compute_time = flops / profile.matmul_flops_for(dtype)
+        kernel_time = max(compute_time, memory_time)
+    else:
+        kernel_time = memory_time
+    return NodeCost(
+        out_bytes=out_bytes,
+        read_bytes=read_bytes,
+        flops=flops,
+        time_s=kernel_time + profile.launch_overhead_s,
+    )
+
+
+def annotate_costs(gm: torch.fx.GraphModule, profile: DeviceProfile) -> dict[str, NodeCost]:
+    """Store ``node.meta["memopt_cost"]`` on every node; return the costs by node name, in graph order."""
+    costs: dict[str, NodeCost] = {}
+    for node in gm.graph.nodes:
+        cost = estimate_node(node, profile)
+        node.meta[COST_META_KEY] = cost
+        costs[node.name] = cost
+    return costs
+
+
+def graph_time_s(gm: torch.fx.GraphModule, profile: DeviceProfile) -> float:
+    """Predicted time of running every node of the graph once, in order (annotates the graph)."""
+    # fsum is exact, so the total does not depend on summation order or on float rounding drift.
+    return math.fsum(cost.time_s for cost in annotate_costs(gm, profile).values())
+
+
+def transfer_time_s(nbytes: int, profile: DeviceProfile) -> float:
+    """Seconds to copy ``nbytes`` between host and device in one direction (what an offload pays)."""
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
+        raise MemoptError(
+            f"transfer_time_s got nbytes={nbytes!r}; expected a non-negative int byte count "
+            "(evaluate symbolic sizes with memopt.cost_model.hint_int first)."
+        )
+    return nbytes / profile.host_device_bandwidth
