@@ -86,7 +86,12 @@ def _copy_graph(gm: torch.fx.GraphModule) -> torch.fx.Graph:
     graph = torch.fx.Graph(owning_module=gm, tracer_cls=gm.graph._tracer_cls)
     value_map: dict[torch.fx.Node, torch.fx.Node] = {}
     for node in gm.graph.nodes:
-        value_map[node] = graph.node_copy(node, lambda n: value_map[n])
+        copied = graph.node_copy(node, lambda n: value_map[n])
+        # Dynamo marks its placeholders with an attribute, not meta, and AOTAutograd requires it on a
+        # Dynamo graph (torch's own DDPOptimizer carries it over the same way: propagate_dynamo_source).
+        if hasattr(node, "_dynamo_source"):
+            copied._dynamo_source = node._dynamo_source  # type: ignore[attr-defined]
+        value_map[node] = copied
     graph._codegen = gm.graph._codegen
     return graph
 

@@ -245,7 +245,7 @@ def _replay(gm: torch.fx.GraphModule, phase: str, live: _Live, rec: _Recorder,
         if node.op == "placeholder":
             continue
         if node.op == "output":
-            for out in node.args[0]:
+            for out in _flat_outputs(node):
                 sids = storages.get(out, []) if isinstance(out, torch.fx.Node) else []
                 live.acquire(sids)
                 outputs.append(sids)
@@ -306,7 +306,13 @@ def _placeholder_vals(gm: torch.fx.GraphModule) -> list[object]:
 
 
 def _output_nodes(gm: torch.fx.GraphModule) -> list[object]:
-    return list(gm.graph.output_node().args[0])
+    return _flat_outputs(gm.graph.output_node())
+
+
+def _flat_outputs(output: torch.fx.Node) -> list[object]:
+    """The values a graph returns, flat (AOTAutograd's graphs return a tuple, make_fx's may not)."""
+    value = output.args[0]
+    return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def _obeys_layout(grad: torch.Tensor, param: torch.Tensor) -> bool:
@@ -486,7 +492,7 @@ def _backward_nodes(graph: torch.fx.Graph) -> set[torch.fx.Node]:
     for node in graph.nodes:
         if node.op == "placeholder" and node.name.startswith("tangents"):
             backward.add(node)
-        elif node.op != "placeholder" and any(a in backward for a in node.all_input_nodes):
+        elif node.op not in ("placeholder", "output") and any(a in backward for a in node.all_input_nodes):
             backward.add(node)
     return backward
 
