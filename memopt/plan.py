@@ -97,6 +97,7 @@ class PlanReport:
     step_time_parts: dict[str, float]
     graphs: int
     stage_seconds: dict[str, float]
+    planner_peak_rss_bytes: int              # this process's peak resident memory (what planning cost)
     notes: list[str]
 
     def to_json(self) -> dict[str, Any]:
@@ -125,6 +126,8 @@ class PlanReport:
                          + ("met" if self.fits_budget else "NOT met"))
         parts = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in self.step_time_parts.items())
         lines.append(f"  estimated step time: {self.step_time_s * 1e3:.1f} ms ({parts})")
+        lines.append(f"  planned in {self.stage_seconds.get('total', 0.0):.1f} s, "
+                     f"{format_bytes(self.planner_peak_rss_bytes)} peak process memory")
         lines += [f"  note: {note}" for note in self.notes]
         return "\n".join(lines)
 
@@ -323,7 +326,16 @@ def plan(model_or_config: nn.Module | str | Any, example_inputs: Mapping[str, An
                 "saved_activations": main.saved_activation_bytes},
         budget_bytes=budget_bytes, fits_device=peak <= profile.memory_bytes, fits_budget=fits_budget,
         step_time_s=fw_bw + update, step_time_parts={"forward+backward": fw_bw, "optimizer": update},
-        graphs=len(reports), stage_seconds={k: round(v, 3) for k, v in seconds.items()}, notes=notes)
+        graphs=len(reports), stage_seconds={k: round(v, 3) for k, v in seconds.items()},
+        planner_peak_rss_bytes=_peak_rss_bytes(), notes=notes)
+
+
+def _peak_rss_bytes() -> int:
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on Windows
+        return 0
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024   # Linux reports KiB
 
 
 def _public_breakdown(breakdown: Mapping[str, int]) -> dict[str, int]:
