@@ -154,6 +154,11 @@ class JointStage(CustomPartitionerFn):
         self.primal_kinds = self.report.input_kinds
         self._finish(gm, None, len(list(gm.graph.output_node().args[0])))
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> JointStage:
+        # Inductor deep-copies its config, this hook included. The hook is where this graph's report is
+        # collected: a copy would collect it where nobody looks.
+        return self
+
     def uuid(self) -> Any | None:
         # memopt's joint stage has side effects (reports, dumps) and depends on the options: never let
         # Inductor's FX graph cache skip it.
