@@ -13,6 +13,7 @@ Environment overrides (read when the options are parsed, never at import time):
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import os
@@ -156,6 +157,12 @@ def _expect(key: str, value: object, allowed: tuple[type, ...], what: str) -> No
         raise MemoptConfigError(f"option {key!r}: got {type(value).__name__} {value!r}; expected {what}")
 
 
+def _expect_dict(key: str, value: object, what: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise MemoptConfigError(f"option {key!r}: got {type(value).__name__} {value!r}; expected {what}")
+    return value
+
+
 def _choice(key: str, value: object, choices: tuple[str, ...]) -> str:
     if not isinstance(value, str) or value not in choices:
         hint = closest(value, choices) if isinstance(value, str) else ""
@@ -168,15 +175,14 @@ def _check_keys(where: str, given: Mapping[str, Any], valid: tuple[str, ...]) ->
     for key in given:
         if key not in valid:
             raise MemoptConfigError(
-                f"unknown option {where}{key!r}.{closest(str(key), valid)} "
+                f"unknown option {where + str(key)!r}.{closest(str(key), valid)} "
                 f"Valid keys: {', '.join(valid)}")
 
 
 def _parse_adapters(value: object) -> AdapterConfig | None:
     if value is None:
         return None
-    _expect("adapters", value, (dict,), "a dict like {'method': 'lora', 'rank': 16, 'targets': [...]}")
-    assert isinstance(value, dict)
+    value = _expect_dict("adapters", value, "a dict like {'method': 'lora', 'rank': 16, 'targets': [...]}")
     valid = tuple(f.name for f in dataclasses.fields(AdapterConfig))
     _check_keys("adapters.", value, valid)
     cfg = dict(value)
@@ -221,8 +227,7 @@ def _parse_adapters(value: object) -> AdapterConfig | None:
 def _parse_quantize(value: object) -> QuantizeConfig | None:
     if value is None:
         return None
-    _expect("quantize", value, (dict,), "a dict like {'weights': 'nf4', 'double_quant': True}")
-    assert isinstance(value, dict)
+    value = _expect_dict("quantize", value, "a dict like {'weights': 'nf4', 'double_quant': True}")
     _check_keys("quantize.", value, tuple(f.name for f in dataclasses.fields(QuantizeConfig)))
     if "weights" in value:
         _choice("quantize.weights", value["weights"], QUANT_WEIGHTS)
@@ -270,7 +275,8 @@ def parse_options(options: Mapping[str, Any] | MemoptConfig | None = None,
         for key in ("sparse_backprop", "token_elimination"):
             if opts.get(key) is not None:
                 _expect(key, opts[key], (dict,), "a dict of settings or None")
-                kwargs[key] = dict(opts[key])
+                # A snapshot: later changes to the user's (nested) dict must not reach the config.
+                kwargs[key] = copy.deepcopy(dict(opts[key]))
         if "strict" in opts:
             _expect("strict", opts["strict"], (bool,), "True or False")
             kwargs["strict"] = opts["strict"]

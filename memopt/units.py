@@ -8,8 +8,9 @@ def format_bytes(nbytes: float) -> str:
     value = float(nbytes)
     if abs(value) < 1024:
         return f"{int(value)} B"
+    unit = "B"
     for unit in ("KiB", "MiB", "GiB", "TiB"):
         value /= 1024.0
-        if abs(value) < 1024 or unit == "TiB":
-            return f"{value:.2f} {unit}"
-    raise AssertionError("unreachable")
+        if abs(value) < 1024:
+            break
+    return f"{value:.2f} {unit}"

@@ -9,6 +9,10 @@ TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
     torch.float32: (1.3e-6, 1e-5),
     torch.float16: (1e-3, 1e-5),
     torch.bfloat16: (1.6e-2, 1e-5),
+    # Integers (e.g. BatchNorm's num_batches_tracked) must match exactly.
+    torch.int64: (0.0, 0.0),
+    torch.int32: (0.0, 0.0),
+    torch.bool: (0.0, 0.0),
 }
 
 

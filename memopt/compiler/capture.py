@@ -152,7 +152,8 @@ class JointStage(CustomPartitionerFn):
     def inference(self, gm: torch.fx.GraphModule) -> None:
         """Record an inference-only graph (no backward)."""
         self.primal_kinds = self.report.input_kinds
-        self._finish(gm, None, len(list(gm.graph.output_node().args[0])))
+        outputs = gm.graph.output_node().args[0]
+        self._finish(gm, None, len(outputs) if isinstance(outputs, (list, tuple)) else 1)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> JointStage:
         # Inductor deep-copies its config, this hook included. The hook is where this graph's report is
@@ -198,4 +199,6 @@ def compile_joint(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], stage
     # "inductor", and "triton" until memopt's own kernels land: Inductor generates the code.
     from torch._inductor.compile_fx import compile_fx
 
-    return compile_fx(gm, list(example_inputs), config_patches={"custom_partitioner_fn": stage})
+    compiled: Callable[..., Any] = compile_fx(  # type: ignore[assignment]
+        gm, list(example_inputs), config_patches={"custom_partitioner_fn": stage})
+    return compiled

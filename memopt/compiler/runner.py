@@ -90,7 +90,7 @@ def _copy_graph(gm: torch.fx.GraphModule) -> torch.fx.Graph:
         # Dynamo marks its placeholders with an attribute, not meta, and AOTAutograd requires it on a
         # Dynamo graph (torch's own DDPOptimizer carries it over the same way: propagate_dynamo_source).
         if hasattr(node, "_dynamo_source"):
-            copied._dynamo_source = node._dynamo_source  # type: ignore[attr-defined]
+            copied._dynamo_source = node._dynamo_source
         value_map[node] = copied
     graph._codegen = gm.graph._codegen
     return graph

@@ -22,6 +22,8 @@ The file format, version 1 (every field required, no others allowed)::
 
 from __future__ import annotations
 
+import typing
+
 import dataclasses
 import difflib
 import functools
@@ -153,7 +155,7 @@ def _validate(values: Mapping[str, object], origin: str) -> dict[str, object]:
     if not _is_positive_number(memory) or not float(memory).is_integer():  # type: ignore[arg-type]
         problems.append(f"field 'memory_bytes' is {_found(memory)}; expected {_FIELD_UNITS['memory_bytes']}")
     else:
-        out["memory_bytes"] = int(memory)  # type: ignore[arg-type]
+        out["memory_bytes"] = int(typing.cast(float, memory))
 
     for key in _RATE_FIELDS:
         value = values.get(key)

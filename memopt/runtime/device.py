@@ -16,6 +16,8 @@ Nothing here touches CUDA at import time, so it imports on CPU-only builds.
 
 from __future__ import annotations
 
+import typing
+
 import contextlib
 import functools
 import gc
@@ -333,7 +335,7 @@ def _collect_events(result: torch._C._autograd._ProfilerResult) -> list[_Event]:
     while stack:
         node = stack.pop()
         if node.tag == allocation:  # a leaf
-            fields = node.extra_fields
+            fields = typing.cast("torch._C._profiler._ExtraFields_Allocation", node.extra_fields)
             size = fields.alloc_size
             if size == 0 or fields.device.type != "cpu":
                 continue
@@ -452,7 +454,8 @@ class _CPUAllocationRecorder:
         primer = torch.empty(1, dtype=torch.uint8)
         with _native_stderr_silenced():
             torch._C._autograd._prepare_profiler(config, activities)
-            torch._C._autograd._enable_profiler(config, activities, {RecordScope.USER_SCOPE})
+            torch._C._autograd._enable_profiler(  # type: ignore[call-arg]  # the stub lags torch 2.13
+                config, activities, {RecordScope.USER_SCOPE})
             del primer
         self._profiling = True
 

@@ -20,8 +20,8 @@ def budget_bytes(budget: MemoryBudget, unoptimised: MemoryTimeline) -> int:
     """The peak limit in bytes that ``budget`` means for this step."""
     if budget.nbytes is not None:
         return budget.nbytes
-    assert budget.fraction is not None  # MemoryBudget holds exactly one of the two
-    released = (1.0 - budget.fraction) * unoptimised.saved_activation_bytes
+    fraction = budget.fraction if budget.fraction is not None else 1.0
+    released = (1.0 - fraction) * unoptimised.saved_activation_bytes
     return int(unoptimised.peak_bytes - released)
 
 

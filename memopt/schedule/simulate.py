@@ -109,8 +109,8 @@ def aliased_argument(node: torch.fx.Node) -> torch.fx.Node | None:
     if not isinstance(target, torch._ops.OpOverload):
         return None
     if target in _UNANNOTATED_VIEWS:
-        arg = node.args[0] if node.args else None
-        return arg if isinstance(arg, torch.fx.Node) else None
+        first = node.args[0] if node.args else None
+        return first if isinstance(first, torch.fx.Node) else None
     schema = target._schema
     if not schema.returns or schema.returns[0].alias_info is None:
         return None
