@@ -8,7 +8,7 @@ given and what is allowed.
 Environment overrides (read when the options are parsed, never at import time):
 - ``MEMOPT_DUMP_DIR``: dump directory when ``dump_dir`` is not given.
 - ``MEMOPT_DISABLE_PASSES``: comma-separated pass names, added to ``disable_passes``.
-- ``MEMOPT_STRICT=1``: same as ``strict=True``.
+- ``MEMOPT_STRICT=1`` (or true/yes/on): same as ``strict=True``; 0/false/no/off or unset: no change.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import dataclasses
 import difflib
 import os
 import re
+import types
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -135,15 +136,20 @@ class MemoptConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-friendly view, for dumps and reports."""
-        out = dataclasses.asdict(self)
-        budget = self.memory_budget
-        out["memory_budget"] = None if budget is None else (
-            budget.nbytes if budget.nbytes is not None else budget.fraction)
-        for key in ("sparse_backprop", "token_elimination"):
-            out[key] = None if out[key] is None else dict(out[key])
-        if isinstance(out["adapters"], dict) and isinstance(out["adapters"]["targets"], tuple):
-            out["adapters"]["targets"] = list(out["adapters"]["targets"])
-        out["disable_passes"] = list(self.disable_passes)
+        out: dict[str, Any] = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, MemoryBudget):
+                value = value.nbytes if value.nbytes is not None else value.fraction
+            elif isinstance(value, (AdapterConfig, QuantizeConfig)):
+                value = dataclasses.asdict(value)
+                if isinstance(value.get("targets"), tuple):
+                    value["targets"] = list(value["targets"])
+            elif isinstance(value, Mapping):
+                value = copy.deepcopy(dict(value))
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[field.name] = value
         return out
 
 
@@ -276,7 +282,8 @@ def parse_options(options: Mapping[str, Any] | MemoptConfig | None = None,
             if opts.get(key) is not None:
                 _expect(key, opts[key], (dict,), "a dict of settings or None")
                 # A snapshot: later changes to the user's (nested) dict must not reach the config.
-                kwargs[key] = copy.deepcopy(dict(opts[key]))
+                # Read-only: one backend compiles many graphs, and none may change what the next sees.
+                kwargs[key] = types.MappingProxyType(copy.deepcopy(dict(opts[key])))
         if "strict" in opts:
             _expect("strict", opts["strict"], (bool,), "True or False")
             kwargs["strict"] = opts["strict"]
@@ -294,6 +301,11 @@ def parse_options(options: Mapping[str, Any] | MemoptConfig | None = None,
     extra = tuple(n.strip() for n in env.get("MEMOPT_DISABLE_PASSES", "").split(",") if n.strip())
     if extra:
         changes["disable_passes"] = tuple(dict.fromkeys(config.disable_passes + extra))
-    if env.get("MEMOPT_STRICT", "") not in ("", "0"):
+    strict = env.get("MEMOPT_STRICT", "").strip().lower()
+    if strict in ("1", "true", "yes", "on"):
         changes["strict"] = True
+    elif strict not in ("", "0", "false", "no", "off"):
+        raise MemoptConfigError(
+            f"environment variable MEMOPT_STRICT={env['MEMOPT_STRICT']!r}: expected 1/true/yes/on or "
+            "0/false/no/off")
     return dataclasses.replace(config, **changes) if changes else config
