@@ -138,3 +138,23 @@ def test_training_without_trainable_parameters_is_an_error() -> None:
     compiled = torch.compile(model, backend=MemoptBackend({"memory_budget": "1GiB"}))
     with raises_memopt(memopt.MemoptUnsupportedError, "no input of the compiled graph requires"):
         compiled(torch.randn(2, 4))
+
+
+def test_failing_analysis_falls_back_with_a_warning(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The simulator informs; if it fails on a graph, training goes on, with a warning that says so."""
+    from memopt.compiler.capture import GraphReport
+    from memopt.compiler.runner import MemoptPassWarning
+
+    def broken(self: GraphReport, extra_resident: object = None) -> None:
+        raise RuntimeError("simulator exploded")
+
+    monkeypatch.setattr(GraphReport, "simulate", broken)
+    backend = MemoptBackend({"codegen": "eager"})
+    with pytest.warns(MemoptPassWarning, match="memory simulation failed .*simulator exploded"):
+        train_and_compare(_mlp, backend)
+    assert backend.reports[0].memory is None
+
+    torch._dynamo.reset()
+    strict = MemoptBackend({"codegen": "eager", "strict": True})
+    with raises_memopt(memopt.MemoptPassError, "memory simulation failed"):
+        train_and_compare(_mlp, strict)

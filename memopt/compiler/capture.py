@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.fx
@@ -23,13 +24,17 @@ from torch._inductor.custom_graph_pass import CustomPartitionerFn
 
 from memopt.compiler.dump import Dumper
 from memopt.compiler.partition import partition_joint
-from memopt.compiler.runner import PassRecord, run_passes
+from memopt.compiler.runner import MemoptPassWarning, PassRecord, run_passes
 from memopt.config import MemoptConfig
 from memopt.cost_model.estimate import annotate_costs
 from memopt.cost_model.profile import DeviceProfile
+from memopt.errors import MemoptPassError
 from memopt.passes.base import Pass, PassContext
 from memopt.schedule.budget import check_budget
 from memopt.schedule.simulate import MemoryTimeline, simulate_joint, simulate_step
+
+
+_T = TypeVar("_T")
 
 
 @dataclasses.dataclass
@@ -98,8 +103,9 @@ class JointStage(CustomPartitionerFn):
                           for p in primals)
         self.primal_kinds = kinds
         self.progress(f"joint graph captured ({len(gm.graph.nodes)} nodes); running joint-graph passes")
-        self.dumper.stage("joint", gm, kind="joint", status="captured",
-                          stats={"nodes": len(gm.graph.nodes), "predicted": _measure(gm)})
+        if self.dumper.enabled:
+            self.dumper.stage("joint", gm, kind="joint", status="captured",
+                              stats={"nodes": len(gm.graph.nodes), "predicted": _measure(gm)})
         ctx = PassContext(config=self.config, stage="joint", profile=self.profile, input_kinds=kinds)
         start = time.perf_counter()
         gm, records = run_passes(gm, self.passes, ctx, self.dumper, measure=_measure)
@@ -108,7 +114,7 @@ class JointStage(CustomPartitionerFn):
 
         self.progress(f"cost model ({self.profile.name}): bytes, FLOPs and time per node")
         start = time.perf_counter()
-        annotate_costs(gm, self.profile)
+        self._analysis("cost model", lambda: annotate_costs(gm, self.profile))
         self.report.seconds["cost_model"] = time.perf_counter() - start
 
         self.progress("partitioning into forward and backward graphs")
@@ -127,16 +133,18 @@ class JointStage(CustomPartitionerFn):
         report.primal_kinds = _primal_kinds(fw_gm, self.primal_kinds or report.input_kinds)
         self.progress("simulating the step's memory")
         start = time.perf_counter()
-        report.memory = report.simulate()
+        report.memory = self._analysis("memory simulation", report.simulate)
         report.seconds["simulate"] = time.perf_counter() - start
-        for graph in (fw_gm, bw_gm):
-            if graph is not None:
-                annotate_costs(graph, self.profile)
+        graphs = [g for g in (fw_gm, bw_gm) if g is not None]
+        # Partitioned nodes carry the joint graph's costs; only graphs that never were joint need them.
+        for graph in graphs:
+            if any("memopt_cost" not in n.meta for n in graph.graph.nodes if n.op == "call_function"):
+                self._analysis("cost model", lambda: annotate_costs(graph, self.profile))
         report.predicted_time_s = sum(
-            node.meta["memopt_cost"].time_s for graph in (fw_gm, bw_gm) if graph is not None
+            node.meta["memopt_cost"].time_s for graph in graphs
             for node in graph.graph.nodes if "memopt_cost" in node.meta)
-        summary = report.memory.summary()
-        summary["predicted_time_s"] = report.predicted_time_s
+        summary: dict[str, Any] = report.memory.summary() if report.memory is not None else {}
+        summary["predicted_time_s"] = float(f"{report.predicted_time_s:.6g}")
         summary["profile"] = self.profile.name
         self.dumper.stage("forward", fw_gm, kind="partition", status="partitioned",
                           stats={"nodes": len(fw_gm.graph.nodes), "memory": summary})
@@ -146,8 +154,24 @@ class JointStage(CustomPartitionerFn):
         for name, seconds in report.seconds.items():
             self.dumper.timing(name, seconds)
         self.dumper.finish()
-        if self.config.memory_budget is not None and bw_gm is not None:
+        if self.config.memory_budget is not None and bw_gm is not None and report.memory is not None:
             report.budget_bytes = check_budget(self.config.memory_budget, report.memory)
+
+    def _analysis(self, what: str, run: Callable[[], _T]) -> _T | None:
+        """Run an analysis that informs but does not change the graphs; a failure must not stop
+        training: warn and go on without it (raise with strict=True)."""
+        try:
+            return run()
+        except Exception as err:  # noqa: BLE001 - the documented fallback; the cause is reported
+            reason = f"{type(err).__name__}: {err}"
+            if self.config.strict:
+                raise MemoptPassError(f"{what} failed on graph {self.report.graph_id}: {reason}") from err
+            warnings.warn(
+                f"memopt: {what} failed on graph {self.report.graph_id} ({reason}); the graph runs as "
+                "partitioned, without memopt's prediction" + (
+                    " and without the memory budget check" if self.config.memory_budget else "")
+                + ". Set options={'strict': True} to raise instead.", MemoptPassWarning, stacklevel=2)
+            return None
 
     def inference(self, gm: torch.fx.GraphModule) -> None:
         """Record an inference-only graph (no backward)."""
