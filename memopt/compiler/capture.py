@@ -25,13 +25,15 @@ from torch._inductor.custom_graph_pass import CustomPartitionerFn
 from memopt.compiler.dump import Dumper
 from memopt.compiler.partition import partition_joint
 from memopt.compiler.runner import MemoptPassWarning, PassRecord, run_passes
-from memopt.config import MemoptConfig
+from memopt.config import MemoptConfig, MemoryBudget
 from memopt.cost_model.estimate import annotate_costs
 from memopt.cost_model.profile import DeviceProfile
 from memopt.errors import MemoptPassError
 from memopt.passes.base import Pass, PassContext
-from memopt.schedule.budget import check_budget
-from memopt.schedule.simulate import MemoryTimeline, simulate_joint, simulate_step
+from memopt.schedule.budget import budget_bytes, check_budget
+from memopt.schedule.greedy import Evaluation, ScheduleResult, schedule_recompute
+from memopt.schedule.problem import apply_recompute_tags, candidates, saved_values
+from memopt.schedule.simulate import MemoryTimeline, backward_nodes, simulate_joint, simulate_step
 
 
 _T = TypeVar("_T")
@@ -53,6 +55,7 @@ class GraphReport:
     memory: MemoryTimeline | None = None               # the simulated step, nothing outside the graphs
     predicted_time_s: float | None = None              # forward + backward on the cost profile
     budget_bytes: int | None = None                    # the memory budget resolved to bytes
+    schedule: ScheduleResult | None = None             # what the scheduler chose, with a budget
     seconds: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def simulate(self, extra_resident: dict[str, int] | None = None) -> MemoryTimeline:
@@ -119,12 +122,56 @@ class JointStage(CustomPartitionerFn):
 
         self.progress("partitioning into forward and backward graphs")
         start = time.perf_counter()
-        fw_gm, bw_gm = partition_joint(gm, joint_inputs, num_fwd_outputs=num_fwd_outputs,
-                                       static_lifetime_input_indices=static)
+        if self.config.memory_budget is None:
+            fw_gm, bw_gm = partition_joint(gm, joint_inputs, num_fwd_outputs=num_fwd_outputs,
+                                           static_lifetime_input_indices=static)
+        else:
+            fw_gm, bw_gm = self._schedule(gm, joint_inputs, num_fwd_outputs, static,
+                                          self.config.memory_budget)
         self.report.seconds["partition"] = time.perf_counter() - start
         self.report.joint = gm
         self._finish(fw_gm, bw_gm, num_fwd_outputs)
         return fw_gm, bw_gm
+
+    def _schedule(self, gm: torch.fx.GraphModule, joint_inputs: Sequence[object], num_fwd_outputs: int,
+                  static: list[int] | None, budget: MemoryBudget,
+                  ) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
+        """Recompute saved values until the step's simulated peak meets the memory budget."""
+        fw_region = {n.name for n in gm.graph.nodes if n.op == "call_function"} - {
+            n.name for n in backward_nodes(gm.graph)}
+        cost = {n.name: n.meta["memopt_cost"].time_s for n in gm.graph.nodes if "memopt_cost" in n.meta}
+        cache: dict[frozenset[str], Evaluation] = {}
+
+        def evaluate(recompute: frozenset[str]) -> Evaluation:
+            if recompute not in cache:
+                apply_recompute_tags(gm, recompute)
+                fw, bw = partition_joint(gm, joint_inputs, num_fwd_outputs=num_fwd_outputs,
+                                         static_lifetime_input_indices=static)
+                timeline = simulate_step(fw, bw, input_kinds=_primal_kinds(fw, self.primal_kinds),
+                                         num_user_outputs=num_fwd_outputs)
+                added = sum(cost.get(n.name, 0.0) for n in bw.graph.nodes if n.name in fw_region)
+                cache[recompute] = Evaluation(recompute, timeline, candidates(gm, saved_values(
+                    fw, num_fwd_outputs)), added, fw, bw)
+            return cache[recompute]
+
+        baseline = evaluate(frozenset())
+        limit = budget_bytes(budget, baseline.timeline)
+        self.progress(f"scheduling: baseline peak {baseline.peak_bytes} B, budget {limit} B")
+        result = schedule_recompute(evaluate, limit, progress=self.progress)
+        apply_recompute_tags(gm, result.chosen.recompute)
+        self.report.schedule = result
+        self.dumper.write_json("schedule.json", {
+            "budget": str(budget), "budget_bytes": limit, "feasible": result.feasible,
+            "baseline_peak_bytes": baseline.peak_bytes, "peak_bytes": result.chosen.peak_bytes,
+            "lowest_peak_bytes": result.lowest.peak_bytes,
+            "added_time_s": float(f"{result.chosen.added_time_s:.6g}"), "profile": self.profile.name,
+            "evaluations": result.evaluations, "candidates": result.decisions()})
+        if not result.feasible:
+            self.dumper.finish()
+            check_budget(limit, budget, result.lowest.timeline,
+                         f"recomputing up to {len(result.lowest.recompute)} values")
+        self.report.budget_bytes = limit
+        return result.chosen.forward, result.chosen.backward
 
     def _finish(self, fw_gm: torch.fx.GraphModule, bw_gm: torch.fx.GraphModule | None,
                 num_user_outputs: int) -> None:
@@ -154,8 +201,6 @@ class JointStage(CustomPartitionerFn):
         for name, seconds in report.seconds.items():
             self.dumper.timing(name, seconds)
         self.dumper.finish()
-        if self.config.memory_budget is not None and bw_gm is not None and report.memory is not None:
-            report.budget_bytes = check_budget(self.config.memory_budget, report.memory)
 
     def _analysis(self, what: str, run: Callable[[], _T]) -> _T | None:
         """Run an analysis that informs but does not change the graphs; a failure must not stop

@@ -1,11 +1,12 @@
 """Memory budgets against a simulated step: resolving fractions, and saying why a budget cannot be met.
 
-Note [Budgets before the scheduler]
-A budget constrains the *peak* live bytes of the whole step (parameters, gradients and temporaries
-included), not only the saved set. A fractional budget ``f`` allows ``f`` of the unoptimised plan's saved
-activation bytes on top of everything else at its peak. Until the scheduler can recompute, offload or
-compress activations, the unoptimised plan is the only plan: a budget below its peak is reported as
-infeasible, with what occupies the peak, never overrun in silence.
+Note [What a budget limits]
+A budget constrains the *peak* live bytes of the whole step as the compiled graphs hold them
+(parameters, buffers, inputs, gradients, activations and temporaries), not only the saved set. Memory
+the backend cannot see (optimizer states, other models) is not part of it. A fractional budget ``f``
+allows ``f`` of the unoptimised plan's saved activation bytes on top of everything else at its peak. A
+budget that no plan meets is reported as infeasible, with what occupies the lowest peak found, never
+overrun in silence.
 """
 
 from __future__ import annotations
@@ -34,14 +35,12 @@ def describe_peak(timeline: MemoryTimeline) -> str:
             + (f"; largest tensors: {largest}" if largest else ""))
 
 
-def check_budget(budget: MemoryBudget, timeline: MemoryTimeline) -> int:
-    """Return the budget in bytes, or raise :class:`MemoptInfeasibleBudget` when the plan exceeds it."""
-    limit = budget_bytes(budget, timeline)
-    if timeline.peak_bytes > limit:
+def check_budget(limit: int, budget: MemoryBudget, lowest: MemoryTimeline, tried: str) -> None:
+    """Raise :class:`MemoptInfeasibleBudget` when even the lowest plan found exceeds ``limit`` bytes."""
+    if lowest.peak_bytes > limit:
         raise MemoptInfeasibleBudget(
             f"memory budget {format_bytes(limit)} ({budget}) cannot be met: the smallest peak memopt "
-            f"can reach is {format_bytes(timeline.peak_bytes)}, {describe_peak(timeline)}. This version "
-            "of memopt does not yet recompute, offload or compress activations; raise the budget or "
-            "lower the batch size or sequence length.",
-            min_peak_bytes=timeline.peak_bytes, breakdown=timeline.breakdown)
-    return limit
+            f"can reach is {format_bytes(lowest.peak_bytes)} ({tried}), {describe_peak(lowest)}. "
+            "Offloading and compressing activations are not available yet; raise the budget or lower "
+            "the batch size or sequence length.",
+            min_peak_bytes=lowest.peak_bytes, breakdown=lowest.breakdown)

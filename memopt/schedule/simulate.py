@@ -472,7 +472,7 @@ def simulate_joint(joint_gm: torch.fx.GraphModule) -> MemoryTimeline:
         live.acquire(sids)
         inputs.append(sids)
     resident = live.total
-    backward = _backward_nodes(joint_gm.graph)
+    backward = backward_nodes(joint_gm.graph)
 
     def category(node: torch.fx.Node, slot: int) -> str:
         used_in_bw = node not in backward and any(u in backward for u in node.users)
@@ -486,7 +486,7 @@ def simulate_joint(joint_gm: torch.fx.GraphModule) -> MemoryTimeline:
         largest_at_peak=rec.largest)
 
 
-def _backward_nodes(graph: torch.fx.Graph) -> set[torch.fx.Node]:
+def backward_nodes(graph: torch.fx.Graph) -> set[torch.fx.Node]:
     """Nodes that depend on a tangent input."""
     backward: set[torch.fx.Node] = set()
     for node in graph.nodes:

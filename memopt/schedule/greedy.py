@@ -1,0 +1,157 @@
+"""Greedy recompute scheduling under a peak-memory budget, verified by exact simulation.
+
+This is the warm start the CP-SAT scheduler builds on (and, until it lands, the scheduler): cheapest
+seconds per byte first, in batches sized to the remaining excess, each batch realised through the
+partitioner's tags and measured with the simulator (Note [Plans are realised through the partitioner's
+tags] in :mod:`memopt.schedule.problem`). When the budget is met, recomputations that turn out not to be
+needed are dropped again, most expensive first.
+
+The schedule room stays pure: partitioning and simulating a plan is the caller's ``evaluate``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import torch.fx
+
+from memopt.schedule.problem import Candidate
+from memopt.schedule.simulate import MemoryTimeline
+
+
+@dataclasses.dataclass
+class Evaluation:
+    """A plan as partitioned and simulated."""
+
+    recompute: frozenset[str]
+    timeline: MemoryTimeline
+    candidates: list[Candidate]          # the values this partition saves (next round's choices)
+    added_time_s: float                  # predicted time of the recomputation in the backward
+    forward: torch.fx.GraphModule
+    backward: torch.fx.GraphModule
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.timeline.peak_bytes
+
+
+@dataclasses.dataclass
+class ScheduleResult:
+    chosen: Evaluation                   # the plan to run: the budget's, or the lowest peak found
+    baseline: Evaluation                 # nothing recomputed beyond the partitioner's own choices
+    lowest: Evaluation                   # the lowest peak any evaluated plan reached
+    budget_bytes: int
+    feasible: bool
+    evaluations: int
+
+    def decisions(self) -> list[dict[str, Any]]:
+        """Per candidate of the baseline partition: bytes, choice, cost and why (for schedule.json)."""
+        kept = {c.name for c in self.chosen.candidates}
+        rows = []
+        for c in sorted(self.baseline.candidates, key=lambda c: (-c.nbytes, c.name)):
+            if c.name in self.chosen.recompute:
+                choice, why = "recompute", "freed to meet the budget (cheapest seconds per byte first)"
+            elif c.name in kept:
+                choice = "keep"
+                why = c.why_not or ("the budget is met without recomputing it"
+                                    if self.feasible else "recomputing did not lower the peak")
+            else:
+                choice, why = "recompute", "the partitioner recomputes it around a memopt decision"
+            rows.append({"name": c.name, "bytes": c.nbytes, "choice": choice,
+                         "recompute_time_s": float(f"{c.recompute_time_s:.6g}"), "why": why})
+        return rows
+
+
+def schedule_recompute(evaluate: Callable[[frozenset[str]], Evaluation], budget_bytes: int, *,
+                       max_evaluations: int = 60, max_prune_tries: int = 8,
+                       progress: Callable[[str], None] = lambda message: None) -> ScheduleResult:
+    """Choose values to recompute until the simulated peak is within ``budget_bytes``."""
+    count = 0
+    known: dict[str, Candidate] = {}     # every candidate any partition offered, by name
+
+    def run(recompute: frozenset[str]) -> Evaluation:
+        nonlocal count
+        count += 1
+        evaluation = evaluate(recompute)
+        for candidate in evaluation.candidates:
+            known.setdefault(candidate.name, candidate)
+        return evaluation
+
+    baseline = run(frozenset())
+    if baseline.peak_bytes <= budget_bytes:
+        return ScheduleResult(baseline, baseline, baseline, budget_bytes, True, count)
+    lowest = baseline
+    # Two ways to size the batches: to the bytes still over budget (few recomputations, when that
+    # works), then by halves of what is left (finds lower peaks when the first gets stuck).
+    for size_to_excess in (True, False):
+        found, best = _grow(baseline, budget_bytes, run, size_to_excess, max_evaluations,
+                            lambda: count, progress)
+        if best.peak_bytes < lowest.peak_bytes:
+            lowest = best
+        if found is not None:
+            pruned = _prune(found, budget_bytes, run, known, min(max_prune_tries, max_evaluations - count))
+            return ScheduleResult(pruned, baseline, lowest, budget_bytes, True, count)
+    return ScheduleResult(lowest, baseline, lowest, budget_bytes, False, count)
+
+
+def _grow(start: Evaluation, budget_bytes: int, run: Callable[[frozenset[str]], Evaluation],
+          size_to_excess: bool, max_evaluations: int, evaluations: Callable[[], int],
+          progress: Callable[[str], None]) -> tuple[Evaluation | None, Evaluation]:
+    """Grow a recompute plan from ``start``; returns (a plan within budget or None, the lowest plan).
+
+    Note [Growing a recompute plan]: recomputing everything at once rarely helps (a chain recomputed
+    from the graph's inputs is live all at once at the start of the backward), so the plan grows in
+    batches, cheapest seconds per byte first (at most half the choices at a time), and a batch is kept
+    only when the simulated peak goes down. A batch that does not help is halved; a single value that
+    does not help is left kept.
+    """
+    current = start
+    rejected: set[str] = set()
+    batch = 0
+    while evaluations() < max_evaluations:
+        options = sorted((c for c in current.candidates if c.recomputable and c.name not in rejected
+                          and c.name not in current.recompute),
+                         key=lambda c: (c.cost_per_byte, -c.nbytes, c.name))
+        if not options:
+            break
+        if batch == 0:
+            batch = len(options)
+            if size_to_excess:
+                excess, freed, batch = current.peak_bytes - budget_bytes, 0, 0
+                for candidate in options:
+                    batch += 1
+                    freed += candidate.nbytes
+                    if freed >= excess:
+                        break
+            batch = max(1, min(batch, len(options) // 2))
+        take = options[:batch]
+        trial = run(current.recompute | {c.name for c in take})
+        better = trial.peak_bytes < current.peak_bytes
+        progress(f"recompute {len(trial.recompute)} values: peak {trial.peak_bytes} B "
+                 f"({'kept' if better else 'rejected'}; budget {budget_bytes} B, {evaluations()} evaluations)")
+        if better:
+            current = trial
+            if current.peak_bytes <= budget_bytes:
+                return current, current
+            batch = 0                    # size the next batch to what is left
+        elif batch > 1:
+            batch //= 2
+        else:
+            rejected.add(take[0].name)
+    return None, current
+
+
+def _prune(feasible: Evaluation, budget_bytes: int, run: Callable[[frozenset[str]], Evaluation],
+           known: dict[str, Candidate], tries: int) -> Evaluation:
+    """Drop recomputations the budget does not need, the most expensive first."""
+    def cost(name: str) -> float:
+        return known[name].recompute_time_s if name in known else 0.0
+
+    best = feasible
+    for name in sorted(feasible.recompute, key=lambda n: (-cost(n), n))[:max(tries, 0)]:
+        trial = run(best.recompute - {name})
+        if trial.peak_bytes <= budget_bytes and trial.added_time_s <= best.added_time_s:
+            best = trial
+    return best

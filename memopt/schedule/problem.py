@@ -1,0 +1,108 @@
+"""The scheduling problem: which saved activations to keep and which to recompute.
+
+Pure: the annotated joint graph and a partition in, candidates out. A candidate is a value the forward
+hands to the backward in the current partition, with its bytes and what recomputing it costs (its own
+op time from the cost model, ``node.meta["memopt_cost"]``).
+
+Note [Plans are realised through the partitioner's tags]
+memopt does not partition on its own: a plan tags joint-graph nodes with ``CheckpointPolicy`` values,
+which torch's min-cut partitioner honours (``MUST_RECOMPUTE``: an infinite edge to the sink, the node is
+recomputed in the backward; ``MUST_SAVE``: banned from recompute). The partitioner then makes the rest
+of the cut consistent (if a recomputed node's input is neither saved nor recomputable, it saves it), and
+the simulator measures the result exactly. A plan is judged by that measurement, never by the sum of the
+bytes it hoped to free.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+
+import torch
+import torch.fx
+from torch.utils.checkpoint import CheckpointPolicy
+
+from memopt.cost_model.bytes import hint_int, shape_env_of, storage_nbytes_expr
+from memopt.schedule.simulate import aliased_argument
+
+# The meta key memopt writes its decision into, beside torch's own "recompute" tag, so that memopt's
+# tags can be told apart from (and never overwrite) a user's selective-checkpointing tags.
+DECISION_KEY = "memopt_schedule"
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    name: str                   # the joint-graph node the backward reads
+    nbytes: int                 # bytes of its storage
+    recompute_time_s: float     # predicted time of recomputing it once (its own op)
+    recomputable: bool
+    why_not: str | None = None  # why it cannot be recomputed, when it cannot
+
+    @property
+    def cost_per_byte(self) -> float:
+        return self.recompute_time_s / max(self.nbytes, 1)
+
+
+def _unrecomputable_reason(node: torch.fx.Node) -> str | None:
+    if node.op != "call_function":
+        return f"{node.op} (an input of the graph)"
+    target = node.target
+    if target is operator.getitem:
+        return "an element of a multi-output op (recompute the op instead)"
+    if not isinstance(target, torch._ops.OpOverload):
+        return f"not an aten op ({target})"
+    if torch.Tag.nondeterministic_seeded in target.tags:
+        return "random: recomputing it would draw different numbers"
+    if target._schema.is_mutable:
+        return "mutates its inputs"
+    if node.meta.get("recompute") is not None and DECISION_KEY not in node.meta:
+        return "tagged by the user's checkpoint policy"
+    if not isinstance(node.meta.get("val"), torch.Tensor):
+        return "not a single tensor"
+    return None
+
+
+def saved_values(fw_gm: torch.fx.GraphModule, num_user_outputs: int) -> list[str]:
+    """Names of the values the forward saves for the backward (tensors only)."""
+    outputs = fw_gm.graph.output_node().args[0]
+    values = list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
+    return [v.name for v in values[num_user_outputs:]
+            if isinstance(v, torch.fx.Node) and isinstance(v.meta.get("val"), torch.Tensor)]
+
+
+def candidates(joint_gm: torch.fx.GraphModule, saved: list[str]) -> list[Candidate]:
+    """The saved values of a partition, as scheduling candidates (graph inputs and their views excluded:
+    they cost no activation memory)."""
+    nodes = {n.name: n for n in joint_gm.graph.nodes}
+    out: list[Candidate] = []
+    seen: set[str] = set()
+    for name in saved:
+        node = nodes.get(name)
+        if node is None or name in seen:
+            continue
+        seen.add(name)
+        base = node
+        while (parent := aliased_argument(base)) is not None:
+            base = parent
+        if base.op == "placeholder":
+            continue
+        val = node.meta["val"]
+        cost = node.meta.get("memopt_cost")
+        out.append(Candidate(
+            name=name,
+            nbytes=hint_int(storage_nbytes_expr(val), shape_env_of(val)),
+            recompute_time_s=float(cost.time_s) if cost is not None else 0.0,
+            recomputable=_unrecomputable_reason(node) is None,
+            why_not=_unrecomputable_reason(node)))
+    return out
+
+
+def apply_recompute_tags(joint_gm: torch.fx.GraphModule, recompute: frozenset[str]) -> None:
+    """Tag ``recompute`` MUST_RECOMPUTE; clear memopt's earlier tags; leave the user's tags alone."""
+    for node in joint_gm.graph.nodes:
+        if DECISION_KEY in node.meta:
+            del node.meta[DECISION_KEY]
+            node.meta.pop("recompute", None)
+        if node.name in recompute:
+            node.meta[DECISION_KEY] = "recompute"
+            node.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
