@@ -143,6 +143,9 @@ def test_schedule_json_explains_every_candidate(tmp_path: Path) -> None:
     recomputed = {r["name"] for r in rows if r["choice"] == "recompute"}
     assert recomputed and recomputed <= {n.name for n in backend.reports[-1].joint.graph.nodes}
     assert all(r["why"] for r in rows)
+    svg = (folder / "memory_timeline.svg").read_text()
+    assert svg.count("<polyline") == 2 and "before scheduling" in svg and "after scheduling" in svg
+    assert "budget" in svg and str(tmp_path) not in svg
 
 
 @pytest.mark.slow

@@ -22,7 +22,7 @@ import torch
 import torch.fx
 from torch._inductor.custom_graph_pass import CustomPartitionerFn
 
-from memopt.compiler.dump import Dumper
+from memopt.compiler.dump import Dumper, timeline_svg
 from memopt.compiler.partition import partition_joint
 from memopt.compiler.runner import MemoptPassWarning, PassRecord, run_passes
 from memopt.config import MemoptConfig, MemoryBudget
@@ -166,6 +166,10 @@ class JointStage(CustomPartitionerFn):
             "lowest_peak_bytes": result.lowest.peak_bytes,
             "added_time_s": float(f"{result.chosen.added_time_s:.6g}"), "profile": self.profile.name,
             "evaluations": result.evaluations, "candidates": result.decisions()})
+        self.dumper.write_text("memory_timeline.svg", timeline_svg(
+            {"before scheduling": [(e.phase, e.live_bytes) for e in baseline.timeline.events],
+             "after scheduling": [(e.phase, e.live_bytes) for e in result.chosen.timeline.events]},
+            limit, f"{self.report.graph_id}: live bytes of one step (budget {budget})"))
         if not result.feasible:
             self.dumper.finish()
             check_budget(limit, budget, result.lowest.timeline,

@@ -7,6 +7,8 @@ Layout of ``<dump_dir>/<graph id>/``::
     NN_joint.py/.json         the joint forward+backward graph from AOTAutograd
     NN_<joint pass>.py/.json  one pair per joint-graph pass that ran
     NN_forward.py/.json       the partitioned forward graph, then the backward
+    schedule.json             with a memory budget: per candidate its bytes, choice, cost and why
+    memory_timeline.svg       with a memory budget: live bytes over the step before and after scheduling
     index.json                what ran, in order, with each stage's status and file names
     timings.json              measured seconds: the only file that differs between identical runs
 
@@ -174,6 +176,10 @@ class Dumper:
         if self.folder is not None:
             _write_json(self.folder / name, data)
 
+    def write_text(self, name: str, text: str) -> None:
+        if self.folder is not None:
+            (self.folder / name).write_text(text)
+
     def finish(self) -> None:
         if self.folder is None:
             return
@@ -191,3 +197,58 @@ class Dumper:
 def _version() -> str:
     from memopt import __version__
     return __version__
+
+
+def timeline_svg(series: dict[str, list[tuple[str, int]]], budget_bytes: int | None, title: str,
+                 width: int = 900, height: int = 360) -> str:
+    """An SVG plot of live bytes over the step, one line per series (e.g. before and after scheduling),
+    the budget as a dashed line. Each series is (phase, live bytes) per event; the x axis is the share of
+    the step, so series with different node counts line up. Deterministic: no dates, no random ids."""
+    from memopt.units import format_bytes
+
+    colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
+    left, right, top, bottom = 80, 20, 40, 40
+    plot_w, plot_h = width - left - right, height - top - bottom
+    ymax = max([v for points in series.values() for _, v in points] + [budget_bytes or 0, 1])
+
+    def y(value: float) -> float:
+        return top + plot_h * (1.0 - value / ymax)
+
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+             f'font-family="sans-serif" font-size="12">',
+             f'<text x="{left}" y="20" font-size="14">{_xml(title)}</text>',
+             f'<line x1="{left}" y1="{top + plot_h}" x2="{left + plot_w}" y2="{top + plot_h}" stroke="#000"/>',
+             f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + plot_h}" stroke="#000"/>']
+    for tick in range(5):
+        value = ymax * tick / 4
+        parts.append(f'<text x="{left - 6}" y="{y(value) + 4:.1f}" text-anchor="end">'
+                     f'{_xml(format_bytes(value))}</text>')
+    for index, (name, points) in enumerate(series.items()):
+        if not points:
+            continue
+        step = plot_w / max(len(points) - 1, 1)
+        coords = " ".join(f"{left + i * step:.1f},{y(v):.1f}" for i, (_, v) in enumerate(points))
+        colour = colours[index % len(colours)]
+        parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="1.5" points="{coords}"/>')
+        parts.append(f'<text x="{left + plot_w - 4}" y="{top + 14 + 16 * index}" text-anchor="end" '
+                     f'fill="{colour}">{_xml(name)}: peak {_xml(format_bytes(max(v for _, v in points)))}</text>')
+        if index == 0:
+            phases = [p for p, _ in points]
+            if "backward" in phases:
+                x = left + phases.index("backward") * step
+                parts.append(f'<line x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{top + plot_h}" '
+                             'stroke="#888" stroke-dasharray="2,3"/>')
+                parts.append(f'<text x="{x + 4:.1f}" y="{top + plot_h - 6}" fill="#888">backward</text>')
+    if budget_bytes is not None:
+        parts.append(f'<line x1="{left}" y1="{y(budget_bytes):.1f}" x2="{left + plot_w}" '
+                     f'y2="{y(budget_bytes):.1f}" stroke="#000" stroke-dasharray="6,4"/>')
+        parts.append(f'<text x="{left + 4}" y="{y(budget_bytes) - 4:.1f}">budget '
+                     f'{_xml(format_bytes(budget_bytes))}</text>')
+    parts.append(f'<text x="{left + plot_w / 2:.0f}" y="{height - 10}" text-anchor="middle">'
+                 'forward, then backward (share of the step\'s nodes)</text>')
+    parts.append("</svg>")
+    return "\n".join(parts) + "\n"
+
+
+def _xml(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
