@@ -74,10 +74,11 @@ def _run(case: str, budget: object, codegen: str = "eager") -> tuple[MemoptBacke
     return backend, mem.peak_bytes
 
 
-def _smallest_peak(case: str) -> int:
+def _smallest_peak(case: str, offload: object = "auto") -> int:
     torch._dynamo.reset()
     model, loss_of = CASES[case]()
-    compiled = torch.compile(model, backend=MemoptBackend({"codegen": "eager", "memory_budget": 1}))
+    compiled = torch.compile(model, backend=MemoptBackend(
+        {"codegen": "eager", "memory_budget": 1, "offload": offload}))
     with pytest.raises(BaseException) as info:
         loss_of(compiled)
     err: BaseException | None = info.value
@@ -139,7 +140,8 @@ def test_schedule_json_explains_every_candidate(tmp_path: Path) -> None:
     data = json.loads((folder / "schedule.json").read_text())
     assert data["feasible"] is True and data["peak_bytes"] <= data["budget_bytes"] < data["baseline_peak_bytes"]
     rows = data["candidates"]
-    assert rows and all(set(r) == {"name", "bytes", "choice", "recompute_time_s", "why"} for r in rows)
+    assert rows and all(set(r) == {"name", "bytes", "choice", "recompute_time_s", "offload_time_s", "why"}
+                        for r in rows)
     recomputed = {r["name"] for r in rows if r["choice"] == "recompute"}
     assert recomputed and recomputed <= {n.name for n in backend.reports[-1].joint.graph.nodes}
     assert all(r["why"] for r in rows)
@@ -153,3 +155,46 @@ def test_budget_with_inductor_codegen() -> None:
     backend, _ = _run("llama", 0.5, codegen="inductor")
     report = backend.reports[-1]
     assert report.schedule is not None and report.schedule.feasible and report.schedule.chosen.recompute
+
+
+def test_offload_meets_a_budget_recompute_alone_cannot() -> None:
+    """A Llama budget out of reach by recompute alone, met with offload (on CPU the host pool is an
+    emulation, counted apart from device memory as the tracker reports it)."""
+    recompute_only = _smallest_peak("llama", offload=False)
+    with_offload = _smallest_peak("llama")
+    assert with_offload < recompute_only
+    budget = (recompute_only + with_offload) // 2
+    with raises_memopt(memopt.MemoptInfeasibleBudget, "cannot be met"):
+        torch._dynamo.reset()
+        model, loss_of = CASES["llama"]()
+        backend = MemoptBackend({"codegen": "eager", "memory_budget": budget, "offload": False})
+        loss_of(torch.compile(model, backend=backend))
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model, loss_of = CASES["llama"]()
+    model.train()
+    backend = MemoptBackend({"codegen": "eager", "memory_budget": budget})
+    compiled = torch.compile(model, backend=backend)
+    loss_of(compiled)[0].backward()
+    model.zero_grad(set_to_none=True)
+    gc.collect()
+    with track_memory("cpu") as mem:
+        loss, output = loss_of(compiled)
+        loss.backward()
+    del output
+    report = backend.reports[-1]
+    assert report.schedule is not None and report.schedule.chosen.offload, "expected offloaded values"
+    assert report.memory is not None and report.budget_bytes is not None
+    assert report.memory.peak_bytes <= report.budget_bytes
+    assert abs(report.memory.peak_bytes - mem.peak_bytes) <= TOLERANCE * mem.peak_bytes
+    assert mem.host_bytes > 0 and report.memory.host_peak_bytes > 0
+    ref = copy.deepcopy(model)
+    ref.zero_grad(set_to_none=True)
+    ref_loss = loss_of(ref)[0]
+    ref_loss.backward()
+    assert_close(loss, ref_loss, "loss with offload")
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert_close(p.grad, q.grad, f"grad of {name} with offload")
+    print("offload: simulated", report.memory.peak_bytes, "tracked", mem.peak_bytes, "host",
+          mem.host_bytes, "sim host", report.memory.host_peak_bytes, "offloaded",
+          len(report.schedule.chosen.offload), "recomputed", len(report.schedule.chosen.recompute))

@@ -23,15 +23,15 @@ import torch.fx
 from torch._inductor.custom_graph_pass import CustomPartitionerFn
 
 from memopt.compiler.dump import Dumper, timeline_svg
-from memopt.compiler.partition import partition_joint
+from memopt.compiler.partition import apply_offload, partition_joint
 from memopt.compiler.runner import MemoptPassWarning, PassRecord, run_passes
 from memopt.config import MemoptConfig, MemoryBudget
-from memopt.cost_model.estimate import annotate_costs
+from memopt.cost_model.estimate import annotate_costs, transfer_time_s
 from memopt.cost_model.profile import DeviceProfile
 from memopt.errors import MemoptPassError
 from memopt.passes.base import Pass, PassContext
 from memopt.schedule.budget import budget_bytes, check_budget
-from memopt.schedule.greedy import Evaluation, ScheduleResult, schedule_recompute
+from memopt.schedule.greedy import Evaluation, Plan, ScheduleResult, schedule_recompute
 from memopt.schedule.problem import apply_recompute_tags, candidates, saved_values
 from memopt.schedule.simulate import MemoryTimeline, backward_nodes, simulate_joint, simulate_step
 
@@ -140,25 +140,33 @@ class JointStage(CustomPartitionerFn):
         fw_region = {n.name for n in gm.graph.nodes if n.op == "call_function"} - {
             n.name for n in backward_nodes(gm.graph)}
         cost = {n.name: n.meta["memopt_cost"].time_s for n in gm.graph.nodes if "memopt_cost" in n.meta}
-        cache: dict[frozenset[str], Evaluation] = {}
+        cache: dict[Plan, Evaluation] = {}
+        transfer = None if self.config.offload is False else (
+            lambda nbytes: transfer_time_s(nbytes, self.profile))
 
-        def evaluate(recompute: frozenset[str]) -> Evaluation:
-            if recompute not in cache:
+        def evaluate(plan: Plan) -> Evaluation:
+            if plan not in cache:
+                recompute, offload = plan
                 apply_recompute_tags(gm, recompute)
                 fw, bw = partition_joint(gm, joint_inputs, num_fwd_outputs=num_fwd_outputs,
                                          static_lifetime_input_indices=static)
+                saved = saved_values(fw, num_fwd_outputs)
+                offload = offload & frozenset(saved)
+                apply_offload(fw, bw, offload, num_user_outputs=num_fwd_outputs,
+                              transfer_time_s=lambda nbytes: transfer_time_s(nbytes, self.profile))
                 timeline = simulate_step(fw, bw, input_kinds=_primal_kinds(fw, self.primal_kinds),
                                          num_user_outputs=num_fwd_outputs)
                 added = sum(cost.get(n.name, 0.0) for n in bw.graph.nodes if n.name in fw_region)
-                cache[recompute] = Evaluation(recompute, timeline, candidates(gm, saved_values(
-                    fw, num_fwd_outputs)), added, fw, bw)
-            return cache[recompute]
+                found = candidates(gm, saved, transfer)
+                added += sum(c.offload_time_s for c in found if c.name in offload)
+                cache[plan] = Evaluation(recompute, offload, timeline, found, added, fw, bw)
+            return cache[plan]
 
-        baseline = evaluate(frozenset())
+        baseline = evaluate((frozenset(), frozenset()))
         limit = budget_bytes(budget, baseline.timeline)
         self.progress(f"scheduling: baseline peak {baseline.peak_bytes} B, budget {limit} B")
         result = schedule_recompute(evaluate, limit, progress=self.progress)
-        apply_recompute_tags(gm, result.chosen.recompute)
+        apply_recompute_tags(gm, result.chosen.recompute)   # the joint graph shows the chosen plan
         self.report.schedule = result
         self.dumper.write_json("schedule.json", {
             "budget": str(budget), "budget_bytes": limit, "feasible": result.feasible,
@@ -173,7 +181,8 @@ class JointStage(CustomPartitionerFn):
         if not result.feasible:
             self.dumper.finish()
             check_budget(limit, budget, result.lowest.timeline,
-                         f"recomputing up to {len(result.lowest.recompute)} values")
+                         f"recomputing {len(result.lowest.recompute)} and offloading "
+                         f"{len(result.lowest.offload)} values")
         self.report.budget_bytes = limit
         return result.chosen.forward, result.chosen.backward
 

@@ -9,8 +9,9 @@ default, so memopt's graphs are Inductor's graphs.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
+import torch
 import torch.fx
 from torch._functorch.partitioners import min_cut_rematerialization_partition
 
@@ -21,3 +22,91 @@ def partition_joint(joint_gm: torch.fx.GraphModule, joint_inputs: Sequence[objec
     return min_cut_rematerialization_partition(
         joint_gm, joint_inputs, compiler="inductor", num_fwd_outputs=num_fwd_outputs,
         static_lifetime_input_indices=static_lifetime_input_indices)
+
+
+def apply_offload(fw_gm: torch.fx.GraphModule, bw_gm: torch.fx.GraphModule, names: frozenset[str], *,
+                  num_user_outputs: int, transfer_time_s: Callable[[int], float]) -> None:
+    """Offload the saved values ``names``: the forward copies each to the host pool right after making
+    it and saves the host copy; the backward reloads it ahead of its first use — early enough that the
+    compute in between (by the cost model) covers the transfer — and waits right before that use."""
+    import memopt.runtime.offload  # noqa: F401 - registers the memopt:: ops
+
+    if not names:
+        return
+    offload_op = torch.ops.memopt.offload.default
+    reload_op = torch.ops.memopt.reload.default
+    wait_op = torch.ops.memopt.wait_reload.default
+    output = fw_gm.graph.output_node()
+    returned = output.args[0]
+    values = list(returned) if isinstance(returned, (list, tuple)) else [returned]
+    nodes = {n.name: n for n in fw_gm.graph.nodes}
+    hosts: dict[str, torch.fx.Node] = {}
+    for index in range(num_user_outputs, len(values)):
+        value = values[index]
+        if not isinstance(value, torch.fx.Node) or value.name not in names:
+            continue
+        if value.name not in hosts:
+            with fw_gm.graph.inserting_after(nodes[value.name]):
+                # Saved values pair with the backward's inputs by name: both sides call it <name>_host.
+                host = fw_gm.graph.create_node("call_function", offload_op, (value,),
+                                               name=f"{value.name}_host")
+            host.meta["val"] = _fake_call(offload_op, value.meta["val"])
+            host.meta["memopt_pass"] = "schedule:offload"
+            hosts[value.name] = host
+        values[index] = hosts[value.name]
+    output.args = (tuple(values),)
+    fw_gm.graph.lint()
+    fw_gm.recompile()
+
+    order = {n: i for i, n in enumerate(bw_gm.graph.nodes)}
+    for placeholder in [n for n in bw_gm.graph.nodes if n.op == "placeholder" and n.name in hosts]:
+        host = hosts[placeholder.name]
+        device_val = placeholder.meta["val"]
+        placeholder.meta["val"] = host.meta["val"]
+        placeholder._rename(host.name)
+        if placeholder.name != host.name:
+            raise RuntimeError(f"cannot name the backward input {placeholder.name!r} {host.name!r}")
+        users = sorted(placeholder.users, key=lambda n: order[n])
+        if not users:
+            continue
+        first = users[0]
+        at = _prefetch_point(bw_gm, first, transfer_time_s(_nbytes(device_val)), order)
+        with bw_gm.graph.inserting_before(at):
+            reloaded = bw_gm.graph.call_function(reload_op, (placeholder, device_val.device))
+        with bw_gm.graph.inserting_before(first):
+            waited = bw_gm.graph.call_function(wait_op, (reloaded,))
+        reloaded.meta["val"] = _fake_call(reload_op, placeholder.meta["val"], device_val.device)
+        waited.meta["val"] = None
+        for node in (reloaded, waited):
+            node.meta["memopt_pass"] = "schedule:offload"
+        placeholder.replace_all_uses_with(reloaded, delete_user_cb=lambda n: n is not reloaded)
+    bw_gm.graph.lint()
+    bw_gm.recompile()
+
+
+def _prefetch_point(bw_gm: torch.fx.GraphModule, first_use: torch.fx.Node, seconds: float,
+                    order: dict[torch.fx.Node, int]) -> torch.fx.Node:
+    """The node before which to start a reload so that compute until ``first_use`` covers ``seconds``."""
+    at, covered = first_use, 0.0
+    while covered < seconds and at.prev.op not in ("placeholder", "root"):
+        at = at.prev
+        cost = at.meta.get("memopt_cost")
+        covered += float(cost.time_s) if cost is not None else 0.0
+    return at
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    from memopt.cost_model.bytes import hint_int, shape_env_of, storage_nbytes_expr
+
+    return hint_int(storage_nbytes_expr(t), shape_env_of(t))
+
+
+def _fake_call(op: object, *args: object) -> object:
+    """Run ``op`` on the fake values of its arguments, in their fake mode, for ``meta["val"]``."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    fake = next((a for a in args if isinstance(a, FakeTensor)), None)
+    if fake is None:
+        return None
+    with fake.fake_mode:
+        return op(*args)  # type: ignore[operator]

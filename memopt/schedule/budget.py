@@ -41,6 +41,6 @@ def check_budget(limit: int, budget: MemoryBudget, lowest: MemoryTimeline, tried
         raise MemoptInfeasibleBudget(
             f"memory budget {format_bytes(limit)} ({budget}) cannot be met: the smallest peak memopt "
             f"can reach is {format_bytes(lowest.peak_bytes)} ({tried}), {describe_peak(lowest)}. "
-            "Offloading and compressing activations are not available yet; raise the budget or lower "
-            "the batch size or sequence length.",
+            "Compressing activations is not available yet; raise the budget, allow offload "
+            "(options offload='auto'), or lower the batch size or sequence length.",
             min_peak_bytes=lowest.peak_bytes, breakdown=lowest.breakdown)

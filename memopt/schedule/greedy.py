@@ -26,9 +26,10 @@ class Evaluation:
     """A plan as partitioned and simulated."""
 
     recompute: frozenset[str]
+    offload: frozenset[str]
     timeline: MemoryTimeline
     candidates: list[Candidate]          # the values this partition saves (next round's choices)
-    added_time_s: float                  # predicted time of the recomputation in the backward
+    added_time_s: float                  # predicted recompute time + host-device transfer time
     forward: torch.fx.GraphModule
     backward: torch.fx.GraphModule
 
@@ -51,7 +52,9 @@ class ScheduleResult:
         kept = {c.name for c in self.chosen.candidates}
         rows = []
         for c in sorted(self.baseline.candidates, key=lambda c: (-c.nbytes, c.name)):
-            if c.name in self.chosen.recompute:
+            if c.name in self.chosen.offload:
+                choice, why = "offload", "freed to meet the budget; transfer cheaper than recompute"
+            elif c.name in self.chosen.recompute:
                 choice, why = "recompute", "freed to meet the budget (cheapest seconds per byte first)"
             elif c.name in kept:
                 choice = "keep"
@@ -60,26 +63,32 @@ class ScheduleResult:
             else:
                 choice, why = "recompute", "the partitioner recomputes it around a memopt decision"
             rows.append({"name": c.name, "bytes": c.nbytes, "choice": choice,
-                         "recompute_time_s": float(f"{c.recompute_time_s:.6g}"), "why": why})
+                         "recompute_time_s": float(f"{c.recompute_time_s:.6g}"),
+                         "offload_time_s": (None if c.offload_time_s == float("inf")
+                                            else float(f"{c.offload_time_s:.6g}")),
+                         "why": why})
         return rows
 
 
-def schedule_recompute(evaluate: Callable[[frozenset[str]], Evaluation], budget_bytes: int, *,
+Plan = tuple[frozenset[str], frozenset[str]]      # (recompute, offload)
+
+
+def schedule_recompute(evaluate: Callable[[Plan], Evaluation], budget_bytes: int, *,
                        max_evaluations: int = 60, max_prune_tries: int = 8,
                        progress: Callable[[str], None] = lambda message: None) -> ScheduleResult:
-    """Choose values to recompute until the simulated peak is within ``budget_bytes``."""
+    """Choose values to recompute or offload until the simulated peak is within ``budget_bytes``."""
     count = 0
     known: dict[str, Candidate] = {}     # every candidate any partition offered, by name
 
-    def run(recompute: frozenset[str]) -> Evaluation:
+    def run(plan: Plan) -> Evaluation:
         nonlocal count
         count += 1
-        evaluation = evaluate(recompute)
+        evaluation = evaluate(plan)
         for candidate in evaluation.candidates:
             known.setdefault(candidate.name, candidate)
         return evaluation
 
-    baseline = run(frozenset())
+    baseline = run((frozenset(), frozenset()))
     if baseline.peak_bytes <= budget_bytes:
         return ScheduleResult(baseline, baseline, baseline, budget_bytes, True, count)
     lowest = baseline
@@ -96,7 +105,7 @@ def schedule_recompute(evaluate: Callable[[frozenset[str]], Evaluation], budget_
     return ScheduleResult(lowest, baseline, lowest, budget_bytes, False, count)
 
 
-def _grow(start: Evaluation, budget_bytes: int, run: Callable[[frozenset[str]], Evaluation],
+def _grow(start: Evaluation, budget_bytes: int, run: Callable[[Plan], Evaluation],
           size_to_excess: bool, max_evaluations: int, evaluations: Callable[[], int],
           progress: Callable[[str], None]) -> tuple[Evaluation | None, Evaluation]:
     """Grow a recompute plan from ``start``; returns (a plan within budget or None, the lowest plan).
@@ -111,8 +120,9 @@ def _grow(start: Evaluation, budget_bytes: int, run: Callable[[frozenset[str]], 
     rejected: set[str] = set()
     batch = 0
     while evaluations() < max_evaluations:
-        options = sorted((c for c in current.candidates if c.recomputable and c.name not in rejected
-                          and c.name not in current.recompute),
+        done = current.recompute | current.offload
+        options = sorted((c for c in current.candidates if c.choice() is not None
+                          and c.name not in rejected and c.name not in done),
                          key=lambda c: (c.cost_per_byte, -c.nbytes, c.name))
         if not options:
             break
@@ -127,9 +137,11 @@ def _grow(start: Evaluation, budget_bytes: int, run: Callable[[frozenset[str]], 
                         break
             batch = max(1, min(batch, len(options) // 2))
         take = options[:batch]
-        trial = run(current.recompute | {c.name for c in take})
+        chosen = {c.name: c.choice() for c in take}
+        trial = run((current.recompute | {n for n, o in chosen.items() if o and o[0] == "recompute"},
+                     current.offload | {n for n, o in chosen.items() if o and o[0] == "offload"}))
         better = trial.peak_bytes < current.peak_bytes
-        progress(f"recompute {len(trial.recompute)} values: peak {trial.peak_bytes} B "
+        progress(f"recompute {len(trial.recompute)}, offload {len(trial.offload)} values: peak {trial.peak_bytes} B "
                  f"({'kept' if better else 'rejected'}; budget {budget_bytes} B, {evaluations()} evaluations)")
         if better:
             current = trial
@@ -143,15 +155,16 @@ def _grow(start: Evaluation, budget_bytes: int, run: Callable[[frozenset[str]], 
     return None, current
 
 
-def _prune(feasible: Evaluation, budget_bytes: int, run: Callable[[frozenset[str]], Evaluation],
+def _prune(feasible: Evaluation, budget_bytes: int, run: Callable[[Plan], Evaluation],
            known: dict[str, Candidate], tries: int) -> Evaluation:
-    """Drop recomputations the budget does not need, the most expensive first."""
+    """Drop recomputations and offloads the budget does not need, the most expensive first."""
     def cost(name: str) -> float:
-        return known[name].recompute_time_s if name in known else 0.0
+        chosen = known[name].choice() if name in known else None
+        return chosen[1] if chosen else 0.0
 
     best = feasible
-    for name in sorted(feasible.recompute, key=lambda n: (-cost(n), n))[:max(tries, 0)]:
-        trial = run(best.recompute - {name})
+    for name in sorted(feasible.recompute | feasible.offload, key=lambda n: (-cost(n), n))[:max(tries, 0)]:
+        trial = run((best.recompute - {name}, best.offload - {name}))
         if trial.peak_bytes <= budget_bytes and trial.added_time_s <= best.added_time_s:
             best = trial
     return best

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
+from collections.abc import Callable
 
 import torch
 import torch.fx
@@ -37,10 +38,19 @@ class Candidate:
     recompute_time_s: float     # predicted time of recomputing it once (its own op)
     recomputable: bool
     why_not: str | None = None  # why it cannot be recomputed, when it cannot
+    offload_time_s: float = float("inf")   # predicted host-device time, out and back (inf: not allowed)
+
+    def choice(self) -> tuple[str, float] | None:
+        """The cheaper way to free this value, with its predicted cost; None if there is none."""
+        options = [("offload", self.offload_time_s)] if self.offload_time_s != float("inf") else []
+        if self.recomputable:
+            options.append(("recompute", self.recompute_time_s))
+        return min(options, key=lambda o: (o[1], o[0])) if options else None
 
     @property
     def cost_per_byte(self) -> float:
-        return self.recompute_time_s / max(self.nbytes, 1)
+        chosen = self.choice()
+        return (chosen[1] if chosen else float("inf")) / max(self.nbytes, 1)
 
 
 def _unrecomputable_reason(node: torch.fx.Node) -> str | None:
@@ -70,9 +80,10 @@ def saved_values(fw_gm: torch.fx.GraphModule, num_user_outputs: int) -> list[str
             if isinstance(v, torch.fx.Node) and isinstance(v.meta.get("val"), torch.Tensor)]
 
 
-def candidates(joint_gm: torch.fx.GraphModule, saved: list[str]) -> list[Candidate]:
+def candidates(joint_gm: torch.fx.GraphModule, saved: list[str],
+               transfer_time_s: Callable[[int], float] | None = None) -> list[Candidate]:
     """The saved values of a partition, as scheduling candidates (graph inputs and their views excluded:
-    they cost no activation memory)."""
+    they cost no activation memory). ``transfer_time_s`` (bytes -> seconds one way) allows offload."""
     nodes = {n.name: n for n in joint_gm.graph.nodes}
     out: list[Candidate] = []
     seen: set[str] = set()
@@ -88,12 +99,14 @@ def candidates(joint_gm: torch.fx.GraphModule, saved: list[str]) -> list[Candida
             continue
         val = node.meta["val"]
         cost = node.meta.get("memopt_cost")
+        nbytes = hint_int(storage_nbytes_expr(val), shape_env_of(val))
         out.append(Candidate(
             name=name,
-            nbytes=hint_int(storage_nbytes_expr(val), shape_env_of(val)),
+            nbytes=nbytes,
             recompute_time_s=float(cost.time_s) if cost is not None else 0.0,
             recomputable=_unrecomputable_reason(node) is None,
-            why_not=_unrecomputable_reason(node)))
+            why_not=_unrecomputable_reason(node),
+            offload_time_s=2 * transfer_time_s(nbytes) if transfer_time_s is not None else float("inf")))
     return out
 
 

@@ -44,6 +44,20 @@ import torch.fx
 
 from memopt.cost_model.bytes import hint_int, shape_env_of, storage_nbytes_expr
 
+# The offload host pool (memopt::offload's outputs): counted apart from device memory.
+HOST = "host"
+
+# Ops whose outputs live in the host pool.
+_HOST_OUTPUT_OPS: frozenset[object] = frozenset()
+
+
+def _host_output_ops() -> frozenset[object]:
+    global _HOST_OUTPUT_OPS
+    if not _HOST_OUTPUT_OPS and hasattr(torch.ops, "memopt") and hasattr(torch.ops.memopt, "offload"):
+        _HOST_OUTPUT_OPS = frozenset({torch.ops.memopt.offload.default})
+    return _HOST_OUTPUT_OPS
+
+
 # Categories of live bytes, in the order reports list them.
 CATEGORIES: tuple[str, ...] = (
     "parameters", "buffers", "inputs", "optimizer_states", "gradients", "saved_activations", "outputs",
@@ -67,6 +81,7 @@ class MemoryTimeline:
     events: list[MemoryEvent]
     saved_activation_bytes: int          # bytes the forward hands to the backward (unique storages)
     resident_bytes: int                  # live at the start of the step (inputs + extra_resident)
+    host_peak_bytes: int = 0             # the most the offload host pool held (not device memory)
     largest_at_peak: list[tuple[str, str, int]] = dataclasses.field(default_factory=list)
     # (node that made it, category, bytes): the biggest storages alive at the peak
 
@@ -142,14 +157,20 @@ class _Live:
         self.refs: dict[int, int] = {}
         self.total = 0
         self.by_category = dict.fromkeys(CATEGORIES, 0)
+        self.host = 0               # the offload host pool: not device memory, reported apart
+        self.host_peak = 0
         self._next = 0
 
     def new(self, nbytes: int, category: str, origin: str) -> int:
         sid = self._next
         self._next += 1
         self.size[sid], self.category[sid], self.origin[sid], self.refs[sid] = nbytes, category, origin, 0
-        self.total += nbytes
-        self.by_category[category] += nbytes
+        if category == HOST:
+            self.host += nbytes
+            self.host_peak = max(self.host_peak, self.host)
+        else:
+            self.total += nbytes
+            self.by_category[category] += nbytes
         return sid
 
     def acquire(self, sids: Iterable[int]) -> None:
@@ -160,8 +181,11 @@ class _Live:
         for sid in sids:
             self.refs[sid] -= 1
             if self.refs[sid] == 0:
-                self.total -= self.size[sid]
-                self.by_category[self.category[sid]] -= self.size[sid]
+                if self.category[sid] == HOST:
+                    self.host -= self.size[sid]
+                else:
+                    self.total -= self.size[sid]
+                    self.by_category[self.category[sid]] -= self.size[sid]
                 del self.refs[sid]
 
     def recategorise(self, sid: int, category: str) -> None:
@@ -171,7 +195,8 @@ class _Live:
         self.category[sid] = category
 
     def largest(self, n: int = 5) -> list[tuple[str, str, int]]:
-        alive = sorted(self.refs, key=lambda s: (-self.size[s], self.origin[s]))[:n]
+        alive = sorted((s for s in self.refs if self.category[s] != HOST),
+                       key=lambda s: (-self.size[s], self.origin[s]))[:n]
         return [(self.origin[s], self.category[s], self.size[s]) for s in alive]
 
 
@@ -282,7 +307,8 @@ def _output_storages(node: torch.fx.Node, storages: Mapping[torch.fx.Node, list[
         base_sids = storages.get(base, [])
         count = sum(t is not None for t in _tensors(node.meta.get("val"))) or 1
         return [base_sids[0]] * count if base_sids else []
-    return [live.new(_storage_bytes(t), category_of(node, i), node.name)
+    category = (lambda i: HOST) if node.target in _host_output_ops() else (lambda i: category_of(node, i))
+    return [live.new(_storage_bytes(t), category(i), node.name)
             for i, t in enumerate(_tensors(node.meta.get("val"))) if t is not None]
 
 
@@ -394,7 +420,7 @@ def simulate_step(fw_gm: torch.fx.GraphModule, bw_gm: torch.fx.GraphModule | Non
     return MemoryTimeline(
         peak_bytes=rec.peak, peak_phase=rec.peak_phase, peak_node=rec.peak_node, breakdown=rec.breakdown,
         events=rec.events, saved_activation_bytes=saved_bytes, resident_bytes=resident,
-        largest_at_peak=rec.largest)
+        largest_at_peak=rec.largest, host_peak_bytes=live.host_peak)
 
 
 def _base_of(node: torch.fx.Node) -> torch.fx.Node | None:
