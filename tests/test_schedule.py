@@ -151,10 +151,19 @@ def test_schedule_json_explains_every_candidate(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_budget_with_inductor_codegen() -> None:
-    backend, _ = _run("llama", 0.5, codegen="inductor")
-    report = backend.reports[-1]
-    assert report.schedule is not None and report.schedule.feasible and report.schedule.chosen.recompute
+def test_smallest_budget_with_inductor_codegen() -> None:
+    """Inductor compiles graphs with recomputation and memopt's offload ops; gradients stay exact."""
+    torch._dynamo.reset()
+    model, loss_of = CASES["llama"]()
+    with pytest.raises(BaseException) as info:
+        loss_of(torch.compile(model, backend=MemoptBackend({"codegen": "inductor", "memory_budget": 1})))
+    err: BaseException | None = info.value
+    while err is not None and not isinstance(err, memopt.MemoptInfeasibleBudget):
+        err = err.__cause__ or getattr(err, "inner_exception", None)
+    assert isinstance(err, memopt.MemoptInfeasibleBudget) and err.min_peak_bytes
+    backend, _ = _run("llama", err.min_peak_bytes, codegen="inductor")
+    schedule = backend.reports[-1].schedule
+    assert schedule is not None and schedule.feasible and schedule.chosen.recompute and schedule.chosen.offload
 
 
 def test_offload_meets_a_budget_recompute_alone_cannot() -> None:
