@@ -31,7 +31,7 @@ from memopt.cost_model.profile import DeviceProfile
 from memopt.errors import MemoptPassError
 from memopt.passes.base import Pass, PassContext
 from memopt.schedule.budget import budget_bytes, check_budget
-from memopt.schedule.greedy import Evaluation, Plan, ScheduleResult, schedule_recompute
+from memopt.schedule.greedy import Evaluation, Plan, ScheduleResult, schedule_greedy
 from memopt.schedule.problem import apply_recompute_tags, candidates, saved_values
 from memopt.schedule.simulate import MemoryTimeline, backward_nodes, simulate_joint, simulate_step
 
@@ -136,13 +136,15 @@ class JointStage(CustomPartitionerFn):
     def _schedule(self, gm: torch.fx.GraphModule, joint_inputs: Sequence[object], num_fwd_outputs: int,
                   static: list[int] | None, budget: MemoryBudget,
                   ) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
-        """Recompute saved values until the step's simulated peak meets the memory budget."""
+        """Recompute or offload saved values until the step's simulated peak meets the memory budget."""
         fw_region = {n.name for n in gm.graph.nodes if n.op == "call_function"} - {
             n.name for n in backward_nodes(gm.graph)}
         cost = {n.name: n.meta["memopt_cost"].time_s for n in gm.graph.nodes if "memopt_cost" in n.meta}
         cache: dict[Plan, Evaluation] = {}
-        transfer = None if self.config.offload is False else (
-            lambda nbytes: transfer_time_s(nbytes, self.profile))
+        def one_way(nbytes: int) -> float:
+            return transfer_time_s(nbytes, self.profile)
+
+        transfer = None if self.config.offload is False else one_way
 
         def evaluate(plan: Plan) -> Evaluation:
             if plan not in cache:
@@ -153,7 +155,7 @@ class JointStage(CustomPartitionerFn):
                 saved = saved_values(fw, num_fwd_outputs)
                 offload = offload & frozenset(saved)
                 apply_offload(fw, bw, offload, num_user_outputs=num_fwd_outputs,
-                              transfer_time_s=lambda nbytes: transfer_time_s(nbytes, self.profile))
+                              transfer_time_s=one_way)
                 timeline = simulate_step(fw, bw, input_kinds=_primal_kinds(fw, self.primal_kinds),
                                          num_user_outputs=num_fwd_outputs)
                 added = sum(cost.get(n.name, 0.0) for n in bw.graph.nodes if n.name in fw_region)
@@ -165,7 +167,7 @@ class JointStage(CustomPartitionerFn):
         baseline = evaluate((frozenset(), frozenset()))
         limit = budget_bytes(budget, baseline.timeline)
         self.progress(f"scheduling: baseline peak {baseline.peak_bytes} B, budget {limit} B")
-        result = schedule_recompute(evaluate, limit, progress=self.progress)
+        result = schedule_greedy(evaluate, limit, progress=self.progress)
         apply_recompute_tags(gm, result.chosen.recompute)   # the joint graph shows the chosen plan
         self.report.schedule = result
         self.dumper.write_json("schedule.json", {

@@ -1,4 +1,4 @@
-"""Greedy recompute scheduling under a peak-memory budget, verified by exact simulation.
+"""Greedy scheduling (recompute or offload) under a peak-memory budget, verified by exact simulation.
 
 This is the warm start the CP-SAT scheduler builds on (and, until it lands, the scheduler): cheapest
 seconds per byte first, in batches sized to the remaining excess, each batch realised through the
@@ -73,7 +73,7 @@ class ScheduleResult:
 Plan = tuple[frozenset[str], frozenset[str]]      # (recompute, offload)
 
 
-def schedule_recompute(evaluate: Callable[[Plan], Evaluation], budget_bytes: int, *,
+def schedule_greedy(evaluate: Callable[[Plan], Evaluation], budget_bytes: int, *,
                        max_evaluations: int = 60, max_prune_tries: int = 8,
                        progress: Callable[[str], None] = lambda message: None) -> ScheduleResult:
     """Choose values to recompute or offload until the simulated peak is within ``budget_bytes``."""
