@@ -11,6 +11,18 @@ recomputed in the backward; ``MUST_SAVE``: banned from recompute). The partition
 of the cut consistent (if a recomputed node's input is neither saved nor recomputable, it saves it), and
 the simulator measures the result exactly. A plan is judged by that measurement, never by the sum of the
 bytes it hoped to free.
+
+Note [Towards the CP-SAT model]
+The greedy scheduler (:mod:`memopt.schedule.greedy`) partitions and simulates every plan it tries; on
+a 7B joint graph a partition takes seconds, so the solver must not. The intended linear model: from the
+baseline simulation, each candidate ``v`` occupies its bytes over a window of the step's timeline (from
+its forward production to its last backward use). Recomputing it shrinks the window to [just before its
+first backward use, last backward use] and puts its recompute inputs' windows in its place; offloading it
+frees the window between production and the prefetch point, at an exposed transfer time. With one
+boolean per (candidate, choice), the live bytes at each timeline point are the baseline's minus the
+freed windows plus what recompute keeps alive, and the budget is a linear constraint per point (points
+grouped by layer class, Pareto fronts per class, a small outer model across layers). Whatever it
+returns is then verified by one partition and one exact simulation, as the greedy's plans are.
 """
 
 from __future__ import annotations
