@@ -158,7 +158,10 @@ class JointStage(CustomPartitionerFn):
                               transfer_time_s=one_way)
                 timeline = simulate_step(fw, bw, input_kinds=_primal_kinds(fw, self.primal_kinds),
                                          num_user_outputs=num_fwd_outputs)
-                added = sum(cost.get(n.name, 0.0) for n in bw.graph.nodes if n.name in fw_region)
+                # Recomputation: forward ops the backward runs again (its inputs named after forward
+                # values are saved values, not recomputation).
+                added = sum(cost.get(n.name, 0.0) for n in bw.graph.nodes
+                            if n.op == "call_function" and n.name in fw_region)
                 found = candidates(gm, saved, transfer)
                 added += sum(c.offload_time_s for c in found if c.name in offload)
                 cache[plan] = Evaluation(recompute, offload, timeline, found, added, fw, bw)
