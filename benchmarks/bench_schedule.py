@@ -1,8 +1,8 @@
 """Recompute schedules under a memory budget: PyTorch's knapsack (Inductor with
 ``activation_memory_budget``) against memopt's scheduler, on a tiny Llama and a tiny GPT-2, in one process.
 
-    python benchmarks/bench_schedule.py               # the full run (~12 min on an idle 2-core CPU)
-    python benchmarks/bench_schedule.py --quick       # seq 256 only, 3 timed steps
+    python benchmarks/bench_schedule.py               # the full run (~15 min on an idle 2-core CPU)
+    python benchmarks/bench_schedule.py --quick       # seq 256 only, 3 timed steps (about half of it)
     python benchmarks/bench_schedule.py --models tiny_gpt2 --budgets 0.5 --variants memopt_eager
 
 Three variants, each at the budgets 1.0, 0.5 and 0.25, per model (4 layers, hidden 128, vocabulary 256;
@@ -641,6 +641,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     meta = run_metadata(args, args.seq_len_list, args.step_count)
     meta.update(benchmark=BENCHMARK, model={"names": args.model_list, **MODEL}, optimizer=None,
+                warmup_steps=WARMUP_STEPS,
                 budgets=args.budget_list, variants=[v.name for v in args.variant_list], cost_profile=PROFILE,
                 step="forward + backward, outputs held, no optimizer")
     cells = [Cell(v, m, s, b) for m in args.model_list for s in args.seq_len_list for b in args.budget_list
