@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from memopt.config import MemoptConfig, closest, parse_budget, parse_options
-from memopt.errors import MemoptConfigError, MemoptInfeasibleBudget, MemoptUnsupportedError
+from memopt.errors import MemoptConfigError, MemoptUnsupportedError
 from memopt.units import format_bytes
 
 # Hugging Face configs of well-known models (public config.json values), so `memopt plan` needs no

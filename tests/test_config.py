@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
