@@ -47,15 +47,13 @@ from memopt.cost_model.bytes import hint_int, shape_env_of, storage_nbytes_expr
 # The offload host pool (memopt::offload's outputs): counted apart from device memory.
 HOST = "host"
 
-# Ops whose outputs live in the host pool.
-_HOST_OUTPUT_OPS: frozenset[object] = frozenset()
 
 
-def _host_output_ops() -> frozenset[object]:
-    global _HOST_OUTPUT_OPS
-    if not _HOST_OUTPUT_OPS and hasattr(torch.ops, "memopt") and hasattr(torch.ops.memopt, "offload"):
-        _HOST_OUTPUT_OPS = frozenset({torch.ops.memopt.offload.default})
-    return _HOST_OUTPUT_OPS
+def _is_host_output(node: torch.fx.Node) -> bool:
+    """memopt::offload returns host-pool memory (matched by name: no import of the runtime needed)."""
+    target = node.target
+    return isinstance(target, torch._ops.OpOverload) and target.namespace == "memopt" \
+        and target._opname == "offload"
 
 
 # Categories of live bytes, in the order reports list them.
@@ -188,12 +186,6 @@ class _Live:
                     self.by_category[self.category[sid]] -= self.size[sid]
                 del self.refs[sid]
 
-    def recategorise(self, sid: int, category: str) -> None:
-        if sid in self.refs and self.category[sid] != category:
-            self.by_category[self.category[sid]] -= self.size[sid]
-            self.by_category[category] += self.size[sid]
-        self.category[sid] = category
-
     def largest(self, n: int = 5) -> list[tuple[str, str, int]]:
         alive = sorted((s for s in self.refs if self.category[s] != HOST),
                        key=lambda s: (-self.size[s], self.origin[s]))[:n]
@@ -307,7 +299,7 @@ def _output_storages(node: torch.fx.Node, storages: Mapping[torch.fx.Node, list[
         base_sids = storages.get(base, [])
         count = sum(t is not None for t in _tensors(node.meta.get("val"))) or 1
         return [base_sids[0]] * count if base_sids else []
-    category = (lambda i: HOST) if node.target in _host_output_ops() else (lambda i: category_of(node, i))
+    category = (lambda i: HOST) if _is_host_output(node) else (lambda i: category_of(node, i))
     return [live.new(_storage_bytes(t), category(i), node.name)
             for i, t in enumerate(_tensors(node.meta.get("val"))) if t is not None]
 
@@ -412,7 +404,7 @@ def simulate_step(fw_gm: torch.fx.GraphModule, bw_gm: torch.fx.GraphModule | Non
     saved_bytes = sum(live.size[s] for s in {s for sids in saved.values() for s in sids}
                       if live.category[s] == "saved_activations")
     if bw_gm is not None:
-        _simulate_backward(bw_gm, live, rec, saved, fw_inputs, input_kinds, fw_vals)
+        _simulate_backward(bw_gm, live, rec, saved, input_kinds, fw_vals)
     else:
         for sids in saved.values():
             live.release(sids)
@@ -431,8 +423,7 @@ def _base_of(node: torch.fx.Node) -> torch.fx.Node | None:
 
 
 def _simulate_backward(bw_gm: torch.fx.GraphModule, live: _Live, rec: _Recorder, saved: dict[str, list[int]],
-                       fw_inputs: list[list[int]], input_kinds: Sequence[str],
-                       fw_vals: Sequence[object]) -> None:
+                       input_kinds: Sequence[str], fw_vals: Sequence[object]) -> None:
     bw_placeholders = [n for n in bw_gm.graph.nodes if n.op == "placeholder"]
     missing = [n.name for n in bw_placeholders if n.name not in saved and not n.name.startswith("tangents")]
     if missing:
