@@ -129,6 +129,7 @@ class MemoptConfig:
     quantize: QuantizeConfig | None = None      # quantized frozen base weights (needs memopt.prepare)
     offload: str | bool = "auto"                # "auto": the scheduler may offload; False forbids it
     compress_activations: str | None = None     # None | int8 | fp8 (lossy, only when asked)
+    solver_time_limit_s: float = 20.0           # CP-SAT's time per solve (a budget may take a few)
     sparse_backprop: Mapping[str, Any] | None = None    # per-parameter policy (its own issue)
     token_elimination: Mapping[str, Any] | None = None  # LeMo settings (its own issue)
     strict: bool = False                        # a failing pass raises instead of falling back
@@ -278,6 +279,13 @@ def parse_options(options: Mapping[str, Any] | MemoptConfig | None = None,
         if opts.get("compress_activations") is not None:
             kwargs["compress_activations"] = _choice(
                 "compress_activations", opts["compress_activations"], COMPRESSIONS)
+        if "solver_time_limit_s" in opts:
+            limit = opts["solver_time_limit_s"]
+            _expect("solver_time_limit_s", limit, (int, float), "a number of seconds")
+            if not 0 < limit <= 3600:
+                raise MemoptConfigError(
+                    f"option 'solver_time_limit_s': got {limit}; expected seconds in (0, 3600]")
+            kwargs["solver_time_limit_s"] = float(limit)
         for key in ("sparse_backprop", "token_elimination"):
             if opts.get(key) is not None:
                 _expect(key, opts[key], (dict,), "a dict of settings or None")

@@ -31,9 +31,12 @@ from memopt.cost_model.profile import DeviceProfile
 from memopt.errors import MemoptPassError
 from memopt.passes.base import Pass, PassContext
 from memopt.schedule.budget import budget_bytes, check_budget
-from memopt.schedule.greedy import Evaluation, Plan, ScheduleResult, schedule_greedy
+from memopt.schedule.greedy import Evaluation, Plan, ScheduleResult
+from memopt.schedule.model import build_problem
+from memopt.schedule.search import search_plan
 from memopt.schedule.problem import apply_recompute_tags, candidates, saved_values
 from memopt.schedule.simulate import MemoryTimeline, backward_nodes, simulate_joint, simulate_step
+from memopt.schedule.streams import exposed_transfer_s
 
 
 _T = TypeVar("_T")
@@ -163,14 +166,17 @@ class JointStage(CustomPartitionerFn):
                 added = sum(cost.get(n.name, 0.0) for n in bw.graph.nodes
                             if n.op == "call_function" and n.name in fw_region)
                 found = candidates(gm, saved, transfer)
-                added += sum(c.offload_time_s for c in found if c.name in offload)
+                added += exposed_transfer_s(fw, bw, one_way)
                 cache[plan] = Evaluation(recompute, offload, timeline, found, added, fw, bw)
             return cache[plan]
 
         baseline = evaluate((frozenset(), frozenset()))
         limit = budget_bytes(budget, baseline.timeline)
         self.progress(f"scheduling: baseline peak {baseline.peak_bytes} B, budget {limit} B")
-        result = schedule_greedy(evaluate, limit, progress=self.progress)
+        problem = build_problem(gm, baseline.forward, baseline.backward, baseline.timeline,
+                                baseline.candidates, transfer)
+        result = search_plan(evaluate, problem, baseline, limit, graph_nodes=len(gm.graph.nodes),
+                             time_limit_s=self.config.solver_time_limit_s, progress=self.progress)
         apply_recompute_tags(gm, result.chosen.recompute)   # the joint graph shows the chosen plan
         self.report.schedule = result
         self.dumper.write_json("schedule.json", {
@@ -178,7 +184,8 @@ class JointStage(CustomPartitionerFn):
             "baseline_peak_bytes": baseline.peak_bytes, "peak_bytes": result.chosen.peak_bytes,
             "lowest_peak_bytes": result.lowest.peak_bytes,
             "added_time_s": float(f"{result.chosen.added_time_s:.6g}"), "profile": self.profile.name,
-            "evaluations": result.evaluations, "candidates": result.decisions()})
+            "evaluations": result.evaluations, "method": result.method, "solver": result.solver,
+            "attempts": result.attempts, "candidates": result.decisions()})
         self.dumper.write_text("memory_timeline.svg", timeline_svg(
             {"before scheduling": [(e.phase, e.live_bytes) for e in baseline.timeline.events],
              "after scheduling": [(e.phase, e.live_bytes) for e in result.chosen.timeline.events]},

@@ -15,6 +15,8 @@ import torch
 import torch.fx
 from torch._functorch.partitioners import min_cut_rematerialization_partition
 
+from memopt.schedule.streams import prefetch_point
+
 
 def partition_joint(joint_gm: torch.fx.GraphModule, joint_inputs: Sequence[object], *, num_fwd_outputs: int,
                     static_lifetime_input_indices: list[int] | None = None,
@@ -70,7 +72,7 @@ def apply_offload(fw_gm: torch.fx.GraphModule, bw_gm: torch.fx.GraphModule, name
         if not users:
             continue
         first = users[0]
-        at = _prefetch_point(bw_gm, first, transfer_time_s(_nbytes(device_val)), order)
+        at = prefetch_point(first, transfer_time_s(_nbytes(device_val)))
         with bw_gm.graph.inserting_before(at):
             reloaded = bw_gm.graph.call_function(reload_op, (placeholder, device_val.device))
         with bw_gm.graph.inserting_before(first):
@@ -82,17 +84,6 @@ def apply_offload(fw_gm: torch.fx.GraphModule, bw_gm: torch.fx.GraphModule, name
         placeholder.replace_all_uses_with(reloaded, delete_user_cb=lambda n: n is not reloaded)
     bw_gm.graph.lint()
     bw_gm.recompile()
-
-
-def _prefetch_point(bw_gm: torch.fx.GraphModule, first_use: torch.fx.Node, seconds: float,
-                    order: dict[torch.fx.Node, int]) -> torch.fx.Node:
-    """The node before which to start a reload so that compute until ``first_use`` covers ``seconds``."""
-    at, covered = first_use, 0.0
-    while covered < seconds and at.prev.op not in ("placeholder", "root"):
-        at = at.prev
-        cost = at.meta.get("memopt_cost")
-        covered += float(cost.time_s) if cost is not None else 0.0
-    return at
 
 
 def _nbytes(t: torch.Tensor) -> int:

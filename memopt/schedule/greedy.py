@@ -46,16 +46,20 @@ class ScheduleResult:
     budget_bytes: int
     feasible: bool
     evaluations: int
+    method: str = "greedy"               # which search found ``chosen``
+    attempts: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # every plan verified
+    solver: dict[str, Any] | None = None  # the CP-SAT solve's statistics, when it ran
 
     def decisions(self) -> list[dict[str, Any]]:
         """Per candidate of the baseline partition: bytes, choice, cost and why (for schedule.json)."""
         kept = {c.name for c in self.chosen.candidates}
+        by = "the CP-SAT plan" if self.method.startswith("cp-sat") else f"the {self.method} plan"
         rows = []
         for c in sorted(self.baseline.candidates, key=lambda c: (-c.nbytes, c.name)):
             if c.name in self.chosen.offload:
-                choice, why = "offload", "freed to meet the budget; transfer cheaper than recompute"
+                choice, why = "offload", f"freed to meet the budget by {by}; its reload hides behind compute"
             elif c.name in self.chosen.recompute:
-                choice, why = "recompute", "freed to meet the budget (cheapest seconds per byte first)"
+                choice, why = "recompute", f"freed to meet the budget by {by}"
             elif c.name in kept:
                 choice = "keep"
                 why = c.why_not or ("the budget is met without recomputing it"

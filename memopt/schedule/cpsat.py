@@ -1,0 +1,627 @@
+"""The CP-SAT scheduler: minimise the added time of a plan subject to the budget on peak live bytes.
+
+Pure: a :class:`~memopt.schedule.model.ScheduleProblem` and a budget in, a plan (value -> choice) out.
+OR-Tools is imported here and nowhere else.
+
+Note [Layer classes and fronts]
+A monolithic model (one boolean per value and choice, one constraint per event) does not scale: a
+32-layer model has hundreds of values and thousands of events, each constraint over every value whose
+window covers it. The model is decomposed along the repeated layers the module stack shows
+(:func:`memopt.schedule.model.layer_of`):
+
+1. *Classes.* Layers whose values match one for one (place in the layer, bytes, choices and costs) form
+   a class. For one layer of each class a small CP-SAT model finds its front: plans of that layer that
+   trade freed bytes, the layer's own peak, recompute time and transfer volume (lowest time for each
+   level of freed bytes, with and without counting transfers, and lowest local peak). Every layer of
+   the class chooses one of these plans.
+2. *Outer model.* At an event ``t``, a layer is *absent* (no window of it covers ``t``), *between* (every
+   window covers ``t``: it frees exactly the plan's freed bytes ``F``) or *partial* (``t`` lies in its
+   own forward or backward). Events with the same partial layer and the same between layers form one
+   constraint: the worst event's live bytes given the partial layer's plan (a constant per plan) minus
+   the freed bytes of the between layers (one integer per layer) minus what values outside any layer
+   free. Where two layers are partial, only the larger is modelled; the other's freeing is ignored,
+   which can only overestimate the peak.
+3. *Transfers.* One copy stream serves every offload: forward copies released after an event must fit
+   in the forward compute after it, reloads due before an event in the backward compute before it; the
+   excess is exposed time (Note [Exposed transfer time] in :mod:`memopt.schedule.streams`).
+
+Values outside repeated layers (embeddings, the head, the loss) are decided one by one in the outer
+model; a graph without repeated layers is all such values: the monolithic model, which is small there.
+The hint is a greedy solution of the same outer model (cheapest added time per byte of violation
+removed, then dropping what the budget does not need), so the solver starts feasible whenever the greedy
+is, and its answer is never worse than the hint in the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from memopt.errors import MemoptError
+from memopt.schedule.model import Item, Option, ScheduleProblem
+
+NS = 1e9                       # the solver's time unit: nanoseconds
+TRANSFER_TIE_BREAK = 0.01      # cost per second of transfer volume, so unneeded offloads are not chosen
+MIN_LAYERS_TO_DECOMPOSE = 4
+FRONT_LEVELS = 10
+
+
+@dataclasses.dataclass(frozen=True)
+class _Point:
+    """One plan of a layer: a choice per value (its items in order), with its totals."""
+
+    choices: tuple[int, ...]     # per value: the index of its option, or -1 to keep it
+    freed: int
+    recompute_ns: int
+    out_ns: int
+    in_ns: int
+
+
+@dataclasses.dataclass
+class _Var:
+    set_id: int                 # the one-hot set it belongs to (a layer, or one value)
+    label: tuple[Any, ...]      # ("layer", group, point index) or ("value", item index, kind)
+    cost_ns: int                # recompute time
+    out_ns: int
+    in_ns: int
+    release: int                # event after which its forward copies can start
+    due: int                    # event by which its reloads must be done
+
+
+@dataclasses.dataclass
+class _Outer:
+    """The outer model as plain arrays: rows ``const + A @ y <= budget``."""
+
+    variables: list[_Var]
+    exactly_one: list[bool]               # per set: a layer must pick a plan; a value may keep
+    sets: list[list[int]]
+    const: np.ndarray                     # (rows,)
+    matrix: np.ndarray                    # (rows, vars)
+    layer_vars: dict[str, list[int]]      # layer -> its plan variables
+    patterns: dict[tuple[str, int], np.ndarray]   # (layer, pattern) -> bytes freed per plan (units)
+    row_patterns: list[list[tuple[str, int]]]     # per row: the other layers' patterns it subtracts
+    fw_release: list[tuple[np.ndarray, int]]   # (mask over vars, forward compute after) per release
+    bw_due: list[tuple[np.ndarray, int]]       # (mask over vars, backward compute before) per due
+    unit: int                             # bytes per model unit
+    groups: dict[str, list[Item]]         # layer -> its items in order
+    points: dict[str, list[_Point]]       # layer -> the plans it may choose
+    individual: list[Item]
+    classes: int
+    conflicts: list[list[int]]            # at most one of each list (choices in different sets)
+
+
+@dataclasses.dataclass
+class SolveStats:
+    status: str
+    objective_s: float | None         # the model's added time of the answer
+    bound_s: float | None
+    gap: float | None                 # (objective - bound) / objective
+    hint_objective_s: float | None
+    seconds: float
+    layers: int
+    classes: int
+    front_points: int
+    variables: int
+    rows: int
+    mode: str                         # "time" (meet the budget) or "peak" (lowest peak: infeasible)
+
+    def to_json(self) -> dict[str, Any]:
+        def short(x: float | None) -> float | None:
+            return None if x is None else float(f"{x:.6g}")
+        return {"status": self.status, "mode": self.mode, "objective_s": short(self.objective_s),
+                "bound_s": short(self.bound_s), "gap": short(self.gap),
+                "hint_objective_s": short(self.hint_objective_s), "seconds": short(self.seconds),
+                "layers": self.layers, "classes": self.classes, "front_points": self.front_points,
+                "variables": self.variables, "rows": self.rows}
+
+
+@dataclasses.dataclass
+class Solved:
+    plan: dict[str, Option]           # value -> how it is freed (kept values absent)
+    hint: dict[str, Option]
+    hint_feasible: bool               # in the model
+    stats: SolveStats
+
+
+def _cp_model() -> Any:
+    try:
+        from ortools.sat.python import cp_model
+    except ImportError as err:  # pragma: no cover - ortools is a dependency
+        raise MemoptError("the memory scheduler needs OR-Tools: pip install ortools") from err
+    return cp_model
+
+
+# --------------------------------------------------------------------------------------------------------
+# Layers and their fronts
+# --------------------------------------------------------------------------------------------------------
+
+
+def _signature(items: Sequence[Item]) -> tuple[Any, ...]:
+    return tuple((i.pattern, i.nbytes, tuple((o.kind, round(o.time_s * NS), round(o.out_s * NS))
+                                             for o in i.options)) for i in items)
+
+
+def _point_of(items: Sequence[Item], choices: tuple[int, ...]) -> _Point:
+    freed = rec = out = back = 0
+    for item, choice in zip(items, choices):
+        if choice < 0:
+            continue
+        option = item.options[choice]
+        freed += item.nbytes
+        rec += round(option.time_s * NS)
+        out += round(option.out_s * NS)
+        back += round(option.in_s * NS)
+    return _Point(choices, freed, rec, out, back)
+
+
+def _front(problem: ScheduleProblem, items: Sequence[Item], conflicts: Sequence[tuple[int, int, int, int]],
+           workers: int) -> list[_Point]:
+    """Plans of one layer that trade freed bytes, local peak, recompute time and transfer volume.
+    ``conflicts``: (value, option, value, option) index pairs within the layer that exclude each other."""
+    cp_model = _cp_model()
+    events = sorted({t for item in items for o in item.options for t in range(o.start + 1, o.end)})
+    total = sum(item.nbytes for item in items)
+    found: dict[tuple[int, ...], _Point] = {}
+    keep_all = tuple(-1 for _ in items)
+    found[keep_all] = _point_of(items, keep_all)
+    if not events:
+        return list(found.values())
+    peak_hint = max(problem.base[t] for t in events)
+    for level in sorted({total * j // FRONT_LEVELS for j in range(FRONT_LEVELS + 1)}):
+        for objective in ("time", "recompute", "peak"):
+            model = cp_model.CpModel()
+            x: dict[tuple[int, int], Any] = {}
+            for i, item in enumerate(items):
+                for j in range(len(item.options)):
+                    x[i, j] = model.NewBoolVar(f"x{i}_{j}")
+                model.AddAtMostOne([x[i, j] for j in range(len(item.options))])
+            for i, a, k, b in conflicts:
+                model.AddBoolOr([x[i, a].Not(), x[k, b].Not()])
+            model.Add(sum(items[i].nbytes * v for (i, _), v in x.items()) >= level)
+            peak = model.NewIntVar(0, peak_hint, "peak")
+            for t in events:
+                freed = [items[i].nbytes * v for (i, j), v in x.items()
+                         if items[i].options[j].start < t < items[i].options[j].end]
+                model.Add(problem.base[t] - sum(freed) <= peak)
+            rec = sum(round(items[i].options[j].time_s * NS) * v for (i, j), v in x.items())
+            vol = sum(round((items[i].options[j].out_s + items[i].options[j].in_s) * NS) * v
+                      for (i, j), v in x.items())
+            if objective == "time":
+                model.Minimize(rec + vol)
+            elif objective == "recompute":
+                model.Minimize(rec * 1000 + vol)
+            else:
+                model.Minimize(peak)
+            solver = cp_model.CpSolver()
+            solver.parameters.num_workers = workers
+            solver.parameters.max_time_in_seconds = 2.0
+            if solver.Solve(model) not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+                continue
+            if objective == "peak":      # the lowest local peak, at the lowest time for it
+                model.Add(peak <= int(solver.Value(peak)))
+                model.Minimize(rec + vol)
+                if solver.Solve(model) not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+                    continue
+            choices = tuple(next((j for j in range(len(item.options)) if solver.Value(x[i, j])), -1)
+                            for i, item in enumerate(items))
+            found.setdefault(choices, _point_of(items, choices))
+    return list(found.values())
+
+
+# --------------------------------------------------------------------------------------------------------
+# The outer model
+# --------------------------------------------------------------------------------------------------------
+
+
+def _build_outer(problem: ScheduleProblem, budget: int, workers: int, decompose: bool,
+                 progress: Callable[[str], None]) -> _Outer:
+    optioned = [i for i in problem.items if i.options]
+    groups: dict[str, list[Item]] = {}
+    for item in optioned:
+        if item.group is not None:
+            groups.setdefault(item.group, []).append(item)
+    if not decompose or len(groups) < MIN_LAYERS_TO_DECOMPOSE:
+        groups = {}
+    individual = [i for i in optioned if i.group is None or i.group not in groups]
+    for items in groups.values():
+        items.sort(key=lambda i: i.made)
+
+    # Fronts, one per class of identical layers.
+    classes: dict[tuple[Any, ...], list[str]] = {}
+    for name, items in groups.items():
+        classes.setdefault(_signature(items), []).append(name)
+    all_conflicts = problem.conflicts()
+    points: dict[str, list[_Point]] = {}
+    for members in classes.values():
+        start = time.perf_counter()
+        representative = groups[members[len(members) // 2]]
+        position = {item.name: i for i, item in enumerate(representative)}
+        local = [(position[w], representative[position[w]].options.index(a),
+                  position[u], representative[position[u]].options.index(b))
+                 for w, a, u, b in all_conflicts if w in position and u in position]
+        front = _front(problem, representative, local, workers)
+        for name in members:
+            points[name] = [_point_of(groups[name], p.choices) for p in front]
+        progress(f"layer class {members[0]} (x{len(members)}): {len(front)} plans on its front "
+                 f"({time.perf_counter() - start:.1f} s)")
+
+    unit = 1 << max(0, max(problem.base, default=0).bit_length() - 40)
+    variables: list[_Var] = []
+    sets: list[list[int]] = []
+    exactly_one: list[bool] = []
+    layer_vars: dict[str, list[int]] = {}
+    for name, items in groups.items():
+        ids = []
+        release = max(i.made for i in items)
+        due = min(i.first_backward_use for i in items)
+        for k, point in enumerate(points[name]):
+            ids.append(len(variables))
+            variables.append(_Var(len(sets), ("layer", name, k), point.recompute_ns, point.out_ns,
+                                  point.in_ns, release, due))
+        layer_vars[name] = ids
+        sets.append(ids)
+        exactly_one.append(True)
+    item_vars: dict[int, list[tuple[int, Item, Any]]] = {}
+    for index, item in enumerate(individual):
+        ids = []
+        for j, option in enumerate(item.options):
+            ids.append(len(variables))
+            item_vars.setdefault(index, []).append((len(variables), item, option))
+            variables.append(_Var(len(sets), ("value", index, j), round(option.time_s * NS),
+                                  round(option.out_s * NS), round(option.in_s * NS), item.made,
+                                  item.first_backward_use))
+        sets.append(ids)
+        exactly_one.append(False)
+
+    # Rows (Note [Layer classes and fronts]): events that could exceed the budget, grouped by the layer
+    # the event runs in (its plan decides a constant per plan), the other layers' freeing patterns and
+    # the other values' active choices.
+    over = np.array([t for t, base in enumerate(problem.base) if base > budget], dtype=np.int64)
+    base = np.array(problem.base, dtype=np.int64)
+    pattern_ids: dict[str, np.ndarray] = {}           # layer -> pattern index at each event of ``over``
+    patterns: dict[tuple[str, int], np.ndarray] = {}
+    freed_at: dict[str, list[np.ndarray]] = {}        # layer -> bytes freed per plan, per pattern
+    for name, items in groups.items():
+        choices = np.array([p.choices for p in points[name]], dtype=np.int64).reshape(-1, len(items))
+        cuts = sorted({t for item in items for o in item.options for t in (o.start + 1, o.end)})
+        vectors: dict[bytes, int] = {}
+        table: list[np.ndarray] = []
+        segment_pattern = []
+        for cut in cuts:
+            freed = np.zeros(len(points[name]), dtype=np.int64)
+            for i, item in enumerate(items):
+                for j, o in enumerate(item.options):
+                    if o.start < cut < o.end:
+                        freed += np.where(choices[:, i] == j, item.nbytes, 0)
+            key = freed.tobytes()
+            if key not in vectors:
+                vectors[key] = len(table)
+                table.append(freed)
+            segment_pattern.append(vectors[key])
+        freed_at[name] = table
+        segment = np.searchsorted(np.array(cuts), over, side="right") - 1
+        ids = np.where(segment >= 0, np.array(segment_pattern + [0])[np.maximum(segment, 0)], -1)
+        empty = np.array([not vector.any() for vector in table] + [True])    # index -1: before any cut
+        ids = np.where(empty[ids], -1, ids)
+        pattern_ids[name] = ids
+        for index, vector in enumerate(table):
+            patterns[name, index] = vector // unit
+    names = list(groups)
+    rows: dict[tuple[Any, ...], list[int]] = {}
+    rows_owner_patterns: dict[tuple[Any, ...], list[int]] = {}
+    for position, t in enumerate(over.tolist()):
+        owner = problem.point_group[t] if problem.point_group[t] in groups else None
+        others = tuple((g, int(pattern_ids[g][position])) for g in names
+                       if g != owner and pattern_ids[g][position] >= 0)
+        values = tuple(var for entries in item_vars.values() for var, item, o in entries
+                       if o.start < t < o.end)
+        owner_pattern = int(pattern_ids[owner][position]) if owner is not None else -1
+        rows.setdefault((owner, others, values), []).append(t)
+        if owner is not None:
+            rows_owner_patterns.setdefault((owner, others, values), []).append(owner_pattern)
+
+    n = len(variables)
+    const, matrix, row_patterns = [], [], []
+    for key, ts in rows.items():
+        owner, others, values = key
+        row = np.zeros(n, dtype=np.int64)
+        if owner is None:
+            const.append(-(-int(base[ts].max()) // unit))
+        else:
+            const.append(0)
+            worst = np.full(len(points[owner]), np.iinfo(np.int64).min // 2, dtype=np.int64)
+            for t, pattern in zip(ts, rows_owner_patterns[key]):
+                freed = freed_at[owner][pattern] if pattern >= 0 else 0
+                worst = np.maximum(worst, int(base[t]) - freed)
+            row[layer_vars[owner]] = -(-worst // unit)
+        for g, pattern in others:
+            row[layer_vars[g]] -= patterns[g, pattern]
+        for var in values:
+            label = variables[var].label
+            row[var] -= individual[label[1]].nbytes // unit
+        matrix.append(row)
+        row_patterns.append(list(others))
+
+    # Transfer rows (Note [Exposed transfer time]): copies released after an event / due before it.
+    fw_release, bw_due = [], []
+    if any(v.out_ns for v in variables):
+        compute = [round(s * NS) for s in problem.compute_s]
+        prefix = np.concatenate([[0], np.cumsum(compute)])
+        fw_total = int(prefix[problem.forward_end + 1])
+        for tau in sorted({v.release for v in variables if v.out_ns}):
+            mask = np.array([v.out_ns > 0 and v.release >= tau for v in variables])
+            fw_release.append((mask, fw_total - int(prefix[tau + 1])))
+        for tau in sorted({v.due for v in variables if v.in_ns}):
+            mask = np.array([v.in_ns > 0 and v.due <= tau for v in variables])
+            bw_due.append((mask, int(prefix[tau]) - fw_total))
+
+    # Choices in different sets that exclude each other (Note [Freed windows] in model.py).
+    holders: dict[tuple[str, Any], list[int]] = {}
+    for name, ids in layer_vars.items():
+        for var, point in zip(ids, points[name]):
+            for item, choice in zip(groups[name], point.choices):
+                if choice >= 0:
+                    holders.setdefault((item.name, item.options[choice]), []).append(var)
+    for entries in item_vars.values():
+        for var, item, option in entries:
+            holders.setdefault((item.name, option), []).append(var)
+    conflicts = []
+    for w, a, u, b in all_conflicts:
+        left, right = holders.get((w, a), []), holders.get((u, b), [])
+        if left and right and variables[left[0]].set_id != variables[right[0]].set_id:
+            conflicts.append(sorted(set(left) | set(right)))
+    conflicts = [list(c) for c in dict.fromkeys(tuple(c) for c in conflicts)]
+
+    return _Outer(variables, exactly_one, sets, np.array(const, dtype=np.int64),
+                  np.array(matrix, dtype=np.int64).reshape(len(const), n), layer_vars, patterns,
+                  row_patterns, fw_release, bw_due, unit, groups, points, individual, len(classes),
+                  conflicts)
+
+
+class _Arrays:
+    """The outer model's costs and rows as arrays, with a zero column ``n`` standing for "keep"."""
+
+    def __init__(self, outer: _Outer, budget: int) -> None:
+        variables = outer.variables
+        n = len(variables)
+        self.n = n
+        self.matrix = np.concatenate([outer.matrix, np.zeros((outer.matrix.shape[0], 1), np.int64)], 1)
+        self.const = outer.const
+        self.limit = budget // outer.unit
+        vol = np.array([v.out_ns + v.in_ns for v in variables] + [0], dtype=np.float64)
+        self.cost = np.array([v.cost_ns for v in variables] + [0], dtype=np.float64) \
+            + TRANSFER_TIE_BREAK * vol
+        out = np.array([v.out_ns for v in variables] + [0], dtype=np.float64)
+        back = np.array([v.in_ns for v in variables] + [0], dtype=np.float64)
+        self.copy_rows = np.array([np.append(mask, False) * out for mask, _ in outer.fw_release]
+                                  + [np.append(mask, False) * back for mask, _ in outer.bw_due]
+                                  ).reshape(-1, n + 1)
+        self.copy_caps = np.array([cap for _, cap in outer.fw_release] + [cap for _, cap in outer.bw_due],
+                                  dtype=np.float64)
+        self.fw_rows = len(outer.fw_release)
+
+    def exposed(self, load: np.ndarray) -> np.ndarray:
+        """Exposed time for copy-row loads (rows x moves)."""
+        if load.shape[0] == 0:
+            return np.zeros(load.shape[1:])
+        excess = np.maximum(0.0, load - self.copy_caps.reshape(-1, *([1] * (load.ndim - 1))))
+        fw = excess[:self.fw_rows].max(0, initial=0.0)
+        bw = excess[self.fw_rows:].max(0, initial=0.0)
+        return fw + bw
+
+    def cost_of(self, y: np.ndarray) -> float:
+        full = np.append(y, 0)
+        return float(self.cost @ full + self.exposed((self.copy_rows @ full)[:, None])[0])
+
+
+def _greedy(outer: _Outer, budget: int) -> tuple[np.ndarray, bool]:
+    """A complete assignment of the outer model: repeatedly take the move (one layer's plan or one
+    value's choice changed) with the least added time per unit of budget violation removed; once the
+    budget is met, take the moves that save the most time and keep it met."""
+    arrays = _Arrays(outer, budget)
+    n = arrays.n
+    choice = []                       # per set: the chosen variable, or n for "keep"
+    for ids, exact in zip(outer.sets, outer.exactly_one):
+        choice.append(min(ids, key=lambda v: (outer.variables[v].cost_ns + outer.variables[v].out_ns, v))
+                      if exact else n)
+    olds, news, owners = [], [], []
+    for s, (ids, exact) in enumerate(zip(outer.sets, outer.exactly_one)):
+        for target in [*ids] + ([] if exact else [n]):
+            news.append(target)
+            owners.append(s)
+    news_arr = np.array(news, dtype=np.int64)
+    clash = np.zeros((n + 1, n + 1), dtype=np.int64)
+    for group in outer.conflicts:
+        for i in group:
+            for j in group:
+                if i != j:
+                    clash[i, j] = 1
+
+    def state() -> np.ndarray:
+        y = np.zeros(n + 1, dtype=np.int64)
+        for c in choice:
+            y[c] = 1
+        y[n] = 0
+        return y
+
+    def evaluate() -> tuple[np.ndarray, np.ndarray, np.ndarray, float, int]:
+        y = state()
+        olds_arr = np.array([choice[s] for s in owners], dtype=np.int64)
+        lhs = arrays.const + arrays.matrix @ y
+        over = np.maximum(0, lhs - arrays.limit)
+        delta = arrays.matrix[:, news_arr] - arrays.matrix[:, olds_arr]
+        new_over = np.maximum(0, lhs[:, None] + delta - arrays.limit).sum(0)
+        load = arrays.copy_rows @ y
+        moved = load[:, None] + arrays.copy_rows[:, news_arr] - arrays.copy_rows[:, olds_arr]
+        base_cost = float(arrays.cost @ y + arrays.exposed(load[:, None])[0])
+        new_cost = arrays.cost @ y + arrays.cost[news_arr] - arrays.cost[olds_arr] + arrays.exposed(moved)
+        allowed = (clash[news_arr] @ y == 0) & (news_arr != olds_arr)
+        return olds_arr, np.where(allowed, new_over, np.iinfo(np.int64).max), new_cost, base_cost, \
+            int(over.sum())
+
+    for _ in range(4 * len(outer.sets) + 10):
+        olds_arr, new_over, new_cost, base_cost, over = evaluate()
+        if over == 0:
+            break
+        reduced = over - new_over
+        useful = reduced > 0
+        if not useful.any():
+            break
+        score = np.where(useful, (new_cost - base_cost) / np.maximum(reduced, 1), np.inf)
+        best = int(np.lexsort((-reduced, score))[0])
+        choice[owners[best]] = news[best]
+    olds_arr, new_over, new_cost, base_cost, over = evaluate()
+    feasible = over == 0
+    while feasible:
+        saving = np.where(new_over == 0, base_cost - new_cost, 0.0)
+        best = int(np.argmax(saving))
+        if saving[best] <= 1e-9:
+            break
+        choice[owners[best]] = news[best]
+        olds_arr, new_over, new_cost, base_cost, over = evaluate()
+    return state()[:n], feasible
+
+
+def _plan_of(outer: _Outer, y: Sequence[int]) -> dict[str, Option]:
+    plan: dict[str, Option] = {}
+    for var, on in zip(outer.variables, y):
+        if not on:
+            continue
+        if var.label[0] == "layer":
+            _, name, k = var.label
+            for item, choice in zip(outer.groups[name], outer.points[name][k].choices):
+                if choice >= 0:
+                    plan[item.name] = item.options[choice]
+        else:
+            item = outer.individual[var.label[1]]
+            plan[item.name] = item.options[var.label[2]]
+    return plan
+
+
+class _Progress:
+    """Reports the incumbent and the bound while CP-SAT solves, at most once a second."""
+
+    def __init__(self, progress: Callable[[str], None], unit: str, scale: float) -> None:
+        self.progress, self.unit, self.scale = progress, unit, scale
+        self.start = time.perf_counter()
+        self.last = -1.0
+
+    def report(self, objective: float, bound: float, force: bool = False) -> None:
+        now = time.perf_counter() - self.start
+        if not force and now - self.last < 1.0:
+            return
+        self.last = now
+        gap = (objective - bound) / objective if objective > 0 else 0.0
+        self.progress(f"CP-SAT {now:5.1f} s: incumbent {objective / self.scale:.6g} {self.unit}, bound "
+                      f"{bound / self.scale:.6g} {self.unit} (gap {gap:.1%})")
+
+
+def solve_schedule(problem: ScheduleProblem, budget: int, *, time_limit_s: float = 20.0,
+                   workers: int | None = None, decompose: bool = True, minimise_peak: bool = False,
+                   progress: Callable[[str], None] = lambda message: None) -> Solved:
+    """Choose keep / recompute / offload per value to minimise the added time with the model's peak
+    within ``budget`` bytes (``minimise_peak``: the lowest peak instead, for infeasible budgets)."""
+    cp_model = _cp_model()
+    start = time.perf_counter()
+    workers = workers or max(1, min(8, os.cpu_count() or 1))
+    outer = _build_outer(problem, budget if not minimise_peak else -1, workers, decompose, progress)
+    hint, hint_feasible = _greedy(outer, budget) if not minimise_peak else (
+        _greedy(outer, budget)[0], False)
+    hint_cost = _Arrays(outer, budget).cost_of(hint)
+    model = cp_model.CpModel()
+    n = len(outer.variables)
+    y = [model.NewBoolVar(f"y{i}") for i in range(n)]
+    for ids, exact in zip(outer.sets, outer.exactly_one):
+        (model.AddExactlyOne if exact else model.AddAtMostOne)([y[i] for i in ids])
+    for group in outer.conflicts:
+        model.AddAtMostOne([y[i] for i in group])
+    freed: dict[tuple[str, int], Any] = {}    # bytes a layer's plan frees in one of its patterns
+    for (name, pattern), vector in outer.patterns.items():
+        ids = outer.layer_vars[name]
+        freed[name, pattern] = model.NewIntVar(0, int(vector.max(initial=0)), f"freed_{name}_{pattern}")
+        model.Add(freed[name, pattern] == sum(int(c) * y[i] for c, i in zip(vector, ids) if c))
+    limit = budget // outer.unit
+    top_live = int(max(outer.const.max(initial=0), outer.matrix.max(initial=0))) + 1
+    peak = model.NewIntVar(0, max(top_live, 1) * 2, "peak") if minimise_peak else None
+    for r in range(len(outer.const)):
+        row = outer.matrix[r]
+        through_aux = {i for name, _ in outer.row_patterns[r] for i in outer.layer_vars[name]}
+        terms = [int(row[i]) * y[i] for i in np.nonzero(row)[0] if i not in through_aux]
+        lhs = int(outer.const[r]) + sum(terms) - sum(freed[key] for key in outer.row_patterns[r])
+        model.Add(lhs <= (peak if peak is not None else limit))
+    exposed = []
+    for rows, attr in ((outer.fw_release, "out_ns"), (outer.bw_due, "in_ns")):
+        if not rows:
+            continue
+        top = sum(getattr(v, attr) for v in outer.variables)
+        var = model.NewIntVar(0, top, f"exposed_{attr}")
+        for mask, cap in rows:
+            model.Add(var >= sum(getattr(outer.variables[i], attr) * y[i]
+                                 for i in np.nonzero(mask)[0]) - cap)
+        exposed.append(var)
+    tie = [round(TRANSFER_TIE_BREAK * 100 * (v.out_ns + v.in_ns)) for v in outer.variables]
+    time_terms = sum(100 * v.cost_ns * y[i] for i, v in enumerate(outer.variables)) \
+        + sum(100 * e for e in exposed) + sum(tie[i] * y[i] for i in range(n))
+    if peak is not None:
+        model.Minimize(peak)
+    else:
+        model.Minimize(time_terms)
+    for i in range(n):
+        model.AddHint(y[i], int(hint[i]))
+    for (name, pattern), vector in outer.patterns.items():
+        model.AddHint(freed[name, pattern], int(vector @ hint[outer.layer_vars[name]]))
+    out = np.array([v.out_ns for v in outer.variables])
+    back = np.array([v.in_ns for v in outer.variables])
+    hints = [max([0] + [int((out * m) @ hint) - c for m, c in outer.fw_release])] if outer.fw_release else []
+    hints += [max([0] + [int((back * m) @ hint) - c for m, c in outer.bw_due])] if outer.bw_due else []
+    for var, value in zip(exposed, hints):
+        model.AddHint(var, value)
+    if peak is not None:
+        model.AddHint(peak, int(max(0, (outer.const + outer.matrix @ hint).max(initial=0))))
+
+    solver = cp_model.CpSolver()
+    solver.parameters.max_time_in_seconds = float(time_limit_s)
+    solver.parameters.num_workers = workers
+    solver.parameters.random_seed = 0
+    unit, scale = ("B", 1.0 / outer.unit) if peak is not None else ("s", 100 * NS)
+    reporter = _Progress(progress, unit, scale)
+
+    class _Callback(cp_model.CpSolverSolutionCallback):  # type: ignore[misc]
+        def on_solution_callback(self) -> None:
+            reporter.report(self.ObjectiveValue(), self.BestObjectiveBound())
+
+    progress(f"CP-SAT: {n} choices, {len(outer.const)} peak rows, {len(outer.groups)} layers in "
+             f"{outer.classes} classes, {len(outer.individual)} other values; greedy hint "
+             f"{'meets' if hint_feasible else 'misses'} the budget ({hint_cost / NS:.6g} s); limit "
+             f"{time_limit_s:g} s, {workers} workers")
+    status = solver.Solve(model, _Callback())
+    name = solver.StatusName(status)
+    if status in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        chosen = np.array([int(solver.Value(v)) for v in y])
+        objective, bound = solver.ObjectiveValue(), solver.BestObjectiveBound()
+        reporter.report(objective, bound, force=True)
+    else:
+        chosen, objective, bound = hint, math.nan, math.nan
+    seconds = time.perf_counter() - start
+    if peak is None and status in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        objective_s: float | None = objective / (100 * NS)
+        bound_s: float | None = bound / (100 * NS)
+    else:
+        objective_s = bound_s = None
+    gap = None
+    if objective_s is not None and bound_s is not None:
+        gap = (objective_s - bound_s) / objective_s if objective_s > 0 else 0.0
+    stats = SolveStats(name, objective_s, bound_s, gap, hint_cost / NS if hint_feasible else None, seconds,
+                       len(outer.groups), outer.classes,
+                       sum(len(p) for p in outer.points.values()), n, len(outer.const),
+                       "peak" if peak is not None else "time")
+    progress(f"CP-SAT {name.lower()} in {seconds:.1f} s" + (
+        f": added time {objective_s:.6g} s, bound {bound_s:.6g} s, gap {gap:.1%}"
+        if objective_s is not None and gap is not None and bound_s is not None else ""))
+    return Solved(_plan_of(outer, chosen), _plan_of(outer, hint), hint_feasible, stats)

@@ -1,0 +1,286 @@
+"""The scheduling problem as a linear model over the baseline plan's memory timeline.
+
+Pure: the annotated joint graph and the baseline partition (simulated) in, a :class:`ScheduleProblem`
+out. The solver (:mod:`memopt.schedule.cpsat`) decides on it; whatever it decides is then realised
+through the partitioner's tags and measured exactly (Note [Plans are realised through the partitioner's
+tags] in :mod:`memopt.schedule.problem`).
+
+Note [Freed windows]
+The baseline simulation gives the live bytes after every node of the step. A saved value ``v`` of
+``b`` bytes is made at event ``p``, last read by the forward at ``lf``, and first read by the backward
+at ``f``. Kept, it is live from ``p`` to its last backward use. Recomputed, the forward still makes it
+(its forward readers need it) but drops it after ``lf``, and the backward makes it again just before
+``f``: it frees ``b`` bytes for the events strictly between ``lf`` and ``f``. Offloaded, it frees them
+between ``lf`` and the reload's start (its prefetch point, :func:`memopt.schedule.streams.prefetch_point`).
+So every choice is a window of freed bytes, and the live bytes of a plan at event ``t`` are the
+baseline's minus the windows that cover ``t``: the budget is one linear constraint per event.
+
+Recomputing ``v`` re-runs its op and the ops between it and values the backward has anyway (saved
+values and graph inputs): its *recompute set*, whose time is the recompute cost. The saved values that
+set reads must be available when it runs, so a value another recomputation reads is freed only until
+that recomputation's time (its window ends at the earliest such ``f``), whether or not the reader is
+recomputed: conservative, and exact when nothing reads it. What the model cannot see (the partitioner
+changing the rest of its cut around a tag, a recomputation's own temporaries) the verification
+measures.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+import re
+from collections.abc import Callable, Mapping
+
+import torch
+import torch.fx
+
+from memopt.schedule.problem import Candidate, _unrecomputable_reason
+from memopt.schedule.simulate import MemoryEvent, MemoryTimeline, aliased_argument
+from memopt.schedule.streams import prefetch_point
+
+# A recompute set larger than this is left to the partitioner (the value is kept or offloaded).
+MAX_RECOMPUTE_OPS = 24
+KEEP = "keep"
+RECOMPUTE = "recompute"
+OFFLOAD = "offload"
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """One way of freeing a saved value: ``nbytes`` fewer live bytes at events ``start < t < end``."""
+
+    kind: str                    # RECOMPUTE or OFFLOAD
+    start: int
+    end: int
+    time_s: float = 0.0          # recompute: the ops' predicted time
+    out_s: float = 0.0           # offload: the copy to the host, issued at ``start``'s value's making
+    in_s: float = 0.0            # offload: the copy back, due at ``end``
+
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+    """A saved value of the baseline partition and the ways to free it."""
+
+    name: str
+    nbytes: int
+    made: int                            # event index where the forward makes it
+    first_backward_use: int
+    group: str | None                    # the repeated layer it belongs to ("model.layers.3"), if any
+    pattern: str                         # its place in the layer, the layer index stripped
+    options: tuple[Option, ...]
+    recompute_set: tuple[str, ...] = ()  # joint-graph nodes recomputing it re-runs, itself last
+    reads: tuple[str, ...] = ()          # saved values (items) that recompute set reads
+
+
+Plan = dict[str, Option]                 # value -> how it is freed (kept values absent)
+
+
+@dataclasses.dataclass
+class ScheduleProblem:
+    events: list[MemoryEvent]
+    base: list[int]                      # live bytes after each event in the baseline plan
+    compute_s: list[float]               # op time of each event's node
+    items: list[Item]
+    forward_end: int                     # index of the last forward event
+    point_group: list[str | None]        # the repeated layer each event's node belongs to
+
+    def live_bytes(self, plan: Mapping[str, Option]) -> list[int]:
+        """The live bytes after each event when ``plan`` is applied, in this model."""
+        delta = [0] * (len(self.base) + 1)
+        for item in self.items:
+            option = plan.get(item.name)
+            if option is not None and option.end - option.start > 1:
+                delta[option.start + 1] -= item.nbytes
+                delta[option.end] += item.nbytes
+        out, running = [], 0
+        for base, d in zip(self.base, delta):
+            running += d
+            out.append(base + running)
+        return out
+
+    def peak_bytes(self, plan: Mapping[str, Option]) -> int:
+        return max(self.live_bytes(plan), default=0)
+
+    def recompute_nodes(self, plan: Mapping[str, Option]) -> frozenset[str]:
+        return frozenset(n for item in self.items if (o := plan.get(item.name)) is not None
+                         and o.kind == RECOMPUTE for n in item.recompute_set)
+
+    def offloaded(self, plan: Mapping[str, Option]) -> frozenset[str]:
+        return frozenset(name for name, option in plan.items() if option.kind == OFFLOAD)
+
+    def conflicts(self) -> list[tuple[str, Option, str, Option]]:
+        """Pairs of choices that cannot go together: recomputing ``w`` (option ``a``) reads ``u``, and
+        ``u``'s option ``b`` brings it back only after that recomputation runs."""
+        by_name = {item.name: item for item in self.items}
+        out = []
+        for w in self.items:
+            for a in w.options:
+                if a.kind != RECOMPUTE:
+                    continue
+                for name in w.reads:
+                    u = by_name.get(name)
+                    if u is None or u is w:
+                        continue
+                    out += [(w.name, a, u.name, b) for b in u.options if b.end > a.end]
+        return out
+
+
+_LAYER = re.compile(r"^(.*?\.)(\d+)(?=\.|$)")
+
+
+def layer_of(node: torch.fx.Node) -> tuple[str | None, str]:
+    """(layer id, path with the layer index stripped) from a node's module stack: the first path
+    segment that is an integer marks a repeated layer (``model.layers.3.mlp`` -> ``model.layers.3``)."""
+    stack = node.meta.get("nn_module_stack") or node.meta.get("fwd_nn_module_stack") or {}
+    paths = [str(v[0]) for v in stack.values() if isinstance(v, tuple) and v]
+    if not paths:
+        return None, ""
+    innermost = paths[-1]
+    match = _LAYER.match(innermost)
+    if match is None:
+        return None, innermost
+    layer = match.group(1) + match.group(2)
+    return layer, match.group(1) + "*" + innermost[match.end():]
+
+
+def _alias_closure(node: torch.fx.Node) -> list[torch.fx.Node]:
+    """``node`` and every node that shares its storage by being a view (or getitem) of it."""
+    out, stack = [], [node]
+    while stack:
+        n = stack.pop()
+        out.append(n)
+        for user in n.users:
+            if user.op == "call_function" and (aliased_argument(user) is n or (
+                    user.target is operator.getitem and user.args[0] is n)):
+                stack.append(user)
+    return out
+
+
+def _can_rerun(node: torch.fx.Node) -> bool:
+    """Whether the backward may run ``node`` again: a deterministic, non-mutating aten op (or an element
+    of one's outputs) that the user's checkpoint policy does not pin."""
+    if node.op != "call_function":
+        return False
+    if node.target is operator.getitem:
+        source = node.args[0]
+        return isinstance(source, torch.fx.Node) and _can_rerun(source)
+    reason = _unrecomputable_reason(node)
+    return reason is None or reason == "not a single tensor"
+
+
+def _recompute_set(node: torch.fx.Node, available: set[str]) -> tuple[list[torch.fx.Node], set[str]] | None:
+    """The joint nodes recomputing ``node`` re-runs (in graph order) and the available values they
+    read; None when it cannot be recomputed within :data:`MAX_RECOMPUTE_OPS` ops."""
+    chosen: dict[torch.fx.Node, None] = {}
+    reads: set[str] = set()
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if n in chosen:
+            continue
+        if not _can_rerun(n):
+            return None
+        chosen[n] = None
+        if len(chosen) > MAX_RECOMPUTE_OPS:
+            return None
+        for arg in n.all_input_nodes:
+            if arg.op == "placeholder":
+                continue
+            if arg.name in available and arg is not node:
+                reads.add(arg.name)
+            else:
+                stack.append(arg)
+    order = {n: i for i, n in enumerate(node.graph.nodes)}
+    return sorted(chosen, key=lambda n: order[n]), reads
+
+
+def build_problem(joint_gm: torch.fx.GraphModule, fw_gm: torch.fx.GraphModule, bw_gm: torch.fx.GraphModule,
+                  timeline: MemoryTimeline, found: list[Candidate],
+                  transfer_time_s: Callable[[int], float] | None) -> ScheduleProblem:
+    """The linear model of the baseline plan (Note [Freed windows]); ``transfer_time_s`` (bytes ->
+    seconds one way) allows offload."""
+    events = timeline.events
+    index = {(e.phase, e.node): i for i, e in enumerate(events)}
+    forward_end = max((i for i, e in enumerate(events) if e.phase == "forward"), default=0)
+    graphs = {"forward": fw_gm, "backward": bw_gm}
+    nodes_by_phase = {phase: {n.name: n for n in gm.graph.nodes} for phase, gm in graphs.items()}
+    compute_s, point_group = [], []
+    for event in events:
+        node = nodes_by_phase.get(event.phase, {}).get(event.node)
+        cost = node.meta.get("memopt_cost") if node is not None else None
+        compute_s.append(float(cost.time_s) if cost is not None else 0.0)
+        point_group.append(layer_of(node)[0] if node is not None else None)
+
+    joint_nodes = {n.name: n for n in joint_gm.graph.nodes}
+    fw_nodes, bw_nodes = nodes_by_phase["forward"], nodes_by_phase["backward"]
+    available = {c.name for c in found} | {n.name for n in bw_gm.graph.nodes if n.op == "placeholder"}
+    # Values sharing a storage are freed together or not at all: leave them kept.
+    bases: dict[str, list[str]] = {}
+    for c in found:
+        base = joint_nodes[c.name]
+        while (parent := aliased_argument(base)) is not None:
+            base = parent
+        bases.setdefault(base.name, []).append(c.name)
+    shared = {name for names in bases.values() if len(names) > 1 for name in names}
+
+    spans: dict[str, tuple[int, int, int]] = {}        # name -> (made, last forward use, first bw use)
+    recompute: dict[str, tuple[list[torch.fx.Node], set[str]]] = {}
+    for c in found:
+        fw_node, placeholder = fw_nodes.get(c.name), bw_nodes.get(c.name)
+        if fw_node is None or placeholder is None or c.name in shared:
+            continue
+        made = index.get(("forward", c.name))
+        uses = [index[("backward", u.name)] for a in _alias_closure(placeholder) for u in a.users
+                if ("backward", u.name) in index]
+        if made is None or not uses:
+            continue
+        fw_uses = [index[("forward", u.name)] for a in _alias_closure(fw_node) for u in a.users
+                   if ("forward", u.name) in index]
+        spans[c.name] = (made, max([made, *fw_uses]), min(uses))
+        found_set = _recompute_set(joint_nodes[c.name], available)
+        if found_set is not None:
+            recompute[c.name] = found_set
+    # A value a recomputation reads must be back by the time that recomputation runs, and that is as
+    # early as the recomputations that read *its* result: a chain (a residual stream) is recomputed
+    # all at once where its last link is first needed.
+    needed_by = {name: span[2] for name, span in spans.items()}
+    changed = True
+    while changed:
+        changed = False
+        for name, (_, reads) in recompute.items():
+            for read in reads:
+                if read in needed_by and name in needed_by and needed_by[name] < needed_by[read]:
+                    needed_by[read] = needed_by[name]
+                    changed = True
+
+    bw_order = {n.name: n for n in bw_gm.graph.nodes}
+    items: list[Item] = []
+    for c in found:
+        if c.name not in spans:
+            continue
+        made, last_fw, first_bw = spans[c.name]
+        # Alone: back for its own first use. In a chain: back for the earliest recomputation that
+        # may read it (Note [Freed windows]); which one applies is the solver's business (conflicts).
+        ends = sorted({first_bw, needed_by[c.name]})
+        options: list[Option] = []
+        if c.name in recompute:
+            ops, _ = recompute[c.name]
+            seconds = sum(float(n.meta["memopt_cost"].time_s) for n in ops if "memopt_cost" in n.meta)
+            options += [Option(RECOMPUTE, last_fw, end, time_s=seconds) for end in ends]
+        if transfer_time_s is not None:
+            one_way = transfer_time_s(c.nbytes)
+            for end in ends:
+                due = bw_order.get(events[end].node) if events[end].phase == "backward" else None
+                start_at = prefetch_point(due, one_way) if due is not None else None
+                reload_at = index.get(("backward", start_at.name), end) if start_at is not None else end
+                options.append(Option(OFFLOAD, last_fw, min(reload_at, end), out_s=one_way, in_s=one_way))
+        options = list(dict.fromkeys(o for o in options if o.end - o.start > 1))
+        layer, pattern = layer_of(joint_nodes[c.name])
+        target = joint_nodes[c.name].target
+        items.append(Item(
+            name=c.name, nbytes=c.nbytes, made=made, first_backward_use=first_bw, group=layer,
+            pattern=f"{pattern}:{getattr(target, '__name__', target)}", options=tuple(options),
+            recompute_set=tuple(n.name for n in recompute[c.name][0]) if c.name in recompute else (),
+            reads=tuple(sorted(recompute[c.name][1] & spans.keys())) if c.name in recompute else ()))
+    return ScheduleProblem(events=events, base=[e.live_bytes for e in events], compute_s=compute_s,
+                           items=items, forward_end=forward_end, point_group=point_group)
