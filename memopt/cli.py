@@ -2,7 +2,8 @@
 
 ``memopt plan --model llama-2-7b --batch 1 --seq 2048 [--dtype bf16] [--device rtx4090] [--budget 24GiB]
 [--optimizer adamw] [--options OPTIONS.json] [--json]``. Progress goes to stderr, the answer to stdout.
-Exit status: 0 when the step fits the device (and the budget, if given), 1 when it does not, 2 on an error.
+Exit status: 0 when the step fits the device (and the budget, if given), 1 when it does not (a budget
+no plan can meet included), 2 on an error.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from memopt.errors import MemoptConfigError, MemoptError
+from memopt.errors import MemoptConfigError, MemoptError, MemoptInfeasibleBudget
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -88,6 +89,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "plan":
             return _plan(args)
+    except MemoptInfeasibleBudget as err:
+        # Not a usage error: the answer is "it does not fit", with the numbers.
+        print(f"memopt: does NOT fit: {err}", file=sys.stderr)
+        return 1
     except MemoptError as err:
         print(f"memopt: error: {err}", file=sys.stderr)
         return 2

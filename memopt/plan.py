@@ -19,15 +19,15 @@ import dataclasses
 import json
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from memopt.config import MemoptConfig, closest, parse_budget, parse_options
-from memopt.errors import MemoptConfigError, MemoptUnsupportedError
+from memopt.config import MemoptConfig, MemoryBudget, closest, parse_options
+from memopt.errors import MemoptConfigError, MemoptError, MemoptInfeasibleBudget, MemoptUnsupportedError
 from memopt.units import format_bytes
 
 # Hugging Face configs of well-known models (public config.json values), so `memopt plan` needs no
@@ -99,6 +99,7 @@ class PlanReport:
     stage_seconds: dict[str, float]
     planner_peak_rss_bytes: int              # this process's peak resident memory (what planning cost)
     notes: list[str]
+    schedule: dict[str, Any] | None = None  # with a budget: the plan per block, the solver's figures
 
     def to_json(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -128,6 +129,16 @@ class PlanReport:
         lines.append(f"  estimated step time: {self.step_time_s * 1e3:.1f} ms ({parts})")
         lines.append(f"  planned in {self.stage_seconds.get('total', 0.0):.1f} s, "
                      f"{format_bytes(self.planner_peak_rss_bytes)} peak process memory")
+        if self.schedule is not None:
+            solver = self.schedule.get("solver") or {}
+            lines.append(f"  schedule ({self.schedule['method']}; CP-SAT {solver.get('status', 'did not run')}"
+                         + (f", gap {solver['gap']:.1%}" if solver.get("gap") is not None else "")
+                         + f"), predicted added time {self.schedule['added_time_s'] * 1e3:.2f} ms "
+                         "(recompute, the partitioner's own included, and exposed transfers):")
+            lines.append(f"    {'block':<28} {'kept':>11} {'recomputed':>11} {'offloaded':>11}")
+            for row in self.schedule["blocks"]:
+                lines.append(f"    {row['block'][-28:]:<28} {format_bytes(row['keep']):>11} "
+                             f"{format_bytes(row['recompute']):>11} {format_bytes(row['offload']):>11}")
         lines += [f"  note: {note}" for note in self.notes]
         return "\n".join(lines)
 
@@ -267,15 +278,47 @@ def plan(model_or_config: nn.Module | str | Any, example_inputs: Mapping[str, An
     state_factor, step_temp_factor = OPTIMIZERS[optimizer]
     state_bytes = int(state_factor * trainable_bytes)
 
-    say(f"[2/4] capturing with Dynamo and AOTAutograd ({count / 1e9:.2f} B parameters)")
+    budget = config.memory_budget
+    graph_budget = budget
+    update_temp = int(step_temp_factor * trainable_bytes)
+    if budget is not None and budget.nbytes is not None:
+        # Note [Budgets in a plan]: the budget covers the whole step. Optimizer states live outside
+        # the compiled graphs for all of it, so the graphs get the budget minus the states; the
+        # optimizer update needs weights, gradients, states and its temporaries at once, whatever
+        # the activation schedule, so a budget below that is refused before any capture.
+        fixed = param_bytes + trainable_bytes + state_bytes + update_temp
+        if fixed > budget.nbytes:
+            raise MemoptInfeasibleBudget(
+                f"{name} cannot be trained in {format_bytes(budget.nbytes)}: weights "
+                f"{format_bytes(param_bytes)}, gradients {format_bytes(trainable_bytes)} and {optimizer} "
+                f"states {format_bytes(state_bytes)} (plus {format_bytes(update_temp)} of update "
+                f"temporaries) need {format_bytes(fixed)} at the optimizer step alone, before any "
+                "activation. No activation schedule can fit; train adapters instead of every weight, "
+                "quantize the frozen weights, use an optimizer with less state, or a larger budget.",
+                min_peak_bytes=fixed, breakdown={"parameters": param_bytes, "gradients": trainable_bytes,
+                                                 "optimizer_states": state_bytes,
+                                                 "temporaries": update_temp})
+        graph_budget = MemoryBudget(nbytes=budget.nbytes - state_bytes)
+
+    say(f"[2/4] capturing with Dynamo and AOTAutograd ({count / 1e9:.2f} B parameters)"
+        + (f", scheduling for a budget of {format_bytes(budget.nbytes)}" if budget is not None and
+           budget.nbytes is not None else f", scheduling for {budget}" if budget is not None else ""))
     stage_started = time.perf_counter()
-    backend = MemoptBackend(dataclasses.replace(config, memory_budget=None),
+    backend = MemoptBackend(dataclasses.replace(config, memory_budget=graph_budget),
                             progress=lambda message: say(f"      {message}"))
     compiled = torch.compile(model, backend=backend, fullgraph=False)
     with warnings.catch_warnings():
         # The step is only traced; autograd's warnings about fake-tensor kernels do not concern a plan.
         warnings.simplefilter("ignore")
-        compiled(**example_inputs)
+        try:
+            compiled(**example_inputs)
+        except Exception as err:  # noqa: BLE001 - Dynamo wraps memopt's errors; give the user ours
+            cause: BaseException | None = err
+            while cause is not None and not isinstance(cause, MemoptError):
+                cause = cause.__cause__ or getattr(cause, "inner_exception", None)
+            if cause is None:
+                raise
+            raise cause from None
     seconds["capture_and_pipeline"] = time.perf_counter() - stage_started
     reports = [r for r in backend.reports if r.memory is not None]
     if not reports:
@@ -292,7 +335,6 @@ def plan(model_or_config: nn.Module | str | Any, example_inputs: Mapping[str, An
     # The optimizer update runs after the backward with every gradient alive, plus its temporaries.
     # main.resident_bytes holds the weights, buffers, inputs and optimizer states.
     grads_bytes = trainable_bytes
-    update_temp = int(step_temp_factor * trainable_bytes)
     update_peak = main.resident_bytes + grads_bytes + update_temp
     breakdown = _public_breakdown(main.breakdown)
     peak_at = f"{main.peak_phase}:{main.peak_node}"
@@ -308,15 +350,13 @@ def plan(model_or_config: nn.Module | str | Any, example_inputs: Mapping[str, An
     # The update reads and writes parameters and states and reads gradients, all bandwidth-bound.
     touched = trainable_bytes * (2 + 1 + 2 * state_factor)
     update = touched / profile.memory_bandwidth + (profile.launch_overhead_s if state_factor else 0.0)
-    budget = parse_budget(options.get("memory_budget") if isinstance(options, Mapping) else None) \
-        if not isinstance(options, MemoptConfig) else options.memory_budget
     budget_bytes = None
     fits_budget = None
     if budget is not None:
-        from memopt.schedule.budget import budget_bytes as resolve
-
-        budget_bytes = resolve(budget, main)
-        fits_budget = peak <= budget_bytes
+        scheduled = [r.budget_bytes for r in reports if r.budget_bytes is not None]
+        budget_bytes = budget.nbytes if budget.nbytes is not None else (
+            max(scheduled) + state_bytes if scheduled else None)
+        fits_budget = None if budget_bytes is None else peak <= budget_bytes
     seconds["total"] = time.perf_counter() - started
     return PlanReport(
         model=name, batch=batch, seq=seq, dtype=dtype, optimizer=optimizer, device=profile.name,
@@ -327,7 +367,35 @@ def plan(model_or_config: nn.Module | str | Any, example_inputs: Mapping[str, An
         budget_bytes=budget_bytes, fits_device=peak <= profile.memory_bytes, fits_budget=fits_budget,
         step_time_s=fw_bw + update, step_time_parts={"forward+backward": fw_bw, "optimizer": update},
         graphs=len(reports), stage_seconds={k: round(v, 3) for k, v in seconds.items()},
-        planner_peak_rss_bytes=_peak_rss_bytes(), notes=notes)
+        planner_peak_rss_bytes=_peak_rss_bytes(), notes=notes, schedule=_schedule_summary(reports))
+
+
+def _schedule_summary(reports: Sequence[Any]) -> dict[str, Any] | None:
+    """Per block (repeated layer, or "other"): bytes the chosen plan keeps, recomputes and offloads."""
+    from memopt.schedule.model import layer_of
+
+    scheduled = [r for r in reports if r.schedule is not None and r.joint is not None]
+    if not scheduled:
+        return None
+    blocks: dict[str, dict[str, int]] = {}
+    for report in scheduled:
+        nodes = {n.name: n for n in report.joint.graph.nodes}
+        for row in report.schedule.decisions():
+            node = nodes.get(row["name"])
+            block = (layer_of(node)[0] if node is not None else None) or "other"
+            entry = blocks.setdefault(block, {"keep": 0, "recompute": 0, "offload": 0})
+            entry[row["choice"]] += row["bytes"]
+    first = scheduled[0].schedule
+    return {"method": first.method, "solver": first.solver, "attempts": first.attempts,
+            "added_time_s": sum(r.schedule.chosen.added_time_s for r in scheduled),
+            "blocks": [{"block": name, **blocks[name]} for name in sorted(blocks, key=_natural)]}
+
+
+def _natural(name: str) -> tuple[Any, ...]:
+    """``layers.2`` before ``layers.10``; "other" last."""
+    import re
+
+    return (name == "other", tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)))
 
 
 def _peak_rss_bytes() -> int:

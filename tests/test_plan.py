@@ -16,6 +16,7 @@ import torch
 import memopt
 from memopt.plan import PRESETS, load_hf_config, plan
 from memopt.runtime.tracker import track_memory
+from memopt.units import format_bytes
 
 LLAMA_2_7B_PARAMS = 6_738_415_616      # published parameter count
 GPT2_PARAMS = 124_439_808              # GPT-2 small, tied embeddings counted once
@@ -141,3 +142,31 @@ def test_presets_are_valid_configs() -> None:
     for name in PRESETS:
         _, config = load_hf_config(name)
         assert config.model_type in ("llama", "mistral", "gpt2")
+
+
+def test_a_budget_below_weights_gradients_and_states_is_refused_with_the_numbers() -> None:
+    """Full fine-tuning of a 7B model in 24 GiB: no activation schedule can help; exit status 1."""
+    out = _cli("plan", "--model", "llama-2-7b", "--batch", "1", "--seq", "4096", "--device", "rtx4090",
+               "--budget", "24GiB", timeout=120)
+    assert out.returncode == 1, out.stderr
+    message = out.stderr
+    assert "does NOT fit" in message and "24.00 GiB" in message
+    weights = format_bytes(2 * LLAMA_2_7B_PARAMS)
+    assert f"weights {weights}, gradients {weights} and adamw states {format_bytes(4 * LLAMA_2_7B_PARAMS)}" \
+        in message
+    assert "adapters" in message                    # what to do instead
+
+
+def test_budget_plan_is_summarised_per_block() -> None:
+    """A fractional budget on the tiny Llama preset: the scheduler runs, the plan is met, and every
+    decoder layer has a row with its kept, recomputed and offloaded bytes."""
+    report = plan("llama-tiny", None, {"memory_budget": 0.5}, device="h100", batch=2, seq=128, dtype="fp32")
+    assert report.schedule is not None and report.fits_budget is True
+    blocks = {row["block"]: row for row in report.schedule["blocks"]}
+    layers = [name for name in blocks if name != "other"]
+    assert len(layers) == 2 and all(name.endswith((".layers.0", ".layers.1")) for name in layers), blocks
+    freed = sum(row["recompute"] + row["offload"] for row in blocks.values())
+    assert freed > 0
+    assert report.schedule["method"] != "baseline"
+    text = report.render()
+    assert "recomputed" in text and "offloaded" in text and layers[0][-28:] in text

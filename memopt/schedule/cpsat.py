@@ -478,7 +478,7 @@ def _greedy(outer: _Outer, budget: int) -> tuple[np.ndarray, bool]:
         choice[owners[best]] = news[best]
     olds_arr, new_over, new_cost, base_cost, over = evaluate()
     feasible = over == 0
-    while feasible:
+    while feasible and len(news):
         saving = np.where(new_over == 0, base_cost - new_cost, 0.0)
         best = int(np.argmax(saving))
         if saving[best] <= 1e-9:

@@ -1,0 +1,64 @@
+"""The CP-SAT scheduler on random linear models (hypothesis): its plans fit the budget in the model,
+honour the recompute conflicts, and are never worse than the greedy warm start it is given."""
+
+from __future__ import annotations
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from memopt.schedule.cpsat import solve_schedule
+from memopt.schedule.model import OFFLOAD, RECOMPUTE, Item, Option, ScheduleProblem
+from memopt.schedule.simulate import MemoryEvent
+
+EVENTS = 60
+
+
+@st.composite
+def problems(draw: st.DrawFn) -> ScheduleProblem:
+    layers = draw(st.integers(min_value=0, max_value=6))
+    per_layer = draw(st.integers(min_value=1, max_value=4))
+    loose = draw(st.integers(min_value=0 if layers else 1, max_value=5))
+    items: list[Item] = []
+    specs = [(f"layers.{i}", j) for i in range(layers) for j in range(per_layer)] + [(None, j) for j in range(loose)]
+    for index, (group, slot) in enumerate(specs):
+        made = draw(st.integers(min_value=0, max_value=EVENTS // 2 - 4))
+        last_fw = made + draw(st.integers(min_value=0, max_value=3))
+        end = draw(st.integers(min_value=EVENTS // 2 + 1, max_value=EVENTS - 1))
+        nbytes = draw(st.sampled_from([256, 1024, 4096]))
+        options = []
+        if draw(st.booleans()):
+            options.append(Option(RECOMPUTE, last_fw, end, time_s=draw(st.floats(1e-6, 1e-3))))
+        if draw(st.booleans()):
+            t = draw(st.floats(1e-6, 1e-3))
+            options.append(Option(OFFLOAD, last_fw, end - draw(st.integers(0, 3)), out_s=t, in_s=t))
+        reads = (items[-1].name,) if items and draw(st.booleans()) else ()
+        items.append(Item(f"v{index}", nbytes, made, end, group, f"slot{slot}",
+                          tuple(o for o in options if o.end - o.start > 1), reads=reads))
+    base = [10_000] * EVENTS
+    for item in items:
+        for t in range(item.made, item.first_backward_use + 1):
+            base[t] += item.nbytes
+    events = [MemoryEvent("forward" if t < EVENTS // 2 else "backward", f"n{t}", b) for t, b in enumerate(base)]
+    return ScheduleProblem(events=events, base=base, compute_s=[1e-4] * EVENTS, items=items,
+                           forward_end=EVENTS // 2 - 1, point_group=[None] * EVENTS)
+
+
+@settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(problem=problems(), share=st.floats(min_value=0.0, max_value=1.0))
+def test_plans_fit_honour_conflicts_and_beat_the_hint(problem: ScheduleProblem, share: float) -> None:
+    floor = solve_schedule(problem, 0, time_limit_s=10, workers=1, minimise_peak=True)
+    assert floor.stats.status == "OPTIMAL", floor.stats
+    lowest, highest = problem.peak_bytes(floor.plan), max(problem.base)
+    assert lowest <= highest
+    budget = int(lowest + share * (highest - lowest))
+    solved = solve_schedule(problem, budget, time_limit_s=10, workers=1)
+    assert solved.stats.status in ("OPTIMAL", "FEASIBLE"), solved.stats
+    assert problem.peak_bytes(solved.plan) <= budget
+    for w, a, u, b in problem.conflicts():
+        assert not (solved.plan.get(w) == a and solved.plan.get(u) == b), (w, a, u, b)
+    assert solved.stats.bound_s is not None and solved.stats.objective_s is not None
+    assert solved.stats.bound_s <= solved.stats.objective_s + 1e-12
+    if solved.hint_feasible:
+        assert problem.peak_bytes(solved.hint) <= budget
+        assert solved.stats.hint_objective_s is not None
+        assert solved.stats.objective_s <= solved.stats.hint_objective_s + 1e-9
