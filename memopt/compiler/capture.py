@@ -194,7 +194,7 @@ class JointStage(CustomPartitionerFn):
             self.dumper.finish()
             check_budget(limit, budget, result.lowest.timeline,
                          f"recomputing {len(result.lowest.recompute)} and offloading "
-                         f"{len(result.lowest.offload)} values")
+                         f"{len(result.lowest.offload)} values", offload_allowed=transfer is not None)
         self.report.budget_bytes = limit
         return result.chosen.forward, result.chosen.backward
 

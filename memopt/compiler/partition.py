@@ -15,7 +15,7 @@ import torch
 import torch.fx
 from torch._functorch.partitioners import min_cut_rematerialization_partition
 
-from memopt.schedule.streams import prefetch_point
+from memopt.schedule.streams import reload_points
 
 
 def partition_joint(joint_gm: torch.fx.GraphModule, joint_inputs: Sequence[object], *, num_fwd_outputs: int,
@@ -30,7 +30,8 @@ def apply_offload(fw_gm: torch.fx.GraphModule, bw_gm: torch.fx.GraphModule, name
                   num_user_outputs: int, transfer_time_s: Callable[[int], float]) -> None:
     """Offload the saved values ``names``: the forward copies each to the host pool right after making
     it and saves the host copy; the backward reloads it ahead of its first use — early enough that the
-    compute in between (by the cost model) covers the transfer — and waits right before that use."""
+    compute in between (by the cost model) covers the transfer, the copies queued one after another
+    (:func:`memopt.schedule.streams.reload_points`) — and waits right before that use."""
     import memopt.runtime.offload  # noqa: F401 - registers the memopt:: ops
 
     if not names:
@@ -61,6 +62,7 @@ def apply_offload(fw_gm: torch.fx.GraphModule, bw_gm: torch.fx.GraphModule, name
     fw_gm.recompile()
 
     order = {n: i for i, n in enumerate(bw_gm.graph.nodes)}
+    pending: list[tuple[torch.fx.Node, torch.fx.Node, torch.Tensor]] = []
     for placeholder in [n for n in bw_gm.graph.nodes if n.op == "placeholder" and n.name in hosts]:
         host = hosts[placeholder.name]
         device_val = placeholder.meta["val"]
@@ -69,10 +71,10 @@ def apply_offload(fw_gm: torch.fx.GraphModule, bw_gm: torch.fx.GraphModule, name
         if placeholder.name != host.name:
             raise RuntimeError(f"cannot name the backward input {placeholder.name!r} {host.name!r}")
         users = sorted(placeholder.users, key=lambda n: order[n])
-        if not users:
-            continue
-        first = users[0]
-        at = prefetch_point(first, transfer_time_s(_nbytes(device_val)))
+        if users:
+            pending.append((placeholder, users[0], device_val))
+    starts = reload_points(bw_gm.graph, [(first, transfer_time_s(_nbytes(val))) for _, first, val in pending])
+    for (placeholder, first, device_val), at in zip(pending, starts):
         with bw_gm.graph.inserting_before(at):
             reloaded = bw_gm.graph.call_function(reload_op, (placeholder, device_val.device))
         with bw_gm.graph.inserting_before(first):

@@ -35,12 +35,14 @@ def describe_peak(timeline: MemoryTimeline) -> str:
             + (f"; largest tensors: {largest}" if largest else ""))
 
 
-def check_budget(limit: int, budget: MemoryBudget, lowest: MemoryTimeline, tried: str) -> None:
+def check_budget(limit: int, budget: MemoryBudget, lowest: MemoryTimeline, tried: str,
+                 offload_allowed: bool = True) -> None:
     """Raise :class:`MemoptInfeasibleBudget` when even the lowest plan found exceeds ``limit`` bytes."""
     if lowest.peak_bytes > limit:
+        fixes = "raise the budget, " + ("" if offload_allowed else "allow offload (options offload='auto'), ") \
+            + "lower the batch size or sequence length, or train fewer weights (adapters)"
         raise MemoptInfeasibleBudget(
             f"memory budget {format_bytes(limit)} ({budget}) cannot be met: the smallest peak memopt "
             f"can reach is {format_bytes(lowest.peak_bytes)} ({tried}), {describe_peak(lowest)}. "
-            "Compressing activations is not available yet; raise the budget, allow offload "
-            "(options offload='auto'), or lower the batch size or sequence length.",
+            f"Compressing activations is not available yet; {fixes}.",
             min_peak_bytes=lowest.peak_bytes, breakdown=lowest.breakdown)

@@ -165,14 +165,22 @@ def _front(problem: ScheduleProblem, items: Sequence[Item], conflicts: Sequence[
     """Plans of one layer that trade freed bytes, local peak, recompute time and transfer volume.
     ``conflicts``: (value, option, value, option) index pairs within the layer that exclude each other."""
     cp_model = _cp_model()
-    events = sorted({t for item in items for o in item.options for t in range(o.start + 1, o.end)})
+    # One constraint per distinct set of covering windows, at the worst event with that set.
+    cuts = sorted({t for item in items for o in item.options for t in (o.start + 1, o.end)})
+    worst: dict[tuple[tuple[int, int], ...], int] = {}
+    for lo, hi in zip(cuts, cuts[1:]):
+        active = tuple((i, j) for i, item in enumerate(items) for j, o in enumerate(item.options)
+                       if o.start < lo < o.end)
+        if active:
+            worst[active] = max(worst.get(active, 0), max(problem.base[lo:hi]))
+    events = list(worst)
     total = sum(item.nbytes for item in items)
     found: dict[tuple[int, ...], _Point] = {}
     keep_all = tuple(-1 for _ in items)
     found[keep_all] = _point_of(items, keep_all)
     if not events:
         return list(found.values())
-    peak_hint = max(problem.base[t] for t in events)
+    peak_hint = max(worst.values())
     for level in sorted({total * j // FRONT_LEVELS for j in range(FRONT_LEVELS + 1)}):
         for objective in ("time", "recompute", "peak"):
             model = cp_model.CpModel()
@@ -185,10 +193,8 @@ def _front(problem: ScheduleProblem, items: Sequence[Item], conflicts: Sequence[
                 model.AddBoolOr([x[i, a].Not(), x[k, b].Not()])
             model.Add(sum(items[i].nbytes * v for (i, _), v in x.items()) >= level)
             peak = model.NewIntVar(0, peak_hint, "peak")
-            for t in events:
-                freed = [items[i].nbytes * v for (i, j), v in x.items()
-                         if items[i].options[j].start < t < items[i].options[j].end]
-                model.Add(problem.base[t] - sum(freed) <= peak)
+            for active in events:
+                model.Add(worst[active] - sum(items[i].nbytes * x[i, j] for i, j in active) <= peak)
             rec = sum(round(items[i].options[j].time_s * NS) * v for (i, j), v in x.items())
             vol = sum(round((items[i].options[j].out_s + items[i].options[j].in_s) * NS) * v
                       for (i, j), v in x.items())
@@ -245,7 +251,10 @@ def _build_outer(problem: ScheduleProblem, budget: int, workers: int, decompose:
         local = [(position[w], representative[position[w]].options.index(a),
                   position[u], representative[position[u]].options.index(b))
                  for w, a, u, b in all_conflicts if w in position and u in position]
-        front = _front(problem, representative, local, workers)
+        key = ("front", tuple(item.name for item in representative))
+        if key not in problem.memo:
+            problem.memo[key] = _front(problem, representative, local, workers)
+        front: list[_Point] = problem.memo[key]  # type: ignore[assignment]
         for name in members:
             points[name] = [_point_of(groups[name], p.choices) for p in front]
         progress(f"layer class {members[0]} (x{len(members)}): {len(front)} plans on its front "
@@ -410,10 +419,9 @@ class _Arrays:
         """Exposed time for copy-row loads (rows x moves)."""
         if load.shape[0] == 0:
             return np.zeros(load.shape[1:])
-        excess = np.maximum(0.0, load - self.copy_caps.reshape(-1, *([1] * (load.ndim - 1))))
-        fw = excess[:self.fw_rows].max(0, initial=0.0)
-        bw = excess[self.fw_rows:].max(0, initial=0.0)
-        return fw + bw
+        excess = load - self.copy_caps.reshape(-1, *([1] * (load.ndim - 1)))
+        spill = np.maximum(0.0, excess[:self.fw_rows].max(0, initial=0.0))
+        return np.maximum(0.0, (excess[self.fw_rows:] + spill).max(0, initial=0.0))
 
     def cost_of(self, y: np.ndarray) -> float:
         full = np.append(y, 0)
@@ -517,7 +525,7 @@ class _Progress:
         if not force and now - self.last < 1.0:
             return
         self.last = now
-        gap = (objective - bound) / objective if objective > 0 else 0.0
+        gap = (objective - max(0.0, bound)) / objective if objective > 0 else 0.0
         self.progress(f"CP-SAT {now:5.1f} s: incumbent {objective / self.scale:.6g} {self.unit}, bound "
                       f"{bound / self.scale:.6g} {self.unit} (gap {gap:.1%})")
 
@@ -533,7 +541,8 @@ def solve_schedule(problem: ScheduleProblem, budget: int, *, time_limit_s: float
     outer = _build_outer(problem, budget if not minimise_peak else -1, workers, decompose, progress)
     hint, hint_feasible = _greedy(outer, budget) if not minimise_peak else (
         _greedy(outer, budget)[0], False)
-    hint_cost = _Arrays(outer, budget).cost_of(hint)
+    arrays = _Arrays(outer, budget)
+    hint_cost = arrays.cost_of(hint)
     model = cp_model.CpModel()
     n = len(outer.variables)
     y = [model.NewBoolVar(f"y{i}") for i in range(n)]
@@ -555,16 +564,20 @@ def solve_schedule(problem: ScheduleProblem, budget: int, *, time_limit_s: float
         terms = [int(row[i]) * y[i] for i in np.nonzero(row)[0] if i not in through_aux]
         lhs = int(outer.const[r]) + sum(terms) - sum(freed[key] for key in outer.row_patterns[r])
         model.Add(lhs <= (peak if peak is not None else limit))
+    # Transfers (Note [Exposed transfer time]): forward copies the forward's compute cannot cover spill
+    # into the backward, where they delay the reloads; only the backward's waits are exposed.
     exposed = []
-    for rows, attr in ((outer.fw_release, "out_ns"), (outer.bw_due, "in_ns")):
-        if not rows:
-            continue
-        top = sum(getattr(v, attr) for v in outer.variables)
-        var = model.NewIntVar(0, top, f"exposed_{attr}")
-        for mask, cap in rows:
-            model.Add(var >= sum(getattr(outer.variables[i], attr) * y[i]
-                                 for i in np.nonzero(mask)[0]) - cap)
-        exposed.append(var)
+    spill = None
+    if outer.fw_release:
+        spill = model.NewIntVar(0, sum(v.out_ns for v in outer.variables), "spill")
+        for mask, cap in outer.fw_release:
+            model.Add(spill >= sum(outer.variables[i].out_ns * y[i] for i in np.nonzero(mask)[0]) - cap)
+    if outer.bw_due:
+        wait = model.NewIntVar(0, sum(v.out_ns + v.in_ns for v in outer.variables), "exposed")
+        for mask, cap in outer.bw_due:
+            model.Add(wait >= sum(outer.variables[i].in_ns * y[i] for i in np.nonzero(mask)[0])
+                      + (spill if spill is not None else 0) - cap)
+        exposed.append(wait)
     tie = [round(TRANSFER_TIE_BREAK * 100 * (v.out_ns + v.in_ns)) for v in outer.variables]
     time_terms = sum(100 * v.cost_ns * y[i] for i, v in enumerate(outer.variables)) \
         + sum(100 * e for e in exposed) + sum(tie[i] * y[i] for i in range(n))
@@ -577,11 +590,10 @@ def solve_schedule(problem: ScheduleProblem, budget: int, *, time_limit_s: float
     for (name, pattern), vector in outer.patterns.items():
         model.AddHint(freed[name, pattern], int(vector @ hint[outer.layer_vars[name]]))
     out = np.array([v.out_ns for v in outer.variables])
-    back = np.array([v.in_ns for v in outer.variables])
-    hints = [max([0] + [int((out * m) @ hint) - c for m, c in outer.fw_release])] if outer.fw_release else []
-    hints += [max([0] + [int((back * m) @ hint) - c for m, c in outer.bw_due])] if outer.bw_due else []
-    for var, value in zip(exposed, hints):
-        model.AddHint(var, value)
+    if spill is not None:
+        model.AddHint(spill, max([0] + [int((out * m) @ hint) - c for m, c in outer.fw_release]))
+    for var in exposed:
+        model.AddHint(var, int(round(arrays.exposed((arrays.copy_rows @ np.append(hint, 0))[:, None])[0])))
     if peak is not None:
         model.AddHint(peak, int(max(0, (outer.const + outer.matrix @ hint).max(initial=0))))
 
@@ -611,7 +623,7 @@ def solve_schedule(problem: ScheduleProblem, budget: int, *, time_limit_s: float
     seconds = time.perf_counter() - start
     if peak is None and status in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         objective_s: float | None = objective / (100 * NS)
-        bound_s: float | None = bound / (100 * NS)
+        bound_s: float | None = max(0.0, bound) / (100 * NS)   # every term is >= 0
     else:
         objective_s = bound_s = None
     gap = None

@@ -83,6 +83,8 @@ class ScheduleProblem:
     items: list[Item]
     forward_end: int                     # index of the last forward event
     point_group: list[str | None]        # the repeated layer each event's node belongs to
+    # The solver's work that does not depend on the budget (layer fronts), kept between its solves.
+    memo: dict[object, object] = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     def live_bytes(self, plan: Mapping[str, Option]) -> list[int]:
         """The live bytes after each event when ``plan`` is applied, in this model."""

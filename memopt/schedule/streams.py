@@ -12,6 +12,7 @@ partitioned graphs with the cost model's op times; the forward's copies may run 
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable
 
 import torch
@@ -47,6 +48,34 @@ def prefetch_point(first_use: torch.fx.Node, seconds: float) -> torch.fx.Node:
         at = at.prev
         covered += _op_time(at)
     return at
+
+
+def reload_points(graph: torch.fx.Graph, reloads: list[tuple[torch.fx.Node, float]]) -> list[torch.fx.Node]:
+    """For reloads (first use, seconds of transfer), the nodes before which to start each, so that the
+    copy stream, one copy at a time, finishes each before its use: scheduled backwards from the
+    latest deadline, a reload ends where the next one must start (Note [Exposed transfer time]).
+    Never before the graph's first op: what cannot be covered there is exposed."""
+    ops = [n for n in graph.nodes if n.op not in ("placeholder", "output")]
+    if not ops:
+        return [use for use, _ in reloads]
+    start_at: dict[torch.fx.Node, float] = {}
+    clock = 0.0
+    for node in ops:
+        start_at[node] = clock
+        clock += _op_time(node)
+    times = [start_at[n] for n in ops]
+    position = {n: i for i, n in enumerate(ops)}
+    starts: dict[int, torch.fx.Node] = {}
+    free_until = float("inf")      # the copy stream is busy from here on with later reloads
+    for index in sorted(range(len(reloads)), key=lambda i: -start_at.get(reloads[i][0], 0.0)):
+        use, seconds = reloads[index]
+        finish = min(start_at.get(use, 0.0), free_until)
+        begin = finish - seconds
+        free_until = begin
+        # The last op that starts no later than ``begin`` (and not after the use itself).
+        last = bisect.bisect_right(times, begin) - 1
+        starts[index] = ops[max(0, min(last, position.get(use, len(ops) - 1)))]
+    return [starts[i] for i in range(len(reloads))]
 
 
 def exposed_transfer_s(fw_gm: torch.fx.GraphModule, bw_gm: torch.fx.GraphModule | None,

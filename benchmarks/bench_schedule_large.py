@@ -1,0 +1,163 @@
+"""PyTorch's knapsack against memopt's scheduler on graphs of 32 layers and more, planned on fake tensors.
+
+    python benchmarks/bench_schedule_large.py             # Llama-2-7B (32 layers) and a GPT-2 XL (48)
+    python benchmarks/bench_schedule_large.py --models llama-2-7b --seq 1024
+
+Nothing runs: each model is built on fake tensors (``memopt.plan.fake_causal_lm``), captured once per
+variant through Dynamo and AOTAutograd, partitioned and simulated, with the ``h100`` cost profile:
+
+- ``pytorch_knapsack``: memopt's backend without a budget, under
+  ``torch._functorch.config.patch(activation_memory_budget=0.5)``. memopt's partition step *is* torch's
+  ``min_cut_rematerialization_partition``, which reads that setting, so this is PyTorch's own answer
+  (min-cut heuristics, then the dp knapsack), simulated by the same simulator as memopt's.
+- ``memopt_recompute`` / ``memopt_offload``: memopt's scheduler with ``memory_budget`` set to the
+  knapsack's simulated peak in bytes, with offload off / allowed.
+
+Per variant: the simulated peak of forward + backward (no optimizer states), the recomputed FLOPs, and
+the predicted added time: the cost-model time of the forward ops the backward runs again plus the exposed
+transfer time of offloads (``memopt.schedule.streams.exposed_transfer_s``), counted the same way for
+every variant (bench_schedule.py's Note [Counting recomputation]). Also memopt's scheduling time and the
+solver's status and gap. The issue's target: at the knapsack's peak, memopt with offload predicts at
+least 30% less added time. Results go to ``<out>/bench_schedule_large.json`` and ``.csv``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from benchmarks.bench_schedule import forward_region, recompute_stats  # noqa: E402
+from memopt.compiler.backend import MemoptBackend  # noqa: E402
+from memopt.cost_model.estimate import transfer_time_s  # noqa: E402
+from memopt.cost_model.profile import load_profile  # noqa: E402
+from memopt.plan import fake_causal_lm, load_hf_config  # noqa: E402
+from memopt.schedule.streams import exposed_transfer_s  # noqa: E402
+
+PROFILE = "h100"
+KNAPSACK_BUDGET = 0.5
+MODELS = {"llama-2-7b": 2048, "gpt2-xl": 1024}     # model -> default tokens per sequence
+
+
+def _config(name: str) -> Any:
+    if name == "gpt2-xl":
+        from transformers import GPT2Config
+
+        return GPT2Config(n_embd=1600, n_layer=48, n_head=25, vocab_size=50257, n_positions=1024)
+    return load_hf_config(name)[1]
+
+
+def _capture(name: str, seq: int, options: dict[str, Any], knapsack: bool,
+             log: Any) -> dict[str, Any]:
+    model, mode = fake_causal_lm(_config(name), torch.bfloat16)
+    model.train()
+    with mode:
+        ids = torch.zeros(1, seq, dtype=torch.long)
+    backend = MemoptBackend({"codegen": "eager", "cost_profile": PROFILE, **options},
+                            progress=lambda message: log(f"    {message}"))
+    torch._dynamo.reset()
+    start = time.perf_counter()
+    with warnings.catch_warnings(), torch._functorch.config.patch(
+            activation_memory_budget=KNAPSACK_BUDGET if knapsack else 1.0):
+        warnings.simplefilter("ignore")
+        torch.compile(model, backend=backend)(input_ids=ids, labels=ids, use_cache=False)
+    seconds = time.perf_counter() - start
+    report = max((r for r in backend.reports if r.memory is not None), key=lambda r: r.memory.peak_bytes)
+    assert report.joint is not None and report.memory is not None
+    profile = load_profile(PROFILE)
+    flops, count, recompute_s = recompute_stats(forward_region(report.joint), report.backward, profile)
+    exposed = exposed_transfer_s(report.forward, report.backward,
+                                 lambda nbytes: transfer_time_s(nbytes, profile))
+    record: dict[str, Any] = {
+        "simulated_peak_bytes": report.memory.peak_bytes, "recomputed_flops": flops,
+        "recomputed_nodes": count, "recompute_s": recompute_s, "exposed_transfer_s": exposed,
+        "predicted_added_s": recompute_s + exposed, "joint_nodes": len(report.joint.graph.nodes),
+        "capture_and_schedule_s": seconds, "schedule_s": report.seconds.get("partition"),
+    }
+    if report.schedule is not None:
+        result = report.schedule
+        record.update(method=result.method, solver=result.solver, budget_bytes=result.budget_bytes,
+                      offloaded=len(result.chosen.offload), feasible=result.feasible)
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated: " + ", ".join(MODELS))
+    parser.add_argument("--seq", type=int, default=None, help="tokens per sequence (default per model)")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args = parser.parse_args(argv)
+    names = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in names if m not in MODELS]
+    if unknown:
+        parser.error(f"unknown model(s) {unknown}; choose from {list(MODELS)}")
+    started = time.perf_counter()
+
+    def log(message: str) -> None:
+        print(f"[{time.perf_counter() - started:7.1f}s] {message}", flush=True)
+
+    records = []
+    for name in names:
+        seq = args.seq or MODELS[name]
+        log(f"{name}, 1 x {seq} tokens: PyTorch's knapsack (activation_memory_budget={KNAPSACK_BUDGET})")
+        knapsack = _capture(name, seq, {}, True, log)
+        records.append({"model": name, "seq": seq, "variant": "pytorch_knapsack", **knapsack})
+        budget = knapsack["simulated_peak_bytes"]
+        for variant, offload in (("memopt_recompute", False), ("memopt_offload", "auto")):
+            log(f"{name}: {variant} at the knapsack's peak ({budget} B)")
+            try:
+                mine = _capture(name, seq, {"memory_budget": budget, "offload": offload}, False, log)
+            except Exception as err:  # noqa: BLE001 - a cell's failure is a result, the others still run
+                mine = {"error": f"{type(err).__name__}: {err}"[:2000]}
+            records.append({"model": name, "seq": seq, "variant": variant, **mine})
+
+    print()
+    print(f"{'model':<11} {'variant':<17} {'peak GiB':>9} {'recompute TFLOP':>15} {'added ms':>9} "
+          f"{'vs knapsack':>11} {'schedule s':>10}")
+    summary = {}
+    for r in records:
+        base = next(k for k in records if k["model"] == r["model"] and k["variant"] == "pytorch_knapsack")
+        if "error" in r:
+            print(f"{r['model']:<11} {r['variant']:<17} error: {r['error'][:80]}")
+            continue
+        ratio = r["predicted_added_s"] / base["predicted_added_s"] if base["predicted_added_s"] else None
+        r["added_vs_knapsack"] = ratio
+        print(f"{r['model']:<11} {r['variant']:<17} {r['simulated_peak_bytes'] / 2**30:9.3f} "
+              f"{r['recomputed_flops'] / 1e12:15.3f} {r['predicted_added_s'] * 1e3:9.3f} "
+              f"{(f'{ratio:.3f}' if ratio is not None else '-'):>11} "
+              f"{(r.get('schedule_s') or 0.0):10.1f}")
+        if r["variant"] == "memopt_offload" and ratio is not None:
+            summary[r["model"]] = {"added_time_reduction": 1 - ratio,
+                                   "target_met": ratio <= 0.7 and r["simulated_peak_bytes"] <= base[
+                                       "simulated_peak_bytes"]}
+    print("\ntarget (>= 30% less predicted added time with offload at the knapsack's peak):",
+          json.dumps(summary))
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "torch": torch.__version__,
+            "profile": PROFILE, "knapsack_budget": KNAPSACK_BUDGET,
+            "total_s": round(time.perf_counter() - started, 1)}
+    (args.out / "bench_schedule_large.json").write_text(
+        json.dumps({"meta": meta, "summary": summary, "results": records}, indent=1, default=str) + "\n")
+    with (args.out / "bench_schedule_large.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["model", "seq", "variant", "metric", "value"])
+        for r in records:
+            for key, value in r.items():
+                if key not in ("model", "seq", "variant") and not isinstance(value, dict):
+                    writer.writerow([r["model"], r["seq"], r["variant"], key, value])
+    log(f"results in {args.out}")
+    return 0 if all("error" not in r for r in records) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
