@@ -27,7 +27,12 @@ import torch
 from torch import nn
 
 from memopt.config import MemoptConfig, MemoryBudget, closest, parse_options
-from memopt.errors import MemoptConfigError, MemoptError, MemoptInfeasibleBudget, MemoptUnsupportedError
+from memopt.errors import (
+    MemoptConfigError,
+    MemoptError,
+    MemoptInfeasibleBudget,
+    MemoptUnsupportedError,
+)
 from memopt.units import format_bytes
 
 # Hugging Face configs of well-known models (public config.json values), so `memopt plan` needs no
@@ -312,7 +317,7 @@ def plan(model_or_config: nn.Module | str | Any, example_inputs: Mapping[str, An
         warnings.simplefilter("ignore")
         try:
             compiled(**example_inputs)
-        except Exception as err:  # noqa: BLE001 - Dynamo wraps memopt's errors; give the user ours
+        except Exception as err:
             cause: BaseException | None = err
             while cause is not None and not isinstance(cause, MemoptError):
                 cause = cause.__cause__ or getattr(cause, "inner_exception", None)

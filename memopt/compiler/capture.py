@@ -33,11 +33,15 @@ from memopt.passes.base import Pass, PassContext
 from memopt.schedule.budget import budget_bytes, check_budget
 from memopt.schedule.greedy import Evaluation, Plan, ScheduleResult
 from memopt.schedule.model import build_problem
-from memopt.schedule.search import search_plan
 from memopt.schedule.problem import apply_recompute_tags, candidates, saved_values
-from memopt.schedule.simulate import MemoryTimeline, backward_nodes, simulate_joint, simulate_step
+from memopt.schedule.search import search_plan
+from memopt.schedule.simulate import (
+    MemoryTimeline,
+    backward_nodes,
+    simulate_joint,
+    simulate_step,
+)
 from memopt.schedule.streams import exposed_transfer_s
-
 
 _T = TypeVar("_T")
 
@@ -232,7 +236,7 @@ class JointStage(CustomPartitionerFn):
         training: warn and go on without it (raise with strict=True)."""
         try:
             return run()
-        except Exception as err:  # noqa: BLE001 - the documented fallback; the cause is reported
+        except Exception as err:
             reason = f"{type(err).__name__}: {err}"
             if self.config.strict:
                 raise MemoptPassError(f"{what} failed on graph {self.report.graph_id}: {reason}") from err

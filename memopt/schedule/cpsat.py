@@ -110,6 +110,7 @@ class SolveStats:
     variables: int
     rows: int
     mode: str                         # "time" (meet the budget) or "peak" (lowest peak: infeasible)
+    hint_source: str = "greedy"       # where the warm start came from
 
     def to_json(self) -> dict[str, Any]:
         def short(x: float | None) -> float | None:
@@ -118,7 +119,7 @@ class SolveStats:
                 "bound_s": short(self.bound_s), "gap": short(self.gap),
                 "hint_objective_s": short(self.hint_objective_s), "seconds": short(self.seconds),
                 "layers": self.layers, "classes": self.classes, "front_points": self.front_points,
-                "variables": self.variables, "rows": self.rows}
+                "variables": self.variables, "rows": self.rows, "hint_source": self.hint_source}
 
 
 @dataclasses.dataclass
@@ -308,46 +309,56 @@ def _build_outer(problem: ScheduleProblem, budget: int, workers: int, decompose:
                 for j, o in enumerate(item.options):
                     if o.start < cut < o.end:
                         freed += np.where(choices[:, i] == j, item.nbytes, 0)
-            key = freed.tobytes()
-            if key not in vectors:
-                vectors[key] = len(table)
+            signature = freed.tobytes()
+            if signature not in vectors:
+                vectors[signature] = len(table)
                 table.append(freed)
-            segment_pattern.append(vectors[key])
+            segment_pattern.append(vectors[signature])
         freed_at[name] = table
         segment = np.searchsorted(np.array(cuts), over, side="right") - 1
-        ids = np.where(segment >= 0, np.array(segment_pattern + [0])[np.maximum(segment, 0)], -1)
+        at = np.where(segment >= 0, np.array(segment_pattern + [0])[np.maximum(segment, 0)], -1)
         empty = np.array([not vector.any() for vector in table] + [True])    # index -1: before any cut
-        ids = np.where(empty[ids], -1, ids)
-        pattern_ids[name] = ids
+        pattern_ids[name] = np.where(empty[at], -1, at)
         for index, vector in enumerate(table):
             patterns[name, index] = vector // unit
     names = list(groups)
+    column = {name: i for i, name in enumerate(names)}
+    owners = np.array([column.get(problem.point_group[t], -1) for t in over.tolist()], dtype=np.int64)
+    layer_patterns = np.stack([pattern_ids[g] for g in names], axis=1) if names else \
+        np.zeros((len(over), 0), dtype=np.int64)
+    owner_pattern = np.where(owners >= 0, layer_patterns[np.arange(len(over)), np.maximum(owners, 0)]
+                             if names else -1, -1)
+    others_key = layer_patterns.copy()
+    if names:
+        others_key[np.arange(len(over))[owners >= 0], owners[owners >= 0]] = -2   # the owner: per plan
+    value_vars = [(var, o) for entries in item_vars.values() for var, _, o in entries]
+    active = np.array([[o.start < t < o.end for _, o in value_vars] for t in over.tolist()],
+                      dtype=np.int64).reshape(len(over), len(value_vars))
+    keys = np.concatenate([owners[:, None], others_key, active], axis=1)
+    unique, inverse = np.unique(keys, axis=0, return_inverse=True) if len(over) else (keys, keys[:, 0])
+    inverse = np.asarray(inverse).reshape(-1)
     rows: dict[tuple[Any, ...], list[int]] = {}
     rows_owner_patterns: dict[tuple[Any, ...], list[int]] = {}
-    for position, t in enumerate(over.tolist()):
-        owner = problem.point_group[t] if problem.point_group[t] in groups else None
-        others = tuple((g, int(pattern_ids[g][position])) for g in names
-                       if g != owner and pattern_ids[g][position] >= 0)
-        values = tuple(var for entries in item_vars.values() for var, item, o in entries
-                       if o.start < t < o.end)
-        owner_pattern = int(pattern_ids[owner][position]) if owner is not None else -1
-        rows.setdefault((owner, others, values), []).append(t)
-        if owner is not None:
-            rows_owner_patterns.setdefault((owner, others, values), []).append(owner_pattern)
+    for k, key_row in enumerate(unique):
+        in_row = np.nonzero(inverse == k)[0]
+        owner = names[int(key_row[0])] if key_row[0] >= 0 else None
+        others = tuple((g, int(key_row[1 + i])) for i, g in enumerate(names) if key_row[1 + i] >= 0)
+        values = tuple(var for (var, _), on in zip(value_vars, key_row[1 + len(names):]) if on)
+        rows[owner, others, values] = over[in_row].tolist()
+        rows_owner_patterns[owner, others, values] = owner_pattern[in_row].tolist()
 
     n = len(variables)
     const, matrix, row_patterns = [], [], []
-    for key, ts in rows.items():
-        owner, others, values = key
+    for row_key, ts in rows.items():
+        owner, others, values = row_key
         row = np.zeros(n, dtype=np.int64)
         if owner is None:
             const.append(-(-int(base[ts].max()) // unit))
         else:
             const.append(0)
             worst = np.full(len(points[owner]), np.iinfo(np.int64).min // 2, dtype=np.int64)
-            for t, pattern in zip(ts, rows_owner_patterns[key]):
-                freed = freed_at[owner][pattern] if pattern >= 0 else 0
-                worst = np.maximum(worst, int(base[t]) - freed)
+            for t, pattern in zip(ts, rows_owner_patterns[row_key]):
+                worst = np.maximum(worst, int(base[t]) - (freed_at[owner][pattern] if pattern >= 0 else 0))
             row[layer_vars[owner]] = -(-worst // unit)
         for g, pattern in others:
             row[layer_vars[g]] -= patterns[g, pattern]
@@ -428,17 +439,19 @@ class _Arrays:
         return float(self.cost @ full + self.exposed((self.copy_rows @ full)[:, None])[0])
 
 
-def _greedy(outer: _Outer, budget: int) -> tuple[np.ndarray, bool]:
+def _greedy(outer: _Outer, budget: int, deadline_s: float = 10.0) -> tuple[np.ndarray, bool]:
     """A complete assignment of the outer model: repeatedly take the move (one layer's plan or one
     value's choice changed) with the least added time per unit of budget violation removed; once the
-    budget is met, take the moves that save the most time and keep it met."""
+    budget is met, take the moves that save the most time and keep it met. Stops after
+    ``deadline_s`` seconds with what it has (the solver goes on from there)."""
     arrays = _Arrays(outer, budget)
     n = arrays.n
     choice = []                       # per set: the chosen variable, or n for "keep"
     for ids, exact in zip(outer.sets, outer.exactly_one):
         choice.append(min(ids, key=lambda v: (outer.variables[v].cost_ns + outer.variables[v].out_ns, v))
                       if exact else n)
-    olds, news, owners = [], [], []
+    news: list[int] = []
+    owners: list[int] = []
     for s, (ids, exact) in enumerate(zip(outer.sets, outer.exactly_one)):
         for target in [*ids] + ([] if exact else [n]):
             news.append(target)
@@ -473,9 +486,27 @@ def _greedy(outer: _Outer, budget: int) -> tuple[np.ndarray, bool]:
         return olds_arr, np.where(allowed, new_over, np.iinfo(np.int64).max), new_cost, base_cost, \
             int(over.sum())
 
+    # Start from the best uniform plan (every layer of a class the same front point, the usual
+    # "checkpoint every layer" shape) when it is closer to the budget than keeping everything.
+    layer_sets = [s for s, exact in enumerate(outer.exactly_one) if exact]
+    widest = max((len(outer.sets[s]) for s in layer_sets), default=0)
+    best_start = (evaluate()[4], arrays.cost_of(state()[:n]), list(choice))
+    for k in range(widest):
+        trial = list(choice)
+        for s in layer_sets:
+            trial[s] = outer.sets[s][min(k, len(outer.sets[s]) - 1)]
+        saved_choice, choice[:] = list(choice), trial
+        y_trial = state()
+        key = (evaluate()[4], arrays.cost_of(y_trial[:n]), trial)
+        clashes = int(y_trial @ clash @ y_trial)
+        choice[:] = saved_choice
+        if not clashes and key[:2] < best_start[:2]:
+            best_start = key
+    choice[:] = best_start[2]
+    deadline = time.perf_counter() + deadline_s
     for _ in range(4 * len(outer.sets) + 10):
         olds_arr, new_over, new_cost, base_cost, over = evaluate()
-        if over == 0:
+        if over == 0 or time.perf_counter() > deadline:
             break
         reduced = over - new_over
         useful = reduced > 0
@@ -486,7 +517,7 @@ def _greedy(outer: _Outer, budget: int) -> tuple[np.ndarray, bool]:
         choice[owners[best]] = news[best]
     olds_arr, new_over, new_cost, base_cost, over = evaluate()
     feasible = over == 0
-    while feasible and len(news):
+    while feasible and len(news) and time.perf_counter() < deadline:
         saving = np.where(new_over == 0, base_cost - new_cost, 0.0)
         best = int(np.argmax(saving))
         if saving[best] <= 1e-9:
@@ -530,19 +561,11 @@ class _Progress:
                       f"{bound / self.scale:.6g} {self.unit} (gap {gap:.1%})")
 
 
-def solve_schedule(problem: ScheduleProblem, budget: int, *, time_limit_s: float = 20.0,
-                   workers: int | None = None, decompose: bool = True, minimise_peak: bool = False,
-                   progress: Callable[[str], None] = lambda message: None) -> Solved:
-    """Choose keep / recompute / offload per value to minimise the added time with the model's peak
-    within ``budget`` bytes (``minimise_peak``: the lowest peak instead, for infeasible budgets)."""
+def _cp_solve(outer: _Outer, arrays: _Arrays, hint: np.ndarray, budget: int, *, minimise_peak: bool,
+              time_limit_s: float, workers: int, progress: Callable[[str], None],
+              stop_at: int | None = None) -> tuple[str, np.ndarray, float, float, bool]:
+    """Build and solve the outer model's CP-SAT: (status, assignment, objective, bound, peak mode)."""
     cp_model = _cp_model()
-    start = time.perf_counter()
-    workers = workers or max(1, min(8, os.cpu_count() or 1))
-    outer = _build_outer(problem, budget if not minimise_peak else -1, workers, decompose, progress)
-    hint, hint_feasible = _greedy(outer, budget) if not minimise_peak else (
-        _greedy(outer, budget)[0], False)
-    arrays = _Arrays(outer, budget)
-    hint_cost = arrays.cost_of(hint)
     model = cp_model.CpModel()
     n = len(outer.variables)
     y = [model.NewBoolVar(f"y{i}") for i in range(n)]
@@ -604,14 +627,12 @@ def solve_schedule(problem: ScheduleProblem, budget: int, *, time_limit_s: float
     unit, scale = ("B", 1.0 / outer.unit) if peak is not None else ("s", 100 * NS)
     reporter = _Progress(progress, unit, scale)
 
-    class _Callback(cp_model.CpSolverSolutionCallback):  # type: ignore[misc]
+    class _Callback(cp_model.CpSolverSolutionCallback):  # type: ignore[name-defined]
         def on_solution_callback(self) -> None:
             reporter.report(self.ObjectiveValue(), self.BestObjectiveBound())
+            if stop_at is not None and self.ObjectiveValue() <= stop_at:
+                self.StopSearch()     # a plan within the budget is all this search is for
 
-    progress(f"CP-SAT: {n} choices, {len(outer.const)} peak rows, {len(outer.groups)} layers in "
-             f"{outer.classes} classes, {len(outer.individual)} other values; greedy hint "
-             f"{'meets' if hint_feasible else 'misses'} the budget ({hint_cost / NS:.6g} s); limit "
-             f"{time_limit_s:g} s, {workers} workers")
     status = solver.Solve(model, _Callback())
     name = solver.StatusName(status)
     if status in (cp_model.OPTIMAL, cp_model.FEASIBLE):
@@ -620,8 +641,47 @@ def solve_schedule(problem: ScheduleProblem, budget: int, *, time_limit_s: float
         reporter.report(objective, bound, force=True)
     else:
         chosen, objective, bound = hint, math.nan, math.nan
+    return name, chosen, objective, bound, peak is not None
+
+
+def solve_schedule(problem: ScheduleProblem, budget: int, *, time_limit_s: float = 20.0,
+                   workers: int | None = None, decompose: bool = True, minimise_peak: bool = False,
+                   progress: Callable[[str], None] = lambda message: None) -> Solved:
+    """Choose keep / recompute / offload per value to minimise the added time with the model's peak
+    within ``budget`` bytes (``minimise_peak``: the lowest peak instead, for infeasible budgets)."""
+    start = time.perf_counter()
+    workers = workers or max(1, min(8, os.cpu_count() or 1))
+    outer = _build_outer(problem, budget if not minimise_peak else -1, workers, decompose, progress)
+    greedy_s = min(10.0, time_limit_s / 2)
+    hint, hint_feasible = _greedy(outer, budget, greedy_s) if not minimise_peak else (
+        _greedy(outer, budget, greedy_s)[0], False)
+    arrays = _Arrays(outer, budget)
+    hint_cost = arrays.cost_of(hint)
+    hint_source = "greedy"
+    progress(f"CP-SAT: {len(outer.variables)} choices, {len(outer.const)} peak rows, {len(outer.groups)} "
+             f"layers in {outer.classes} classes, {len(outer.individual)} other values; greedy hint "
+             f"{'meets' if hint_feasible else 'misses'} the budget ({hint_cost / NS:.6g} s); limit "
+             f"{time_limit_s:g} s, {workers} workers")
+    if not minimise_peak and not hint_feasible:
+        # Note [A feasible hint]: without one, CP-SAT can spend its whole limit looking for any plan.
+        # Ask it for the lowest peak first, stopping at the first plan within the budget.
+        progress("CP-SAT: looking for a plan within the budget first (lowest peak)")
+        found = _cp_solve(outer, arrays, hint, budget, minimise_peak=True, time_limit_s=time_limit_s / 2,
+                          workers=workers, progress=progress, stop_at=budget // outer.unit)
+        y_found = found[1]
+        if found[0] in ("OPTIMAL", "FEASIBLE") and \
+                (outer.const + outer.matrix @ y_found).max(initial=0) <= budget // outer.unit:
+            hint, hint_feasible, hint_cost = y_found, True, arrays.cost_of(y_found)
+            hint_source = "lowest-peak search"
+    name, chosen, objective, bound, peak_mode = _cp_solve(
+        outer, arrays, hint, budget, minimise_peak=minimise_peak, time_limit_s=time_limit_s,
+        workers=workers, progress=progress)
+    n = len(outer.variables)
+    if hint_feasible and not peak_mode and (name not in ("OPTIMAL", "FEASIBLE")
+                                            or arrays.cost_of(chosen) > hint_cost):
+        chosen = hint                 # never worse than the plan it started from
     seconds = time.perf_counter() - start
-    if peak is None and status in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+    if not peak_mode and name in ("OPTIMAL", "FEASIBLE"):
         objective_s: float | None = objective / (100 * NS)
         bound_s: float | None = max(0.0, bound) / (100 * NS)   # every term is >= 0
     else:
@@ -632,8 +692,8 @@ def solve_schedule(problem: ScheduleProblem, budget: int, *, time_limit_s: float
     stats = SolveStats(name, objective_s, bound_s, gap, hint_cost / NS if hint_feasible else None, seconds,
                        len(outer.groups), outer.classes,
                        sum(len(p) for p in outer.points.values()), n, len(outer.const),
-                       "peak" if peak is not None else "time")
+                       "peak" if peak_mode else "time", hint_source)
     progress(f"CP-SAT {name.lower()} in {seconds:.1f} s" + (
         f": added time {objective_s:.6g} s, bound {bound_s:.6g} s, gap {gap:.1%}"
         if objective_s is not None and gap is not None and bound_s is not None else ""))
-    return Solved(_plan_of(outer, chosen), _plan_of(outer, hint), hint_feasible, stats)
+    return Solved(_plan_of(outer, chosen.tolist()), _plan_of(outer, hint.tolist()), hint_feasible, stats)

@@ -170,7 +170,8 @@ def _can_rerun(node: torch.fx.Node) -> bool:
     return reason is None or reason == "not a single tensor"
 
 
-def _recompute_set(node: torch.fx.Node, available: set[str]) -> tuple[list[torch.fx.Node], set[str]] | None:
+def _recompute_set(node: torch.fx.Node, available: set[str], order: Mapping[torch.fx.Node, int],
+                   ) -> tuple[list[torch.fx.Node], set[str]] | None:
     """The joint nodes recomputing ``node`` re-runs (in graph order) and the available values they
     read; None when it cannot be recomputed within :data:`MAX_RECOMPUTE_OPS` ops."""
     chosen: dict[torch.fx.Node, None] = {}
@@ -192,7 +193,6 @@ def _recompute_set(node: torch.fx.Node, available: set[str]) -> tuple[list[torch
                 reads.add(arg.name)
             else:
                 stack.append(arg)
-    order = {n: i for i, n in enumerate(node.graph.nodes)}
     return sorted(chosen, key=lambda n: order[n]), reads
 
 
@@ -214,6 +214,7 @@ def build_problem(joint_gm: torch.fx.GraphModule, fw_gm: torch.fx.GraphModule, b
         point_group.append(layer_of(node)[0] if node is not None else None)
 
     joint_nodes = {n.name: n for n in joint_gm.graph.nodes}
+    joint_order = {n: i for i, n in enumerate(joint_gm.graph.nodes)}
     fw_nodes, bw_nodes = nodes_by_phase["forward"], nodes_by_phase["backward"]
     available = {c.name for c in found} | {n.name for n in bw_gm.graph.nodes if n.op == "placeholder"}
     # Values sharing a storage are freed together or not at all: leave them kept.
@@ -239,7 +240,7 @@ def build_problem(joint_gm: torch.fx.GraphModule, fw_gm: torch.fx.GraphModule, b
         fw_uses = [index[("forward", u.name)] for a in _alias_closure(fw_node) for u in a.users
                    if ("forward", u.name) in index]
         spans[c.name] = (made, max([made, *fw_uses]), min(uses))
-        found_set = _recompute_set(joint_nodes[c.name], available)
+        found_set = _recompute_set(joint_nodes[c.name], available, joint_order)
         if found_set is not None:
             recompute[c.name] = found_set
     # A value a recomputation reads must be back by the time that recomputation runs, and that is as

@@ -60,7 +60,7 @@ def search_plan(evaluate: Callable[[Plan], Evaluation], problem: ScheduleProblem
         label = "cp-sat" if round_ == 0 else f"cp-sat (model budget lowered by {budget_bytes - target} B)"
         found = verify(label, solved.plan)
         if round_ == 0 and solved.hint != solved.plan:
-            verify("greedy hint", solved.hint)
+            verify(f"{solved.stats.hint_source} hint", solved.hint)
         if found.peak_bytes <= budget_bytes or solved.stats.status not in ("OPTIMAL", "FEASIBLE"):
             break
         target -= found.peak_bytes - budget_bytes

@@ -92,7 +92,7 @@ def exposed_transfer_s(fw_gm: torch.fx.GraphModule, bw_gm: torch.fx.GraphModule 
                 continue
             op = _op_name(node)
             if op == "offload":
-                copy = max(copy, compute) + transfer_time_s(value_bytes(node.args[0]))  # type: ignore[arg-type]
+                copy = max(copy, compute) + transfer_time_s(value_bytes(node.args[0]))
                 ready[node.name] = copy
             elif op == "reload":
                 source = node.args[0]
