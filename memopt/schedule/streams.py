@@ -69,9 +69,13 @@ def reload_points(graph: torch.fx.Graph, reloads: list[tuple[torch.fx.Node, floa
     free_until = float("inf")      # the copy stream is busy from here on with later reloads
     for index in sorted(range(len(reloads)), key=lambda i: -start_at.get(reloads[i][0], 0.0)):
         use, seconds = reloads[index]
-        finish = min(start_at.get(use, 0.0), free_until)
-        begin = finish - seconds
-        free_until = begin
+        deadline = start_at.get(use, 0.0)
+        finish = min(deadline, free_until)
+        # Starting earlier than one extra transfer ahead of its own prefetch point holds memory for
+        # nothing when the stream is saturated: the wait is exposed either way (and the scheduler's
+        # model assumes reloads start near their own prefetch points).
+        begin = max(finish - seconds, deadline - 2 * seconds)
+        free_until = min(free_until, begin)
         # The last op that starts no later than ``begin`` (and not after the use itself).
         last = bisect.bisect_right(times, begin) - 1
         starts[index] = ops[max(0, min(last, position.get(use, len(ops) - 1)))]
