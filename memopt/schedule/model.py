@@ -38,8 +38,9 @@ from memopt.schedule.problem import Candidate, _unrecomputable_reason
 from memopt.schedule.simulate import MemoryEvent, MemoryTimeline, aliased_argument
 from memopt.schedule.streams import prefetch_point
 
-# A recompute set larger than this is left to the partitioner (the value is kept or offloaded).
-MAX_RECOMPUTE_OPS = 24
+# A recompute set larger than this is left to the partitioner (the value is kept or offloaded). An
+# attention softmax whose mask is not saved needs ~60 ops (the mask built again from positions).
+MAX_RECOMPUTE_OPS = 96
 KEEP = "keep"
 RECOMPUTE = "recompute"
 OFFLOAD = "offload"
@@ -70,6 +71,7 @@ class Item:
     options: tuple[Option, ...]
     recompute_set: tuple[str, ...] = ()  # joint-graph nodes recomputing it re-runs, itself last
     reads: tuple[str, ...] = ()          # saved values (items) that recompute set reads
+    members: tuple[str, ...] = ()        # the saved values sharing its storage (itself included)
 
 
 Plan = dict[str, Option]                 # value -> how it is freed (kept values absent)
@@ -217,20 +219,20 @@ def build_problem(joint_gm: torch.fx.GraphModule, fw_gm: torch.fx.GraphModule, b
     joint_order = {n: i for i, n in enumerate(joint_gm.graph.nodes)}
     fw_nodes, bw_nodes = nodes_by_phase["forward"], nodes_by_phase["backward"]
     available = {c.name for c in found} | {n.name for n in bw_gm.graph.nodes if n.op == "placeholder"}
-    # Values sharing a storage are freed together or not at all: leave them kept.
+    # Values sharing a storage (views of one base the backward reads several of) are freed together
+    # or not at all: one item, recomputed together, never offloaded (each view would copy the storage).
     bases: dict[str, list[str]] = {}
     for c in found:
         base = joint_nodes[c.name]
         while (parent := aliased_argument(base)) is not None:
             base = parent
         bases.setdefault(base.name, []).append(c.name)
-    shared = {name for names in bases.values() if len(names) > 1 for name in names}
 
     spans: dict[str, tuple[int, int, int]] = {}        # name -> (made, last forward use, first bw use)
     recompute: dict[str, tuple[list[torch.fx.Node], set[str]]] = {}
     for c in found:
         fw_node, placeholder = fw_nodes.get(c.name), bw_nodes.get(c.name)
-        if fw_node is None or placeholder is None or c.name in shared:
+        if fw_node is None or placeholder is None:
             continue
         made = index.get(("forward", c.name))
         uses = [index[("backward", u.name)] for a in _alias_closure(placeholder) for u in a.users
@@ -243,34 +245,49 @@ def build_problem(joint_gm: torch.fx.GraphModule, fw_gm: torch.fx.GraphModule, b
         found_set = _recompute_set(joint_nodes[c.name], available, joint_order)
         if found_set is not None:
             recompute[c.name] = found_set
+    members_of: dict[str, list[str]] = {}              # item name -> the saved values it stands for
+    item_of: dict[str, str] = {}
+    for names in bases.values():
+        present = sorted((n for n in names if n in spans), key=lambda n: (spans[n][0], n))
+        if present:
+            members_of[present[0]] = present
+            item_of.update((n, present[0]) for n in present)
+    item_span = {name: (min(spans[m][0] for m in ms), max(spans[m][1] for m in ms),
+                        min(spans[m][2] for m in ms)) for name, ms in members_of.items()}
+    item_recompute: dict[str, tuple[list[torch.fx.Node], set[str]]] = {}
+    for name, ms in members_of.items():
+        if all(m in recompute for m in ms):
+            ops = sorted({n for m in ms for n in recompute[m][0]}, key=lambda n: joint_order[n])
+            reads = {item_of[r] for m in ms for r in recompute[m][1] if r in item_of} - {name}
+            item_recompute[name] = (ops, reads)
     # A value a recomputation reads must be back by the time that recomputation runs, and that is as
     # early as the recomputations that read *its* result: a chain (a residual stream) is recomputed
     # all at once where its last link is first needed.
-    needed_by = {name: span[2] for name, span in spans.items()}
+    needed_by = {name: span[2] for name, span in item_span.items()}
     changed = True
     while changed:
         changed = False
-        for name, (_, reads) in recompute.items():
+        for name, (_, reads) in item_recompute.items():
             for read in reads:
-                if read in needed_by and name in needed_by and needed_by[name] < needed_by[read]:
+                if needed_by[name] < needed_by[read]:
                     needed_by[read] = needed_by[name]
                     changed = True
 
     bw_order = {n.name: n for n in bw_gm.graph.nodes}
+    by_name = {c.name: c for c in found}
     items: list[Item] = []
-    for c in found:
-        if c.name not in spans:
-            continue
-        made, last_fw, first_bw = spans[c.name]
+    for name, ms in members_of.items():
+        c = by_name[name]
+        made, last_fw, first_bw = item_span[name]
         # Alone: back for its own first use. In a chain: back for the earliest recomputation that
         # may read it (Note [Freed windows]); which one applies is the solver's business (conflicts).
-        ends = sorted({first_bw, needed_by[c.name]})
+        ends = sorted({first_bw, needed_by[name]})
         options: list[Option] = []
-        if c.name in recompute:
-            ops, _ = recompute[c.name]
+        if name in item_recompute:
+            ops, _ = item_recompute[name]
             seconds = sum(float(n.meta["memopt_cost"].time_s) for n in ops if "memopt_cost" in n.meta)
             options += [Option(RECOMPUTE, last_fw, end, time_s=seconds) for end in ends]
-        if transfer_time_s is not None:
+        if transfer_time_s is not None and len(ms) == 1:
             one_way = transfer_time_s(c.nbytes)
             for end in ends:
                 due = bw_order.get(events[end].node) if events[end].phase == "backward" else None
@@ -278,12 +295,13 @@ def build_problem(joint_gm: torch.fx.GraphModule, fw_gm: torch.fx.GraphModule, b
                 reload_at = index.get(("backward", start_at.name), end) if start_at is not None else end
                 options.append(Option(OFFLOAD, last_fw, min(reload_at, end), out_s=one_way, in_s=one_way))
         options = list(dict.fromkeys(o for o in options if o.end - o.start > 1))
-        layer, pattern = layer_of(joint_nodes[c.name])
-        target = joint_nodes[c.name].target
+        layer, pattern = layer_of(joint_nodes[name])
+        target = joint_nodes[name].target
         items.append(Item(
-            name=c.name, nbytes=c.nbytes, made=made, first_backward_use=first_bw, group=layer,
+            name=name, nbytes=c.nbytes, made=made, first_backward_use=first_bw, group=layer,
             pattern=f"{pattern}:{getattr(target, '__name__', target)}", options=tuple(options),
-            recompute_set=tuple(n.name for n in recompute[c.name][0]) if c.name in recompute else (),
-            reads=tuple(sorted(recompute[c.name][1] & spans.keys())) if c.name in recompute else ()))
+            recompute_set=tuple(n.name for n in item_recompute[name][0]) if name in item_recompute else (),
+            reads=tuple(sorted(item_recompute[name][1])) if name in item_recompute else (),
+            members=tuple(ms)))
     return ScheduleProblem(events=events, base=[e.live_bytes for e in events], compute_s=compute_s,
                            items=items, forward_end=forward_end, point_group=point_group)
