@@ -3,8 +3,9 @@
 For any network and any budget between the smallest peak memopt can reach and the unoptimised peak:
 the plan runs (every value the backward reads is kept or recomputed from what is available — a plan
 that is not would fail to execute or give different gradients), its gradients equal eager PyTorch's,
-and its simulated peak is within the budget. A budget below the smallest peak is refused with an error
-that carries that peak.
+its simulated peak is within the budget, and its predicted added time is no worse than the solver's warm
+start or any other verified plan. A budget below the smallest peak is refused with an error that
+carries that peak.
 """
 
 from __future__ import annotations
@@ -87,6 +88,15 @@ def test_any_reachable_budget_gives_a_valid_plan_within_it(net: tuple, share: fl
     backend, loss = _compile_step(model, x, budget)
     report = backend.reports[-1]
     assert report.memory is not None and report.memory.peak_bytes <= budget
+    # The chosen plan is the cheapest verified one: never worse than the solver's warm start (the
+    # greedy hint) nor than any other plan that met the budget on the same problem.
+    schedule = report.schedule
+    assert schedule is not None
+    met = [a for a in schedule.attempts if a["meets_budget"]]
+    assert met and schedule.chosen.added_time_s <= min(a["added_time_s"] for a in met) * (1 + 1e-6)
+    if schedule.solver is not None and schedule.solver["hint_objective_s"] is not None \
+            and schedule.solver["objective_s"] is not None:
+        assert schedule.solver["objective_s"] <= schedule.solver["hint_objective_s"] * (1 + 1e-9)
     ref = copy.deepcopy(model)
     ref.zero_grad(set_to_none=True)
     ref_loss = ref(x)
