@@ -23,7 +23,7 @@ import torch.fx
 from torch._inductor.custom_graph_pass import CustomPartitionerFn
 
 from memopt.compiler.dump import Dumper, timeline_svg
-from memopt.compiler.partition import apply_offload, partition_joint
+from memopt.compiler.partition import apply_compress, apply_offload, partition_joint
 from memopt.compiler.runner import MemoptPassWarning, PassRecord, run_passes
 from memopt.config import MemoptConfig, MemoryBudget
 from memopt.cost_model.estimate import annotate_costs, transfer_time_s
@@ -31,7 +31,7 @@ from memopt.cost_model.profile import DeviceProfile
 from memopt.errors import MemoptPassError
 from memopt.passes.base import Pass, PassContext
 from memopt.schedule.budget import budget_bytes, check_budget
-from memopt.schedule.greedy import Evaluation, Plan, ScheduleResult
+from memopt.schedule.greedy import NOTHING, Evaluation, Plan, ScheduleResult
 from memopt.schedule.model import build_problem
 from memopt.schedule.problem import apply_recompute_tags, candidates, saved_values
 from memopt.schedule.search import search_plan
@@ -41,7 +41,7 @@ from memopt.schedule.simulate import (
     simulate_joint,
     simulate_step,
 )
-from memopt.schedule.streams import exposed_transfer_s
+from memopt.schedule.streams import exposed_transfer_s, value_bytes
 
 _T = TypeVar("_T")
 
@@ -153,9 +153,17 @@ class JointStage(CustomPartitionerFn):
 
         transfer = None if self.config.offload is False else one_way
 
+        def packing_time(packed: int, nbytes: int) -> float:
+            # Pack: read the value, write the packed copy; unpack: read it, write the value; two launches.
+            profile = self.profile
+            return 2 * (nbytes + packed) / profile.memory_bandwidth + 2 * profile.launch_overhead_s
+
+        compression = None if self.config.compress_activations is None else \
+            (lambda nbytes, packed: packing_time(packed, nbytes))
+
         def evaluate(plan: Plan) -> Evaluation:
             if plan not in cache:
-                recompute, offload = plan
+                recompute, offload, compress = plan
                 apply_recompute_tags(gm, recompute)
                 fw, bw = partition_joint(gm, joint_inputs, num_fwd_outputs=num_fwd_outputs,
                                          static_lifetime_input_indices=static)
@@ -163,6 +171,10 @@ class JointStage(CustomPartitionerFn):
                 offload = offload & frozenset(saved)
                 apply_offload(fw, bw, offload, num_user_outputs=num_fwd_outputs,
                               transfer_time_s=one_way)
+                compress = compress & frozenset(saved)
+                if compress and self.config.compress_activations is not None:
+                    apply_compress(fw, bw, compress, num_user_outputs=num_fwd_outputs,
+                                   fmt=self.config.compress_activations)
                 timeline = simulate_step(fw, bw, input_kinds=_primal_kinds(fw, self.primal_kinds),
                                          num_user_outputs=num_fwd_outputs)
                 # Recomputation: forward ops the backward runs again (its inputs named after forward
@@ -171,14 +183,16 @@ class JointStage(CustomPartitionerFn):
                             if n.op == "call_function" and n.name in fw_region)
                 found = candidates(gm, saved, transfer)
                 added += exposed_transfer_s(fw, bw, one_way)
-                cache[plan] = Evaluation(recompute, offload, timeline, found, added, fw, bw)
+                added += sum(packing_time(value_bytes(n), value_bytes(n.args[0]))
+                             for n in fw.graph.nodes if n.meta.get("memopt_pass") == "schedule:compress")
+                cache[plan] = Evaluation(recompute, offload, timeline, found, added, fw, bw, compress)
             return cache[plan]
 
-        baseline = evaluate((frozenset(), frozenset()))
+        baseline = evaluate(NOTHING)
         limit = budget_bytes(budget, baseline.timeline)
         self.progress(f"scheduling: baseline peak {baseline.peak_bytes} B, budget {limit} B")
         problem = build_problem(gm, baseline.forward, baseline.backward, baseline.timeline,
-                                baseline.candidates, transfer)
+                                baseline.candidates, transfer, compression)
         result = search_plan(evaluate, problem, baseline, limit, graph_nodes=len(gm.graph.nodes),
                              time_limit_s=self.config.solver_time_limit_s, progress=self.progress)
         apply_recompute_tags(gm, result.chosen.recompute)   # the joint graph shows the chosen plan
@@ -197,8 +211,9 @@ class JointStage(CustomPartitionerFn):
         if not result.feasible:
             self.dumper.finish()
             check_budget(limit, budget, result.lowest.timeline,
-                         f"recomputing {len(result.lowest.recompute)} and offloading "
-                         f"{len(result.lowest.offload)} values", offload_allowed=transfer is not None)
+                         f"recomputing {len(result.lowest.recompute)}, offloading "
+                         f"{len(result.lowest.offload)} and compressing {len(result.lowest.compress)} values",
+                         offload_allowed=transfer is not None, compress_allowed=compression is not None)
         self.report.budget_bytes = limit
         return result.chosen.forward, result.chosen.backward
 

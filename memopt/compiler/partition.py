@@ -88,6 +88,59 @@ def apply_offload(fw_gm: torch.fx.GraphModule, bw_gm: torch.fx.GraphModule, name
     bw_gm.recompile()
 
 
+def apply_compress(fw_gm: torch.fx.GraphModule, bw_gm: torch.fx.GraphModule, names: frozenset[str], *,
+                   num_user_outputs: int, fmt: str) -> None:
+    """Store the saved values ``names`` compressed: the forward packs each right after making it and
+    saves the packed copy (``<name>_packed``); the backward unpacks it right before its first use."""
+    import memopt.runtime.compress  # noqa: F401 - registers the memopt:: ops
+
+    if not names:
+        return
+    compress_op = torch.ops.memopt.compress.default
+    decompress_op = torch.ops.memopt.decompress.default
+    output = fw_gm.graph.output_node()
+    returned = output.args[0]
+    values = list(returned) if isinstance(returned, (list, tuple)) else [returned]
+    nodes = {n.name: n for n in fw_gm.graph.nodes}
+    packed: dict[str, torch.fx.Node] = {}
+    for index in range(num_user_outputs, len(values)):
+        value = values[index]
+        if not isinstance(value, torch.fx.Node) or value.name not in names:
+            continue
+        if value.name not in packed:
+            with fw_gm.graph.inserting_after(nodes[value.name]):
+                node = fw_gm.graph.create_node("call_function", compress_op, (value, fmt),
+                                               name=f"{value.name}_packed")
+            node.meta["val"] = _fake_call(compress_op, value.meta["val"], fmt)
+            node.meta["memopt_pass"] = "schedule:compress"
+            packed[value.name] = node
+        values[index] = packed[value.name]
+    output.args = (tuple(values),)
+    fw_gm.graph.lint()
+    fw_gm.recompile()
+
+    order = {n: i for i, n in enumerate(bw_gm.graph.nodes)}
+    for placeholder in [n for n in bw_gm.graph.nodes if n.op == "placeholder" and n.name in packed]:
+        source = packed[placeholder.name]
+        val = placeholder.meta["val"]
+        placeholder.meta["val"] = source.meta["val"]
+        placeholder._rename(source.name)
+        if placeholder.name != source.name:
+            raise RuntimeError(f"cannot name the backward input {placeholder.name!r} {source.name!r}")
+        users = sorted(placeholder.users, key=lambda n: order[n])
+        if not users:
+            continue
+        with bw_gm.graph.inserting_before(users[0]):
+            unpacked = bw_gm.graph.call_function(
+                decompress_op, (placeholder, list(val.shape), list(val.stride()), val.dtype, fmt))
+        unpacked.meta["val"] = _fake_call(decompress_op, placeholder.meta["val"], list(val.shape),
+                                          list(val.stride()), val.dtype, fmt)
+        unpacked.meta["memopt_pass"] = "schedule:compress"
+        placeholder.replace_all_uses_with(unpacked, delete_user_cb=lambda n: n is not unpacked)
+    bw_gm.graph.lint()
+    bw_gm.recompile()
+
+
 def _nbytes(t: torch.Tensor) -> int:
     from memopt.cost_model.bytes import hint_int, shape_env_of, storage_nbytes_expr
 

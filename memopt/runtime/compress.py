@@ -10,7 +10,10 @@ Per row, ``scale = absmax / qmax`` and ``q = x / scale`` rounded to int8 (``qmax
 float8 e4m3 (``qmax`` 448). One packed tensor instead of two keeps the forward's saved values and the
 backward's inputs one for one, which is how AOTAutograd pairs them. Compression is lossy: the error is
 bounded by the format (int8: half a step of ``absmax / 127`` per element; SQNR about 40 dB on Gaussian
-data; fp8 e4m3: about 30 dB), measured in ``tests/test_compress.py``. The scheduler compresses only when
+data; fp8 e4m3: about 30 dB), measured in ``tests/test_compress.py``. Scales are taken over a row's finite
+values; non-finite elements come back as ``-inf`` (masks), the rest of the row unharmed. The ops work
+through the rows in chunks, so their scratch memory stays small and the simulator's view of them (their
+inputs and outputs) stays true. The scheduler compresses only when
 ``compress_activations`` allows it. These are plain PyTorch ops; the Triton kernels of the quantisation
 issue replace them on GPUs.
 """
@@ -27,6 +30,11 @@ FORMATS: dict[str, tuple[torch.dtype, float]] = {
 }
 COMPRESSIBLE = (torch.float32, torch.bfloat16, torch.float16)
 _TINY = 1e-30       # the scale of an all-zero row (any positive value decodes zeros to zeros)
+_CHUNK_ELEMENTS = 1 << 14
+# Non-finite elements (an attention mask's -inf) are stored as a code no finite value uses and come
+# back as -inf; +inf and NaN are not kept (a NaN activation has made the loss NaN already).
+_NONFINITE_INT8 = -128
+_NONFINITE_FP8 = float("nan")
 
 
 def rows_of(size: Sequence[int]) -> tuple[int, int]:
@@ -52,6 +60,12 @@ def _check(fmt: str) -> tuple[torch.dtype, float]:
     return FORMATS[fmt]
 
 
+def _chunk_rows(cols: int) -> int:
+    """Rows per chunk: the ops work a chunk at a time so that their scratch stays near _CHUNK_ELEMENTS
+    float32 values, whatever the tensor's size (the simulator does not see scratch inside an op)."""
+    return max(1, _CHUNK_ELEMENTS // max(cols, 1))
+
+
 @torch.library.custom_op("memopt::compress", mutates_args=())
 def compress(x: torch.Tensor, fmt: str) -> torch.Tensor:
     """Pack ``x`` (see the module notes)."""
@@ -59,13 +73,26 @@ def compress(x: torch.Tensor, fmt: str) -> torch.Tensor:
     if x.dtype not in COMPRESSIBLE:
         raise ValueError(f"memopt::compress: {x.dtype} is not compressible; expected one of {COMPRESSIBLE}")
     rows, cols = rows_of(x.shape)
-    values = x.detach().reshape(rows, cols).float()
-    scale = (values.abs().amax(dim=1, keepdim=True) / qmax).clamp_min(_TINY) if cols else \
-        torch.ones(rows, 1, device=x.device)
-    scaled = values / scale
-    quantised = scaled.round().clamp(-qmax, qmax).to(qdtype) if qdtype == torch.int8 else scaled.to(qdtype)
-    # Scales first: a float32 view needs a 4-byte aligned offset, a 1-byte element type any offset.
-    return torch.cat([scale.reshape(-1).view(torch.uint8), quantised.view(torch.uint8).reshape(-1)])
+    packed = torch.empty(packed_nbytes(x.shape), dtype=torch.uint8, device=x.device)
+    scales = packed[:4 * rows].view(torch.float32)
+    quantised = packed[4 * rows:].view(qdtype).view(rows, cols)
+    source = x.detach().reshape(rows, cols)
+    step = _chunk_rows(cols)
+    for first in range(0, rows, step):
+        values = source[first:first + step].float()
+        finite = torch.isfinite(values)
+        absmax = torch.where(finite, values.abs(), 0.0).amax(dim=1, keepdim=True) if cols else \
+            values.new_zeros(values.shape[0], 1)
+        scale = (absmax / qmax).clamp_min(_TINY)
+        scaled = torch.where(finite, values / scale, 0.0)
+        if qdtype == torch.int8:
+            codes = scaled.round().clamp(-qmax, qmax).to(torch.int8)
+            codes[~finite] = _NONFINITE_INT8
+        else:
+            codes = torch.where(finite, scaled, _NONFINITE_FP8).to(qdtype)
+        quantised[first:first + step] = codes
+        scales[first:first + step] = scale.reshape(-1)
+    return packed
 
 
 @compress.register_fake
@@ -80,11 +107,19 @@ def decompress(packed: torch.Tensor, size: list[int], stride: list[int], dtype: 
     """Unpack what ``compress`` packed, into a tensor of ``size``, ``stride`` and ``dtype``."""
     qdtype, _ = _check(fmt)
     rows, cols = rows_of(size)
-    scale = packed[:4 * rows].view(torch.float32).reshape(rows, 1)
-    quantised = packed[4 * rows:].view(qdtype).reshape(rows, cols)
-    values = (quantised.float() * scale).to(dtype).reshape(size)
+    scales = packed[:4 * rows].view(torch.float32).view(rows, 1)
+    quantised = packed[4 * rows:].view(qdtype).view(rows, cols)
     out = torch.empty_strided(size, stride, dtype=dtype, device=packed.device)
-    out.copy_(values)
+    target = out.view(rows, cols) if out.is_contiguous() else torch.empty(rows, cols, dtype=dtype,
+                                                                         device=packed.device)
+    step = _chunk_rows(cols)
+    for first in range(0, rows, step):
+        codes = quantised[first:first + step]
+        values = codes.float() * scales[first:first + step]
+        nonfinite = codes == _NONFINITE_INT8 if qdtype == torch.int8 else torch.isnan(codes.float())
+        target[first:first + step] = torch.where(nonfinite, -torch.inf, values).to(dtype)
+    if target.data_ptr() != out.data_ptr():
+        out.copy_(target.view(size))
     return out
 
 

@@ -36,13 +36,15 @@ def describe_peak(timeline: MemoryTimeline) -> str:
 
 
 def check_budget(limit: int, budget: MemoryBudget, lowest: MemoryTimeline, tried: str,
-                 offload_allowed: bool = True) -> None:
+                 offload_allowed: bool = True, compress_allowed: bool = True) -> None:
     """Raise :class:`MemoptInfeasibleBudget` when even the lowest plan found exceeds ``limit`` bytes."""
     if lowest.peak_bytes > limit:
         fixes = "raise the budget, " + ("" if offload_allowed else "allow offload (options offload='auto'), ") \
+            + ("" if compress_allowed else "allow lossy compression of saved activations (options "
+               "compress_activations='int8' or 'fp8'), ") \
             + "lower the batch size or sequence length, or train fewer weights (adapters)"
         raise MemoptInfeasibleBudget(
             f"memory budget {format_bytes(limit)} ({budget}) cannot be met: the smallest peak memopt "
             f"can reach is {format_bytes(lowest.peak_bytes)} ({tried}), {describe_peak(lowest)}. "
-            f"Compressing activations is not available yet; {fixes}.",
+            f"To fit: {fixes}.",
             min_peak_bytes=lowest.peak_bytes, breakdown=lowest.breakdown)

@@ -35,6 +35,7 @@ is, and its answer is never worse than the hint in the model.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import os
 import time
@@ -44,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from memopt.errors import MemoptError
-from memopt.schedule.model import Item, Option, ScheduleProblem
+from memopt.schedule.model import RECOMPUTE, Item, Option, ScheduleProblem
 
 NS = 1e9                       # the solver's time unit: nanoseconds
 TRANSFER_TIE_BREAK = 0.01      # cost per second of transfer volume, so unneeded offloads are not chosen
@@ -144,7 +145,7 @@ def _cp_model() -> Any:
 
 
 def _signature(items: Sequence[Item]) -> tuple[Any, ...]:
-    return tuple((i.pattern, i.nbytes, tuple((o.kind, round(o.time_s * NS), round(o.out_s * NS))
+    return tuple((i.pattern, i.nbytes, tuple((o.kind, round(o.time_s * NS), round(o.out_s * NS), o.freed)
                                              for o in i.options)) for i in items)
 
 
@@ -154,11 +155,23 @@ def _point_of(items: Sequence[Item], choices: tuple[int, ...]) -> _Point:
         if choice < 0:
             continue
         option = item.options[choice]
-        freed += item.nbytes
+        freed += item.freed_by(option)
         rec += round(option.time_s * NS)
         out += round(option.out_s * NS)
         back += round(option.in_s * NS)
     return _Point(choices, freed, rec, out, back)
+
+
+def _deterministic(solver: Any, workers: int, seconds: float) -> None:
+    """Note [Deterministic solves]: the same graph and options must give the same plan, run after run,
+    whatever else loads the machine. CP-SAT's parallel portfolio and its wall-clock limit are not
+    reproducible; its interleaved search with a deterministic time limit is (the wall-clock limit stays,
+    at three times that, as a guard)."""
+    solver.parameters.num_workers = workers
+    solver.parameters.interleave_search = True
+    solver.parameters.max_deterministic_time = float(seconds)
+    solver.parameters.max_time_in_seconds = 3.0 * float(seconds)
+    solver.parameters.random_seed = 0
 
 
 def _front(problem: ScheduleProblem, items: Sequence[Item], conflicts: Sequence[tuple[int, int, int, int]],
@@ -182,42 +195,48 @@ def _front(problem: ScheduleProblem, items: Sequence[Item], conflicts: Sequence[
     if not events:
         return list(found.values())
     peak_hint = max(worst.values())
-    for level in sorted({total * j // FRONT_LEVELS for j in range(FRONT_LEVELS + 1)}):
-        for objective in ("time", "recompute", "peak"):
-            model = cp_model.CpModel()
-            x: dict[tuple[int, int], Any] = {}
-            for i, item in enumerate(items):
-                for j in range(len(item.options)):
-                    x[i, j] = model.NewBoolVar(f"x{i}_{j}")
-                model.AddAtMostOne([x[i, j] for j in range(len(item.options))])
-            for i, a, k, b in conflicts:
-                model.AddBoolOr([x[i, a].Not(), x[k, b].Not()])
-            model.Add(sum(items[i].nbytes * v for (i, _), v in x.items()) >= level)
-            peak = model.NewIntVar(0, peak_hint, "peak")
-            for active in events:
-                model.Add(worst[active] - sum(items[i].nbytes * x[i, j] for i, j in active) <= peak)
-            rec = sum(round(items[i].options[j].time_s * NS) * v for (i, j), v in x.items())
-            vol = sum(round((items[i].options[j].out_s + items[i].options[j].in_s) * NS) * v
-                      for (i, j), v in x.items())
-            if objective == "time":
-                model.Minimize(rec + vol)
-            elif objective == "recompute":
-                model.Minimize(rec * 1000 + vol)
-            else:
-                model.Minimize(peak)
-            solver = cp_model.CpSolver()
-            solver.parameters.num_workers = workers
-            solver.parameters.max_time_in_seconds = 2.0
+    # Fronts with every choice, and with recomputation alone: more kinds of choice must never leave
+    # the layer fewer good plans than recomputation alone gives it.
+    kinds = {o.kind for item in items for o in item.options}
+    filters = [kinds] + ([{RECOMPUTE}] if len(kinds) > 1 and RECOMPUTE in kinds else [])
+    levels = sorted({total * j // FRONT_LEVELS for j in range(FRONT_LEVELS + 1)})
+    for allowed, level, objective in itertools.product(filters, levels, ("time", "recompute", "peak")):
+        model = cp_model.CpModel()
+        x: dict[tuple[int, int], Any] = {}
+        for i, item in enumerate(items):
+            for j in range(len(item.options)):
+                x[i, j] = model.NewBoolVar(f"x{i}_{j}")
+                if item.options[j].kind not in allowed:
+                    model.Add(x[i, j] == 0)
+            model.AddAtMostOne([x[i, j] for j in range(len(item.options))])
+        for i, a, k, b in conflicts:
+            model.AddBoolOr([x[i, a].Not(), x[k, b].Not()])
+        model.Add(sum(items[i].freed_by(items[i].options[j]) * v for (i, j), v in x.items()) >= level)
+        peak = model.NewIntVar(0, peak_hint, "peak")
+        for active in events:
+            model.Add(worst[active] - sum(items[i].freed_by(items[i].options[j]) * x[i, j]
+                                          for i, j in active) <= peak)
+        rec = sum(round(items[i].options[j].time_s * NS) * v for (i, j), v in x.items())
+        vol = sum(round((items[i].options[j].out_s + items[i].options[j].in_s) * NS) * v
+                  for (i, j), v in x.items())
+        if objective == "time":
+            model.Minimize(rec + vol)
+        elif objective == "recompute":
+            model.Minimize(rec * 1000 + vol)
+        else:
+            model.Minimize(peak)
+        solver = cp_model.CpSolver()
+        _deterministic(solver, workers, 2.0)
+        if solver.Solve(model) not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+            continue
+        if objective == "peak":      # the lowest local peak, at the lowest time for it
+            model.Add(peak <= int(solver.Value(peak)))
+            model.Minimize(rec + vol)
             if solver.Solve(model) not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
                 continue
-            if objective == "peak":      # the lowest local peak, at the lowest time for it
-                model.Add(peak <= int(solver.Value(peak)))
-                model.Minimize(rec + vol)
-                if solver.Solve(model) not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
-                    continue
-            choices = tuple(next((j for j in range(len(item.options)) if solver.Value(x[i, j])), -1)
-                            for i, item in enumerate(items))
-            found.setdefault(choices, _point_of(items, choices))
+        choices = tuple(next((j for j in range(len(item.options)) if solver.Value(x[i, j])), -1)
+                        for i, item in enumerate(items))
+        found.setdefault(choices, _point_of(items, choices))
     return list(found.values())
 
 
@@ -308,7 +327,7 @@ def _build_outer(problem: ScheduleProblem, budget: int, workers: int, decompose:
             for i, item in enumerate(items):
                 for j, o in enumerate(item.options):
                     if o.start < cut < o.end:
-                        freed += np.where(choices[:, i] == j, item.nbytes, 0)
+                        freed += np.where(choices[:, i] == j, item.freed_by(o), 0)
             signature = freed.tobytes()
             if signature not in vectors:
                 vectors[signature] = len(table)
@@ -364,7 +383,8 @@ def _build_outer(problem: ScheduleProblem, budget: int, workers: int, decompose:
             row[layer_vars[g]] -= patterns[g, pattern]
         for var in values:
             label = variables[var].label
-            row[var] -= individual[label[1]].nbytes // unit
+            item = individual[label[1]]
+            row[var] -= item.freed_by(item.options[label[2]]) // unit
         matrix.append(row)
         row_patterns.append(list(others))
 
@@ -621,9 +641,7 @@ def _cp_solve(outer: _Outer, arrays: _Arrays, hint: np.ndarray, budget: int, *, 
         model.AddHint(peak, int(max(0, (outer.const + outer.matrix @ hint).max(initial=0))))
 
     solver = cp_model.CpSolver()
-    solver.parameters.max_time_in_seconds = float(time_limit_s)
-    solver.parameters.num_workers = workers
-    solver.parameters.random_seed = 0
+    _deterministic(solver, workers, time_limit_s)
     unit, scale = ("B", 1.0 / outer.unit) if peak is not None else ("s", 100 * NS)
     reporter = _Progress(progress, unit, scale)
 

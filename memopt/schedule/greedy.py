@@ -29,9 +29,10 @@ class Evaluation:
     offload: frozenset[str]
     timeline: MemoryTimeline
     candidates: list[Candidate]          # the values this partition saves (next round's choices)
-    added_time_s: float                  # predicted recompute time + host-device transfer time
+    added_time_s: float                  # predicted recompute + exposed transfer + compression time
     forward: torch.fx.GraphModule
     backward: torch.fx.GraphModule
+    compress: frozenset[str] = frozenset()
 
     @property
     def peak_bytes(self) -> int:
@@ -56,7 +57,9 @@ class ScheduleResult:
         by = "the CP-SAT plan" if self.method.startswith("cp-sat") else f"the {self.method} plan"
         rows = []
         for c in sorted(self.baseline.candidates, key=lambda c: (-c.nbytes, c.name)):
-            if c.name in self.chosen.offload:
+            if c.name in self.chosen.compress:
+                choice, why = "compress", f"stored compressed to meet the budget by {by} (lossy, allowed)"
+            elif c.name in self.chosen.offload:
                 choice, why = "offload", f"freed to meet the budget by {by}; its reload hides behind compute"
             elif c.name in self.chosen.recompute:
                 choice, why = "recompute", f"freed to meet the budget by {by}"
@@ -74,7 +77,8 @@ class ScheduleResult:
         return rows
 
 
-Plan = tuple[frozenset[str], frozenset[str]]      # (recompute, offload)
+Plan = tuple[frozenset[str], frozenset[str], frozenset[str]]      # (recompute, offload, compress)
+NOTHING: Plan = (frozenset(), frozenset(), frozenset())
 
 
 def schedule_greedy(evaluate: Callable[[Plan], Evaluation], budget_bytes: int, *,
@@ -92,7 +96,7 @@ def schedule_greedy(evaluate: Callable[[Plan], Evaluation], budget_bytes: int, *
             known.setdefault(candidate.name, candidate)
         return evaluation
 
-    baseline = run((frozenset(), frozenset()))
+    baseline = run(NOTHING)
     if baseline.peak_bytes <= budget_bytes:
         return ScheduleResult(baseline, baseline, baseline, budget_bytes, True, count)
     lowest = baseline
@@ -143,7 +147,8 @@ def _grow(start: Evaluation, budget_bytes: int, run: Callable[[Plan], Evaluation
         take = options[:batch]
         chosen = {c.name: c.choice() for c in take}
         trial = run((current.recompute | {n for n, o in chosen.items() if o and o[0] == "recompute"},
-                     current.offload | {n for n, o in chosen.items() if o and o[0] == "offload"}))
+                     current.offload | {n for n, o in chosen.items() if o and o[0] == "offload"},
+                     current.compress))
         better = trial.peak_bytes < current.peak_bytes
         progress(f"recompute {len(trial.recompute)}, offload {len(trial.offload)} values: peak {trial.peak_bytes} B "
                  f"({'kept' if better else 'rejected'}; budget {budget_bytes} B, {evaluations()} evaluations)")
@@ -168,7 +173,7 @@ def _prune(feasible: Evaluation, budget_bytes: int, run: Callable[[Plan], Evalua
 
     best = feasible
     for name in sorted(feasible.recompute | feasible.offload, key=lambda n: (-cost(n), n))[:max(tries, 0)]:
-        trial = run((best.recompute - {name}, best.offload - {name}))
+        trial = run((best.recompute - {name}, best.offload - {name}, best.compress))
         if trial.peak_bytes <= budget_bytes and trial.added_time_s <= best.added_time_s:
             best = trial
     return best

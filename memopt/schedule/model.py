@@ -44,18 +44,22 @@ MAX_RECOMPUTE_OPS = 96
 KEEP = "keep"
 RECOMPUTE = "recompute"
 OFFLOAD = "offload"
+COMPRESS = "compress"
+# Tensors smaller than this are not worth a compress kernel and its scales.
+MIN_COMPRESS_BYTES = 64 * 1024
 
 
 @dataclasses.dataclass(frozen=True)
 class Option:
     """One way of freeing a saved value: ``nbytes`` fewer live bytes at events ``start < t < end``."""
 
-    kind: str                    # RECOMPUTE or OFFLOAD
+    kind: str                    # RECOMPUTE, OFFLOAD or COMPRESS
     start: int
     end: int
-    time_s: float = 0.0          # recompute: the ops' predicted time
+    time_s: float = 0.0          # recompute: the ops' predicted time; compress: packing + unpacking
     out_s: float = 0.0           # offload: the copy to the host, issued at ``start``'s value's making
     in_s: float = 0.0            # offload: the copy back, due at ``end``
+    freed: int | None = None     # bytes it frees, when not all of the value's (compress keeps a packed copy)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +76,9 @@ class Item:
     recompute_set: tuple[str, ...] = ()  # joint-graph nodes recomputing it re-runs, itself last
     reads: tuple[str, ...] = ()          # saved values (items) that recompute set reads
     members: tuple[str, ...] = ()        # the saved values sharing its storage (itself included)
+
+    def freed_by(self, option: Option) -> int:
+        return self.nbytes if option.freed is None else option.freed
 
 
 Plan = dict[str, Option]                 # value -> how it is freed (kept values absent)
@@ -94,8 +101,8 @@ class ScheduleProblem:
         for item in self.items:
             option = plan.get(item.name)
             if option is not None and option.end - option.start > 1:
-                delta[option.start + 1] -= item.nbytes
-                delta[option.end] += item.nbytes
+                delta[option.start + 1] -= item.freed_by(option)
+                delta[option.end] += item.freed_by(option)
         out, running = [], 0
         for base, d in zip(self.base, delta):
             running += d
@@ -111,6 +118,9 @@ class ScheduleProblem:
 
     def offloaded(self, plan: Mapping[str, Option]) -> frozenset[str]:
         return frozenset(name for name, option in plan.items() if option.kind == OFFLOAD)
+
+    def compressed(self, plan: Mapping[str, Option]) -> frozenset[str]:
+        return frozenset(name for name, option in plan.items() if option.kind == COMPRESS)
 
     def conflicts(self) -> list[tuple[str, Option, str, Option]]:
         """Pairs of choices that cannot go together: recomputing ``w`` (option ``a``) reads ``u``, and
@@ -198,11 +208,29 @@ def _recompute_set(node: torch.fx.Node, available: set[str], order: Mapping[torc
     return sorted(chosen, key=lambda n: order[n]), reads
 
 
+def _compressed_bytes(node: torch.fx.Node) -> int | None:
+    """Bytes of the packed copy of ``node``'s value, or None when it is not worth or not able to be
+    compressed (not floating point, symbolic sizes, small, or a view that does not own its storage)."""
+    from memopt.runtime.compress import COMPRESSIBLE, packed_nbytes
+
+    val = node.meta.get("val")
+    if not isinstance(val, torch.Tensor) or val.dtype not in COMPRESSIBLE:
+        return None
+    if not all(isinstance(s, int) for s in (*val.shape, *val.stride())):
+        return None
+    nbytes = val.numel() * val.element_size()
+    if nbytes < MIN_COMPRESS_BYTES or val.untyped_storage().nbytes() != nbytes:
+        return None
+    return packed_nbytes(val.shape)
+
+
 def build_problem(joint_gm: torch.fx.GraphModule, fw_gm: torch.fx.GraphModule, bw_gm: torch.fx.GraphModule,
                   timeline: MemoryTimeline, found: list[Candidate],
-                  transfer_time_s: Callable[[int], float] | None) -> ScheduleProblem:
+                  transfer_time_s: Callable[[int], float] | None,
+                  compress_time_s: Callable[[int, int], float] | None = None) -> ScheduleProblem:
     """The linear model of the baseline plan (Note [Freed windows]); ``transfer_time_s`` (bytes ->
-    seconds one way) allows offload."""
+    seconds one way) allows offload, ``compress_time_s`` ((bytes, packed bytes) -> seconds to pack and
+    unpack) allows compression (lossy: only when the user asked for it)."""
     events = timeline.events
     index = {(e.phase, e.node): i for i, e in enumerate(events)}
     forward_end = max((i for i, e in enumerate(events) if e.phase == "forward"), default=0)
@@ -294,6 +322,10 @@ def build_problem(joint_gm: torch.fx.GraphModule, fw_gm: torch.fx.GraphModule, b
                 start_at = prefetch_point(due, one_way) if due is not None else None
                 reload_at = index.get(("backward", start_at.name), end) if start_at is not None else end
                 options.append(Option(OFFLOAD, last_fw, min(reload_at, end), out_s=one_way, in_s=one_way))
+        packed = _compressed_bytes(fw_nodes[name]) if compress_time_s is not None and len(ms) == 1 else None
+        if packed is not None and compress_time_s is not None:
+            options += [Option(COMPRESS, last_fw, end, time_s=compress_time_s(c.nbytes, packed),
+                               freed=c.nbytes - packed) for end in ends]
         options = list(dict.fromkeys(o for o in options if o.end - o.start > 1))
         layer, pattern = layer_of(joint_nodes[name])
         target = joint_nodes[name].target

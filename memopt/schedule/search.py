@@ -25,7 +25,7 @@ from typing import Any
 
 from memopt.schedule.cpsat import solve_schedule
 from memopt.schedule.greedy import Evaluation, Plan, ScheduleResult, schedule_greedy
-from memopt.schedule.model import OFFLOAD, RECOMPUTE, Option, ScheduleProblem
+from memopt.schedule.model import COMPRESS, OFFLOAD, RECOMPUTE, Option, ScheduleProblem
 
 MAX_ROUNDS = 3
 # Graphs up to this many joint nodes also get the partition-verified greedy (a partition of a tiny
@@ -46,10 +46,11 @@ def search_plan(evaluate: Callable[[Plan], Evaluation], problem: ScheduleProblem
     def verify(label: str, plan: dict[str, Option]) -> Evaluation:
         nonlocal evaluations
         evaluations += 1
-        found = evaluate((problem.recompute_nodes(plan), problem.offloaded(plan)))
+        found = evaluate((problem.recompute_nodes(plan), problem.offloaded(plan), problem.compressed(plan)))
         attempts.append((label, found))
         progress(f"{label}: recompute {sum(1 for o in plan.values() if o.kind == RECOMPUTE)}, offload "
-                 f"{sum(1 for o in plan.values() if o.kind == OFFLOAD)} values -> simulated peak "
+                 f"{sum(1 for o in plan.values() if o.kind == OFFLOAD)}, compress "
+                 f"{sum(1 for o in plan.values() if o.kind == COMPRESS)} values -> simulated peak "
                  f"{found.peak_bytes} B ({'meets' if found.peak_bytes <= budget_bytes else 'over'} the "
                  f"budget {budget_bytes} B), added time {found.added_time_s:.6g} s")
         return found
@@ -74,9 +75,9 @@ def search_plan(evaluate: Callable[[Plan], Evaluation], problem: ScheduleProblem
 
     solve_and_verify(problem, "cp-sat")
     if not any(e.peak_bytes <= budget_bytes for _, e in attempts) and any(
-            o.kind == OFFLOAD for item in problem.items for o in item.options):
+            o.kind != RECOMPUTE for item in problem.items for o in item.options):
         # The model's offload windows are the least exact part of it (reload timing on a busy copy
-        # stream): when no plan with offloads verified, try recomputation alone.
+        # stream): when no plan with offloads (or compression) verified, try recomputation alone.
         recompute_only = dataclasses.replace(problem, memo={}, items=[
             dataclasses.replace(item, options=tuple(o for o in item.options if o.kind == RECOMPUTE))
             for item in problem.items])
@@ -104,4 +105,4 @@ def search_plan(evaluate: Callable[[Plan], Evaluation], problem: ScheduleProblem
 def _attempt(label: str, found: Evaluation, budget_bytes: int) -> dict[str, Any]:
     return {"method": label, "peak_bytes": found.peak_bytes, "meets_budget": found.peak_bytes <= budget_bytes,
             "added_time_s": float(f"{found.added_time_s:.6g}"), "recompute": len(found.recompute),
-            "offload": len(found.offload)}
+            "offload": len(found.offload), "compress": len(found.compress)}
