@@ -94,6 +94,9 @@ def test_options_must_be_a_dict() -> None:
     ({"disable_passes": "prune_backprop"}, "disable_passes", "'prune_backprop'", "list of pass names"),
     ({"dump_dir": 5}, "dump_dir", "5", "directory path"),
     ({"token_elimination": 0.4}, "token_elimination", "0.4", "dict"),
+    ({"solver_time_limit_s": 0}, "solver_time_limit_s", "0", "(0, 3600]"),
+    ({"solver_time_limit_s": "fast"}, "solver_time_limit_s", "'fast'", "number of seconds"),
+    ({"solver_time_limit_s": True}, "solver_time_limit_s", "True", "number of seconds"),
 ], ids=lambda v: v if isinstance(v, str) else None)
 def test_wrong_type_or_value_is_explained(options: dict[str, Any], key: str, given: str, allowed: str) -> None:
     message = config_error(options)

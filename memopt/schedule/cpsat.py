@@ -662,7 +662,7 @@ def _cp_solve(outer: _Outer, arrays: _Arrays, hint: np.ndarray, budget: int, *, 
     return name, chosen, objective, bound, peak is not None
 
 
-def solve_schedule(problem: ScheduleProblem, budget: int, *, time_limit_s: float = 20.0,
+def solve_schedule(problem: ScheduleProblem, budget: int, *, time_limit_s: float = 15.0,
                    workers: int | None = None, decompose: bool = True, minimise_peak: bool = False,
                    progress: Callable[[str], None] = lambda message: None) -> Solved:
     """Choose keep / recompute / offload per value to minimise the added time with the model's peak
