@@ -317,7 +317,7 @@ def plan(model_or_config: nn.Module | str | Any, example_inputs: Mapping[str, An
         warnings.simplefilter("ignore")
         try:
             compiled(**example_inputs)
-        except Exception as err:
+        except Exception as err:  # Dynamo wraps memopt's errors: give the user memopt's own
             cause: BaseException | None = err
             while cause is not None and not isinstance(cause, MemoptError):
                 cause = cause.__cause__ or getattr(cause, "inner_exception", None)

@@ -251,7 +251,7 @@ class JointStage(CustomPartitionerFn):
         training: warn and go on without it (raise with strict=True)."""
         try:
             return run()
-        except Exception as err:
+        except Exception as err:  # the documented fallback; the cause is reported
             reason = f"{type(err).__name__}: {err}"
             if self.config.strict:
                 raise MemoptPassError(f"{what} failed on graph {self.report.graph_id}: {reason}") from err

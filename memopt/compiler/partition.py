@@ -26,6 +26,49 @@ def partition_joint(joint_gm: torch.fx.GraphModule, joint_inputs: Sequence[objec
         static_lifetime_input_indices=static_lifetime_input_indices)
 
 
+def _replace_saved(fw_gm: torch.fx.GraphModule, bw_gm: torch.fx.GraphModule, names: frozenset[str], *,
+                   num_user_outputs: int, op: torch._ops.OpOverload, args: tuple[str, ...], suffix: str,
+                   tag: str) -> list[tuple[torch.fx.Node, torch.fx.Node, torch.Tensor]]:
+    """Save ``op(value, *args)`` instead of each saved value in ``names``: the forward makes it right
+    after the value, and the backward's input is renamed to match. Returns, per backward input that is
+    read, (input, its first reader, the value it used to be) for the caller to rebuild the value."""
+    output = fw_gm.graph.output_node()
+    returned = output.args[0]
+    values = list(returned) if isinstance(returned, (list, tuple)) else [returned]
+    nodes = {n.name: n for n in fw_gm.graph.nodes}
+    made: dict[str, torch.fx.Node] = {}
+    for index in range(num_user_outputs, len(values)):
+        value = values[index]
+        if not isinstance(value, torch.fx.Node) or value.name not in names:
+            continue
+        if value.name not in made:
+            with fw_gm.graph.inserting_after(nodes[value.name]):
+                # Saved values pair with the backward's inputs by name: both sides use <name><suffix>.
+                node = fw_gm.graph.create_node("call_function", op, (value, *args),
+                                               name=f"{value.name}{suffix}")
+            node.meta["val"] = _fake_call(op, value.meta["val"], *args)
+            node.meta["memopt_pass"] = tag
+            made[value.name] = node
+        values[index] = made[value.name]
+    output.args = (tuple(values),)
+    fw_gm.graph.lint()
+    fw_gm.recompile()
+
+    order = {n: i for i, n in enumerate(bw_gm.graph.nodes)}
+    pending = []
+    for placeholder in [n for n in bw_gm.graph.nodes if n.op == "placeholder" and n.name in made]:
+        source = made[placeholder.name]
+        value = placeholder.meta["val"]
+        placeholder.meta["val"] = source.meta["val"]
+        placeholder._rename(source.name)
+        if placeholder.name != source.name:
+            raise RuntimeError(f"cannot name the backward input {placeholder.name!r} {source.name!r}")
+        users = sorted(placeholder.users, key=lambda n: order[n])
+        if users:
+            pending.append((placeholder, users[0], value))
+    return pending
+
+
 def apply_offload(fw_gm: torch.fx.GraphModule, bw_gm: torch.fx.GraphModule, names: frozenset[str], *,
                   num_user_outputs: int, transfer_time_s: Callable[[int], float]) -> None:
     """Offload the saved values ``names``: the forward copies each to the host pool right after making
@@ -36,43 +79,11 @@ def apply_offload(fw_gm: torch.fx.GraphModule, bw_gm: torch.fx.GraphModule, name
 
     if not names:
         return
-    offload_op = torch.ops.memopt.offload.default
     reload_op = torch.ops.memopt.reload.default
     wait_op = torch.ops.memopt.wait_reload.default
-    output = fw_gm.graph.output_node()
-    returned = output.args[0]
-    values = list(returned) if isinstance(returned, (list, tuple)) else [returned]
-    nodes = {n.name: n for n in fw_gm.graph.nodes}
-    hosts: dict[str, torch.fx.Node] = {}
-    for index in range(num_user_outputs, len(values)):
-        value = values[index]
-        if not isinstance(value, torch.fx.Node) or value.name not in names:
-            continue
-        if value.name not in hosts:
-            with fw_gm.graph.inserting_after(nodes[value.name]):
-                # Saved values pair with the backward's inputs by name: both sides call it <name>_host.
-                host = fw_gm.graph.create_node("call_function", offload_op, (value,),
-                                               name=f"{value.name}_host")
-            host.meta["val"] = _fake_call(offload_op, value.meta["val"])
-            host.meta["memopt_pass"] = "schedule:offload"
-            hosts[value.name] = host
-        values[index] = hosts[value.name]
-    output.args = (tuple(values),)
-    fw_gm.graph.lint()
-    fw_gm.recompile()
-
-    order = {n: i for i, n in enumerate(bw_gm.graph.nodes)}
-    pending: list[tuple[torch.fx.Node, torch.fx.Node, torch.Tensor]] = []
-    for placeholder in [n for n in bw_gm.graph.nodes if n.op == "placeholder" and n.name in hosts]:
-        host = hosts[placeholder.name]
-        device_val = placeholder.meta["val"]
-        placeholder.meta["val"] = host.meta["val"]
-        placeholder._rename(host.name)
-        if placeholder.name != host.name:
-            raise RuntimeError(f"cannot name the backward input {placeholder.name!r} {host.name!r}")
-        users = sorted(placeholder.users, key=lambda n: order[n])
-        if users:
-            pending.append((placeholder, users[0], device_val))
+    pending = _replace_saved(fw_gm, bw_gm, names, num_user_outputs=num_user_outputs,
+                             op=torch.ops.memopt.offload.default, args=(), suffix="_host",
+                             tag="schedule:offload")
     starts = reload_points(bw_gm.graph, [(first, transfer_time_s(_nbytes(val))) for _, first, val in pending])
     for (placeholder, first, device_val), at in zip(pending, starts):
         with bw_gm.graph.inserting_before(at):
@@ -96,45 +107,15 @@ def apply_compress(fw_gm: torch.fx.GraphModule, bw_gm: torch.fx.GraphModule, nam
 
     if not names:
         return
-    compress_op = torch.ops.memopt.compress.default
     decompress_op = torch.ops.memopt.decompress.default
-    output = fw_gm.graph.output_node()
-    returned = output.args[0]
-    values = list(returned) if isinstance(returned, (list, tuple)) else [returned]
-    nodes = {n.name: n for n in fw_gm.graph.nodes}
-    packed: dict[str, torch.fx.Node] = {}
-    for index in range(num_user_outputs, len(values)):
-        value = values[index]
-        if not isinstance(value, torch.fx.Node) or value.name not in names:
-            continue
-        if value.name not in packed:
-            with fw_gm.graph.inserting_after(nodes[value.name]):
-                node = fw_gm.graph.create_node("call_function", compress_op, (value, fmt),
-                                               name=f"{value.name}_packed")
-            node.meta["val"] = _fake_call(compress_op, value.meta["val"], fmt)
-            node.meta["memopt_pass"] = "schedule:compress"
-            packed[value.name] = node
-        values[index] = packed[value.name]
-    output.args = (tuple(values),)
-    fw_gm.graph.lint()
-    fw_gm.recompile()
-
-    order = {n: i for i, n in enumerate(bw_gm.graph.nodes)}
-    for placeholder in [n for n in bw_gm.graph.nodes if n.op == "placeholder" and n.name in packed]:
-        source = packed[placeholder.name]
-        val = placeholder.meta["val"]
-        placeholder.meta["val"] = source.meta["val"]
-        placeholder._rename(source.name)
-        if placeholder.name != source.name:
-            raise RuntimeError(f"cannot name the backward input {placeholder.name!r} {source.name!r}")
-        users = sorted(placeholder.users, key=lambda n: order[n])
-        if not users:
-            continue
-        with bw_gm.graph.inserting_before(users[0]):
-            unpacked = bw_gm.graph.call_function(
-                decompress_op, (placeholder, list(val.shape), list(val.stride()), val.dtype, fmt))
-        unpacked.meta["val"] = _fake_call(decompress_op, placeholder.meta["val"], list(val.shape),
-                                          list(val.stride()), val.dtype, fmt)
+    pending = _replace_saved(fw_gm, bw_gm, names, num_user_outputs=num_user_outputs,
+                             op=torch.ops.memopt.compress.default, args=(fmt,), suffix="_packed",
+                             tag="schedule:compress")
+    for placeholder, first, val in pending:
+        args = (list(val.shape), list(val.stride()), val.dtype, fmt)
+        with bw_gm.graph.inserting_before(first):
+            unpacked = bw_gm.graph.call_function(decompress_op, (placeholder, *args))
+        unpacked.meta["val"] = _fake_call(decompress_op, placeholder.meta["val"], *args)
         unpacked.meta["memopt_pass"] = "schedule:compress"
         placeholder.replace_all_uses_with(unpacked, delete_user_cb=lambda n: n is not unpacked)
     bw_gm.graph.lint()
