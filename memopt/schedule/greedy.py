@@ -1,7 +1,8 @@
 """Greedy scheduling (recompute or offload) under a peak-memory budget, verified by exact simulation.
 
-This is the warm start the CP-SAT scheduler builds on (and, until it lands, the scheduler): cheapest
-seconds per byte first, in batches sized to the remaining excess, each batch realised through the
+The partition-verified greedy: on small graphs, the last resort of :func:`memopt.schedule.search.search_plan`
+when no plan of the CP-SAT model verifies (the model's own warm start is a greedy over the model, in
+:mod:`memopt.schedule.cpsat`). Cheapest seconds per byte first, in batches sized to the remaining excess, each batch realised through the
 partitioner's tags and measured with the simulator (Note [Plans are realised through the partitioner's
 tags] in :mod:`memopt.schedule.problem`). When the budget is met, recomputations that turn out not to be
 needed are dropped again, most expensive first.
@@ -41,6 +42,8 @@ class Evaluation:
 
 @dataclasses.dataclass
 class ScheduleResult:
+    """What scheduling chose, with the baseline and the lowest peak any verified plan reached."""
+
     chosen: Evaluation                   # the plan to run: the budget's, or the lowest peak found
     baseline: Evaluation                 # nothing recomputed beyond the partitioner's own choices
     lowest: Evaluation                   # the lowest peak any evaluated plan reached

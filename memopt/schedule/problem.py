@@ -13,16 +13,11 @@ the simulator measures the result exactly. A plan is judged by that measurement,
 bytes it hoped to free.
 
 Note [Towards the CP-SAT model]
-The greedy scheduler (:mod:`memopt.schedule.greedy`) partitions and simulates every plan it tries; on
-a 7B joint graph a partition takes seconds, so the solver must not. The intended linear model: from the
-baseline simulation, each candidate ``v`` occupies its bytes over a window of the step's timeline (from
-its forward production to its last backward use). Recomputing it shrinks the window to [just before its
-first backward use, last backward use] and puts its recompute inputs' windows in its place; offloading it
-frees the window between production and the prefetch point, at an exposed transfer time. With one
-boolean per (candidate, choice), the live bytes at each timeline point are the baseline's minus the
-freed windows plus what recompute keeps alive, and the budget is a linear constraint per point (points
-grouped by layer class, Pareto fronts per class, a small outer model across layers). Whatever it
-returns is then verified by one partition and one exact simulation, as the greedy's plans are.
+The CP-SAT scheduler builds on these candidates: :mod:`memopt.schedule.model` turns the baseline
+partition into a linear model (Note [Freed windows]), :mod:`memopt.schedule.cpsat` solves it by layer
+classes, and :mod:`memopt.schedule.search` verifies what it returns by one partition and one exact
+simulation per plan. The partition-verified greedy (:mod:`memopt.schedule.greedy`) remains a last
+resort on small graphs.
 """
 
 from __future__ import annotations
