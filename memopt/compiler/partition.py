@@ -15,6 +15,7 @@ import torch
 import torch.fx
 from torch._functorch.partitioners import min_cut_rematerialization_partition
 
+from memopt.cost_model.bytes import storage_nbytes
 from memopt.schedule.streams import reload_points
 
 
@@ -84,7 +85,7 @@ def apply_offload(fw_gm: torch.fx.GraphModule, bw_gm: torch.fx.GraphModule, name
     pending = _replace_saved(fw_gm, bw_gm, names, num_user_outputs=num_user_outputs,
                              op=torch.ops.memopt.offload.default, args=(), suffix="_host",
                              tag="schedule:offload")
-    starts = reload_points(bw_gm.graph, [(first, transfer_time_s(_nbytes(val))) for _, first, val in pending])
+    starts = reload_points(bw_gm.graph, [(first, transfer_time_s(storage_nbytes(val))) for _, first, val in pending])
     for (placeholder, first, device_val), at in zip(pending, starts):
         with bw_gm.graph.inserting_before(at):
             reloaded = bw_gm.graph.call_function(reload_op, (placeholder, device_val.device))
@@ -120,12 +121,6 @@ def apply_compress(fw_gm: torch.fx.GraphModule, bw_gm: torch.fx.GraphModule, nam
         placeholder.replace_all_uses_with(unpacked, delete_user_cb=lambda n: n is not unpacked)
     bw_gm.graph.lint()
     bw_gm.recompile()
-
-
-def _nbytes(t: torch.Tensor) -> int:
-    from memopt.cost_model.bytes import hint_int, shape_env_of, storage_nbytes_expr
-
-    return hint_int(storage_nbytes_expr(t), shape_env_of(t))
 
 
 def _fake_call(op: object, *args: object) -> object:

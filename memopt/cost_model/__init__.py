@@ -8,6 +8,7 @@ from __future__ import annotations
 from memopt.cost_model.bytes import (
     hint_int,
     shape_env_of,
+    storage_nbytes,
     storage_nbytes_expr,
     tensor_nbytes_expr,
     value_nbytes,
@@ -44,6 +45,7 @@ __all__ = [
     "node_flops",
     "profile_to_json",
     "shape_env_of",
+    "storage_nbytes",
     "storage_nbytes_expr",
     "tensor_nbytes_expr",
     "transfer_time_s",

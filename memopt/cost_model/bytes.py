@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 __all__ = [
     "hint_int",
     "shape_env_of",
+    "storage_nbytes",
     "storage_nbytes_expr",
     "tensor_nbytes_expr",
     "value_nbytes",
@@ -199,6 +200,11 @@ def _iter_tensors(val: object) -> Iterable[torch.Tensor]:
     elif isinstance(val, (tuple, list)):
         for item in val:
             yield from _iter_tensors(item)
+
+
+def storage_nbytes(t: torch.Tensor) -> int:
+    """Bytes of the storage ``t`` lives in, evaluated at the hints (the example inputs' sizes)."""
+    return hint_int(storage_nbytes_expr(t), shape_env_of(t))
 
 
 def value_nbytes(val: Any, shape_env: ShapeEnv | None = None) -> int:

@@ -58,7 +58,6 @@ class _Point:
     """One plan of a layer: a choice per value (its items in order), with its totals."""
 
     choices: tuple[int, ...]     # per value: the index of its option, or -1 to keep it
-    freed: int
     recompute_ns: int
     out_ns: int
     in_ns: int
@@ -67,7 +66,7 @@ class _Point:
 @dataclasses.dataclass
 class _Var:
     set_id: int                 # the one-hot set it belongs to (a layer, or one value)
-    label: tuple[Any, ...]      # ("layer", group, point index) or ("value", item index, kind)
+    label: tuple[Any, ...]      # ("layer", group, point index) or ("value", item index, option index)
     cost_ns: int                # recompute time
     out_ns: int
     in_ns: int
@@ -150,16 +149,15 @@ def _signature(items: Sequence[Item]) -> tuple[Any, ...]:
 
 
 def _point_of(items: Sequence[Item], choices: tuple[int, ...]) -> _Point:
-    freed = rec = out = back = 0
+    rec = out = back = 0
     for item, choice in zip(items, choices):
         if choice < 0:
             continue
         option = item.options[choice]
-        freed += item.freed_by(option)
         rec += round(option.time_s * NS)
         out += round(option.out_s * NS)
         back += round(option.in_s * NS)
-    return _Point(choices, freed, rec, out, back)
+    return _Point(choices, rec, out, back)
 
 
 def _deterministic(solver: Any, workers: int, seconds: float) -> None:

@@ -30,7 +30,7 @@ import torch
 import torch.fx
 from torch.utils.checkpoint import CheckpointPolicy
 
-from memopt.cost_model.bytes import hint_int, shape_env_of, storage_nbytes_expr
+from memopt.cost_model.bytes import storage_nbytes
 from memopt.schedule.simulate import aliased_argument
 
 # The meta key memopt writes its decision into, beside torch's own "recompute" tag, so that memopt's
@@ -106,7 +106,7 @@ def candidates(joint_gm: torch.fx.GraphModule, saved: list[str],
             continue
         val = node.meta["val"]
         cost = node.meta.get("memopt_cost")
-        nbytes = hint_int(storage_nbytes_expr(val), shape_env_of(val))
+        nbytes = storage_nbytes(val)
         out.append(Candidate(
             name=name,
             nbytes=nbytes,

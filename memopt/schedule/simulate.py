@@ -42,7 +42,7 @@ from typing import Any
 import torch
 import torch.fx
 
-from memopt.cost_model.bytes import hint_int, shape_env_of, storage_nbytes_expr
+from memopt.cost_model.bytes import hint_int, shape_env_of, storage_nbytes
 
 # The offload host pool (memopt::offload's outputs): counted apart from device memory.
 HOST = "host"
@@ -214,7 +214,7 @@ class _Recorder:
 
 def _storage_bytes(t: torch.Tensor) -> int:
     # Symbolic sizes (a dynamic batch or sequence) are evaluated with their hints: the example's sizes.
-    return hint_int(storage_nbytes_expr(t), shape_env_of(t))
+    return storage_nbytes(t)
 
 
 # --------------------------------------------------------------------------------------------------------

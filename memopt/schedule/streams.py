@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 import torch.fx
 
-from memopt.cost_model.bytes import hint_int, shape_env_of, storage_nbytes_expr
+from memopt.cost_model.bytes import storage_nbytes
 
 
 def _op_name(node: torch.fx.Node) -> str | None:
@@ -37,7 +37,7 @@ def value_bytes(node: torch.fx.Node) -> int:
     val = node.meta.get("val")
     if not isinstance(val, torch.Tensor):
         return 0
-    return hint_int(storage_nbytes_expr(val), shape_env_of(val))
+    return storage_nbytes(val)
 
 
 def prefetch_point(first_use: torch.fx.Node, seconds: float) -> torch.fx.Node:
