@@ -5,21 +5,29 @@
     python benchmarks/bench_schedule.py --quick       # seq 256 only, 3 timed steps (about half of it)
     python benchmarks/bench_schedule.py --models tiny_gpt2 --budgets 0.5 --variants memopt_eager
 
-Four variants, each at the budgets 1.0, 0.5 and 0.25, per model (4 layers, hidden 128, vocabulary 256;
+Six variants, each at the budgets 1.0, 0.5 and 0.25, per model (4 layers, hidden 128, vocabulary 256;
 batch 4) and sequence length (256 and 512):
 
 - ``inductor_knapsack``: ``torch.compile(model)`` under
   ``torch._functorch.config.patch(activation_memory_budget=B)``: Inductor's min-cut partitioner, which for
   B < 1 picks what to recompute with a knapsack (the default solver, dp);
-- ``memopt_matched``: memopt with Inductor codegen whose budget is the tracked peak in bytes that the
-  knapsack reached in the same model, length and nominal budget: "recompute no more at an equal or lower
-  peak" compared directly (it needs the ``inductor_knapsack`` cell, which runs first);
+- ``eager_knapsack``: the same partition (memopt's partition step is torch's min-cut partitioner, which
+  reads that setting; memopt is given no budget) run as FX graphs by memopt's eager code generator, where
+  memopt's simulation of the step is exact: PyTorch's decisions without Inductor's fusion;
 - ``memopt_eager`` / ``memopt_inductor``: ``torch.compile(model, backend=MemoptBackend({"codegen": ...,
   "memory_budget": B, "cost_profile": "h100", "offload": False}))``: memopt recomputing only, the
   like-for-like opponent of a recompute-only knapsack (offload is switched off explicitly: on a CPU run
   "offloaded" activations stay in the same memory the tracker counts). A budget memopt cannot meet raises
   ``MemoptInfeasibleBudget`` at compile time; the cell is recorded as ``infeasible`` with the error's
-  ``min_peak_bytes``, not as a failure.
+  ``min_peak_bytes``, not as a failure;
+- ``memopt_eager_matched`` / ``memopt_matched``: memopt with the eager / Inductor code generator whose
+  budget is the tracked peak in bytes that ``eager_knapsack`` / ``inductor_knapsack`` reached in the same
+  model, length and nominal budget: "recompute no more at an equal or lower peak" compared directly (the
+  knapsack cell runs first).
+
+Every memopt variant costs recomputation for Inductor's fused kernels (``fused_costs=True``, Note [Fused
+costs] in ``memopt.cost_model.estimate``), the code a GPU run would use, also when the eager code
+generator runs the graphs here to measure their peak exactly.
 
 The two budgets are not the same quantity (Note [What the budgets mean]); cells are compared at the same
 nominal B and, across budgets, by the (tracked peak, recomputed FLOPs) pairs they reach.
@@ -57,8 +65,8 @@ A recomputed value is a node of the backward graph that is a copy of a forward o
 after the forward node that made it, and that is no recomputation. Recomputed FLOPs are
 ``memopt.cost_model.flops.node_flops`` summed over those nodes (PyTorch's flop formulas: matmuls,
 attention, convolutions; pointwise ops and reductions count 0, so the node count is reported too); the
-predicted added time is ``memopt.cost_model.estimate.estimate_node(node, h100).time_s`` summed over the
-same nodes. The same function serves every variant: for memopt on ``GraphReport.joint`` and
+predicted added time is ``memopt.cost_model.estimate.estimate_node(node, h100, fused=True).time_s``
+summed over the same nodes (fused: elementwise recomputation costs its reads, Note [Fused costs]). The same function serves every variant: for memopt on ``GraphReport.joint`` and
 ``.backward``; for Inductor on the graphs of its own partition, obtained through the public
 ``custom_partitioner_fn`` hook with bench_memory.py's probe (which calls
 ``min_cut_rematerialization_partition`` with exactly Inductor's arguments, so the partition, knapsack
@@ -124,16 +132,21 @@ class Variant:
     name: str
     backend: str                       # "inductor" | "memopt"
     codegen: str | None = None         # memopt's code generator
-    matched: bool = False              # memopt's budget: the knapsack's tracked peak in bytes (same cell)
+    knapsack: str = ""                 # the knapsack variant it is compared with (same code generator)
+    matched: bool = False              # memopt's budget: that knapsack's tracked peak in bytes (same cell)
+    torch_budget: bool = False         # memopt without a budget under activation_memory_budget=B
 
 
 VARIANTS: tuple[Variant, ...] = (
     Variant("inductor_knapsack", "inductor"),
-    Variant("memopt_eager", "memopt", codegen="eager"),
-    Variant("memopt_inductor", "memopt", codegen="inductor"),
-    Variant("memopt_matched", "memopt", codegen="inductor", matched=True),
+    Variant("eager_knapsack", "memopt", codegen="eager", torch_budget=True),
+    Variant("memopt_eager", "memopt", codegen="eager", knapsack="eager_knapsack"),
+    Variant("memopt_eager_matched", "memopt", codegen="eager", knapsack="eager_knapsack", matched=True),
+    Variant("memopt_inductor", "memopt", codegen="inductor", knapsack="inductor_knapsack"),
+    Variant("memopt_matched", "memopt", codegen="inductor", knapsack="inductor_knapsack", matched=True),
 )
-KNAPSACK = VARIANTS[0].name
+KNAPSACKS = frozenset(v.name for v in VARIANTS if not v.knapsack)
+BY_NAME = {v.name: v for v in VARIANTS}
 
 # (metric, unit) in the order the CSV lists them; a record's missing metric is left out of the CSV.
 METRICS: tuple[tuple[str, str], ...] = (
@@ -172,8 +185,9 @@ def forward_region(joint: torch.fx.GraphModule) -> frozenset[str]:
 
 
 def recompute_stats(fw_region: frozenset[str], backward: torch.fx.GraphModule | None,
-                    profile: DeviceProfile) -> tuple[int, int, float]:
-    """(FLOPs, node count, predicted seconds) of the forward ops the backward graph runs again."""
+                    profile: DeviceProfile, *, fused: bool) -> tuple[int, int, float]:
+    """(FLOPs, node count, predicted seconds) of the forward ops the backward graph runs again;
+    ``fused``: costed for a fusing code generator (Note [Fused costs] in memopt.cost_model.estimate)."""
     flops, count, seconds = 0, 0, 0.0
     if backward is None:
         return flops, count, seconds
@@ -181,7 +195,7 @@ def recompute_stats(fw_region: frozenset[str], backward: torch.fx.GraphModule | 
         if node.op == "call_function" and node.name in fw_region:
             flops += node_flops(node)
             count += 1
-            seconds += estimate_node(node, profile).time_s
+            seconds += estimate_node(node, profile, fused=fused).time_s
     return flops, count, seconds
 
 
@@ -200,7 +214,7 @@ def _recompute_probe_class() -> type:
                      ) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
             region = forward_region(gm)            # before the partitioner touches the joint graph
             fw, bw = super().__call__(gm, joint_inputs, **kwargs)
-            self.recompute.append(recompute_stats(region, bw, load_profile(PROFILE)))
+            self.recompute.append(recompute_stats(region, bw, load_profile(PROFILE), fused=True))
             return fw, bw
 
     return RecomputeProbe
@@ -249,8 +263,9 @@ def _step(model: nn.Module, batch: dict[str, Any]) -> None:
 def _cell_config(cell: Cell, probe: Any) -> Iterator[None]:
     """Settings that must hold while the cell compiles, which is lazily, at its first step."""
     with contextlib.ExitStack() as stack:
-        if cell.variant.backend == "inductor":
+        if cell.variant.backend == "inductor" or cell.variant.torch_budget:
             stack.enter_context(torch._functorch.config.patch(activation_memory_budget=cell.budget))
+        if cell.variant.backend == "inductor":
             stack.enter_context(torch._inductor.config.patch(custom_partitioner_fn=probe))
         yield
 
@@ -280,9 +295,10 @@ def run_cell(cell: Cell, batch_size: int, steps: int, log: Callable[[str], None]
     backend: MemoptBackend | None = None
     probe: Any = None
     if cell.variant.backend == "memopt":
-        backend = MemoptBackend({"codegen": cell.variant.codegen,
-                                 "memory_budget": budget_bytes if budget_bytes is not None else cell.budget,
-                                 "cost_profile": PROFILE, "offload": False})
+        # Costed for Inductor's fused kernels whatever runs on this CPU (Note [Counting recomputation]).
+        budget = None if cell.variant.torch_budget else budget_bytes if budget_bytes is not None else cell.budget
+        backend = MemoptBackend({"codegen": cell.variant.codegen, "memory_budget": budget,
+                                 "cost_profile": PROFILE, "offload": False}, fused_costs=True)
         compiled = cast(nn.Module, torch.compile(model, backend=backend))
     else:
         probe = _recompute_probe_class()()
@@ -347,7 +363,8 @@ def run_cell(cell: Cell, batch_size: int, steps: int, log: Callable[[str], None]
         profile = load_profile(PROFILE)
         for report in backend.reports:
             if report.joint is not None:
-                stats.append(recompute_stats(forward_region(report.joint), report.backward, profile))
+                stats.append(recompute_stats(forward_region(report.joint), report.backward, profile,
+                                             fused=True))
         record["graphs"] = len(backend.reports)
         reports = [r for r in backend.reports if r.memory is not None]
         if len(backend.reports) == 1 and reports:
@@ -476,8 +493,12 @@ def _beats(k: dict[str, Any], mine: dict[str, Any]) -> bool:
 
 
 COMPARISON_LEGEND = """\
-memopt_inductor is the like-for-like opponent (both partitions compiled by Inductor); memopt_eager runs
-memopt's FX graphs unfused, so its tracked peak also holds what Inductor fuses away."""
+Each memopt variant is compared with the knapsack run by the same code generator: memopt_eager and
+memopt_eager_matched with eager_knapsack (torch's knapsack partition run as FX graphs, unfused: the
+scheduling decisions alone, measured where memopt's simulation is exact), memopt_inductor and
+memopt_matched with inductor_knapsack (both compiled by Inductor, whose fusion and buffer reuse neither
+planner models). The *_matched variants get the knapsack's tracked peak as their budget: the target's
+own comparison."""
 
 
 def compare(records: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
@@ -485,18 +506,19 @@ def compare(records: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
     by_key = {(r["variant"], r["model"], r["seq_len"], r["budget"]): r for r in records}
     groups = list(dict.fromkeys((r["model"], r["seq_len"]) for r in records))
     budgets = sorted({r["budget"] for r in records}, reverse=True)
-    memopt_variants = list(dict.fromkeys(r["variant"] for r in records if r["variant"] != KNAPSACK))
+    memopt_variants = list(dict.fromkeys(r["variant"] for r in records if r["variant"] not in KNAPSACKS))
     verdicts: dict[str, Any] = {"cells": [], "per_variant": {}}
-    rows: list[tuple[str, ...]] = [("model", "seq", "budget", "memopt variant", "GFLOP memopt", "GFLOP knapsack",
+    rows: list[tuple[str, ...]] = [("model", "seq", "budget", "memopt variant", "knapsack", "GFLOP memopt",
+                                    "GFLOP knapsack",
                                     "peak MiB memopt", "peak MiB knapsack", "d peak MiB", "target met")]
     for model, seq in groups:
         for budget in budgets:
-            knap = by_key.get((KNAPSACK, model, seq, budget))
             for name in memopt_variants:
+                knap = by_key.get((BY_NAME[name].knapsack, model, seq, budget))
                 mine = by_key.get((name, model, seq, budget))
                 if mine is None:
                     continue
-                row_key = (model, str(seq), f"{budget:g}", name)
+                row_key = (model, str(seq), f"{budget:g}", name, BY_NAME[name].knapsack)
                 cell: dict[str, Any] = {"model": model, "seq_len": seq, "budget": budget, "variant": name}
                 if not _ok(mine) or not _ok(knap):
                     if mine.get("status") == "infeasible" and _ok(knap):
@@ -543,7 +565,7 @@ def compare(records: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
                     summary["same_budget_compared"] += 1
                     summary["same_budget_met"] += int(c["target_met"])
         for model, seq in groups:
-            knaps = [r for r in records if r["variant"] == KNAPSACK and r["model"] == model
+            knaps = [r for r in records if r["variant"] == BY_NAME[name].knapsack and r["model"] == model
                      and r["seq_len"] == seq and _ok(r)]
             for mine in records:
                 if mine["variant"] != name or mine["model"] != model or mine["seq_len"] != seq or not _ok(mine):
@@ -657,7 +679,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{args.seq_len_list} x budgets {args.budget_list}), batch {args.batch}, {args.step_count} timed "
           f"steps; torch {meta['torch']}, {meta['cpu_count']} CPUs", flush=True)
     records: list[dict[str, Any]] = []
-    knapsack_peaks: dict[tuple[str, int, float], int] = {}
+    knapsack_peaks: dict[tuple[str, str, int, float], int] = {}
     started = time.perf_counter()
     # bench_memory's Note [Isolating the variants]: no cached graphs, so the budget and the probes always run.
     with torch._inductor.config.patch(fx_graph_cache=False), \
@@ -670,18 +692,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             matched_bytes = None
             if cell.variant.matched:
-                knap = knapsack_peaks.get((cell.model, cell.seq, cell.budget))
+                knap = knapsack_peaks.get((cell.variant.knapsack, cell.model, cell.seq, cell.budget))
                 if knap is None:
                     records.append({**cell.key(), "batch": args.batch, "status": "error",
-                                    "error": "no measured knapsack cell to match (run inductor_knapsack too)"})
+                                    "error": f"no measured knapsack cell to match (run {cell.variant.knapsack} "
+                                             "too)"})
                     log("FAILED: no knapsack cell to match")
                     continue
                 matched_bytes = knap
                 log(f"budget: the knapsack's tracked peak, {knap} B")
             try:
                 record = run_cell(cell, args.batch, args.step_count, log, matched_bytes)
-                if cell.variant.name == KNAPSACK and record.get("status") == "ok":
-                    knapsack_peaks[cell.model, cell.seq, cell.budget] = record["tracked_peak_bytes"]
+                if cell.variant.name in KNAPSACKS and record.get("status") == "ok":
+                    knapsack_peaks[cell.variant.name, cell.model, cell.seq, cell.budget] = record["tracked_peak_bytes"]
             except Exception as exc:  # noqa: BLE001 - one failing cell must not lose the others
                 # Reported, not hidden: the row says what failed, the traceback goes to stderr, and the
                 # exit status is 1.

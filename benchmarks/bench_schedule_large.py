@@ -63,8 +63,9 @@ def _capture(name: str, seq: int, options: dict[str, Any], knapsack: bool,
     model.train()
     with mode:
         ids = torch.zeros(1, seq, dtype=torch.long)
+    # Captured with the eager code generator (nothing is compiled), costed for Inductor's fused kernels.
     backend = MemoptBackend({"codegen": "eager", "cost_profile": PROFILE, **options},
-                            progress=lambda message: log(f"    {message}"))
+                            progress=lambda message: log(f"    {message}"), fused_costs=True)
     torch._dynamo.reset()
     start = time.perf_counter()
     with warnings.catch_warnings(), torch._functorch.config.patch(
@@ -75,7 +76,8 @@ def _capture(name: str, seq: int, options: dict[str, Any], knapsack: bool,
     report = max((r for r in backend.reports if r.memory is not None), key=lambda r: r.memory.peak_bytes)
     assert report.joint is not None and report.memory is not None
     profile = load_profile(PROFILE)
-    flops, count, recompute_s = recompute_stats(forward_region(report.joint), report.backward, profile)
+    flops, count, recompute_s = recompute_stats(forward_region(report.joint), report.backward, profile,
+                                                fused=backend.fused_costs)
     exposed = exposed_transfer_s(report.forward, report.backward,
                                  lambda nbytes: transfer_time_s(nbytes, profile))
     record: dict[str, Any] = {

@@ -245,7 +245,9 @@ def plan(model_or_config: nn.Module | str | Any, example_inputs: Mapping[str, An
     config = parse_options(options)
     if device is not None:
         config = dataclasses.replace(config, cost_profile=device)
-    # Planning never runs the step: the eager code generator compiles nothing heavy.
+    # Planning never runs the step: the eager code generator compiles nothing heavy. The costs are for
+    # the code generator the user named (Note [Fused costs]).
+    fused_costs = config.codegen != "eager"
     config = dataclasses.replace(config, codegen="eager")
 
     from memopt.compiler.backend import MemoptBackend
@@ -310,7 +312,7 @@ def plan(model_or_config: nn.Module | str | Any, example_inputs: Mapping[str, An
            budget.nbytes is not None else f", scheduling for {budget}" if budget is not None else ""))
     stage_started = time.perf_counter()
     backend = MemoptBackend(dataclasses.replace(config, memory_budget=graph_budget),
-                            progress=lambda message: say(f"      {message}"))
+                            progress=lambda message: say(f"      {message}"), fused_costs=fused_costs)
     compiled = torch.compile(model, backend=backend, fullgraph=False)
     with warnings.catch_warnings():
         # The step is only traced; autograd's warnings about fake-tensor kernels do not concern a plan.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Callable
@@ -546,6 +547,30 @@ def test_annotate_costs_and_graph_time() -> None:
     assert annotate_costs(gm, profile) == costs  # deterministic
     mm_cost = costs[_nodes(gm, aten.mm.default)[0].name]
     assert mm_cost.flops == 2 * 32 * 16 * 8
+
+
+def test_fused_costs_charge_pointwise_ops_their_reads_only() -> None:
+    # Note [Fused costs]: under a fusing code generator an elementwise or reduction op costs the time to
+    # read its inputs (no launch, no write); the matmul keeps its full roofline cost.
+    def f(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x @ w).sum()
+
+    gm = make_fx(f)(torch.randn(32, 16), torch.randn(16, 8))
+    h100 = load_profile("h100")
+    unfused, fused = annotate_costs(gm, h100), annotate_costs(gm, h100, fused=True)
+    mm = _nodes(gm, aten.mm.default)[0].name
+    relu = _nodes(gm, aten.relu.default)[0].name
+    total = _nodes(gm, aten.sum.default)[0].name
+    assert fused[mm] == unfused[mm]
+    for name in (relu, total):
+        assert fused[name].time_s == pytest.approx(fused[name].read_bytes / h100.memory_bandwidth)
+        assert fused[name].read_bytes == 32 * 8 * 4
+        assert unfused[name].time_s == pytest.approx(
+            (unfused[name].read_bytes + unfused[name].out_bytes) / h100.memory_bandwidth + h100.launch_overhead_s)
+    # The same bytes and FLOPs either way: only the time is the code generator's.
+    assert all(dataclasses.replace(fused[n], time_s=0.0) == dataclasses.replace(unfused[n], time_s=0.0)
+               for n in fused)
+    assert graph_time_s(gm, h100) > math.fsum(c.time_s for c in fused.values())
 
 
 def test_transfer_time() -> None:

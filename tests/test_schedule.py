@@ -153,6 +153,9 @@ def test_schedule_json_explains_every_candidate(tmp_path: Path) -> None:
     solver = data["solver"]
     assert solver["status"] in ("OPTIMAL", "FEASIBLE") and solver["gap"] is not None and solver["gap"] >= 0
     assert solver["bound_s"] <= solver["objective_s"]
+    # Every solve is listed (the baseline's first, then e.g. those on the knapsack's cut), each labelled.
+    assert data["solves"][0] == solver and solver["model"] == "cp-sat"
+    assert all(s["model"] and s["status"] for s in data["solves"])
     chosen = [a for a in data["attempts"] if a["method"] == data["method"]]
     assert chosen and chosen[0]["meets_budget"] and chosen[0]["peak_bytes"] == data["peak_bytes"]
     rows = data["candidates"]

@@ -56,13 +56,16 @@ class MemoptBackend:
 
     ``reports`` holds one :class:`GraphReport` per graph it compiled (the partitioned graphs, the pass
     records and the simulated memory), in compile order. ``passes`` replaces the pipeline (tests register
-    passes of their own this way).
+    passes of their own this way). ``fused_costs`` says whether the graphs will run through a fusing code
+    generator, for the cost model (Note [Fused costs]); by default, whether ``codegen`` is not "eager".
+    ``memopt plan`` captures with the eager code generator but costs for the one the user named.
     """
 
     def __init__(self, options: Mapping[str, Any] | MemoptConfig | None = None, *,
                  passes: Sequence[Pass] | None = None,
-                 progress: Callable[[str], None] | None = None) -> None:
+                 progress: Callable[[str], None] | None = None, fused_costs: bool | None = None) -> None:
         self.config = parse_options(options)
+        self.fused_costs = self.config.codegen != "eager" if fused_costs is None else fused_costs
         self.progress: Callable[[str], None] = progress or (lambda message: None)
         self.passes: tuple[Pass, ...] = PIPELINE if passes is None else tuple(passes)
         check_order(self.passes)
@@ -103,7 +106,8 @@ class MemoptBackend:
         gm, records = run_passes(gm, self.passes, ctx, dumper)
         report.passes.extend(records)
         report.seconds["model_passes"] = time.perf_counter() - start
-        stage = JointStage(config, self.profile, self.passes, report, dumper, self.progress)
+        stage = JointStage(config, self.profile, self.passes, report, dumper, self.progress,
+                           fused_costs=self.fused_costs)
         self.progress("AOTAutograd: tracing the joint forward+backward graph")
         if not training and config.codegen != "eager":
             # Inductor compiles an inference graph without a partition hook: record what we know.

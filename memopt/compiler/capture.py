@@ -12,6 +12,7 @@ cost annotation, partition, simulation, dumps. The same hook serves both code ge
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 import warnings
@@ -32,7 +33,7 @@ from memopt.errors import MemoptPassError
 from memopt.passes.base import Pass, PassContext
 from memopt.schedule.budget import budget_bytes, check_budget
 from memopt.schedule.greedy import NOTHING, Evaluation, Plan, ScheduleResult
-from memopt.schedule.model import build_problem
+from memopt.schedule.model import ScheduleProblem, build_problem
 from memopt.schedule.problem import apply_recompute_tags, candidates, saved_values
 from memopt.schedule.search import search_plan
 from memopt.schedule.simulate import (
@@ -96,8 +97,9 @@ class JointStage(CustomPartitionerFn):
 
     def __init__(self, config: MemoptConfig, profile: DeviceProfile, passes: Sequence[Pass],
                  report: GraphReport, dumper: Dumper,
-                 progress: Callable[[str], None] = lambda message: None) -> None:
+                 progress: Callable[[str], None] = lambda message: None, *, fused_costs: bool = False) -> None:
         self.config, self.profile, self.passes = config, profile, tuple(passes)
+        self.fused_costs = fused_costs          # Note [Fused costs]
         self.report, self.dumper, self.progress = report, dumper, progress
         self.primal_kinds: tuple[str, ...] = ()
 
@@ -124,7 +126,7 @@ class JointStage(CustomPartitionerFn):
 
         self.progress(f"cost model ({self.profile.name}): bytes, FLOPs and time per node")
         start = time.perf_counter()
-        self._analysis("cost model", lambda: annotate_costs(gm, self.profile))
+        self._analysis("cost model", lambda: annotate_costs(gm, self.profile, fused=self.fused_costs))
         self.report.seconds["cost_model"] = time.perf_counter() - start
 
         self.progress("partitioning into forward and backward graphs")
@@ -147,7 +149,7 @@ class JointStage(CustomPartitionerFn):
         fw_region = {n.name for n in gm.graph.nodes if n.op == "call_function"} - {
             n.name for n in backward_nodes(gm.graph)}
         cost = {n.name: n.meta["memopt_cost"].time_s for n in gm.graph.nodes if "memopt_cost" in n.meta}
-        cache: dict[Plan, Evaluation] = {}
+        cache: dict[tuple[Plan, float], Evaluation] = {}
         def one_way(nbytes: int) -> float:
             return transfer_time_s(nbytes, self.profile)
 
@@ -161,12 +163,16 @@ class JointStage(CustomPartitionerFn):
         compression = None if self.config.compress_activations is None else \
             (lambda nbytes, packed: packing_time(packed, nbytes))
 
-        def evaluate(plan: Plan) -> Evaluation:
-            if plan not in cache:
+        def evaluate(plan: Plan, share: float = 1.0) -> Evaluation:
+            # share < 1: on torch's knapsack cut at that share (Note [Seeding from PyTorch's knapsack]).
+            if (plan, share) not in cache:
                 recompute, offload, compress = plan
                 apply_recompute_tags(gm, recompute)
-                fw, bw = partition_joint(gm, joint_inputs, num_fwd_outputs=num_fwd_outputs,
-                                         static_lifetime_input_indices=static)
+                with contextlib.ExitStack() as stack:
+                    if share < 1.0:
+                        stack.enter_context(torch._functorch.config.patch(activation_memory_budget=share))
+                    fw, bw = partition_joint(gm, joint_inputs, num_fwd_outputs=num_fwd_outputs,
+                                             static_lifetime_input_indices=static)
                 saved = saved_values(fw, num_fwd_outputs)
                 offload = offload & frozenset(saved)
                 apply_offload(fw, bw, offload, num_user_outputs=num_fwd_outputs,
@@ -185,16 +191,20 @@ class JointStage(CustomPartitionerFn):
                 added += exposed_transfer_s(fw, bw, one_way)
                 added += sum(packing_time(value_bytes(n), value_bytes(n.args[0]))
                              for n in fw.graph.nodes if n.meta.get("memopt_pass") == "schedule:compress")
-                cache[plan] = Evaluation(recompute, offload, timeline, found, added, fw, bw, compress)
-            return cache[plan]
+                cache[(plan, share)] = Evaluation(recompute, offload, timeline, found, added, fw, bw, compress,
+                                                  share)
+            return cache[(plan, share)]
+
+        def problem_of(base: Evaluation) -> ScheduleProblem:
+            return build_problem(gm, base.forward, base.backward, base.timeline, base.candidates, transfer,
+                                 compression)
 
         baseline = evaluate(NOTHING)
         limit = budget_bytes(budget, baseline.timeline)
         self.progress(f"scheduling: baseline peak {baseline.peak_bytes} B, budget {limit} B")
-        problem = build_problem(gm, baseline.forward, baseline.backward, baseline.timeline,
-                                baseline.candidates, transfer, compression)
-        result = search_plan(evaluate, problem, baseline, limit, graph_nodes=len(gm.graph.nodes),
-                             time_limit_s=self.config.solver_time_limit_s, progress=self.progress)
+        result = search_plan(evaluate, problem_of, baseline, limit, graph_nodes=len(gm.graph.nodes),
+                             time_limit_s=self.config.solver_time_limit_s, progress=self.progress,
+                             knapsack=True)
         apply_recompute_tags(gm, result.chosen.recompute)   # the joint graph shows the chosen plan
         self.report.schedule = result
         self.dumper.write_json("schedule.json", {
@@ -203,6 +213,7 @@ class JointStage(CustomPartitionerFn):
             "lowest_peak_bytes": result.lowest.peak_bytes,
             "added_time_s": float(f"{result.chosen.added_time_s:.6g}"), "profile": self.profile.name,
             "evaluations": result.evaluations, "method": result.method, "solver": result.solver,
+            "solves": result.solves,
             "attempts": result.attempts, "candidates": result.decisions()})
         self.dumper.write_text("memory_timeline.svg", timeline_svg(
             {"before scheduling": [(e.phase, e.live_bytes) for e in baseline.timeline.events],
@@ -230,7 +241,8 @@ class JointStage(CustomPartitionerFn):
         # Partitioned nodes carry the joint graph's costs; only graphs that never were joint need them.
         for graph in graphs:
             if any("memopt_cost" not in n.meta for n in graph.graph.nodes if n.op == "call_function"):
-                self._analysis("cost model", lambda: annotate_costs(graph, self.profile))
+                self._analysis("cost model", lambda: annotate_costs(graph, self.profile,
+                                                                   fused=self.fused_costs))
         report.predicted_time_s = sum(
             node.meta["memopt_cost"].time_s for graph in graphs
             for node in graph.graph.nodes if "memopt_cost" in node.meta)

@@ -6,9 +6,21 @@ Each kernel is assumed to run at the slower of its two limits: arithmetic (FLOPs
 its input dtype) and memory (bytes read plus bytes written over the memory bandwidth), plus a fixed
 launch overhead. Only ops PyTorch's flop counter counts (matmuls, convolutions, attention) are given an
 arithmetic limit; elementwise and reduction ops are memory-bound on every device memopt targets, so
-their FLOPs would never decide the time. Fusion is ignored: the scheduler compares alternatives (keep vs
-recompute vs offload) on the same graph, where this bias is shared by both sides. Peaks are datasheet
-numbers, so absolute times are optimistic; `memopt tune` replaces them with measured ones.
+their FLOPs would never decide the time. Peaks are datasheet numbers, so absolute times are optimistic;
+`memopt tune` replaces them with measured ones.
+
+Note [Fused costs]
+~~~~~~~~~~~~~~~~~~
+Inductor (``codegen="inductor"`` or ``"triton"``) fuses chains of elementwise and reduction ops into
+one kernel, often into the kernel that consumes them: their intermediates are never written and the chain
+launches once, not once per op. Costed one kernel per op, recomputing an RMSNorm (six ops) would look
+six launches dearer than recomputing the matmul after it, the opposite of what runs, and the scheduler
+would recompute FLOPs to spare pointwise work Inductor does for the price of its reads. So with
+``fused=True`` an aten/prims op whose FLOPs PyTorch's counter does not count costs the time to read its
+inputs and nothing else: no launch, no write (the fused group's one launch and final write are not
+charged; reads of intermediates that stay in registers are: the two errors point opposite ways and are
+small beside a matmul). Matmuls, attention and every non-aten op (memopt's own, custom kernels) keep
+their full cost. The eager code generator runs every node as its own kernel: ``fused=False``.
 
 Note [Which nodes launch nothing]
 ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
@@ -142,8 +154,9 @@ def _input_dtype(node: torch.fx.Node) -> torch.dtype | None:
     return None
 
 
-def estimate_node(node: torch.fx.Node, profile: DeviceProfile) -> NodeCost:
-    """Roofline cost of one node; see Note [Roofline per node] and Note [Which nodes launch nothing]."""
+def estimate_node(node: torch.fx.Node, profile: DeviceProfile, *, fused: bool = False) -> NodeCost:
+    """Roofline cost of one node; see Note [Roofline per node], Note [Which nodes launch nothing] and,
+    with ``fused``, Note [Fused costs]."""
     if node.op == "output":
         return _FREE
     if node.op == "placeholder":
@@ -167,6 +180,9 @@ def estimate_node(node: torch.fx.Node, profile: DeviceProfile) -> NodeCost:
     # all_input_nodes is deduplicated: x + x reads x once.
     read_bytes = sum(value_nbytes(_val(arg, node)) for arg in node.all_input_nodes)
     flops = node_flops(node)
+    if fused and flops == 0 and _fusable(node.target):
+        return NodeCost(out_bytes=out_bytes, read_bytes=read_bytes, flops=0,
+                        time_s=read_bytes / profile.memory_bandwidth)
     memory_time = (read_bytes + out_bytes) / profile.memory_bandwidth
     if flops > 0:
         dtype = _input_dtype(node) or torch.float32
@@ -182,11 +198,18 @@ def estimate_node(node: torch.fx.Node, profile: DeviceProfile) -> NodeCost:
     )
 
 
-def annotate_costs(gm: torch.fx.GraphModule, profile: DeviceProfile) -> dict[str, NodeCost]:
-    """Store ``node.meta["memopt_cost"]`` on every node; return the costs by node name, in graph order."""
+def _fusable(target: Any) -> bool:
+    # See Note [Fused costs]: what Inductor lowers to its own loops (aten and prims ops).
+    return isinstance(target, torch._ops.OpOverload) and target.namespace in ("aten", "prims")
+
+
+def annotate_costs(gm: torch.fx.GraphModule, profile: DeviceProfile, *, fused: bool = False,
+                   ) -> dict[str, NodeCost]:
+    """Store ``node.meta["memopt_cost"]`` on every node; return the costs by node name, in graph order.
+    ``fused``: the graph runs through a fusing code generator (Note [Fused costs])."""
     costs: dict[str, NodeCost] = {}
     for node in gm.graph.nodes:
-        cost = estimate_node(node, profile)
+        cost = estimate_node(node, profile, fused=fused)
         node.meta[COST_META_KEY] = cost
         costs[node.name] = cost
     return costs

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import torch.fx
 
@@ -34,6 +34,7 @@ class Evaluation:
     forward: torch.fx.GraphModule
     backward: torch.fx.GraphModule
     compress: frozenset[str] = frozenset()
+    share: float = 1.0                   # < 1: on torch's knapsack cut at that share of the saved bytes
 
     @property
     def peak_bytes(self) -> int:
@@ -52,14 +53,19 @@ class ScheduleResult:
     evaluations: int
     method: str = "greedy"               # which search found ``chosen``
     attempts: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # every plan verified
-    solver: dict[str, Any] | None = None  # the CP-SAT solve's statistics, when it ran
+    solver: dict[str, Any] | None = None  # the first CP-SAT solve's statistics (on the baseline), when it ran
+    solves: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # every CP-SAT solve, in order
 
     def decisions(self) -> list[dict[str, Any]]:
-        """Per candidate of the baseline partition: bytes, choice, cost and why (for schedule.json)."""
+        """Per value the baseline partition or the chosen one saves: bytes, choice, cost and why (for
+        schedule.json)."""
         kept = {c.name for c in self.chosen.candidates}
         by = "the CP-SAT plan" if self.method.startswith("cp-sat") else f"the {self.method} plan"
+        cut = (f"torch's knapsack cut (activation_memory_budget={self.chosen.share:.3g})"
+               if self.chosen.share < 1.0 else "the partitioner")
+        values = {c.name: c for c in [*self.baseline.candidates, *self.chosen.candidates]}
         rows = []
-        for c in sorted(self.baseline.candidates, key=lambda c: (-c.nbytes, c.name)):
+        for c in sorted(values.values(), key=lambda c: (-c.nbytes, c.name)):
             if c.name in self.chosen.compress:
                 choice, why = "compress", f"stored compressed to meet the budget by {by} (lossy, allowed)"
             elif c.name in self.chosen.offload:
@@ -71,7 +77,7 @@ class ScheduleResult:
                 why = c.why_not or ("the budget is met without recomputing it"
                                     if self.feasible else "recomputing did not lower the peak")
             else:
-                choice, why = "recompute", "the partitioner recomputes it around a memopt decision"
+                choice, why = "recompute", f"{cut} recomputes it around memopt's decisions"
             rows.append({"name": c.name, "bytes": c.nbytes, "choice": choice,
                          "recompute_time_s": float(f"{c.recompute_time_s:.6g}"),
                          "offload_time_s": (None if c.offload_time_s == float("inf")
@@ -82,6 +88,13 @@ class ScheduleResult:
 
 Plan = tuple[frozenset[str], frozenset[str], frozenset[str]]      # (recompute, offload, compress)
 NOTHING: Plan = (frozenset(), frozenset(), frozenset())
+
+
+class Evaluate(Protocol):
+    """Partition and simulate a plan; ``share`` < 1 puts it on torch's knapsack cut at that share of
+    the saved bytes (Note [Seeding from PyTorch's knapsack] in :mod:`memopt.schedule.search`)."""
+
+    def __call__(self, plan: Plan, share: float = 1.0, /) -> Evaluation: ...
 
 
 def schedule_greedy(evaluate: Callable[[Plan], Evaluation], budget_bytes: int, *,

@@ -15,38 +15,58 @@ Pure like the rest of the schedule room: partitioning and simulating a plan is t
    model misses.
 4. The plan that meets the budget with the least predicted added time wins. When none does, CP-SAT
    looks for the lowest peak instead, and the lowest measured peak goes into the error.
+
+Note [Seeding from PyTorch's knapsack]
+The linear model chooses among the values the baseline partition saves. torch's knapsack
+(``activation_memory_budget``, a share of the saved bytes it may remove) can cut elsewhere: save a
+matmul's output and recompute the pointwise chain after it, where the baseline saves that chain's
+outputs. Neither view contains the other, and the knapsack's peak is not monotonic in its share, so
+when the caller can realise plans on the knapsack's cut, its partitions at several shares are verified
+as they are (a grid of four on graphs a partition is cheap for, else two around the budget's own share),
+and the cheapest one over the budget becomes a second base, modelled and solved like the baseline (plans
+on it recompute the knapsack's ops plus their own). The cheapest verified plan of all wins: never
+worse than PyTorch's own answer at the shares tried, better where the model finds a way.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
 from memopt.schedule.cpsat import solve_schedule
-from memopt.schedule.greedy import Evaluation, Plan, ScheduleResult, schedule_greedy
+from memopt.schedule.greedy import NOTHING, Evaluate, Evaluation, ScheduleResult, schedule_greedy
 from memopt.schedule.model import COMPRESS, OFFLOAD, RECOMPUTE, Option, ScheduleProblem
 
 MAX_ROUNDS = 3
 # Graphs up to this many joint nodes also get the partition-verified greedy (a partition of a tiny
 # Llama takes ~0.1 s on the 2-core CPU; of a 32-layer 7B joint graph, ~6 s).
 PARTITION_GREEDY_MAX_NODES = 4000
+# torch's knapsack shares tried (Note [Seeding from PyTorch's knapsack]): a grid on graphs a partition
+# is cheap for, else the two around the budget's own share.
+KNAPSACK_GRID = (0.9, 0.75, 0.5, 0.25)
 
 
-def search_plan(evaluate: Callable[[Plan], Evaluation], problem: ScheduleProblem, baseline: Evaluation,
-                budget_bytes: int, *, graph_nodes: int, time_limit_s: float,
-                progress: Callable[[str], None] = lambda message: None) -> ScheduleResult:
-    """The best verified plan for ``budget_bytes`` (see the module docstring)."""
+def search_plan(evaluate: Evaluate, build: Callable[[Evaluation], ScheduleProblem],
+                baseline: Evaluation, budget_bytes: int, *, graph_nodes: int, time_limit_s: float,
+                progress: Callable[[str], None] = lambda message: None, knapsack: bool = False) -> ScheduleResult:
+    """The best verified plan for ``budget_bytes`` (see the module docstring). ``build`` models a
+    verified plan (:func:`memopt.schedule.model.build_problem`); with ``knapsack``, ``evaluate`` can
+    realise plans on torch's knapsack cut too (Note [Seeding from PyTorch's knapsack])."""
     if baseline.peak_bytes <= budget_bytes:
         return ScheduleResult(baseline, baseline, baseline, budget_bytes, True, 1, method="baseline",
                               attempts=[_attempt("baseline", baseline, budget_bytes)])
     attempts: list[tuple[str, Evaluation]] = [("baseline", baseline)]
     evaluations = 1
+    problem = build(baseline)
+    share = 1.0                            # the cut the problem being solved is modelled on
 
     def verify(label: str, plan: dict[str, Option]) -> Evaluation:
         nonlocal evaluations
         evaluations += 1
-        found = evaluate((problem.recompute_nodes(plan), problem.offloaded(plan), problem.compressed(plan)))
+        found = evaluate((problem.recompute_nodes(plan), problem.offloaded(plan), problem.compressed(plan)),
+                         share)
         attempts.append((label, found))
         progress(f"{label}: recompute {sum(1 for o in plan.values() if o.kind == RECOMPUTE)}, offload "
                  f"{sum(1 for o in plan.values() if o.kind == OFFLOAD)}, compress "
@@ -55,15 +75,14 @@ def search_plan(evaluate: Callable[[Plan], Evaluation], problem: ScheduleProblem
                  f"budget {budget_bytes} B), added time {found.added_time_s:.6g} s")
         return found
 
-    stats: dict[str, Any] | None = None
+    solves: list[dict[str, Any]] = []      # every CP-SAT solve's statistics, in order
 
     def solve_and_verify(model: ScheduleProblem, name: str) -> None:
-        nonlocal stats
         target = budget_bytes
         for round_ in range(MAX_ROUNDS):
             solved = solve_schedule(model, target, time_limit_s=time_limit_s, progress=progress)
-            stats = stats or solved.stats.to_json()
             label = name if round_ == 0 else f"{name} (model budget lowered by {budget_bytes - target} B)"
+            solves.append({"model": label, **solved.stats.to_json()})
             found = verify(label, solved.plan)
             if round_ == 0 and solved.hint != solved.plan:
                 verify(f"{name}: {solved.stats.hint_source} hint", solved.hint)
@@ -74,6 +93,25 @@ def search_plan(evaluate: Callable[[Plan], Evaluation], problem: ScheduleProblem
                 break
 
     solve_and_verify(problem, "cp-sat")
+    if knapsack:
+        over: list[tuple[float, Evaluation]] = []
+        for share_ in _knapsack_shares(baseline, budget_bytes, graph_nodes):
+            seeded = evaluate(NOTHING, share_)
+            evaluations += 1
+            label = f"pytorch knapsack ({share_:.3g})"
+            attempts.append((label, seeded))
+            progress(f"{label}: simulated peak {seeded.peak_bytes} B, added time {seeded.added_time_s:.6g} s")
+            if seeded.peak_bytes > budget_bytes:
+                over.append((share_, seeded))
+        best = min((e.added_time_s for _, e in attempts if e.peak_bytes <= budget_bytes), default=math.inf)
+        if over and min(e.added_time_s for _, e in over) < best:
+            # The cheapest cut over the budget, with what the model adds to it (which only adds time:
+            # a cut already dearer than a verified plan cannot lead to a better one).
+            closest, seeded = min(over, key=lambda o: (o[1].added_time_s, o[1].peak_bytes))
+            modelled = problem
+            problem, share = build(seeded), closest
+            solve_and_verify(problem, f"cp-sat on the knapsack's cut ({closest:.3g})")
+            problem, share = modelled, 1.0
     if not any(e.peak_bytes <= budget_bytes for _, e in attempts) and any(
             o.kind != RECOMPUTE for item in problem.items for o in item.options):
         # The model's offload windows are the least exact part of it (reload timing on a busy copy
@@ -93,13 +131,23 @@ def search_plan(evaluate: Callable[[Plan], Evaluation], problem: ScheduleProblem
     if not meets:
         lowest = solve_schedule(problem, budget_bytes, time_limit_s=time_limit_s, minimise_peak=True,
                                 progress=progress)
+        solves.append({"model": "cp-sat lowest peak", **lowest.stats.to_json()})
         verify("cp-sat lowest peak", lowest.plan)
     method, chosen = min(meets or attempts, key=lambda a: (a[1].added_time_s, a[1].peak_bytes) if meets
                          else (a[1].peak_bytes, a[1].added_time_s))
     lowest_peak = min((e for _, e in attempts), key=lambda e: e.peak_bytes)
     return ScheduleResult(chosen, baseline, lowest_peak, budget_bytes, bool(meets), evaluations,
                           method=method, attempts=[_attempt(label, e, budget_bytes) for label, e in attempts],
-                          solver=stats)
+                          solver=solves[0] if solves else None, solves=solves)
+
+
+def _knapsack_shares(baseline: Evaluation, budget_bytes: int, graph_nodes: int) -> list[float]:
+    # The share of the saved bytes the budget keeps, were the peak to fall byte for byte with them; the
+    # knapsack's share is of the range it can remove, so its cut falls deeper than that.
+    own = 1.0 - (baseline.peak_bytes - budget_bytes) / max(baseline.timeline.saved_activation_bytes, 1)
+    if graph_nodes <= PARTITION_GREEDY_MAX_NODES:
+        return list(KNAPSACK_GRID)
+    return [s for s in (round(min(max(own, 0.05), 0.95), 3), round(min(max(own, 0.05), 0.95) / 2 + 0.5, 3))]
 
 
 def _attempt(label: str, found: Evaluation, budget_bytes: int) -> dict[str, Any]:
