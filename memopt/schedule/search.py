@@ -20,12 +20,17 @@ Note [Seeding from PyTorch's knapsack]
 The linear model chooses among the values the baseline partition saves. torch's knapsack
 (``activation_memory_budget``, a share of the saved bytes it may remove) can cut elsewhere: save a
 matmul's output and recompute the pointwise chain after it, where the baseline saves that chain's
-outputs. Neither view contains the other, and the knapsack's peak is not monotonic in its share, so
-when the caller can realise plans on the knapsack's cut, its partitions at several shares are verified
-as they are (a grid of four on graphs a partition is cheap for, else two around the budget's own share),
-and the cheapest one over the budget becomes a second base, modelled and solved like the baseline (plans
-on it recompute the knapsack's ops plus their own). The cheapest verified plan of all wins: never
-worse than PyTorch's own answer at the shares tried, better where the model finds a way.
+outputs. Neither view contains the other, and the knapsack's peak is not monotonic in its share. So when
+the caller can realise plans on the knapsack's cut, its partitions at a few shares are verified as they
+are: a grid of four on graphs a partition is cheap for, else the budget's own share and the one halfway
+to 1 (only the former beyond :data:`KNAPSACK_PAIR_MAX_NODES`: a partition of a 128-layer graph takes
+~25 s). On the small graphs the cheapest cut over the budget also becomes a second base, modelled and
+solved like the baseline (plans on it recompute the knapsack's ops plus their own). That model is less
+exact than the baseline's (with the tags in place the knapsack chooses again around them), so
+verification decides, and on large graphs, where one more solve and its verification cost half a minute
+and the model erred most (a 128-layer Llama: predicted far below what verified), it is not built. The
+cheapest verified plan of all wins: never worse than PyTorch's own answer at the shares tried, better
+where the model finds a way.
 """
 
 from __future__ import annotations
@@ -46,6 +51,8 @@ PARTITION_GREEDY_MAX_NODES = 4000
 # torch's knapsack shares tried (Note [Seeding from PyTorch's knapsack]): a grid on graphs a partition
 # is cheap for, else the two around the budget's own share.
 KNAPSACK_GRID = (0.9, 0.75, 0.5, 0.25)
+# Larger graphs try two shares up to this many joint nodes (a 7B Llama's 7.4k: ~4 s a partition), one above.
+KNAPSACK_PAIR_MAX_NODES = 12000
 
 
 def search_plan(evaluate: Evaluate, build: Callable[[Evaluation], ScheduleProblem],
@@ -104,7 +111,7 @@ def search_plan(evaluate: Evaluate, build: Callable[[Evaluation], ScheduleProble
             if seeded.peak_bytes > budget_bytes:
                 over.append((share_, seeded))
         best = min((e.added_time_s for _, e in attempts if e.peak_bytes <= budget_bytes), default=math.inf)
-        if over and min(e.added_time_s for _, e in over) < best:
+        if graph_nodes <= PARTITION_GREEDY_MAX_NODES and over and min(e.added_time_s for _, e in over) < best:
             # The cheapest cut over the budget, with what the model adds to it (which only adds time:
             # a cut already dearer than a verified plan cannot lead to a better one).
             closest, seeded = min(over, key=lambda o: (o[1].added_time_s, o[1].peak_bytes))
@@ -147,7 +154,8 @@ def _knapsack_shares(baseline: Evaluation, budget_bytes: int, graph_nodes: int) 
     own = 1.0 - (baseline.peak_bytes - budget_bytes) / max(baseline.timeline.saved_activation_bytes, 1)
     if graph_nodes <= PARTITION_GREEDY_MAX_NODES:
         return list(KNAPSACK_GRID)
-    return [s for s in (round(min(max(own, 0.05), 0.95), 3), round(min(max(own, 0.05), 0.95) / 2 + 0.5, 3))]
+    own = round(min(max(own, 0.05), 0.95), 3)
+    return [own, round(own / 2 + 0.5, 3)] if graph_nodes <= KNAPSACK_PAIR_MAX_NODES else [own]
 
 
 def _attempt(label: str, found: Evaluation, budget_bytes: int) -> dict[str, Any]:
