@@ -17,6 +17,10 @@ from memopt.errors import (
     MemoptUnsupportedError,
 )
 
+# Eager, not lazy: importing the submodule memopt.prepare would otherwise shadow the function of the
+# same name on the package.
+from memopt.prepare import prepare  # noqa: E402
+
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
@@ -39,6 +43,6 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "MemoptBackend", "MemoptConfig", "MemoptConfigError", "MemoptError", "MemoptInfeasibleBudget",
-    "MemoptPassError", "MemoptProfileError", "MemoptUnsupportedError", "parse_options", "plan",
+    "MemoptPassError", "MemoptProfileError", "MemoptUnsupportedError", "parse_options", "plan", "prepare",
     "track_memory", "__version__",
 ]

@@ -18,6 +18,7 @@ import torch.fx
 from memopt.compiler.capture import GraphReport, JointStage, compile_joint
 from memopt.compiler.dump import Dumper, graph_id
 from memopt.compiler.pipeline import PIPELINE
+from memopt.passes.inject_adapters import is_adapter_node
 from memopt.compiler.runner import check_order, run_passes
 from memopt.config import MemoptConfig, parse_options
 from memopt.cost_model.profile import DeviceProfile, load_profile
@@ -94,6 +95,12 @@ class MemoptBackend:
                 "a memory_budget was given for training, but no input of the compiled graph requires a "
                 "gradient (no trainable parameters?). Unfreeze the parameters to train, call memopt.prepare "
                 "with adapter options, or run under torch.no_grad() for inference")
+        if config.adapters is not None and training and not any(is_adapter_node(n) for n in gm.graph.nodes):
+            raise MemoptConfigError(
+                "options['adapters'] is set, but this graph trains parameters and holds no memopt adapter: "
+                "call memopt.prepare(model, options) before torch.compile (it freezes the base weights and "
+                "creates the adapters, so that the optimizer can be built on them), or drop 'adapters' "
+                "from the options to train the model as it is")
         report = GraphReport(graph_id=graph_id(_compile_id(), gm), codegen=config.codegen, input_kinds=kinds)
         self.reports.append(report)
         dumper = Dumper(config.dump_dir, report.graph_id)

@@ -4,14 +4,17 @@ One tuple, one line per pass, each with why it sits where it does. Model-graph p
 torch-level graph before AOTAutograd; joint-graph passes run on the aten-level joint forward+backward
 graph after it. The runner checks the order (``stage`` and each pass's ``after``) before anything runs.
 
-The rewriting passes themselves (adapter injection, token elimination, backprop pruning, dequant fusion)
-arrive with their issues; until then the pipeline is empty and memopt compiles through capture, cost
-annotation, simulation and partition only. Tests add passes of their own through
+The rewriting passes arrive with their issues (token elimination, backprop pruning and dequant fusion
+are still to come). Tests add passes of their own through
 ``MemoptBackend(passes=...)``, never by mutating this tuple.
 """
 
 from __future__ import annotations
 
 from memopt.passes.base import Pass
+from memopt.passes.inject_adapters import INJECT_ADAPTERS
 
-PIPELINE: tuple[Pass, ...] = ()
+PIPELINE: tuple[Pass, ...] = (
+    # Model graph, first: the adapters are part of the model every later pass and the schedule see.
+    INJECT_ADAPTERS,
+)

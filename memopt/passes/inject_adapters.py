@@ -1,0 +1,87 @@
+"""inject_adapters: each prepared linear's adapter, as explicit ops in the model graph.
+
+Dynamo records a prepared linear's adapter as one ``memopt::adapter_delta`` node (Note [Adapters as a
+composite op] in :mod:`memopt.runtime.adapters`). This pass replaces each such node by the ops of its
+method (LoRA, rsLoRA, DoRA or PaCA), traced from the op's reference with its constant arguments folded
+in, so that the graph says what runs: two rank-``r`` matmuls for LoRA, DoRA's row norm computed without
+``W + scale * B @ A``, PaCA's column copy. The nodes carry ``meta["memopt_adapter"]`` (the linear's
+weight input) for the dumps (``NN_inject_adapters.py``). Nothing else changes: the base linear stays as
+it was, and the values are those of the op (which AOTAutograd would otherwise decompose into the same
+computation).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx
+from torch._subclasses.fake_tensor import FakeTensor
+
+from memopt.passes.base import Pass, PassContext, PassResult
+from memopt.runtime.adapters import METHOD_CODES, _adapter_delta
+
+_METHODS = {code: name for name, code in METHOD_CODES.items()}
+_TENSOR_ARGS = ("x", "base", "weight", "bias", "a", "b", "magnitude", "index")
+
+
+def is_adapter_node(node: torch.fx.Node) -> bool:
+    return node.op == "call_function" and node.target in (
+        torch.ops.memopt.adapter_delta, torch.ops.memopt.adapter_delta.default)
+
+
+def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+    graph = gm.graph
+    stats: dict[str, Any] = {}
+    for node in [n for n in graph.nodes if is_adapter_node(n)]:
+        tensors = dict(zip(_TENSOR_ARGS, node.args[:8]))
+        scale, dropout, training, fan_in_fan_out, method = node.args[8:13]
+        tracer = torch.fx.proxy.GraphAppendingTracer(graph)
+        # Proxies stand in for the tensors: running the reference on them appends its ops to the graph.
+        proxies: dict[str, Any] = {k: (torch.fx.Proxy(v, tracer) if isinstance(v, torch.fx.Node) else None)
+                                   for k, v in tensors.items()}
+        before = set(graph.nodes)
+        with graph.inserting_before(node):
+            out: Any = _adapter_delta(proxies["x"], proxies["base"], proxies["weight"], proxies["bias"],
+                                 proxies["a"], proxies["b"], proxies["magnitude"], proxies["index"],
+                                 float(scale), float(dropout), bool(training), bool(fan_in_fan_out), int(method))
+        made = [n for n in graph.nodes if n not in before]
+        weight = tensors["weight"]
+        for new in made:
+            new.meta["memopt_adapter"] = weight.name if isinstance(weight, torch.fx.Node) else str(weight)
+            for key in ("nn_module_stack", "source_fn_stack", "stack_trace"):
+                if key in node.meta:
+                    new.meta[key] = node.meta[key]
+        _propagate_example_values(made)
+        node.replace_all_uses_with(out.node)
+        graph.erase_node(node)
+        name = _METHODS[int(method)] + ("+dropout" if dropout and training else "")
+        stats[name] = stats.get(name, 0) + 1
+    return PassResult(gm, bool(stats), stats)
+
+
+def _propagate_example_values(nodes: list[torch.fx.Node]) -> None:
+    """Give each new node the fake value Dynamo would have recorded (the runner checks for it)."""
+    def value(a: Any) -> Any:
+        return a.meta["example_value"] if isinstance(a, torch.fx.Node) else a
+
+    for node in nodes:
+        args = torch.fx.node.map_aggregate(node.args, value)
+        kwargs = torch.fx.node.map_aggregate(node.kwargs, value)
+        fake = _first_fake((args, kwargs))
+        assert fake is not None, f"no fake tensor among the inputs of {node.format_node()}"
+        with fake.fake_mode:
+            if node.op == "call_method":
+                result = getattr(args[0], node.target)(*args[1:], **kwargs)   # type: ignore[arg-type]
+            else:
+                result = node.target(*args, **kwargs)                          # type: ignore[operator]
+        node.meta["example_value"] = result
+
+
+def _first_fake(tree: Any) -> FakeTensor | None:
+    found: list[FakeTensor] = []
+    torch.fx.node.map_aggregate(tree, lambda v: found.append(v) if isinstance(v, FakeTensor) else None)
+    return found[0] if found else None
+
+
+INJECT_ADAPTERS = Pass("inject_adapters", "model", run, wanted=lambda config: config.adapters is not None)

@@ -1,0 +1,125 @@
+"""``memopt.prepare``: the module state a compile cannot create, made before the optimizer exists.
+
+Adapters (``options["adapters"]``): every base parameter is frozen, and each targeted linear gets an
+:class:`memopt.runtime.adapters.Adapter` child holding its trainable parameters, initialised as PEFT
+initialises them, plus a forward hook that adds the adapter's output (Note [Adapters as a composite op]).
+The model is changed in place and returned; preparing it again with the same adapter options does
+nothing, with other options is an error.
+
+Targets, as PEFT reads ``target_modules``: a list of names (a module matches when its qualified name is
+one of them or ends with ``"." + name``), a string (a regular expression the whole qualified name must
+match), or ``"all-linear"`` (every ``nn.Linear`` and transformers ``Conv1D`` but the model's output
+layer, ``model.get_output_embeddings()``).
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Mapping
+from typing import Any, cast
+
+import torch
+from torch import nn
+
+from memopt.config import AdapterConfig, MemoptConfig, parse_options
+from memopt.errors import MemoptConfigError, MemoptUnsupportedError
+from memopt.runtime.adapters import ADAPTER_ATTR, Adapter, adapter_hook
+
+__all__ = ["prepare", "prepared_adapters", "adapter_modules"]
+
+# The attribute a prepared model keeps its adapter options under.
+PREPARED_ATTR = "_memopt_adapters"
+
+
+def prepare(model: nn.Module, options: Mapping[str, Any] | MemoptConfig | None) -> nn.Module:
+    """Freeze the base and create the adapters that ``options`` ask for (see the module docstring)."""
+    config = parse_options(options)
+    if config.quantize is not None:
+        raise MemoptUnsupportedError(
+            "options['quantize'] (quantized base weights) is not implemented yet; prepare without it")
+    if config.adapters is None:
+        warnings.warn("memopt.prepare: the options ask for no adapters; the model is unchanged",
+                      stacklevel=2)
+        return model
+    done = prepared_adapters(model)
+    if done is not None:
+        if done == config.adapters:
+            return model
+        raise MemoptConfigError(
+            f"this model was prepared with adapters {done}; it cannot be prepared again with "
+            f"{config.adapters}. Build a fresh model (or reload its base weights) to change adapters")
+    adapters = config.adapters
+    if adapters.method == "paca" and adapters.dropout > 0:
+        raise MemoptConfigError("adapters.dropout: PaCA has no adapter dropout (it trains weight columns "
+                                "directly); set dropout to 0 or use method 'lora' or 'dora'")
+    targets = find_targets(model, adapters.targets)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    generator = torch.Generator().manual_seed(adapters.seed)
+    for name, module in targets:
+        weight = cast(torch.Tensor, module.weight)
+        fan_in_fan_out = not isinstance(module, nn.Linear)        # Conv1D stores (in, out)
+        rows, cols = int(weight.shape[0]), int(weight.shape[1])
+        in_features, out_features = (rows, cols) if fan_in_fan_out else (cols, rows)
+        if adapters.method == "paca" and adapters.rank > in_features:
+            raise MemoptConfigError(f"adapters.rank {adapters.rank} exceeds the {in_features} input columns of "
+                                    f"{name!r}: PaCA picks rank columns; lower the rank")
+        adapter = Adapter(adapters.method, in_features, out_features, adapters.rank, adapters.alpha,
+                          adapters.dropout, adapters.use_rslora, fan_in_fan_out, weight=weight,
+                          generator=generator)
+        module.add_module(ADAPTER_ATTR, adapter)
+        module.register_forward_hook(adapter_hook)
+    setattr(model, PREPARED_ATTR, adapters)
+    return model
+
+
+def prepared_adapters(model: nn.Module) -> AdapterConfig | None:
+    """The adapter options ``model`` was prepared with, or None."""
+    value = getattr(model, PREPARED_ATTR, None)
+    return value if isinstance(value, AdapterConfig) else None
+
+
+def adapter_modules(model: nn.Module) -> list[tuple[str, nn.Module, Adapter]]:
+    """(qualified name, linear, its adapter) for every prepared linear of ``model``, in module order."""
+    return [(name, module, getattr(module, ADAPTER_ATTR)) for name, module in model.named_modules()
+            if isinstance(getattr(module, ADAPTER_ATTR, None), Adapter)]
+
+
+def is_linear(module: nn.Module) -> bool:
+    """``nn.Linear``, or transformers' ``Conv1D`` (a linear whose weight is stored ``(in, out)``)."""
+    if isinstance(module, nn.Linear):
+        return True
+    weight = getattr(module, "weight", None)
+    return type(module).__name__ == "Conv1D" and isinstance(weight, torch.Tensor) and weight.dim() == 2
+
+
+def find_targets(model: nn.Module, targets: tuple[str, ...] | str) -> list[tuple[str, nn.Module]]:
+    """The modules ``targets`` names, as PEFT matches them (module docstring); errors name what was
+    wrong and what the model has."""
+    linears = [(name, m) for name, m in model.named_modules() if name and is_linear(m)]
+    if targets == "all-linear":
+        get_output = getattr(model, "get_output_embeddings", None)
+        output = get_output() if callable(get_output) else None
+        found = [(name, m) for name, m in linears if m is not output]
+    else:
+        if isinstance(targets, str):
+            pattern = re.compile(targets)
+            matched = [(name, m) for name, m in model.named_modules() if name and pattern.fullmatch(name)]
+        else:
+            matched = [(name, m) for name, m in model.named_modules() if name and any(
+                name == t or name.endswith("." + t) for t in targets)]
+        unsupported = [(name, type(m).__name__) for name, m in matched if not is_linear(m)]
+        if unsupported:
+            name, kind = unsupported[0]
+            raise MemoptUnsupportedError(
+                f"adapters.targets {targets!r} matches {name!r}, a {kind}; memopt's adapters go on nn.Linear "
+                "and transformers' Conv1D only. Name the linear layers instead")
+        found = matched
+    if not found:
+        names = sorted({name.rsplit(".", 1)[-1] for name, _ in linears})
+        raise MemoptConfigError(
+            f"adapters.targets {targets!r} matches no linear layer of this {type(model).__name__}; its linear "
+            f"layers are named {', '.join(names[:20]) or '(none)'}" + (" ..." if len(names) > 20 else "")
+            + ", or use 'all-linear'")
+    return found

@@ -1,0 +1,185 @@
+"""Adapters: memopt.prepare + the inject_adapters pass against Hugging Face PEFT, the reference users know.
+
+Tolerance: fp32 throughout, torch.testing.assert_close's defaults (the adapters are lossless: the same
+arithmetic as PEFT, reordered only in DoRA's weight norm, which memopt computes without W + scale*B@A).
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import memopt
+from memopt.compiler.backend import MemoptBackend
+from memopt.prepare import adapter_modules
+from tests.errors import raises_memopt
+from tests.models import tiny_gpt2, tiny_llama, token_batch
+
+peft = pytest.importorskip("peft")
+
+LLAMA_TARGETS = ["q_proj", "v_proj", "gate_proj"]
+
+
+def _peft_twin(model: nn.Module, method: str, rank: int, alpha: float, targets: Any, *,
+               use_rslora: bool = False, dropout: float = 0.0) -> nn.Module:
+    """PEFT's model on a copy of ``model``'s base, with B (and DoRA's magnitude) made non-zero so that
+    every adapter gradient is exercised."""
+    config = peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=dropout,
+                             use_rslora=use_rslora, use_dora=method == "dora")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        twin = peft.get_peft_model(copy.deepcopy(model), config)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, module in twin.named_modules():
+            if isinstance(module, peft.tuners.lora.LoraLayer) and "default" in module.lora_B:
+                b = module.lora_B["default"].weight
+                b.copy_(torch.randn(b.shape, generator=generator) * 0.1)
+                if method == "dora":
+                    m = module.lora_magnitude_vector["default"].weight
+                    m.mul_(1 + 0.1 * torch.randn(m.shape, generator=generator))
+    return twin
+
+
+def _copy_from_peft(model: nn.Module, twin: nn.Module) -> None:
+    peft_modules = dict(twin.base_model.model.named_modules())
+    for name, _, adapter in adapter_modules(model):
+        layer = peft_modules[name]
+        with torch.no_grad():
+            adapter.lora_A.copy_(layer.lora_A["default"].weight)
+            adapter.lora_B.copy_(layer.lora_B["default"].weight)
+            if adapter.magnitude is not None:
+                adapter.magnitude.copy_(layer.lora_magnitude_vector["default"].weight)
+
+
+def _adapter_grads(model: nn.Module) -> dict[str, torch.Tensor]:
+    grads = {}
+    for name, _, adapter in adapter_modules(model):
+        for key, param in (("lora_A", adapter.lora_A), ("lora_B", adapter.lora_B),
+                           ("lora_magnitude_vector", adapter.magnitude)):
+            if param is not None:
+                assert param.grad is not None, f"{name}.{key} has no gradient"
+                grads[f"{name}.{key}"] = param.grad
+    return grads
+
+
+def _peft_grads(twin: nn.Module) -> dict[str, torch.Tensor]:
+    grads = {}
+    for name, layer in twin.base_model.model.named_modules():
+        if isinstance(layer, peft.tuners.lora.LoraLayer) and "default" in layer.lora_A:
+            grads[f"{name}.lora_A"] = layer.lora_A["default"].weight.grad
+            grads[f"{name}.lora_B"] = layer.lora_B["default"].weight.grad
+            if "default" in layer.lora_magnitude_vector:
+                grads[f"{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector["default"].weight.grad
+    return grads
+
+
+def _prepared(build: Any, method: str, targets: Any, *, rank: int = 4, alpha: float = 8.0,
+              use_rslora: bool = False) -> tuple[nn.Module, nn.Module, dict[str, Any]]:
+    torch.manual_seed(0)
+    base = build()
+    options = {"adapters": {"method": method, "rank": rank, "alpha": alpha, "targets": targets,
+                            "use_rslora": use_rslora}}
+    twin = _peft_twin(base, method, rank, alpha, targets, use_rslora=use_rslora)
+    model = memopt.prepare(base, options)
+    _copy_from_peft(model, twin)
+    return model, twin, options
+
+
+@pytest.mark.parametrize(("method", "use_rslora"), [("lora", False), ("lora", True), ("dora", False)])
+@pytest.mark.parametrize("mode", ["eager", "memopt-eager", "memopt-inductor"])
+def test_llama_matches_peft(method: str, use_rslora: bool, mode: str) -> None:
+    """Logits and every adapter gradient equal PEFT's eager model (tiny Llama, fp32, dropout 0)."""
+    model, twin, options = _prepared(tiny_llama, method, LLAMA_TARGETS, use_rslora=use_rslora)
+    batch = token_batch(2, 24)      # 48 tokens: no activation has a weight's shape (64, 128 or 32 wide)
+    step = model
+    backend = MemoptBackend({**options, "codegen": mode.split("-")[-1]})
+    if mode != "eager":
+        torch._dynamo.reset()
+        step = torch.compile(model, backend=backend)
+    out = step(**batch)
+    out.loss.backward()
+    if mode != "eager":
+        (report,) = backend.reports
+        (record,) = [r for r in report.passes if r.name == "inject_adapters"]
+        assert record.status == "changed", record
+        assert record.stats["pass_stats"] == {method: 2 * len(LLAMA_TARGETS)}
+        _assert_no_merged_weight(report, model)
+    ref = twin(**batch)
+    ref.loss.backward()
+    torch.testing.assert_close(out.logits, ref.logits)
+    mine, theirs = _adapter_grads(model), _peft_grads(twin)
+    assert mine.keys() == theirs.keys() and len(mine) == 2 * len(LLAMA_TARGETS) * (3 if method == "dora" else 2)
+    for key in mine:
+        torch.testing.assert_close(mine[key], theirs[key], msg=lambda m, key=key: f"{key}: {m}")
+    # Only the adapters train.
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".memopt_adapter." in n for n in trainable)
+
+
+def _assert_no_merged_weight(report: Any, model: nn.Module) -> None:
+    """``W + scale * B @ A`` is never formed, DoRA's norm included: no matmul and no addition in the
+    joint graph makes a tensor of a targeted weight's shape. (Inductor decomposes DoRA's row norm of
+    ``W`` into pow + sum, which it fuses into one reduction; that pow is allowed.)"""
+    aten = torch.ops.aten
+    forming = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.add.Tensor, aten.sub.Tensor}
+    shapes = set()
+    for _, linear, _ in adapter_modules(model):
+        shapes |= {tuple(linear.weight.shape), tuple(linear.weight.shape[::-1])}
+    assert report.joint is not None
+    for node in report.joint.graph.nodes:
+        val = node.meta.get("val")
+        if node.op == "call_function" and isinstance(val, torch.Tensor) and tuple(val.shape) in shapes:
+            assert node.target not in forming, node.format_node()
+
+
+def test_prepare_freezes_the_base_and_names_the_adapters_in_the_state_dict() -> None:
+    torch.manual_seed(0)
+    model = memopt.prepare(tiny_llama(), {"adapters": {"method": "dora", "rank": 4, "targets": "all-linear"}})
+    keys = [k for k in model.state_dict() if "memopt_adapter" in k]
+    # all-linear: every linear of both layers but the output head (7 per layer), A, B and magnitude each.
+    assert len(keys) == 2 * 7 * 3
+    assert not any(k.startswith("lm_head.") for k in keys)
+    assert "model.layers.0.self_attn.q_proj.memopt_adapter.magnitude" in keys
+    optimizer = torch.optim.AdamW(p for p in model.parameters() if p.requires_grad)
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == 2 * 7 * 3
+    # Preparing again with the same options changes nothing; with others it is an error.
+    assert memopt.prepare(model, {"adapters": {"method": "dora", "rank": 4, "targets": "all-linear"}}) is model
+    with raises_memopt(memopt.MemoptConfigError, "prepared with adapters"):
+        memopt.prepare(model, {"adapters": {"method": "lora", "rank": 8}})
+
+
+def test_compiling_with_adapter_options_without_prepare_says_to_call_it() -> None:
+    torch._dynamo.reset()
+    model = tiny_llama()
+    compiled = torch.compile(model, backend=MemoptBackend({"codegen": "eager", "adapters": {"rank": 4}}))
+    with raises_memopt(memopt.MemoptConfigError, "call memopt.prepare"):
+        compiled(**token_batch(2, 16))
+
+
+def test_targets_that_match_nothing_or_a_non_linear_are_refused() -> None:
+    with raises_memopt(memopt.MemoptConfigError, "matches no linear layer.*q_proj"):
+        memopt.prepare(tiny_llama(), {"adapters": {"targets": ["query"]}})
+    with raises_memopt(memopt.MemoptUnsupportedError, "Embedding"):
+        memopt.prepare(tiny_llama(), {"adapters": {"targets": ["embed_tokens"]}})
+
+
+def test_gpt2_conv1d_lora_matches_peft() -> None:
+    """GPT-2's c_attn is a transformers Conv1D (weight stored (in, out)), as PEFT targets it."""
+    model, twin, options = _prepared(tiny_gpt2, "lora", ["c_attn"])
+    batch = token_batch(2, 32)
+    torch._dynamo.reset()
+    out = torch.compile(model, backend=MemoptBackend({**options, "codegen": "eager"}))(**batch)
+    out.loss.backward()
+    ref = twin(**batch)
+    ref.loss.backward()
+    torch.testing.assert_close(out.logits, ref.logits)
+    mine, theirs = _adapter_grads(model), _peft_grads(twin)
+    assert mine.keys() == theirs.keys() and mine
+    for key in mine:
+        torch.testing.assert_close(mine[key], theirs[key])
