@@ -35,6 +35,9 @@ def __getattr__(name: str) -> Any:
     if name == "track_memory":
         from memopt.runtime.tracker import track_memory
         return track_memory
+    if name in ("save_adapters", "load_adapters"):
+        from memopt import adapter_files
+        return getattr(adapter_files, name)
     if name == "plan":
         from memopt.plan import plan
         return plan
@@ -43,6 +46,6 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "MemoptBackend", "MemoptConfig", "MemoptConfigError", "MemoptError", "MemoptInfeasibleBudget",
-    "MemoptPassError", "MemoptProfileError", "MemoptUnsupportedError", "parse_options", "plan", "prepare",
-    "track_memory", "__version__",
+    "MemoptPassError", "MemoptProfileError", "MemoptUnsupportedError", "load_adapters", "parse_options", "plan",
+    "prepare", "save_adapters", "track_memory", "__version__",
 ]

@@ -183,3 +183,55 @@ def test_gpt2_conv1d_lora_matches_peft() -> None:
     assert mine.keys() == theirs.keys() and mine
     for key in mine:
         torch.testing.assert_close(mine[key], theirs[key])
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_saved_adapters_load_in_peft_and_back(method: str, tmp_path: Any) -> None:
+    """memopt.save_adapters writes PEFT's files: PeftModel.from_pretrained on the same base gives memopt's
+    logits (1e-5); PEFT's own files load into a fresh memopt model with PEFT's logits."""
+    model, twin, _ = _prepared(tiny_llama, method, LLAMA_TARGETS)
+    with torch.no_grad():                  # trained-looking adapters, not PEFT's initial ones
+        for _, _, adapter in adapter_modules(model):
+            adapter.lora_A.add_(0.05 * torch.randn_like(adapter.lora_A))
+    batch = token_batch(2, 24)
+    model.eval()
+    with torch.no_grad():
+        mine = model(**batch).logits
+    memopt.save_adapters(model, tmp_path / "memopt")
+    torch.manual_seed(0)
+    base = tiny_llama()                    # the same base weights (seed 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = peft.PeftModel.from_pretrained(base, tmp_path / "memopt").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, mine, atol=1e-5, rtol=1e-5)
+
+    twin.save_pretrained(tmp_path / "peft")
+    torch.manual_seed(0)
+    fresh = memopt.load_adapters(tiny_llama(), tmp_path / "peft").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(**batch).logits, twin.eval()(**batch).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_paca_files_round_trip(tmp_path: Any) -> None:
+    torch.manual_seed(0)
+    model = memopt.prepare(tiny_llama(), {"adapters": {"method": "paca", "rank": 4, "targets": LLAMA_TARGETS,
+                                                       "seed": 3}})
+    with torch.no_grad():
+        for _, _, adapter in adapter_modules(model):
+            adapter.columns.normal_()
+    batch = token_batch(2, 24)
+    with torch.no_grad():
+        mine = model.eval()(**batch).logits
+    memopt.save_adapters(model, tmp_path)
+    torch.manual_seed(0)
+    plain = tiny_llama().eval()
+    with torch.no_grad():
+        assert not torch.allclose(plain(**batch).logits, mine, atol=1e-3)   # the columns change the output
+    fresh = memopt.load_adapters(plain, tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(**batch).logits, mine)
+    for (_, _, a), (_, _, b) in zip(adapter_modules(model), adapter_modules(fresh)):
+        assert torch.equal(a.index, b.index)
+    with raises_memopt(memopt.MemoptConfigError, "no adapters"):
+        memopt.load_adapters(tiny_llama(), tmp_path / "nowhere")

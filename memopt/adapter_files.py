@@ -1,0 +1,141 @@
+"""``memopt.save_adapters`` / ``memopt.load_adapters``: adapters on disk, in PEFT's format.
+
+LoRA, rsLoRA and DoRA are written as PEFT writes them, so ``peft.PeftModel.from_pretrained(base, path)``
+loads them and memopt loads what PEFT wrote:
+
+- ``adapter_config.json``: a ``LoraConfig`` (``peft_type`` ``"LORA"``, ``r``, ``lora_alpha``,
+  ``lora_dropout``, ``use_rslora``, ``use_dora``, ``fan_in_fan_out``, ``target_modules`` as the qualified
+  names of the prepared linears, which PEFT matches exactly);
+- ``adapter_model.safetensors``: ``base_model.model.<linear>.lora_A.weight`` ``(r, in)``,
+  ``...lora_B.weight`` ``(out, r)`` and, for DoRA, ``...lora_magnitude_vector`` ``(out,)``.
+
+PaCA, which PEFT does not have, uses the same two files with a format of memopt's own:
+``adapter_config.json`` has ``"peft_type": "MEMOPT_PACA"``, ``"memopt_format": 1``, ``r``, ``seed`` and
+``target_modules``; the tensors are ``<linear>.paca.columns`` ``(out, r)``, the change to the chosen
+input columns of the weight, and ``<linear>.paca.index`` ``(r,)``, int64, those columns.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from memopt.errors import MemoptConfigError, MemoptUnsupportedError
+from memopt.prepare import adapter_modules, prepare, prepared_adapters
+
+__all__ = ["load_adapters", "save_adapters"]
+
+CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+PACA_TYPE, PACA_FORMAT = "MEMOPT_PACA", 1
+
+
+def save_adapters(model: nn.Module, directory: str | Path) -> Path:
+    """Write ``model``'s adapters to ``directory`` (created if needed); returns it."""
+    from safetensors.torch import save_file
+
+    config = prepared_adapters(model)
+    if config is None:
+        raise MemoptConfigError("this model has no memopt adapters to save; call memopt.prepare(model, options) "
+                                "with options['adapters'] first")
+    prepared = adapter_modules(model)
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    names = [name for name, _, _ in prepared]
+    tensors: dict[str, torch.Tensor] = {}
+    if config.method == "paca":
+        for name, _, adapter in prepared:
+            assert adapter.columns is not None and adapter.index is not None
+            tensors[f"{name}.paca.columns"] = adapter.columns.detach().contiguous().cpu().clone()
+            tensors[f"{name}.paca.index"] = adapter.index.detach().to(torch.int64).cpu().clone()
+        meta: dict[str, Any] = {"peft_type": PACA_TYPE, "memopt_format": PACA_FORMAT, "r": config.rank,
+                                "seed": config.seed, "target_modules": names}
+    else:
+        for name, _, adapter in prepared:
+            assert adapter.lora_A is not None and adapter.lora_B is not None
+            tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = adapter.lora_A.detach().contiguous().cpu().clone()
+            tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = adapter.lora_B.detach().contiguous().cpu().clone()
+            if adapter.magnitude is not None:
+                tensors[f"{PEFT_PREFIX}{name}.lora_magnitude_vector"] = \
+                    adapter.magnitude.detach().contiguous().cpu().clone()
+        meta = {
+            "peft_type": "LORA", "task_type": None, "inference_mode": True, "r": config.rank,
+            "lora_alpha": config.alpha, "lora_dropout": config.dropout, "use_rslora": config.use_rslora,
+            "use_dora": config.method == "dora", "target_modules": names, "bias": "none",
+            "fan_in_fan_out": any(a.fan_in_fan_out for _, _, a in prepared), "init_lora_weights": True,
+            "modules_to_save": None,
+            "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
+        }
+    save_file(tensors, str(out / WEIGHTS_FILE))
+    (out / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return out
+
+
+def load_adapters(model: nn.Module, directory: str | Path) -> nn.Module:
+    """Load adapters written by :func:`save_adapters` or by PEFT onto ``model``: an unprepared model is
+    prepared from the file's settings first; a prepared one must have the same method, rank and targets."""
+    from safetensors.torch import load_file
+
+    folder = Path(directory)
+    if not (folder / CONFIG_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
+        raise MemoptConfigError(f"{folder} holds no adapters: expected {CONFIG_FILE} and {WEIGHTS_FILE} "
+                                "(written by memopt.save_adapters or PEFT's save_pretrained)")
+    meta = json.loads((folder / CONFIG_FILE).read_text())
+    kind = meta.get("peft_type")
+    if kind == PACA_TYPE:
+        if meta.get("memopt_format") != PACA_FORMAT:
+            raise MemoptUnsupportedError(f"{folder}: PaCA format {meta.get('memopt_format')!r}; this memopt "
+                                         f"reads format {PACA_FORMAT}")
+        adapters: dict[str, Any] = {"method": "paca", "rank": meta["r"], "seed": meta.get("seed", 0)}
+    elif kind == "LORA":
+        unsupported = [k for k in ("rank_pattern", "alpha_pattern", "modules_to_save", "layers_to_transform")
+                       if meta.get(k)]
+        if unsupported or meta.get("bias", "none") != "none":
+            raise MemoptUnsupportedError(
+                f"{folder}: PEFT options memopt's adapters do not have: "
+                f"{', '.join(unsupported + (['bias'] if meta.get('bias', 'none') != 'none' else []))}")
+        adapters = {"method": "dora" if meta.get("use_dora") else "lora", "rank": meta["r"],
+                    "alpha": meta["lora_alpha"], "dropout": meta.get("lora_dropout", 0.0),
+                    "use_rslora": bool(meta.get("use_rslora"))}
+    else:
+        raise MemoptUnsupportedError(f"{folder}: adapter type {kind!r}; memopt reads PEFT's LORA (LoRA, rsLoRA, "
+                                     f"DoRA) and its own {PACA_TYPE}")
+    targets = meta.get("target_modules")
+    adapters["targets"] = targets if isinstance(targets, str) else list(targets or [])
+    if prepared_adapters(model) is None:
+        prepare(model, {"adapters": adapters})
+    current = prepared_adapters(model)
+    assert current is not None
+    if (current.method, current.rank) != (adapters["method"], adapters["rank"]):
+        raise MemoptConfigError(
+            f"{folder} holds {adapters['method']} adapters of rank {adapters['rank']}; this model was prepared "
+            f"with {current.method} of rank {current.rank}. Load them onto a fresh model instead")
+    tensors = load_file(str(folder / WEIGHTS_FILE))
+    expected: dict[str, torch.Tensor] = {}
+    for name, _, adapter in adapter_modules(model):
+        if current.method == "paca":
+            assert adapter.columns is not None and adapter.index is not None
+            expected[f"{name}.paca.columns"], expected[f"{name}.paca.index"] = adapter.columns, adapter.index
+        else:
+            assert adapter.lora_A is not None and adapter.lora_B is not None
+            expected[f"{PEFT_PREFIX}{name}.lora_A.weight"] = adapter.lora_A
+            expected[f"{PEFT_PREFIX}{name}.lora_B.weight"] = adapter.lora_B
+            if adapter.magnitude is not None:
+                expected[f"{PEFT_PREFIX}{name}.lora_magnitude_vector"] = adapter.magnitude
+    missing, unexpected = sorted(expected.keys() - tensors.keys()), sorted(tensors.keys() - expected.keys())
+    if missing or unexpected:
+        raise MemoptConfigError(
+            f"{folder} does not fit this model's adapters: missing {missing[:5]}{' ...' if len(missing) > 5 else ''}"
+            f", unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+    with torch.no_grad():
+        for key, target in expected.items():
+            value = tensors[key]
+            if value.shape != target.shape:
+                raise MemoptConfigError(f"{folder}: {key} has shape {tuple(value.shape)}, the model's adapter "
+                                        f"{tuple(target.shape)}")
+            target.copy_(value.to(device=target.device, dtype=target.dtype))
+    return model
