@@ -298,3 +298,81 @@ def test_paca_saves_fewer_activation_bytes_than_lora() -> None:
     derived = layers * 2 * tokens * hidden * 4
     assert lora_simulated - paca_simulated == derived
     assert lora_tracked - paca_tracked == derived
+
+
+def _train(step_model: nn.Module, params: list[nn.Parameter], batches: list[dict[str, Any]]) -> list[float]:
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    losses = []
+    for batch in batches:
+        loss = step_model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_twenty_steps_fullgraph_without_recompiling_match_peft(method: str) -> None:
+    """20 AdamW steps compiled with fullgraph=True: no graph break, one graph, no recompile (Dynamo's
+    counters), and the loss curve of PEFT's eager model from the same start."""
+    from torch._dynamo.utils import counters
+
+    model, twin, options = _prepared(tiny_llama, method, LLAMA_TARGETS)
+    batches = [token_batch(2, 24, seed=s % 2) for s in range(20)]     # two batches, learnt by heart
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, backend=MemoptBackend({**options, "codegen": "eager"}), fullgraph=True)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        mine = _train(compiled, [p for p in model.parameters() if p.requires_grad], batches)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    theirs = _train(twin, [p for p in twin.parameters() if p.requires_grad], batches)
+    assert mine[-1] < mine[0] - 0.05                       # it trains
+    torch.testing.assert_close(torch.tensor(mine), torch.tensor(theirs), rtol=1e-4, atol=1e-5)
+
+
+def test_a_peft_model_compiles_and_trains_with_memopt() -> None:
+    """A model wrapped by PEFT (its LoRA modules, not memopt's) compiles with memopt, under a memory
+    budget too: the passes and the scheduler see through PEFT's modules; gradients equal eager PEFT."""
+    torch.manual_seed(0)
+    twin = _peft_twin(tiny_llama(), "lora", 4, 8.0, LLAMA_TARGETS)
+    compiled_twin = copy.deepcopy(twin)
+    batch = token_batch(2, 24)
+    torch._dynamo.reset()
+    backend = MemoptBackend({"codegen": "eager", "memory_budget": 0.5})
+    out = torch.compile(compiled_twin, backend=backend)(**batch)
+    out.loss.backward()
+    ref = twin(**batch)
+    ref.loss.backward()
+    torch.testing.assert_close(out.logits, ref.logits)
+    mine, theirs = _peft_grads(compiled_twin), _peft_grads(twin)
+    assert mine and mine.keys() == theirs.keys()
+    for key in mine:
+        torch.testing.assert_close(mine[key], theirs[key])
+    assert backend.reports[-1].schedule is not None and backend.reports[-1].schedule.feasible
+
+
+def test_adapters_under_a_memory_budget_and_in_the_dumps(tmp_path: Any) -> None:
+    """The scheduler sees the adapters' activations like any other (budget met, gradients exact), and
+    the injected nodes are in the dump of the inject_adapters pass."""
+    model, twin, options = _prepared(tiny_llama, "dora", LLAMA_TARGETS)
+    batch = token_batch(4, 64)
+    torch._dynamo.reset()
+    backend = MemoptBackend({**options, "codegen": "eager", "memory_budget": 0.5, "dump_dir": str(tmp_path)})
+    out = torch.compile(model, backend=backend)(**batch)
+    out.loss.backward()
+    ref = twin(**batch)
+    ref.loss.backward()
+    torch.testing.assert_close(out.logits, ref.logits)
+    mine, theirs = _adapter_grads(model), _peft_grads(twin)
+    for key in mine:
+        torch.testing.assert_close(mine[key], theirs[key])
+    (report,) = backend.reports
+    assert report.schedule is not None and report.schedule.feasible and report.memory is not None
+    assert report.memory.peak_bytes <= report.schedule.budget_bytes < report.schedule.baseline.peak_bytes
+    (dump,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    (code,) = dump.glob("*_inject_adapters.py")
+    lines = [line for line in code.read_text().splitlines() if not line.strip().startswith("#")]
+    assert not any("memopt.adapter_delta" in line for line in lines)
+    assert sum("linalg_vector_norm(" in line for line in lines) == 2 * len(LLAMA_TARGETS)   # DoRA row norms
