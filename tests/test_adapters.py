@@ -376,3 +376,57 @@ def test_adapters_under_a_memory_budget_and_in_the_dumps(tmp_path: Any) -> None:
     lines = [line for line in code.read_text().splitlines() if not line.strip().startswith("#")]
     assert not any("memopt.adapter_delta" in line for line in lines)
     assert sum("linalg_vector_norm(" in line for line in lines) == 2 * len(LLAMA_TARGETS)   # DoRA row norms
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_dropout_matches_peft_under_the_same_seed_in_eager(method: str) -> None:
+    """Eager (uncompiled), the prepared model draws its dropout masks in PEFT's order: same seed, same
+    loss and adapter gradients."""
+    torch.manual_seed(0)
+    base = tiny_llama()
+    options = {"adapters": {"method": method, "rank": 4, "alpha": 8.0, "targets": LLAMA_TARGETS, "dropout": 0.3}}
+    twin = _peft_twin(base, method, 4, 8.0, LLAMA_TARGETS, dropout=0.3)
+    model = memopt.prepare(base, options)
+    _copy_from_peft(model, twin)
+    model.train()
+    twin.train()
+    batch = token_batch(2, 24)
+    torch.manual_seed(123)
+    out = model(**batch)
+    out.loss.backward()
+    torch.manual_seed(123)
+    ref = twin(**batch)
+    ref.loss.backward()
+    torch.testing.assert_close(out.logits, ref.logits)
+    mine, theirs = _adapter_grads(model), _peft_grads(twin)
+    for key in mine:
+        torch.testing.assert_close(mine[key], theirs[key])
+
+
+def test_compiled_dropout_has_the_expected_mean_and_variance() -> None:
+    """Compiled, the dropout masks come from another random stream than eager's, so the check is
+    statistical. One linear with LoRA (p = 0.5): its output is linear in the mask, so over K draws the
+    mean is the dropout-free output within 5 standard errors (the variance of each output is
+    scale^2 * sum_i x_i^2 (B A)_ji^2 * p / (1 - p)), and the sample variance is that variance within a
+    factor of 2 (K = 400: the ratio's spread is ~7%)."""
+    torch.manual_seed(0)
+    p, k = 0.5, 400
+    model = nn.Sequential(nn.Linear(16, 8))
+    options = {"adapters": {"method": "lora", "rank": 4, "alpha": 4.0, "targets": ["0"], "dropout": p}}
+    memopt.prepare(model, options)
+    (_, linear, adapter) = adapter_modules(model)[0]
+    with torch.no_grad():
+        adapter.lora_B.normal_()
+    x = torch.randn(3, 16)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=MemoptBackend({**options, "codegen": "eager"}))
+    with torch.no_grad():
+        draws = torch.stack([compiled(x) for _ in range(k)])
+        plain = x @ linear.weight.t() + linear.bias
+        delta = (x @ adapter.lora_A.t()) @ adapter.lora_B.t() * adapter.scale
+        ba = adapter.lora_B @ adapter.lora_A
+        variance = adapter.scale ** 2 * (x.pow(2) @ ba.pow(2).t()) * p / (1 - p)
+    mean, sample_variance = draws.mean(0), draws.var(0)
+    assert ((mean - (plain + delta)).abs() <= 5 * (variance / k).sqrt()).all()
+    ratio = sample_variance / variance
+    assert ((ratio > 0.5) & (ratio < 2.0)).all(), ratio
