@@ -1,0 +1,226 @@
+"""Adapters: tracked peak memory and CPU step time of fine-tuning a tiny Llama six ways, in one process.
+
+    python benchmarks/bench_adapters.py                 # seq 128 and 512, ~5 min on an idle 2-core CPU
+    python benchmarks/bench_adapters.py --quick         # seq 128 only, 3 timed steps
+    python benchmarks/bench_adapters.py --variants peft_lora_eager,memopt_lora --seq-lens 256
+
+Variants (tiny Llama of bench_memory.py: 4 layers, hidden 128, vocabulary 256; batch 4; AdamW over the
+trainable parameters; adapters of rank 16, alpha 32, on every linear but the output head, "all-linear"):
+
+- ``full_ft``: every parameter trains, eager;
+- ``peft_lora_eager`` / ``peft_lora_inductor``: ``peft.get_peft_model`` with LoRA, eager / under
+  ``torch.compile`` (Inductor, default settings);
+- ``memopt_lora`` / ``memopt_dora`` / ``memopt_paca``: ``memopt.prepare`` and
+  ``torch.compile(backend=MemoptBackend({"adapters": ...}))`` (Inductor code generation, no budget).
+
+Each variant: a fresh model from seed 0, two warm-up steps (the first compiles; recompiling later is an
+error), one tracked forward + backward under ``memopt.track_memory("cpu")`` (parameters, optimizer
+states and the batch live at entry), then timed steps of forward + backward + ``optimizer.step()``.
+Results go to ``<out>/bench_adapters.json`` and ``.csv``; the table shows each variant's tracked peak and
+median step time, and their ratios to full fine-tuning and to PEFT's eager LoRA. Step times on a shared
+2-core machine are noisy: quote the ratios and rerun on an idle machine before concluding about speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import gc
+import json
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_memory import (  # noqa: E402
+    MODEL,
+    REPO_ROOT,
+    SEED,
+    MiB,
+    _optimizer_state_bytes,
+    _storage_bytes,
+    run_metadata,
+)
+
+import memopt  # noqa: E402
+from memopt.compiler.backend import MemoptBackend  # noqa: E402
+from memopt.runtime.tracker import track_memory  # noqa: E402
+from tests.models import tiny_llama, token_batch  # noqa: E402
+
+BENCHMARK = "bench_adapters"
+VARIANTS = ("full_ft", "peft_lora_eager", "peft_lora_inductor", "memopt_lora", "memopt_dora", "memopt_paca")
+SEQ_LENS, QUICK_SEQ_LENS = (128, 512), (128,)
+BATCH, STEPS, QUICK_STEPS, WARMUP_STEPS, LR = 4, 10, 3, 2, 1e-3
+RANK, ALPHA, TARGETS = 16, 32, "all-linear"
+
+
+def _build(variant: str) -> tuple[nn.Module, nn.Module]:
+    """(the module to train, the model whose parameters train)."""
+    torch.manual_seed(SEED)
+    model = tiny_llama(**MODEL)
+    model.train()
+    if variant == "full_ft":
+        return model, model
+    if variant.startswith("peft"):
+        import peft
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            wrapped = peft.get_peft_model(model, peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=TARGETS))
+        return (cast(nn.Module, torch.compile(wrapped)) if variant.endswith("inductor") else wrapped), wrapped
+    options = {"adapters": {"method": variant.split("_")[1], "rank": RANK, "alpha": ALPHA, "targets": TARGETS}}
+    memopt.prepare(model, options)
+    return cast(nn.Module, torch.compile(model, backend=MemoptBackend({**options, "codegen": "inductor"}))), model
+
+
+def _step(step_model: nn.Module, batch: dict[str, Any], opt: torch.optim.Optimizer) -> None:
+    step_model(**batch).loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def run_one(variant: str, seq: int, batch_size: int, steps: int, log: Callable[[str], None]) -> dict[str, Any]:
+    torch._dynamo.reset()
+    gc.collect()
+    step_model, model = _build(variant)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=LR, foreach=True)
+    batch: dict[str, Any] = token_batch(batch_size, seq, vocab=MODEL["vocab"])
+    record: dict[str, Any] = {"variant": variant, "seq_len": seq, "batch": batch_size,
+                              "trainable_parameters": sum(p.numel() for p in params)}
+    log("warming up")
+    start = time.perf_counter()
+    _step(step_model, batch, opt)
+    record["first_step_s"] = time.perf_counter() - start
+    for _ in range(WARMUP_STEPS - 1):
+        _step(step_model, batch, opt)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        resident = (_storage_bytes(iter([*model.parameters(), *model.buffers()])) + _optimizer_state_bytes(opt)
+                    + _storage_bytes(v for v in batch.values() if isinstance(v, torch.Tensor)))
+        gc.collect()
+        log("tracked step")
+        with track_memory("cpu") as mem:
+            out = step_model(**batch)
+            out.loss.backward()
+        del out
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        log(f"{steps} timed steps")
+        times = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            _step(step_model, batch, opt)
+            times.append(time.perf_counter() - start)
+    record.update(tracked_peak_bytes=mem.peak_bytes, tracked_baseline_bytes=mem.baseline_bytes,
+                  tracked_peak_increase_bytes=mem.peak_increase_bytes, resident_bytes=resident,
+                  median_step_s=statistics.median(times), min_step_s=min(times), step_times_s=times)
+    del step_model, model, opt, batch
+    gc.collect()
+    return record
+
+
+def add_ratios(records: list[dict[str, Any]]) -> None:
+    by_key = {(r["variant"], r["seq_len"]): r for r in records if "error" not in r}
+    for r in by_key.values():
+        for ref in ("full_ft", "peft_lora_eager"):
+            base = by_key.get((ref, r["seq_len"]))
+            if base is not None:
+                r[f"peak_vs_{ref}"] = r["tracked_peak_bytes"] / base["tracked_peak_bytes"]
+                r[f"peak_increase_vs_{ref}"] = (r["tracked_peak_increase_bytes"]
+                                                / base["tracked_peak_increase_bytes"])
+                r[f"time_vs_{ref}"] = r["median_step_s"] / base["median_step_s"]
+
+
+def format_table(records: list[dict[str, Any]]) -> str:
+    header = ("seq", "variant", "trainable", "peak MiB", "+step MiB", "step ms", "min ms", "1st s",
+              "peak/full", "+step/peft", "time/full", "time/peft")
+    rows = [header]
+    for r in records:
+        if "error" in r:
+            rows.append((str(r["seq_len"]), r["variant"], "FAILED: " + r["error"].splitlines()[0][:60],
+                         *[""] * (len(header) - 3)))
+            continue
+
+        def ratio(key: str, r: dict[str, Any] = r) -> str:
+            return "" if r.get(key) is None else f"{r[key]:.3f}"
+
+        rows.append((str(r["seq_len"]), r["variant"], f"{r['trainable_parameters']:,}",
+                     f"{r['tracked_peak_bytes'] / MiB:.2f}", f"{r['tracked_peak_increase_bytes'] / MiB:.2f}",
+                     f"{r['median_step_s'] * 1e3:.1f}", f"{r['min_step_s'] * 1e3:.1f}", f"{r['first_step_s']:.1f}",
+                     ratio("peak_vs_full_ft"), ratio("peak_increase_vs_peft_lora_eager"),
+                     ratio("time_vs_full_ft"), ratio("time_vs_peft_lora_eager")))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+             for row in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--seq-lens", default=None)
+    parser.add_argument("--batch", type=int, default=BATCH)
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results")
+    args = parser.parse_args(argv)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
+    seq_lens = ([int(s) for s in args.seq_lens.split(",")] if args.seq_lens
+                else list(QUICK_SEQ_LENS if args.quick else SEQ_LENS))
+    if any(not 1 <= s <= 512 for s in seq_lens):
+        parser.error("--seq-lens: the tiny Llama has 512 positions")
+    steps = args.steps or (QUICK_STEPS if args.quick else STEPS)
+    meta = run_metadata(args, seq_lens, steps)
+    meta.update(benchmark=BENCHMARK, variants=variants, adapters={"rank": RANK, "alpha": ALPHA, "targets": TARGETS},
+                optimizer="AdamW(foreach=True) over the trainable parameters")
+    started = time.perf_counter()
+    records: list[dict[str, Any]] = []
+    with torch._inductor.config.patch(fx_graph_cache=False), \
+            torch._functorch.config.patch(enable_autograd_cache=False):
+        for seq in seq_lens:
+            for variant in variants:
+                def log(message: str, prefix: str = f"{variant} seq={seq}") -> None:
+                    print(f"[{time.perf_counter() - started:6.0f} s] {prefix}: {message}", flush=True)
+                try:
+                    records.append(run_one(variant, seq, args.batch, steps, log))
+                except Exception as exc:  # noqa: BLE001 - reported in the row and the exit status
+                    import traceback
+
+                    traceback.print_exc()
+                    records.append({"variant": variant, "seq_len": seq, "batch": args.batch,
+                                    "error": f"{type(exc).__name__}: {exc}"})
+    add_ratios(records)
+    meta["wall_s"] = round(time.perf_counter() - started, 1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{BENCHMARK}.json").write_text(json.dumps({"meta": meta, "results": records}, indent=2) + "\n")
+    with (args.out / f"{BENCHMARK}.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["benchmark", "variant", "seq_len", "batch", "metric", "value", "torch_version", "date"])
+        for r in records:
+            for key, value in r.items():
+                if key not in ("variant", "seq_len", "batch") and not isinstance(value, (list, dict)):
+                    writer.writerow([BENCHMARK, r["variant"], r["seq_len"], r["batch"], key, value,
+                                     meta["torch"], meta["date"]])
+    print()
+    print(format_table(records))
+    print("\npeak = tracked peak of forward + backward with parameters, optimizer states and the batch live; "
+          "+step = that minus what was live at entry; x/full, x/peft = ratios to full fine-tuning and to "
+          "PEFT's eager LoRA at the same length.")
+    print(f"wrote {args.out / (BENCHMARK + '.json')} and .csv ({meta['wall_s']:.0f} s)")
+    return 0 if all("error" not in r for r in records) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
