@@ -169,10 +169,11 @@ def test_targets_that_match_nothing_or_a_non_linear_are_refused() -> None:
         memopt.prepare(tiny_llama(), {"adapters": {"targets": ["embed_tokens"]}})
 
 
-def test_gpt2_conv1d_lora_matches_peft() -> None:
+@pytest.mark.parametrize(("method", "use_rslora"), [("lora", False), ("lora", True), ("dora", False)])
+def test_gpt2_conv1d_matches_peft(method: str, use_rslora: bool) -> None:
     """GPT-2's c_attn is a transformers Conv1D (weight stored (in, out)), as PEFT targets it."""
-    model, twin, options = _prepared(tiny_gpt2, "lora", ["c_attn"])
-    batch = token_batch(2, 32)
+    model, twin, options = _prepared(tiny_gpt2, method, ["c_attn"], use_rslora=use_rslora)
+    batch = token_batch(2, 24)
     torch._dynamo.reset()
     out = torch.compile(model, backend=MemoptBackend({**options, "codegen": "eager"}))(**batch)
     out.loss.backward()
@@ -180,7 +181,7 @@ def test_gpt2_conv1d_lora_matches_peft() -> None:
     ref.loss.backward()
     torch.testing.assert_close(out.logits, ref.logits)
     mine, theirs = _adapter_grads(model), _peft_grads(twin)
-    assert mine.keys() == theirs.keys() and mine
+    assert mine.keys() == theirs.keys() and len(mine) == 2 * (3 if method == "dora" else 2)
     for key in mine:
         torch.testing.assert_close(mine[key], theirs[key])
 
@@ -313,12 +314,14 @@ def _train(step_model: nn.Module, params: list[nn.Parameter], batches: list[dict
 
 
 @pytest.mark.parametrize("method", ["lora", "dora"])
-def test_twenty_steps_fullgraph_without_recompiling_match_peft(method: str) -> None:
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_twenty_steps_fullgraph_without_recompiling_match_peft(arch: str, method: str) -> None:
     """20 AdamW steps compiled with fullgraph=True: no graph break, one graph, no recompile (Dynamo's
     counters), and the loss curve of PEFT's eager model from the same start."""
     from torch._dynamo.utils import counters
 
-    model, twin, options = _prepared(tiny_llama, method, LLAMA_TARGETS)
+    model, twin, options = (_prepared(tiny_llama, method, LLAMA_TARGETS) if arch == "llama"
+                            else _prepared(tiny_gpt2, method, ["c_attn", "c_fc"]))
     batches = [token_batch(2, 24, seed=s % 2) for s in range(20)]     # two batches, learnt by heart
     torch._dynamo.reset()
     counters.clear()
