@@ -162,6 +162,14 @@ def test_compiling_with_adapter_options_without_prepare_says_to_call_it() -> Non
         compiled(**token_batch(2, 16))
 
 
+def test_targets_by_name_suffix_and_by_regular_expression() -> None:
+    by_name = memopt.prepare(tiny_llama(), {"adapters": {"targets": ["self_attn.q_proj", "down_proj"]}})
+    assert [n for n, _, _ in adapter_modules(by_name)] == [
+        f"model.layers.{i}.{m}" for i in range(2) for m in ("self_attn.q_proj", "mlp.down_proj")]
+    by_regex = memopt.prepare(tiny_llama(), {"adapters": {"targets": r"model\.layers\.1\..*_proj"}})
+    assert len(adapter_modules(by_regex)) == 7
+
+
 def test_targets_that_match_nothing_or_a_non_linear_are_refused() -> None:
     with raises_memopt(memopt.MemoptConfigError, "matches no linear layer.*q_proj"):
         memopt.prepare(tiny_llama(), {"adapters": {"targets": ["query"]}})
