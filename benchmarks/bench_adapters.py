@@ -40,7 +40,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_memory import (  # noqa: E402
+from bench_memory import (
     MODEL,
     REPO_ROOT,
     SEED,
@@ -50,10 +50,10 @@ from bench_memory import (  # noqa: E402
     run_metadata,
 )
 
-import memopt  # noqa: E402
-from memopt.compiler.backend import MemoptBackend  # noqa: E402
-from memopt.runtime.tracker import track_memory  # noqa: E402
-from tests.models import tiny_llama, token_batch  # noqa: E402
+import memopt
+from memopt.compiler.backend import MemoptBackend
+from memopt.runtime.tracker import track_memory
+from tests.models import tiny_llama, token_batch
 
 BENCHMARK = "bench_adapters"
 VARIANTS = ("full_ft", "peft_lora_eager", "peft_lora_inductor", "memopt_lora", "memopt_dora", "memopt_paca")

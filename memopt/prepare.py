@@ -26,7 +26,7 @@ from memopt.config import AdapterConfig, MemoptConfig, parse_options
 from memopt.errors import MemoptConfigError, MemoptUnsupportedError
 from memopt.runtime.adapters import ADAPTER_ATTR, Adapter, adapter_hook
 
-__all__ = ["prepare", "prepared_adapters", "adapter_modules"]
+__all__ = ["adapter_modules", "prepare", "prepared_adapters"]
 
 # The attribute a prepared model keeps its adapter options under.
 PREPARED_ATTR = "_memopt_adapters"

@@ -41,7 +41,13 @@ from collections.abc import Callable
 from typing import Any
 
 from memopt.schedule.cpsat import solve_schedule
-from memopt.schedule.greedy import NOTHING, Evaluate, Evaluation, ScheduleResult, schedule_greedy
+from memopt.schedule.greedy import (
+    NOTHING,
+    Evaluate,
+    Evaluation,
+    ScheduleResult,
+    schedule_greedy,
+)
 from memopt.schedule.model import COMPRESS, OFFLOAD, RECOMPUTE, Option, ScheduleProblem
 
 MAX_ROUNDS = 3
