@@ -27,7 +27,6 @@ import argparse
 import csv
 import gc
 import json
-import statistics
 import sys
 import time
 import warnings
@@ -45,14 +44,12 @@ from bench_memory import (
     REPO_ROOT,
     SEED,
     MiB,
-    _optimizer_state_bytes,
-    _storage_bytes,
     run_metadata,
+    track_and_time,
 )
 
 import memopt
 from memopt.compiler.backend import MemoptBackend
-from memopt.runtime.tracker import track_memory
 from tests.models import tiny_llama, token_batch
 
 BENCHMARK = "bench_adapters"
@@ -102,29 +99,16 @@ def run_one(variant: str, seq: int, batch_size: int, steps: int, log: Callable[[
     record["first_step_s"] = time.perf_counter() - start
     for _ in range(WARMUP_STEPS - 1):
         _step(step_model, batch, opt)
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        resident = (_storage_bytes(iter([*model.parameters(), *model.buffers()])) + _optimizer_state_bytes(opt)
-                    + _storage_bytes(v for v in batch.values() if isinstance(v, torch.Tensor)))
-        gc.collect()
-        log("tracked step")
-        with track_memory("cpu") as mem:
-            out = step_model(**batch)
-            out.loss.backward()
-        del out
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        log(f"{steps} timed steps")
-        times = []
-        for _ in range(steps):
-            start = time.perf_counter()
-            _step(step_model, batch, opt)
-            times.append(time.perf_counter() - start)
-    record.update(tracked_peak_bytes=mem.peak_bytes, tracked_baseline_bytes=mem.baseline_bytes,
-                  tracked_peak_increase_bytes=mem.peak_increase_bytes, resident_bytes=resident,
-                  median_step_s=statistics.median(times), min_step_s=min(times), step_times_s=times)
-    del step_model, model, opt, batch
-    gc.collect()
-    return record
+
+    def tracked() -> None:
+        out = step_model(**batch)                        # the output held through the backward
+        out.loss.backward()
+
+    measured = track_and_time(model, batch, opt, steps, log, tracked=tracked,
+                              train_step=lambda: _step(step_model, batch, opt))
+    measured.pop("optimizer_state_bytes")
+    record.update(measured)
+    return record                       # the model goes with this frame; the next run collects it
 
 
 def add_ratios(records: list[dict[str, Any]]) -> None:

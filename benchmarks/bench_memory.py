@@ -74,9 +74,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from memopt.compiler.backend import MemoptBackend  # noqa: E402
-from memopt.runtime.tracker import track_memory  # noqa: E402
-from tests.models import hf_loss, tiny_llama, token_batch  # noqa: E402
+from memopt.compiler.backend import MemoptBackend
+from memopt.runtime.tracker import track_memory
+from tests.models import hf_loss, tiny_llama, token_batch
 
 MiB = 1 << 20
 
@@ -219,6 +219,35 @@ def _variant_config(variant: Variant, probe: Any) -> Iterator[None]:
         yield
 
 
+def track_and_time(model: nn.Module, batch: dict[str, Any], opt: torch.optim.Optimizer, steps: int,
+                   log: Callable[[str], None], *, tracked: Callable[[], None],
+                   train_step: Callable[[], None]) -> dict[str, Any]:
+    """After the warm-up: one tracked forward + backward (``tracked``; parameters, optimizer states
+    and the batch live at entry), one optimizer step, then ``steps`` timed ``train_step`` calls, with
+    recompilation an error. Returns the record's memory and time fields."""
+    # From here on a recompilation would measure a different program: make it an error.
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        state_bytes = _optimizer_state_bytes(opt)
+        resident = (_storage_bytes(iter([*model.parameters(), *model.buffers()])) + state_bytes
+                    + _storage_bytes(v for v in batch.values() if isinstance(v, torch.Tensor)))
+        gc.collect()
+        log("tracked step")
+        with track_memory("cpu") as mem:
+            tracked()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        log(f"{steps} timed steps")
+        times = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            train_step()
+            times.append(time.perf_counter() - start)
+    return {"tracked_peak_bytes": mem.peak_bytes, "tracked_baseline_bytes": mem.baseline_bytes,
+            "tracked_peak_increase_bytes": mem.peak_increase_bytes, "resident_bytes": resident,
+            "optimizer_state_bytes": state_bytes, "median_step_s": statistics.median(times),
+            "min_step_s": min(times), "step_times_s": times}
+
+
 def run_one(variant: Variant, seq: int, batch_size: int, steps: int,
             log: Callable[[str], None]) -> dict[str, Any]:
     """Measure one variant at one sequence length; returns its record (metrics in bytes and seconds)."""
@@ -240,33 +269,18 @@ def run_one(variant: Variant, seq: int, batch_size: int, steps: int,
         for _ in range(WARMUP_STEPS - 1):
             _train_step(compiled, batch, opt)
 
-        # From here on a recompilation would measure a different program: make it an error.
-        with torch._dynamo.config.patch(error_on_recompile=True):
-            state_bytes = _optimizer_state_bytes(opt)
-            resident = (_storage_bytes(iter([*model.parameters(), *model.buffers()])) + state_bytes
-                        + _storage_bytes(v for v in batch.values() if isinstance(v, torch.Tensor)))
-            log("tracked step")
-            with track_memory("cpu") as mem:
-                loss, logits = hf_loss(compiled, batch)
-                loss.backward()
-            del loss, logits
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        def tracked() -> None:
+            loss, _logits = hf_loss(compiled, batch)    # the output held through the backward
+            loss.backward()
 
-            log(f"{steps} timed steps")
-            times = []
-            for _ in range(steps):
-                start = time.perf_counter()
-                _train_step(compiled, batch, opt)
-                times.append(time.perf_counter() - start)
-
-    record.update(tracked_peak_bytes=mem.peak_bytes, tracked_baseline_bytes=mem.baseline_bytes,
-                  tracked_peak_increase_bytes=mem.peak_increase_bytes, resident_bytes=resident,
-                  median_step_s=statistics.median(times), min_step_s=min(times),
-                  step_times_s=times)
-    if abs(mem.baseline_bytes - resident) > MiB:
+        measured = track_and_time(model, batch, opt, steps, log, tracked=tracked,
+                                  train_step=lambda: _train_step(compiled, batch, opt))
+    state_bytes, resident = measured.pop("optimizer_state_bytes"), measured["resident_bytes"]
+    record.update(measured)
+    mem_baseline = measured["tracked_baseline_bytes"]
+    if abs(mem_baseline - resident) > MiB:
         record.setdefault("notes", []).append(
-            f"tracker baseline {mem.baseline_bytes} B differs from the expected resident {resident} B: "
+            f"tracker baseline {mem_baseline} B differs from the expected resident {resident} B: "
             "tensors from outside this variant were live")
 
     if backend is not None:
@@ -275,7 +289,7 @@ def run_one(variant: Variant, seq: int, batch_size: int, steps: int,
             report = backend.reports[0]
             timeline = report.simulate({"optimizer_states": state_bytes})
             record.update(simulated_peak_bytes=timeline.peak_bytes,
-                          sim_over_tracked=timeline.peak_bytes / mem.peak_bytes,
+                          sim_over_tracked=timeline.peak_bytes / record["tracked_peak_bytes"],
                           saved_activation_bytes=timeline.saved_activation_bytes,
                           simulated_peak_at=f"{timeline.peak_phase}:{timeline.peak_node}",
                           simulated_breakdown={k: v for k, v in timeline.breakdown.items() if v},
@@ -291,9 +305,7 @@ def run_one(variant: Variant, seq: int, batch_size: int, steps: int,
         else:
             record.setdefault("notes", []).append(
                 f"saved activations not measured ({len(probe.saved_bytes)} partitions)")
-    del compiled, backend, probe, opt, model, batch
-    gc.collect()
-    return record
+    return record                       # the model goes with this frame; the next run collects it
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -373,7 +385,7 @@ def format_table(records: list[dict[str, Any]]) -> str:
             rows.append((r["variant"], str(r["seq_len"]), "FAILED: " + r["error"].splitlines()[0][:80],
                          *[""] * (len(header) - 3)))
             continue
-        mib = lambda key: None if r.get(key) is None else r[key] / MiB  # noqa: E731
+        mib = lambda key: None if r.get(key) is None else r[key] / MiB
         rows.append((
             r["variant"], str(r["seq_len"]),
             _fmt(mib("tracked_peak_bytes"), ".2f"), _fmt(mib("tracked_peak_increase_bytes"), ".2f"),

@@ -79,6 +79,26 @@ def _peft_grads(twin: nn.Module) -> dict[str, torch.Tensor]:
     return grads
 
 
+def _compiled_and_reference(model: nn.Module, reference: nn.Module, batch: dict[str, Any],
+                            options: dict[str, Any]) -> MemoptBackend:
+    """One forward + backward of ``model`` compiled with memopt and of ``reference`` eagerly; the logits
+    match. Returns the backend (its reports)."""
+    torch._dynamo.reset()
+    backend = MemoptBackend({"codegen": "eager", **options})
+    out = torch.compile(model, backend=backend)(**batch)
+    out.loss.backward()
+    ref = reference(**batch)
+    ref.loss.backward()
+    torch.testing.assert_close(out.logits, ref.logits)
+    return backend
+
+
+def _assert_same_grads(mine: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> None:
+    assert mine and mine.keys() == theirs.keys(), (sorted(mine), sorted(theirs))
+    for key, value in mine.items():
+        torch.testing.assert_close(value, theirs[key], msg=lambda m, key=key: f"{key}: {m}")
+
+
 def _prepared(build: Any, method: str, targets: Any, *, rank: int = 4, alpha: float = 8.0,
               use_rslora: bool = False) -> tuple[nn.Module, nn.Module, dict[str, Any]]:
     torch.manual_seed(0)
@@ -113,10 +133,9 @@ def test_llama_matches_peft(method: str, use_rslora: bool, mode: str) -> None:
     ref = twin(**batch)
     ref.loss.backward()
     torch.testing.assert_close(out.logits, ref.logits)
-    mine, theirs = _adapter_grads(model), _peft_grads(twin)
-    assert mine.keys() == theirs.keys() and len(mine) == 2 * len(LLAMA_TARGETS) * (3 if method == "dora" else 2)
-    for key in mine:
-        torch.testing.assert_close(mine[key], theirs[key], msg=lambda m, key=key: f"{key}: {m}")
+    mine = _adapter_grads(model)
+    assert len(mine) == 2 * len(LLAMA_TARGETS) * (3 if method == "dora" else 2)
+    _assert_same_grads(mine, _peft_grads(twin))
     # Only the adapters train.
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".memopt_adapter." in n for n in trainable)
@@ -181,17 +200,10 @@ def test_targets_that_match_nothing_or_a_non_linear_are_refused() -> None:
 def test_gpt2_conv1d_matches_peft(method: str, use_rslora: bool) -> None:
     """GPT-2's c_attn is a transformers Conv1D (weight stored (in, out)), as PEFT targets it."""
     model, twin, options = _prepared(tiny_gpt2, method, ["c_attn"], use_rslora=use_rslora)
-    batch = token_batch(2, 24)
-    torch._dynamo.reset()
-    out = torch.compile(model, backend=MemoptBackend({**options, "codegen": "eager"}))(**batch)
-    out.loss.backward()
-    ref = twin(**batch)
-    ref.loss.backward()
-    torch.testing.assert_close(out.logits, ref.logits)
-    mine, theirs = _adapter_grads(model), _peft_grads(twin)
-    assert mine.keys() == theirs.keys() and len(mine) == 2 * (3 if method == "dora" else 2)
-    for key in mine:
-        torch.testing.assert_close(mine[key], theirs[key])
+    _compiled_and_reference(model, twin, token_batch(2, 24), options)
+    mine = _adapter_grads(model)
+    assert len(mine) == 2 * (3 if method == "dora" else 2)
+    _assert_same_grads(mine, _peft_grads(twin))
 
 
 @pytest.mark.parametrize("method", ["lora", "dora"])
@@ -260,13 +272,7 @@ def test_paca_matches_training_the_chosen_columns() -> None:
         for name, _, adapter in adapter_modules(model):
             adapter.columns.copy_(0.1 * torch.randn(adapter.columns.shape, generator=generator))
             ref_modules[name].weight[:, adapter.index] += adapter.columns
-    batch = token_batch(2, 24)
-    torch._dynamo.reset()
-    out = torch.compile(model, backend=MemoptBackend({**options, "codegen": "eager"}))(**batch)
-    out.loss.backward()
-    ref = reference(**batch)
-    ref.loss.backward()
-    torch.testing.assert_close(out.logits, ref.logits)
+    _compiled_and_reference(model, reference, token_batch(2, 24), options)
     for name, _, adapter in adapter_modules(model):
         assert adapter.index.tolist() == sorted(set(adapter.index.tolist())) and len(adapter.index) == 4
         torch.testing.assert_close(adapter.columns.grad, ref_modules[name].weight.grad[:, adapter.index])
@@ -349,18 +355,8 @@ def test_a_peft_model_compiles_and_trains_with_memopt() -> None:
     torch.manual_seed(0)
     twin = _peft_twin(tiny_llama(), "lora", 4, 8.0, LLAMA_TARGETS)
     compiled_twin = copy.deepcopy(twin)
-    batch = token_batch(2, 24)
-    torch._dynamo.reset()
-    backend = MemoptBackend({"codegen": "eager", "memory_budget": 0.5})
-    out = torch.compile(compiled_twin, backend=backend)(**batch)
-    out.loss.backward()
-    ref = twin(**batch)
-    ref.loss.backward()
-    torch.testing.assert_close(out.logits, ref.logits)
-    mine, theirs = _peft_grads(compiled_twin), _peft_grads(twin)
-    assert mine and mine.keys() == theirs.keys()
-    for key in mine:
-        torch.testing.assert_close(mine[key], theirs[key])
+    backend = _compiled_and_reference(compiled_twin, twin, token_batch(2, 24), {"memory_budget": 0.5})
+    _assert_same_grads(_peft_grads(compiled_twin), _peft_grads(twin))
     assert backend.reports[-1].schedule is not None and backend.reports[-1].schedule.feasible
 
 
@@ -368,17 +364,9 @@ def test_adapters_under_a_memory_budget_and_in_the_dumps(tmp_path: Any) -> None:
     """The scheduler sees the adapters' activations like any other (budget met, gradients exact), and
     the injected nodes are in the dump of the inject_adapters pass."""
     model, twin, options = _prepared(tiny_llama, "dora", LLAMA_TARGETS)
-    batch = token_batch(4, 64)
-    torch._dynamo.reset()
-    backend = MemoptBackend({**options, "codegen": "eager", "memory_budget": 0.5, "dump_dir": str(tmp_path)})
-    out = torch.compile(model, backend=backend)(**batch)
-    out.loss.backward()
-    ref = twin(**batch)
-    ref.loss.backward()
-    torch.testing.assert_close(out.logits, ref.logits)
-    mine, theirs = _adapter_grads(model), _peft_grads(twin)
-    for key in mine:
-        torch.testing.assert_close(mine[key], theirs[key])
+    backend = _compiled_and_reference(model, twin, token_batch(4, 64),
+                                      {**options, "memory_budget": 0.5, "dump_dir": str(tmp_path)})
+    _assert_same_grads(_adapter_grads(model), _peft_grads(twin))
     (report,) = backend.reports
     assert report.schedule is not None and report.schedule.feasible and report.memory is not None
     assert report.memory.peak_bytes <= report.schedule.budget_bytes < report.schedule.baseline.peak_bytes
@@ -409,9 +397,7 @@ def test_dropout_matches_peft_under_the_same_seed_in_eager(method: str) -> None:
     ref = twin(**batch)
     ref.loss.backward()
     torch.testing.assert_close(out.logits, ref.logits)
-    mine, theirs = _adapter_grads(model), _peft_grads(twin)
-    for key in mine:
-        torch.testing.assert_close(mine[key], theirs[key])
+    _assert_same_grads(_adapter_grads(model), _peft_grads(twin))
 
 
 def test_compiled_dropout_has_the_expected_mean_and_variance() -> None:
