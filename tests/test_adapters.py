@@ -7,6 +7,7 @@ arithmetic as PEFT, reordered only in DoRA's weight norm, which memopt computes 
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from typing import Any
 
@@ -179,6 +180,28 @@ def test_compiling_with_adapter_options_without_prepare_says_to_call_it() -> Non
     compiled = torch.compile(model, backend=MemoptBackend({"codegen": "eager", "adapters": {"rank": 4}}))
     with raises_memopt(memopt.MemoptConfigError, "call memopt.prepare"):
         compiled(**token_batch(2, 16))
+
+
+def test_initialisation_is_peft_s() -> None:
+    """A: Kaiming-uniform with a = sqrt(5), i.e. uniform within 1/sqrt(in); B: zeros (so a fresh adapter
+    changes nothing); DoRA's magnitude: the row norms of W; PaCA: zero change to r distinct columns."""
+    torch.manual_seed(0)
+    plain = tiny_llama(hidden=256)
+    batch = token_batch(2, 24)
+    with torch.no_grad():
+        before = plain(**batch).logits
+    model = memopt.prepare(copy.deepcopy(plain), {"adapters": {"method": "dora", "rank": 8, "targets": "all-linear"}})
+    for _, linear, adapter in adapter_modules(model):
+        bound = 1 / math.sqrt(adapter.in_features)
+        a = adapter.lora_A.detach()
+        assert a.abs().max() <= bound and abs(a.std().item() - bound / math.sqrt(3)) < 0.1 * bound
+        assert not adapter.lora_B.any()
+        torch.testing.assert_close(adapter.magnitude, linear.weight.norm(dim=1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, before)
+    paca = memopt.prepare(copy.deepcopy(plain), {"adapters": {"method": "paca", "rank": 8, "targets": ["q_proj"]}})
+    for _, _, adapter in adapter_modules(paca):
+        assert not adapter.columns.any() and len(set(adapter.index.tolist())) == 8
 
 
 def test_targets_by_name_suffix_and_by_regular_expression() -> None:
