@@ -254,3 +254,27 @@ def test_fewer_flops_than_pytorchs_knapsack_at_its_own_peak(share: float) -> Non
     their_flops, their_s = _recomputed(theirs)
     assert their_flops > 0 and our_flops < their_flops, (our_flops, their_flops)
     assert our_s < their_s, (our_s, their_s)
+
+
+def test_a_failing_knapsack_attempt_does_not_stop_scheduling(monkeypatch: pytest.MonkeyPatch) -> None:
+    """PyTorch's knapsack is an optional attempt (Note [Seeding from PyTorch's knapsack]): when torch's
+    partitioner fails on a knapsack cut, the search says so and meets the budget with its own plans."""
+    import memopt.compiler.capture as capture
+
+    real = capture.partition_joint
+
+    def partition(*args: object, **kwargs: object) -> object:
+        if torch._functorch.config.activation_memory_budget < 1.0:
+            raise RuntimeError("refused for the test")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(capture, "partition_joint", partition)
+    messages: list[str] = []
+    torch._dynamo.reset()
+    model, loss_of = CASES["llama"]()
+    backend = MemoptBackend({"codegen": "eager", "memory_budget": 0.5}, progress=messages.append)
+    loss_of(torch.compile(model, backend=backend))[0].backward()
+    report = backend.reports[-1]
+    assert report.schedule is not None and report.schedule.feasible
+    assert not report.schedule.method.startswith("pytorch knapsack")
+    assert any("knapsack as a base failed (RuntimeError: refused for the test)" in m for m in messages)

@@ -30,7 +30,8 @@ exact than the baseline's (with the tags in place the knapsack chooses again aro
 verification decides, and on large graphs, where one more solve and its verification cost half a minute
 and the model erred most (a 128-layer Llama: predicted far below what verified), it is not built. The
 cheapest verified plan of all wins: never worse than PyTorch's own answer at the shares tried, better
-where the model finds a way.
+where the model finds a way. The knapsack is an optional attempt: if torch's partitioner refuses a cut
+(with memopt's tags on it, it can), the search reports it and goes on with the plans it has.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def search_plan(evaluate: Evaluate, build: Callable[[Evaluation], ScheduleProble
                               attempts=[_attempt("baseline", baseline, budget_bytes)])
     attempts: list[tuple[str, Evaluation]] = [("baseline", baseline)]
     evaluations = 1
-    problem = build(baseline)
+    problem = baseline_problem = build(baseline)
     share = 1.0                            # the cut the problem being solved is modelled on
 
     def verify(label: str, plan: dict[str, Option]) -> Evaluation:
@@ -105,26 +106,35 @@ def search_plan(evaluate: Evaluate, build: Callable[[Evaluation], ScheduleProble
             if target <= 0:
                 break
 
-    solve_and_verify(problem, "cp-sat")
-    if knapsack:
+    def _seed_from_knapsack() -> None:
+        nonlocal problem, share, evaluations
         over: list[tuple[float, Evaluation]] = []
-        for share_ in _knapsack_shares(baseline, budget_bytes, graph_nodes):
-            seeded = evaluate(NOTHING, share_)
+        for fraction in _knapsack_shares(baseline, budget_bytes, graph_nodes):
+            seeded = evaluate(NOTHING, fraction)
             evaluations += 1
-            label = f"pytorch knapsack ({share_:.3g})"
+            label = f"pytorch knapsack ({fraction:.3g})"
             attempts.append((label, seeded))
             progress(f"{label}: simulated peak {seeded.peak_bytes} B, added time {seeded.added_time_s:.6g} s")
             if seeded.peak_bytes > budget_bytes:
-                over.append((share_, seeded))
+                over.append((fraction, seeded))
         best = min((e.added_time_s for _, e in attempts if e.peak_bytes <= budget_bytes), default=math.inf)
         if graph_nodes <= PARTITION_GREEDY_MAX_NODES and over and min(e.added_time_s for _, e in over) < best:
             # The cheapest cut over the budget, with what the model adds to it (which only adds time:
             # a cut already dearer than a verified plan cannot lead to a better one).
-            closest, seeded = min(over, key=lambda o: (o[1].added_time_s, o[1].peak_bytes))
-            modelled = problem
-            problem, share = build(seeded), closest
-            solve_and_verify(problem, f"cp-sat on the knapsack's cut ({closest:.3g})")
-            problem, share = modelled, 1.0
+            base_share, seeded = min(over, key=lambda o: (o[1].added_time_s, o[1].peak_bytes))
+            problem, share = build(seeded), base_share
+            solve_and_verify(problem, f"cp-sat on the knapsack's cut ({base_share:.3g})")
+            problem, share = baseline_problem, 1.0
+
+    solve_and_verify(problem, "cp-sat")
+    if knapsack:
+        try:
+            _seed_from_knapsack()
+        except Exception as err:  # noqa: BLE001 - an optional attempt: the plans so far stand
+            # torch's partitioner can refuse a knapsack cut with memopt's tags on it; the attempts
+            # already verified are unaffected, and the search goes on without this base.
+            problem, share = baseline_problem, 1.0
+            progress(f"PyTorch's knapsack as a base failed ({type(err).__name__}: {err}); going on without it")
     if not any(e.peak_bytes <= budget_bytes for _, e in attempts) and any(
             o.kind != RECOMPUTE for item in problem.items for o in item.options):
         # The model's offload windows are the least exact part of it (reload timing on a busy copy
