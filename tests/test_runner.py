@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.fx
 
+import memopt
 from memopt.compiler.backend import MemoptBackend
 from memopt.compiler.runner import MemoptPassWarning, check_order
 from memopt.errors import MemoptConfigError, MemoptPassError
@@ -439,10 +440,13 @@ def test_unwanted_pass_is_not_requested() -> None:
     assert skipped.calls == [] and needs_adapters.calls == []
     assert [(r.name, r.status) for r in backend.reports[0].passes] == [
         ("adapters_only", "not requested"), ("never", "not requested")]
-    # ``wanted`` reads the options: with adapter options the adapter pass runs.
+    # ``wanted`` reads the options: with adapter options (on a prepared model) the adapter pass runs.
     torch._dynamo.reset()
-    backend = MemoptBackend({"codegen": "eager", "adapters": {"rank": 4}}, passes=passes)
-    train_step_matches_eager(backend)
+    options = {"adapters": {"rank": 4, "targets": ["head"]}}
+    model, x, y = cnn_case()
+    memopt.prepare(model, options)
+    backend = MemoptBackend({"codegen": "eager", **options}, passes=passes)
+    torch.compile(model, backend=backend)(x, y)[0].backward()
     assert needs_adapters.calls == ["model"] and skipped.calls == []
 
 

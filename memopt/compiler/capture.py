@@ -322,8 +322,6 @@ def compile_joint(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], stage
                             inference_compiler=inference_compiler, partition_fn=stage,
                             keep_inference_input_mutations=True)(gm, example_inputs)
     # "inductor", and "triton" until memopt's own kernels land: Inductor generates the code.
-    from torch._inductor.compile_fx import compile_fx
+    from memopt.codegen.inductor import compile_with_inductor
 
-    compiled: Callable[..., Any] = compile_fx(  # type: ignore[assignment]
-        gm, list(example_inputs), config_patches={"custom_partitioner_fn": stage})
-    return compiled
+    return compile_with_inductor(gm, example_inputs, stage, keep_plan=stage.config.memory_budget is not None)
