@@ -18,12 +18,12 @@ import torch.fx
 from memopt.compiler.capture import GraphReport, JointStage, compile_joint
 from memopt.compiler.dump import Dumper, graph_id
 from memopt.compiler.pipeline import PIPELINE
-from memopt.passes.inject_adapters import is_adapter_node
 from memopt.compiler.runner import check_order, run_passes
 from memopt.config import MemoptConfig, parse_options
 from memopt.cost_model.profile import DeviceProfile, load_profile
 from memopt.errors import MemoptConfigError, MemoptUnsupportedError
 from memopt.passes.base import Pass, PassContext
+from memopt.passes.inject_adapters import is_adapter_node
 
 
 def input_kinds(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> tuple[str, ...]:
