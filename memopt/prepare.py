@@ -69,7 +69,7 @@ def prepare(model: nn.Module, options: Mapping[str, Any] | MemoptConfig | None) 
                           adapters.dropout, adapters.use_rslora, fan_in_fan_out, weight=weight,
                           generator=generator)
         module.add_module(ADAPTER_ATTR, adapter)
-        module.register_forward_hook(adapter_hook)
+        module.register_forward_hook(adapter_hook, with_kwargs=True)
     setattr(model, PREPARED_ATTR, adapters)
     return model
 

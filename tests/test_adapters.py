@@ -450,3 +450,16 @@ def test_compiled_dropout_has_the_expected_mean_and_variance() -> None:
     assert ((mean - (plain + delta)).abs() <= 5 * (variance / k).sqrt()).all()
     ratio = sample_variance / variance
     assert ((ratio > 0.5) & (ratio < 2.0)).all(), ratio
+
+
+def test_a_linear_called_with_its_input_by_keyword_gets_its_adapter() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 4))
+    memopt.prepare(model, {"adapters": {"rank": 2, "targets": ["0"]}})
+    (_, linear, adapter) = adapter_modules(model)[0]
+    with torch.no_grad():
+        adapter.lora_B.normal_()
+    x = torch.randn(3, 8)
+    expected = x @ linear.weight.t() + linear.bias + (x @ adapter.lora_A.t()) @ adapter.lora_B.t() * adapter.scale
+    torch.testing.assert_close(linear(input=x), expected)
+    torch.testing.assert_close(linear(x), expected)

@@ -148,9 +148,12 @@ class Adapter(nn.Module):
                 f"scale={self.scale:g}, dropout={self.dropout:g}")
 
 
-def adapter_hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
-    """The forward hook ``memopt.prepare`` puts on a targeted linear: its output plus its adapter's."""
+def adapter_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+                 output: torch.Tensor) -> torch.Tensor:
+    """The forward hook ``memopt.prepare`` puts on a targeted linear (registered ``with_kwargs``): its
+    output plus its adapter's."""
     adapter = getattr(module, ADAPTER_ATTR)
+    x = args[0] if args else kwargs["input"]
     weight = cast(torch.Tensor, module.weight)
     bias = getattr(module, "bias", None)
-    return output + adapter_delta(args[0], output, weight, bias, adapter, module.training)
+    return output + adapter_delta(x, output, weight, bias, adapter, module.training)
