@@ -463,3 +463,14 @@ def test_a_linear_called_with_its_input_by_keyword_gets_its_adapter() -> None:
     expected = x @ linear.weight.t() + linear.bias + (x @ adapter.lora_A.t()) @ adapter.lora_B.t() * adapter.scale
     torch.testing.assert_close(linear(input=x), expected)
     torch.testing.assert_close(linear(x), expected)
+
+
+def test_without_the_pass_the_op_still_computes_the_adapter() -> None:
+    """Note [Adapters as a composite op]: with inject_adapters disabled (or failed), AOTAutograd
+    decomposes memopt::adapter_delta into the same computation: still PEFT's logits and gradients."""
+    model, twin, options = _prepared(tiny_llama, "dora", LLAMA_TARGETS)
+    backend = _compiled_and_reference(model, twin, token_batch(2, 24),
+                                      {**options, "disable_passes": ["inject_adapters"]})
+    _assert_same_grads(_adapter_grads(model), _peft_grads(twin))
+    (record,) = [r for r in backend.reports[0].passes if r.name == "inject_adapters"]
+    assert record.status == "disabled"

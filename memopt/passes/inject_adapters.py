@@ -34,6 +34,10 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     graph = gm.graph
     stats: dict[str, Any] = {}
     for node in [n for n in graph.nodes if is_adapter_node(n)]:
+        if node.kwargs or len(node.args) != 13:
+            # memopt's hook passes all 13 positionally; anything else is left to AOTAutograd, which
+            # decomposes the op into the same computation.
+            raise ValueError(f"unexpected call {node.format_node()}")
         tensors = dict(zip(_TENSOR_ARGS, node.args[:8]))
         scale, dropout, training, fan_in_fan_out, method = node.args[8:13]
         tracer = torch.fx.proxy.GraphAppendingTracer(graph)
@@ -42,9 +46,10 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
                                    for k, v in tensors.items()}
         before = set(graph.nodes)
         with graph.inserting_before(node):
-            out: Any = _adapter_delta(proxies["x"], proxies["base"], proxies["weight"], proxies["bias"],
-                                 proxies["a"], proxies["b"], proxies["magnitude"], proxies["index"],
-                                 float(scale), float(dropout), bool(training), bool(fan_in_fan_out), int(method))
+            out: Any = _adapter_delta(
+                proxies["x"], proxies["base"], proxies["weight"], proxies["bias"], proxies["a"], proxies["b"],
+                proxies["magnitude"], proxies["index"], float(scale), float(dropout), bool(training),
+                bool(fan_in_fan_out), int(method))
         made = [n for n in graph.nodes if n not in before]
         weight = tensors["weight"]
         for new in made:
