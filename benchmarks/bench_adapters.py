@@ -41,9 +41,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_memory import (
     MODEL,
+    RATIO_METRICS,
     REPO_ROOT,
     SEED,
     MiB,
+    add_ratios,
     run_metadata,
     track_and_time,
 )
@@ -111,18 +113,6 @@ def run_one(variant: str, seq: int, batch_size: int, steps: int, log: Callable[[
     return record                       # the model goes with this frame; the next run collects it
 
 
-def add_ratios(records: list[dict[str, Any]]) -> None:
-    by_key = {(r["variant"], r["seq_len"]): r for r in records if "error" not in r}
-    for r in by_key.values():
-        for ref in ("full_ft", "peft_lora_eager"):
-            base = by_key.get((ref, r["seq_len"]))
-            if base is not None:
-                r[f"peak_vs_{ref}"] = r["tracked_peak_bytes"] / base["tracked_peak_bytes"]
-                r[f"peak_increase_vs_{ref}"] = (r["tracked_peak_increase_bytes"]
-                                                / base["tracked_peak_increase_bytes"])
-                r[f"time_vs_{ref}"] = r["median_step_s"] / base["median_step_s"]
-
-
 def format_table(records: list[dict[str, Any]]) -> str:
     header = ("seq", "variant", "trainable", "peak MiB", "+step MiB", "step ms", "min ms", "1st s",
               "peak/full", "+step/peft", "time/full", "time/peft")
@@ -185,7 +175,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     traceback.print_exc()
                     records.append({"variant": variant, "seq_len": seq, "batch": args.batch,
                                     "error": f"{type(exc).__name__}: {exc}"})
-    add_ratios(records)
+    add_ratios(records, ("full_ft", "peft_lora_eager"),
+               (*RATIO_METRICS, ("peak_increase", "tracked_peak_increase_bytes")))
     meta["wall_s"] = round(time.perf_counter() - started, 1)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{BENCHMARK}.json").write_text(json.dumps({"meta": meta, "results": records}, indent=2) + "\n")

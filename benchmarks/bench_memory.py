@@ -313,16 +313,21 @@ def run_one(variant: Variant, seq: int, batch_size: int, steps: int,
 # --------------------------------------------------------------------------------------------------------
 
 
-def add_ratios(records: list[dict[str, Any]]) -> None:
-    """Tracked peak and median step time relative to eager and to plain Inductor at the same length."""
+RATIO_METRICS = (("peak", "tracked_peak_bytes"), ("time", "median_step_s"))
+
+
+def add_ratios(records: list[dict[str, Any]], refs: Sequence[str] = ("eager", "inductor"),
+               metrics: Sequence[tuple[str, str]] = RATIO_METRICS) -> None:
+    """``<name>_vs_<ref>``: each metric relative to the variant ``ref`` at the same length (by default
+    the tracked peak and median step time relative to eager and to plain Inductor)."""
     by_key = {(r["variant"], r["seq_len"]): r for r in records if "error" not in r}
     for r in by_key.values():
-        for ref in ("eager", "inductor"):
+        for ref in refs:
             base = by_key.get((ref, r["seq_len"]))
             if base is None:
                 continue
-            r[f"peak_vs_{ref}"] = r["tracked_peak_bytes"] / base["tracked_peak_bytes"]
-            r[f"time_vs_{ref}"] = r["median_step_s"] / base["median_step_s"]
+            for name, key in metrics:
+                r[f"{name}_vs_{ref}"] = r[key] / base[key]
 
 
 def run_metadata(args: argparse.Namespace, seq_lens: Sequence[int], steps: int) -> dict[str, Any]:
