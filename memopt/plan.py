@@ -271,6 +271,13 @@ def plan(model_or_config: nn.Module | str | Any, example_inputs: Mapping[str, An
             raise MemoptConfigError(
                 f"seq {seq} is longer than {name}'s max_position_embeddings ({max_pos})")
     model.train()
+    if config.adapters is not None:
+        from memopt.prepare import prepare, prepared_adapters
+
+        if prepared_adapters(model) is None:
+            # The adapters of the options, made as the model's weights were (fake on a fake model).
+            with mode if mode is not None else contextlib.nullcontext():
+                prepare(model, {"adapters": dataclasses.asdict(config.adapters)})
     if example_inputs is None:
         if mode is None:
             raise MemoptConfigError("plan() needs example_inputs when given a module")
@@ -281,7 +288,7 @@ def plan(model_or_config: nn.Module | str | Any, example_inputs: Mapping[str, An
     if trainable == 0:
         raise MemoptUnsupportedError(
             f"{name} has no trainable parameters, so there is no training step to plan; unfreeze some "
-            "parameters (or give adapter options once adapters are supported)")
+            "parameters or give adapter options")
     state_factor, step_temp_factor = OPTIMIZERS[optimizer]
     state_bytes = int(state_factor * trainable_bytes)
 

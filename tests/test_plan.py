@@ -170,3 +170,19 @@ def test_budget_plan_is_summarised_per_block() -> None:
     assert report.schedule["method"] != "baseline"
     text = report.render()
     assert "recomputed" in text and "offloaded" in text and layers[0][-28:] in text
+
+
+def test_a_plan_with_adapter_options_prepares_the_fake_model() -> None:
+    """memopt plan with adapters: the fake model is prepared as memopt.prepare would prepare the real
+    one, so only the adapters train (LoRA rank 4 on every linear but the head: r * (in + out) each) and
+    the optimizer states are theirs."""
+    from memopt.plan import load_hf_config
+
+    _, config = load_hf_config("llama-tiny")
+    report = plan("llama-tiny", None, {"adapters": {"rank": 4, "targets": "all-linear"}}, device="cpu",
+                  batch=1, seq=32, dtype="fp32")
+    h, i = config.hidden_size, config.intermediate_size
+    kv = config.num_key_value_heads * (h // config.num_attention_heads)
+    per_layer = 4 * ((h + h) * 2 + (h + kv) * 2 + (h + i) * 2 + (i + h))
+    assert report.trainable_parameters == config.num_hidden_layers * per_layer
+    assert report.breakdown["optimizer_states"] == 2 * 4 * report.trainable_parameters

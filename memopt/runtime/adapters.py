@@ -129,9 +129,11 @@ class Adapter(nn.Module):
             self.register_parameter("magnitude", None)
             self.register_buffer("index", index.to(weight.device))
             return
-        # PEFT's init: A Kaiming-uniform with a = sqrt(5) (nn.Linear's own), B zeros.
-        self.lora_A = nn.Parameter(torch.empty(rank, in_features, **factory))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5), generator=generator)
+        # PEFT's init: A Kaiming-uniform with a = sqrt(5) (nn.Linear's own), B zeros. Drawn on the CPU,
+        # where the (seeded) generator lives, then moved to the weight's device.
+        a = torch.empty(rank, in_features, dtype=weight.dtype)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+        self.lora_A = nn.Parameter(a.to(weight.device))
         self.lora_B = nn.Parameter(torch.zeros(out_features, rank, **factory))
         self.register_parameter("columns", None)
         self.register_buffer("index", None)
