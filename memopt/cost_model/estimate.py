@@ -21,9 +21,9 @@ inputs and nothing else: no launch, no write (the fused group's one launch and f
 charged; reads of intermediates that stay in registers are: the two errors point opposite ways and are
 small beside a matmul). Matmuls, attention and every non-aten op (memopt's own, custom kernels) keep
 their full cost. The eager code generator runs every node as its own kernel: ``fused=False``. The few
-aten ops without FLOPs that Inductor runs as library calls instead (``sort``, ``topk``, ``nonzero``,
-``_embedding_bag``, ...) are underpriced by this; the transformer graphs memopt schedules hold none of
-them in their recomputable regions.
+aten ops without FLOPs that Inductor runs as library calls instead (``sort``, ``topk``, ``cumsum``,
+``_embedding_bag``, ...) are underpriced by this; in the tiny Llama's and GPT-2's joint graphs the only
+one is a ``cumsum`` over the position ids.
 
 Note [Which nodes launch nothing]
 ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
