@@ -66,7 +66,8 @@ after the forward node that made it, and that is no recomputation. Recomputed FL
 ``memopt.cost_model.flops.node_flops`` summed over those nodes (PyTorch's flop formulas: matmuls,
 attention, convolutions; pointwise ops and reductions count 0, so the node count is reported too); the
 predicted added time is ``memopt.cost_model.estimate.estimate_node(node, h100, fused=True).time_s``
-summed over the same nodes (fused: elementwise recomputation costs its reads, Note [Fused costs]). The same function serves every variant: for memopt on ``GraphReport.joint`` and
+summed over the same nodes (fused: elementwise recomputation costs its reads, Note [Fused costs]). The
+same function serves every variant: for memopt on ``GraphReport.joint`` and
 ``.backward``; for Inductor on the graphs of its own partition, obtained through the public
 ``custom_partitioner_fn`` hook with bench_memory.py's probe (which calls
 ``min_cut_rematerialization_partition`` with exactly Inductor's arguments, so the partition, knapsack
@@ -596,8 +597,9 @@ def compare(records: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
     if verdicts["per_variant"]:
         lines.append(
             "The target holds everywhere in this run." if all_met else
-            "The target does NOT hold everywhere in this run (see the rows above; memopt_matched, memopt "
-            "given the knapsack's own tracked peak as its budget, is the comparison the target describes).")
+            "The target does NOT hold everywhere in this run (see the rows above; the *_matched variants, "
+            "memopt given the knapsack's own tracked peak as its budget, are the comparison the target "
+            "describes).")
     verdicts["target_met_everywhere"] = all_met if verdicts["per_variant"] else None
     return "\n".join(lines), verdicts
 
