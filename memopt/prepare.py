@@ -54,9 +54,7 @@ def prepare(model: nn.Module, options: Mapping[str, Any] | MemoptConfig | None) 
         raise MemoptConfigError("adapters.dropout: PaCA has no adapter dropout (it trains weight columns "
                                 "directly); set dropout to 0 or use method 'lora' or 'dora'")
     targets = find_targets(model, adapters.targets)
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
-    generator = torch.Generator().manual_seed(adapters.seed)
+    shapes = []                     # (in, out, fan_in_fan_out) per target, all checked before any change
     for name, module in targets:
         weight = cast(torch.Tensor, module.weight)
         fan_in_fan_out = not isinstance(module, nn.Linear)        # Conv1D stores (in, out)
@@ -65,9 +63,14 @@ def prepare(model: nn.Module, options: Mapping[str, Any] | MemoptConfig | None) 
         if adapters.method == "paca" and adapters.rank > in_features:
             raise MemoptConfigError(f"adapters.rank {adapters.rank} exceeds the {in_features} input columns of "
                                     f"{name!r}: PaCA picks rank columns; lower the rank")
+        shapes.append((in_features, out_features, fan_in_fan_out))
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    generator = torch.Generator().manual_seed(adapters.seed)
+    for (_, module), (in_features, out_features, fan_in_fan_out) in zip(targets, shapes):
         adapter = Adapter(adapters.method, in_features, out_features, adapters.rank, adapters.alpha,
-                          adapters.dropout, adapters.use_rslora, fan_in_fan_out, weight=weight,
-                          generator=generator)
+                          adapters.dropout, adapters.use_rslora, fan_in_fan_out,
+                          weight=cast(torch.Tensor, module.weight), generator=generator)
         module.add_module(ADAPTER_ATTR, adapter)
         module.register_forward_hook(adapter_hook, with_kwargs=True)
     setattr(model, PREPARED_ATTR, adapters)

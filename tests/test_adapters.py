@@ -474,3 +474,12 @@ def test_without_the_pass_the_op_still_computes_the_adapter() -> None:
     _assert_same_grads(_adapter_grads(model), _peft_grads(twin))
     (record,) = [r for r in backend.reports[0].passes if r.name == "inject_adapters"]
     assert record.status == "disabled"
+
+
+def test_a_refused_prepare_leaves_the_model_untouched() -> None:
+    """PaCA's rank above one target's input columns (down_proj has 128, q_proj 64): refused before any
+    parameter is frozen or any adapter made."""
+    model = tiny_llama()
+    with raises_memopt(memopt.MemoptConfigError, "exceeds the 64 input columns"):
+        memopt.prepare(model, {"adapters": {"method": "paca", "rank": 100, "targets": ["down_proj", "q_proj"]}})
+    assert all(p.requires_grad for p in model.parameters()) and not adapter_modules(model)
