@@ -26,6 +26,7 @@ from torch import nn
 
 from memopt.errors import MemoptConfigError, MemoptUnsupportedError
 from memopt.prepare import adapter_modules, prepare, prepared_adapters
+from memopt.runtime.adapters import Adapter
 
 __all__ = ["load_adapters", "save_adapters"]
 
@@ -46,22 +47,12 @@ def save_adapters(model: nn.Module, directory: str | Path) -> Path:
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     names = [name for name, _, _ in prepared]
-    tensors: dict[str, torch.Tensor] = {}
+    # PaCA's index is int64 already (torch.randperm's dtype, kept by load_adapters' copy).
+    tensors = {key: value.detach().contiguous().cpu().clone() for key, value in _file_tensors(prepared).items()}
     if config.method == "paca":
-        for name, _, adapter in prepared:
-            assert adapter.columns is not None and adapter.index is not None
-            tensors[f"{name}.paca.columns"] = adapter.columns.detach().contiguous().cpu().clone()
-            tensors[f"{name}.paca.index"] = adapter.index.detach().to(torch.int64).cpu().clone()
         meta: dict[str, Any] = {"peft_type": PACA_TYPE, "memopt_format": PACA_FORMAT, "r": config.rank,
                                 "seed": config.seed, "target_modules": names}
     else:
-        for name, _, adapter in prepared:
-            assert adapter.lora_A is not None and adapter.lora_B is not None
-            tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = adapter.lora_A.detach().contiguous().cpu().clone()
-            tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = adapter.lora_B.detach().contiguous().cpu().clone()
-            if adapter.magnitude is not None:
-                tensors[f"{PEFT_PREFIX}{name}.lora_magnitude_vector"] = \
-                    adapter.magnitude.detach().contiguous().cpu().clone()
         meta = {
             "peft_type": "LORA", "task_type": None, "inference_mode": True, "r": config.rank,
             "lora_alpha": config.alpha, "lora_dropout": config.dropout, "use_rslora": config.use_rslora,
@@ -72,6 +63,22 @@ def save_adapters(model: nn.Module, directory: str | Path) -> Path:
         }
     save_file(tensors, str(out / WEIGHTS_FILE))
     (out / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return out
+
+
+def _file_tensors(prepared: list[tuple[str, nn.Module, Adapter]]) -> dict[str, torch.Tensor]:
+    """Each adapter tensor under its key in the files (the module docstring), the model's own tensors."""
+    out: dict[str, torch.Tensor] = {}
+    for name, _, adapter in prepared:
+        if adapter.method == "paca":
+            assert adapter.columns is not None and adapter.index is not None
+            out[f"{name}.paca.columns"], out[f"{name}.paca.index"] = adapter.columns, adapter.index
+            continue
+        assert adapter.lora_A is not None and adapter.lora_B is not None
+        out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = adapter.lora_A
+        out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = adapter.lora_B
+        if adapter.magnitude is not None:
+            out[f"{PEFT_PREFIX}{name}.lora_magnitude_vector"] = adapter.magnitude
     return out
 
 
@@ -115,17 +122,7 @@ def load_adapters(model: nn.Module, directory: str | Path) -> nn.Module:
             f"{folder} holds {adapters['method']} adapters of rank {adapters['rank']}; this model was prepared "
             f"with {current.method} of rank {current.rank}. Load them onto a fresh model instead")
     tensors = load_file(str(folder / WEIGHTS_FILE))
-    expected: dict[str, torch.Tensor] = {}
-    for name, _, adapter in adapter_modules(model):
-        if current.method == "paca":
-            assert adapter.columns is not None and adapter.index is not None
-            expected[f"{name}.paca.columns"], expected[f"{name}.paca.index"] = adapter.columns, adapter.index
-        else:
-            assert adapter.lora_A is not None and adapter.lora_B is not None
-            expected[f"{PEFT_PREFIX}{name}.lora_A.weight"] = adapter.lora_A
-            expected[f"{PEFT_PREFIX}{name}.lora_B.weight"] = adapter.lora_B
-            if adapter.magnitude is not None:
-                expected[f"{PEFT_PREFIX}{name}.lora_magnitude_vector"] = adapter.magnitude
+    expected = _file_tensors(adapter_modules(model))
     missing, unexpected = sorted(expected.keys() - tensors.keys()), sorted(tensors.keys() - expected.keys())
     if missing or unexpected:
         raise MemoptConfigError(
