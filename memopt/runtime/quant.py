@@ -30,6 +30,8 @@ __all__ = ["CHUNK", "NF4_BLOCK", "NF4_LEVELS", "Int8Weight", "NF4Weight", "dequa
 NF4_BLOCK = 64
 ABSMAX_BLOCK = 256
 CHUNK = NF4_BLOCK * ABSMAX_BLOCK * 64          # values quantized at a time (1 Mi)
+# A zero block or row is divided by this instead of 0, so its values stay 0.
+_TINY = torch.finfo(torch.float32).tiny
 
 # QLoRA's NF4 levels (bitsandbytes' NF4 code), ascending.
 NF4_LEVELS = torch.tensor([
@@ -104,7 +106,7 @@ def quantize_nf4(weight: torch.Tensor, *, double_quant: bool = True) -> NF4Weigh
         blocks = flat[start:start + CHUNK].float().view(-1, NF4_BLOCK)
         scale = blocks.abs().amax(dim=1)
         absmax[start // NF4_BLOCK:start // NF4_BLOCK + len(scale)] = scale
-        index = _nearest(blocks / scale.clamp_min(torch.finfo(torch.float32).tiny)[:, None], levels).view(-1)
+        index = _nearest(blocks / scale.clamp_min(_TINY)[:, None], levels).view(-1)
         codes[start // 2:(start + index.numel()) // 2] = (index[0::2] << 4) | index[1::2]
     if not double_quant:
         return NF4Weight(codes, absmax, None, None, 0.0, weight.shape, weight.dtype)
@@ -113,7 +115,7 @@ def quantize_nf4(weight: torch.Tensor, *, double_quant: bool = True) -> NF4Weigh
     pad = (-len(centred)) % ABSMAX_BLOCK
     groups = torch.nn.functional.pad(centred, (0, pad)).view(-1, ABSMAX_BLOCK)
     absmax2 = groups.abs().amax(dim=1)
-    qabsmax = _nearest(groups / absmax2.clamp_min(torch.finfo(torch.float32).tiny)[:, None],
+    qabsmax = _nearest(groups / absmax2.clamp_min(_TINY)[:, None],
                        dynamic_map().to(weight.device)).view(-1)[:len(centred)]
     return NF4Weight(codes, None, qabsmax, absmax2, offset, weight.shape, weight.dtype)
 
@@ -162,7 +164,7 @@ def quantize_int8(weight: torch.Tensor) -> Int8Weight:
         part = weight[start:start + rows].detach().float()
         step = part.abs().amax(dim=1) / 127
         scale[start:start + rows] = step
-        codes[start:start + rows] = torch.round(part / step.clamp_min(torch.finfo(torch.float32).tiny)[:, None]
+        codes[start:start + rows] = torch.round(part / step.clamp_min(_TINY)[:, None]
                                                 ).clamp(-127, 127).to(torch.int8)
     return Int8Weight(codes, scale, weight.dtype)
 
