@@ -6,6 +6,13 @@ initialises them, plus a forward hook that adds the adapter's output (Note [Adap
 The model is changed in place and returned; preparing it again with the same adapter options does
 nothing, with other options is an error.
 
+Quantized base weights (``options["quantize"]``, with adapters): each targeted linear is replaced by a
+:class:`memopt.runtime.qlinear.QuantizedLinear` holding its weight in NF4 or int8 (Note [Quantized
+linears]); the full-precision weight is dropped, so its memory is freed once nothing else holds it. The
+adapter is made from the full-precision weight first (LoRA's initialisation does not read it, but a
+future method's might), then moves to the quantized module with its hook. DoRA and PaCA need the
+weight's values in their own ops and are refused with a quantized base.
+
 Targets, as PEFT reads ``target_modules``: a list of names (a module matches when its qualified name is
 one of them or ends with ``"." + name``), a string (a regular expression the whole qualified name must
 match), or ``"all-linear"`` (every ``nn.Linear`` and transformers ``Conv1D`` but the model's output
@@ -22,34 +29,44 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from memopt.config import AdapterConfig, MemoptConfig, parse_options
+from memopt.config import AdapterConfig, MemoptConfig, QuantizeConfig, parse_options
 from memopt.errors import MemoptConfigError, MemoptUnsupportedError
 from memopt.runtime.adapters import ADAPTER_ATTR, Adapter, adapter_hook
+from memopt.runtime.quant import NF4_BLOCK
 
 __all__ = ["adapter_modules", "prepare", "prepared_adapters"]
 
 # The attribute a prepared model keeps its adapter options under.
 PREPARED_ATTR = "_memopt_adapters"
+QUANTIZED_ATTR = "_memopt_quantize"
 
 
 def prepare(model: nn.Module, options: Mapping[str, Any] | MemoptConfig | None) -> nn.Module:
     """Freeze the base and create the adapters that ``options`` ask for (see the module docstring)."""
     config = parse_options(options)
-    if config.quantize is not None:
-        raise MemoptUnsupportedError(
-            "options['quantize'] (quantized base weights) is not implemented yet; prepare without it")
     if config.adapters is None:
+        if config.quantize is not None:
+            raise MemoptConfigError(
+                "options['quantize'] needs options['adapters']: the adapters' targets are the linears whose "
+                "frozen weights are quantized (QLoRA), e.g. {'adapters': {'method': 'lora', 'targets': "
+                "'all-linear'}, 'quantize': {'weights': 'nf4'}}")
         warnings.warn("memopt.prepare: the options ask for no adapters; the model is unchanged",
                       stacklevel=2)
         return model
     done = prepared_adapters(model)
     if done is not None:
-        if done == config.adapters:
+        if done == config.adapters and getattr(model, QUANTIZED_ATTR, None) == config.quantize:
             return model
         raise MemoptConfigError(
-            f"this model was prepared with adapters {done}; it cannot be prepared again with "
-            f"{config.adapters}. Build a fresh model (or reload its base weights) to change adapters")
+            f"this model was prepared with adapters {done} and quantize "
+            f"{getattr(model, QUANTIZED_ATTR, None)}; it cannot be prepared again with {config.adapters} and "
+            f"{config.quantize}. Build a fresh model (or reload its base weights) to change them")
     adapters = config.adapters
+    if config.quantize is not None and adapters.method != "lora":
+        raise MemoptUnsupportedError(
+            f"adapters.method {adapters.method!r} with a quantized base: {adapters.method.upper()} reads the "
+            "base weight's values in its own ops, which memopt does not yet fuse with dequantization; use "
+            "method 'lora' (QLoRA) or drop options['quantize']")
     if adapters.method == "paca" and adapters.dropout > 0:
         raise MemoptConfigError("adapters.dropout: PaCA has no adapter dropout (it trains weight columns "
                                 "directly); set dropout to 0 or use method 'lora' or 'dora'")
@@ -63,18 +80,38 @@ def prepare(model: nn.Module, options: Mapping[str, Any] | MemoptConfig | None) 
         if adapters.method == "paca" and adapters.rank > in_features:
             raise MemoptConfigError(f"adapters.rank {adapters.rank} exceeds the {in_features} input columns of "
                                     f"{name!r}: PaCA picks rank columns; lower the rank")
+        if config.quantize is not None and config.quantize.weights == "nf4" and weight.numel() % NF4_BLOCK:
+            raise MemoptUnsupportedError(
+                f"{name!r} has {weight.numel()} weight values, not a multiple of {NF4_BLOCK}: NF4 stores blocks "
+                f"of {NF4_BLOCK}. Leave it out of adapters.targets or quantize to int8")
         shapes.append((in_features, out_features, fan_in_fan_out))
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     generator = torch.Generator().manual_seed(adapters.seed)
-    for (_, module), (in_features, out_features, fan_in_fan_out) in zip(targets, shapes):
+    for (name, module), (in_features, out_features, fan_in_fan_out) in zip(targets, shapes):
         adapter = Adapter(adapters.method, in_features, out_features, adapters.rank, adapters.alpha,
                           adapters.dropout, adapters.use_rslora, fan_in_fan_out,
                           weight=cast(torch.Tensor, module.weight), generator=generator)
+        if config.quantize is not None:
+            module = _quantize(model, name, module, config.quantize, fan_in_fan_out)
         module.add_module(ADAPTER_ATTR, adapter)
         module.register_forward_hook(adapter_hook, with_kwargs=True)
     setattr(model, PREPARED_ATTR, adapters)
+    setattr(model, QUANTIZED_ATTR, config.quantize)
     return model
+
+
+def _quantize(model: nn.Module, name: str, module: nn.Module, quantize: QuantizeConfig,
+              fan_in_fan_out: bool) -> nn.Module:
+    """Put a :class:`QuantizedLinear` in place of the linear ``name`` of ``model``; returns it."""
+    from memopt.runtime.qlinear import QuantizedLinear
+
+    quantized = QuantizedLinear.from_linear(module, quantize.weights, double_quant=quantize.double_quant,
+                                            fan_in_fan_out=fan_in_fan_out)
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, quantized)
+    return quantized
 
 
 def prepared_adapters(model: nn.Module) -> AdapterConfig | None:

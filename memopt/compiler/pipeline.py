@@ -4,17 +4,21 @@ One tuple, one line per pass, each with why it sits where it does. Model-graph p
 torch-level graph before AOTAutograd; joint-graph passes run on the aten-level joint forward+backward
 graph after it. The runner checks the order (``stage`` and each pass's ``after``) before anything runs.
 
-The rewriting passes arrive with their issues (token elimination, backprop pruning and dequant fusion
-are still to come). Tests add passes of their own through
+The rewriting passes arrive with their issues (token elimination and backprop pruning are still to
+come). Tests add passes of their own through
 ``MemoptBackend(passes=...)``, never by mutating this tuple.
 """
 
 from __future__ import annotations
 
 from memopt.passes.base import Pass
+from memopt.passes.fuse_dequant import FUSE_DEQUANT
 from memopt.passes.inject_adapters import INJECT_ADAPTERS
 
 PIPELINE: tuple[Pass, ...] = (
     # Model graph, first: the adapters are part of the model every later pass and the schedule see.
     INJECT_ADAPTERS,
+    # Joint graph: the forward's and the backward's matmuls on a dequantized weight, fused, before the
+    # cost model and the schedule see the graph.
+    FUSE_DEQUANT,
 )

@@ -51,9 +51,10 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
                 proxies["magnitude"], proxies["index"], float(scale), float(dropout), bool(training),
                 bool(fan_in_fan_out), int(method))
         made = [n for n in graph.nodes if n not in before]
-        weight = tensors["weight"]
+        # The linear the adapter belongs to, by its weight (or, for a quantized linear, its output).
+        owner = tensors["weight"] if isinstance(tensors["weight"], torch.fx.Node) else tensors["base"]
         for new in made:
-            new.meta["memopt_adapter"] = weight.name if isinstance(weight, torch.fx.Node) else str(weight)
+            new.meta["memopt_adapter"] = owner.name if isinstance(owner, torch.fx.Node) else str(owner)
             for key in ("nn_module_stack", "source_fn_stack", "stack_trace"):
                 if key in node.meta:
                     new.meta[key] = node.meta[key]

@@ -46,7 +46,7 @@ METHOD_CODES = {"lora": 0, "dora": 1, "paca": 2}
 
 _lib = torch.library.Library("memopt", "FRAGMENT")
 _lib.define(
-    "adapter_delta(Tensor x, Tensor base, Tensor weight, Tensor? bias, Tensor a, Tensor? b, Tensor? magnitude, "
+    "adapter_delta(Tensor x, Tensor base, Tensor? weight, Tensor? bias, Tensor a, Tensor? b, Tensor? magnitude, "
     "Tensor? index, float scale, float dropout, bool training, bool fan_in_fan_out, int method) -> Tensor")
 
 
@@ -59,7 +59,7 @@ def dora_weight_norm(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, sca
     return squared.clamp_min(0).sqrt()
 
 
-def _adapter_delta(x: torch.Tensor, base: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+def _adapter_delta(x: torch.Tensor, base: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                    a: torch.Tensor, b: torch.Tensor | None, magnitude: torch.Tensor | None,
                    index: torch.Tensor | None, scale: float, dropout: float, training: bool,
                    fan_in_fan_out: bool, method: int) -> torch.Tensor:
@@ -72,7 +72,7 @@ def _adapter_delta(x: torch.Tensor, base: torch.Tensor, weight: torch.Tensor, bi
     lora = (dropped @ a.t()) @ b.t()
     if method == METHOD_CODES["lora"]:
         return lora * scale
-    assert magnitude is not None
+    assert magnitude is not None and weight is not None
     w = weight.t() if fan_in_fan_out else weight
     norm = dora_weight_norm(w.detach(), a.detach(), b.detach(), scale).detach()
     ratio = magnitude / norm
@@ -86,7 +86,7 @@ def _adapter_delta(x: torch.Tensor, base: torch.Tensor, weight: torch.Tensor, bi
 _lib.impl("adapter_delta", _adapter_delta, "CompositeImplicitAutograd")
 
 
-def adapter_delta(x: torch.Tensor, base: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+def adapter_delta(x: torch.Tensor, base: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                   adapter: Adapter, training: bool) -> torch.Tensor:
     """What ``adapter`` adds to its linear's output ``base`` for input ``x``."""
     a = adapter.columns if adapter.method == "paca" else adapter.lora_A
@@ -156,6 +156,7 @@ def adapter_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any
     output plus its adapter's."""
     adapter = getattr(module, ADAPTER_ATTR)
     x = args[0] if args else kwargs["input"]
-    weight = cast(torch.Tensor, module.weight)
+    # A quantized linear (memopt.runtime.qlinear) has no weight tensor; LoRA does not read it.
+    weight = cast("torch.Tensor | None", getattr(module, "weight", None))
     bias = getattr(module, "bias", None)
     return output + adapter_delta(x, output, weight, bias, adapter, module.training)

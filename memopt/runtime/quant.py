@@ -81,13 +81,13 @@ class NF4Weight:
     absmax: torch.Tensor | None          # fp32 per 64-block (without double quantization)
     qabsmax: torch.Tensor | None         # uint8 per 64-block: dynamic-map index of (absmax - offset) / absmax2
     absmax2: torch.Tensor | None         # fp32 per 256 blocks
-    offset: float                        # mean of the block maxima (double quantization), else 0
+    offset: torch.Tensor | None          # fp32 0-d: mean of the block maxima (double quantization)
     shape: torch.Size
     dtype: torch.dtype                   # the weight's dtype, restored by dequantization
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.codes, self.absmax, self.qabsmax, self.absmax2)
-                   if t is not None) + (4 if self.qabsmax is not None else 0)
+        return sum(t.numel() * t.element_size()
+                   for t in (self.codes, self.absmax, self.qabsmax, self.absmax2, self.offset) if t is not None)
 
     def bits_per_parameter(self) -> float:
         return 8 * self.nbytes() / self.shape.numel()
@@ -109,8 +109,8 @@ def quantize_nf4(weight: torch.Tensor, *, double_quant: bool = True) -> NF4Weigh
         index = _nearest(blocks / scale.clamp_min(_TINY)[:, None], levels).view(-1)
         codes[start // 2:(start + index.numel()) // 2] = (index[0::2] << 4) | index[1::2]
     if not double_quant:
-        return NF4Weight(codes, absmax, None, None, 0.0, weight.shape, weight.dtype)
-    offset = absmax.mean().item()
+        return NF4Weight(codes, absmax, None, None, None, weight.shape, weight.dtype)
+    offset = absmax.mean()             # a tensor: no host sync, and it works on fake tensors
     centred = absmax - offset
     pad = (-len(centred)) % ABSMAX_BLOCK
     groups = torch.nn.functional.pad(centred, (0, pad)).view(-1, ABSMAX_BLOCK)
@@ -127,6 +127,7 @@ def block_absmax(q: NF4Weight) -> torch.Tensor:
     assert q.qabsmax is not None and q.absmax2 is not None
     code = dynamic_map().to(q.qabsmax.device)
     scale = q.absmax2.repeat_interleave(ABSMAX_BLOCK)[:len(q.qabsmax)]
+    assert q.offset is not None
     return code[q.qabsmax.long()] * scale + q.offset
 
 

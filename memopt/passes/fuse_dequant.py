@@ -1,0 +1,127 @@
+"""fuse_dequant: every matmul that reads a dequantized base weight becomes one fused kernel call.
+
+A quantized linear (Note [Quantized linears] in :mod:`memopt.runtime.qlinear`) reaches the joint graph as
+``W = memopt::dequantize_<fmt>(storage...)`` feeding the forward's ``addmm(b, x, t(W))`` / ``mm(x,
+t(W))`` and the backward's input gradient ``mm(grad, t(t(W)))``. This pass follows ``W`` through
+transposes (``t``, ``permute [1, 0]``, ``transpose``) to every ``mm``/``addmm`` that takes it as its
+right operand, and replaces each by ``memopt::<fmt>_mm(x, storage..., transposed)`` (``transposed``:
+the matmul reads ``W`` itself, not ``W.T``), adding the bias after it for ``addmm``. The dequantize node
+and its transposes then have no users and go. Values are unchanged (the kernels are the reference up to
+summation order).
+
+A weight read any other way (as a left operand, or by an op that needs its values, e.g. DoRA's row
+norm) keeps its dequantize node for those readers; the pass counts such weights as ``unfused`` and the
+runner reports it. Stats: ``fused_matmuls``, ``weights`` (weights with no dequantize left), ``unfused``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx
+
+from memopt.passes.base import Pass, PassContext, PassResult
+
+_aten = torch.ops.aten
+
+
+def _dequant_ops() -> dict[Any, Any]:
+    """dequantize op -> its fused matmul op (imported here: the ops exist once the runtime is loaded)."""
+    import memopt.runtime.qlinear  # noqa: F401  (registers the ops)
+
+    ops = torch.ops.memopt
+    return {ops.dequantize_nf4.default: ops.nf4_mm.default, ops.dequantize_int8.default: ops.int8_mm.default}
+
+
+def _is_transpose(node: torch.fx.Node) -> bool:
+    if node.op != "call_function":
+        return False
+    if node.target in (_aten.t.default, _aten.numpy_T.default):
+        return True
+    if node.target is _aten.permute.default:
+        return list(node.args[1]) in ([1, 0], [-1, -2], [1, -2], [-1, 0])       # type: ignore[arg-type]
+    if node.target is _aten.transpose.int:
+        return {int(node.args[1]) % 2, int(node.args[2]) % 2} == {0, 1}          # type: ignore[arg-type]
+    return False
+
+
+def _storage_args(dequant: torch.fx.Node) -> tuple[Any, ...]:
+    """The fused op's storage arguments, from the dequantize call's (its dtype argument dropped: the
+    fused op computes in the input's dtype)."""
+    if dequant.target is torch.ops.memopt.dequantize_nf4.default:
+        codes, absmax, absmax2, offset, shape, _dtype = dequant.args
+        return (codes, absmax, absmax2, offset, shape)
+    codes, scale, _dtype = dequant.args
+    return (codes, scale)
+
+
+def _fake_of(node: torch.fx.Node, args: tuple[Any, ...]) -> Any:
+    """The new node's fake value, computed from its inputs' (the partitioner and cost model need it)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    vals = torch.fx.node.map_aggregate(args, lambda a: a.meta.get("val") if isinstance(a, torch.fx.Node) else a)
+    fakes: list[FakeTensor] = []
+    torch.fx.node.map_aggregate(vals, lambda v: fakes.append(v) if isinstance(v, FakeTensor) else None)
+    if not fakes:
+        return None
+    with fakes[0].fake_mode:
+        return node.target(*vals)          # type: ignore[operator]
+
+
+def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+    graph = gm.graph
+    fused_op_of = _dequant_ops()
+    stats = {"fused_matmuls": 0, "weights": 0, "unfused": 0}
+    for dequant in [n for n in graph.nodes if n.op == "call_function" and n.target in fused_op_of]:
+        fused_op = fused_op_of[dequant.target]
+        storage = _storage_args(dequant)
+        # (reader, the operand it reads, whether that is W.T) for every non-transpose reader of W or
+        # of a transpose of it
+        stack: list[tuple[torch.fx.Node, bool]] = [(dequant, False)]
+        readers: list[tuple[torch.fx.Node, torch.fx.Node, bool]] = []
+        transposes: list[torch.fx.Node] = []
+        while stack:
+            value, flipped = stack.pop()
+            for user in value.users:
+                if _is_transpose(user):
+                    stack.append((user, not flipped))
+                    transposes.append(user)
+                else:
+                    readers.append((user, value, flipped))
+        for user, operand, flipped in readers:
+            if user.target is _aten.mm.default and user.args[1] is operand and user.args[0] is not operand:
+                x, bias = user.args[0], None
+            elif (user.target is _aten.addmm.default and user.args[2] is operand and user.args[1] is not operand
+                  and not user.kwargs):
+                bias, x = user.args[0], user.args[1]
+            else:
+                continue
+            with graph.inserting_before(user):
+                # mm(x, W.T) is x @ W.T: transposed=False; mm(x, W) is x @ W: transposed=True.
+                fused = graph.call_function(fused_op, (x, *storage, not flipped))
+                fused.meta.update({k: v for k, v in user.meta.items() if k != "val"})
+                fused.meta["val"] = _fake_of(fused, fused.args)
+                out = fused
+                if bias is not None:
+                    out = graph.call_function(_aten.add.Tensor, (fused, bias))
+                    out.meta.update({k: v for k, v in user.meta.items() if k != "val"})
+                    out.meta["val"] = _fake_of(out, out.args)
+            user.replace_all_uses_with(out)
+            graph.erase_node(user)
+            stats["fused_matmuls"] += 1
+        # Its transposes left without readers (innermost first), then the dequantize itself, go.
+        for node in reversed(transposes):
+            if not node.users:
+                graph.erase_node(node)
+        if dequant.users:
+            stats["unfused"] += 1
+        else:
+            graph.erase_node(dequant)
+            stats["weights"] += 1
+    graph.lint()
+    gm.recompile()
+    return PassResult(gm, stats["fused_matmuls"] > 0, stats)
+
+
+FUSE_DEQUANT = Pass("fuse_dequant", "joint", run, wanted=lambda config: config.quantize is not None)
