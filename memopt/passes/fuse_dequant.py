@@ -11,7 +11,14 @@ summation order).
 
 A weight read any other way (as a left operand, or by an op that needs its values, e.g. DoRA's row
 norm) keeps its dequantize node for those readers; the pass counts such weights as ``unfused`` and the
-runner reports it. Stats: ``fused_matmuls``, ``weights`` (weights with no dequantize left), ``unfused``.
+runner reports it.
+
+With LoRA on an NF4 linear, the forward's ``x @ W.T + scale * (x @ A.T) @ B.T`` then becomes one
+``memopt::nf4_mm_lora`` call: B's product is added in the kernel's epilogue rather than written out as a
+second output-sized tensor and added (``x @ A.T`` stays its own node: the backward keeps it for B's
+gradient). This is taken wherever the pattern matches with no other reader of the pieces.
+
+Stats: ``fused_matmuls``, ``weights`` (weights with no dequantize left), ``unfused``, ``lora_epilogues``.
 """
 
 from __future__ import annotations
@@ -69,6 +76,56 @@ def _fake_of(node: torch.fx.Node, args: tuple[Any, ...]) -> Any:
         return node.target(*vals)          # type: ignore[operator]
 
 
+_RESHAPES = (_aten.view.default, _aten._unsafe_view.default, _aten.reshape.default)
+
+
+def _only_user(node: torch.fx.Node) -> torch.fx.Node | None:
+    return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+def _fuse_lora_epilogue(graph: torch.fx.Graph, fused: torch.fx.Node) -> bool:
+    """``reshape(nf4_mm(x, W)) + reshape(mm(xa, t(B))) * s`` (a LoRA linear's output, as the joint graph
+    has it) becomes ``reshape(nf4_mm_lora(x, W, xa, B, s))``: the up projection is added in the kernel's
+    epilogue instead of writing both outputs and adding them. Each intermediate must have no other
+    reader."""
+    if fused.args[-1] is not False:
+        return False                                   # the input gradient (x @ W) has no LoRA term
+    base = _only_user(fused)
+    add = _only_user(base) if base is not None and base.target in _RESHAPES else None
+    if add is None or add.target is not _aten.add.Tensor or add.kwargs or base is None:
+        return False
+    lora = add.args[1] if add.args[0] is base else add.args[0]
+    if not (isinstance(lora, torch.fx.Node) and lora.target is _aten.mul.Tensor and len(lora.users) == 1):
+        return False
+    scale = lora.args[1] if isinstance(lora.args[0], torch.fx.Node) else lora.args[0]
+    up = lora.args[0] if isinstance(lora.args[0], torch.fx.Node) else lora.args[1]
+    if not isinstance(scale, (int, float)) or not isinstance(up, torch.fx.Node) or up.target not in _RESHAPES             or len(up.users) != 1:
+        return False
+    mm = up.args[0]
+    if not (isinstance(mm, torch.fx.Node) and mm.target is _aten.mm.default and len(mm.users) == 1):
+        return False
+    xa, b_t = mm.args
+    if not (isinstance(b_t, torch.fx.Node) and _is_transpose(b_t)):
+        return False
+    shapes = [n.meta.get("val") for n in (base, up, add)]
+    if any(v is None for v in shapes) or not (shapes[0].shape == shapes[1].shape == shapes[2].shape):
+        return False
+    with graph.inserting_before(add):
+        new = graph.call_function(torch.ops.memopt.nf4_mm_lora.default,
+                                  (*fused.args[:-1], xa, b_t.args[0], float(scale)))
+        new.meta.update({k: v for k, v in fused.meta.items() if k != "val"})
+        new.meta["val"] = _fake_of(new, new.args)
+        out = graph.call_function(base.target, (new, *base.args[1:]))
+        out.meta.update({k: v for k, v in add.meta.items() if k != "val"})
+        out.meta["val"] = _fake_of(out, out.args)
+    add.replace_all_uses_with(out)
+    for node in (add, lora, up, mm, base, fused):
+        graph.erase_node(node)
+    if not b_t.users:
+        graph.erase_node(b_t)
+    return True
+
+
 def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     graph = gm.graph
     fused_op_of = _dequant_ops()
@@ -119,6 +176,8 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         else:
             graph.erase_node(dequant)
             stats["weights"] += 1
+    stats["lora_epilogues"] = sum(_fuse_lora_epilogue(graph, node) for node in list(graph.nodes)
+                                  if node.target is torch.ops.memopt.nf4_mm.default)
     graph.lint()
     gm.recompile()
     return PassResult(gm, stats["fused_matmuls"] > 0, stats)

@@ -44,7 +44,7 @@ from memopt.runtime.quant import (
     quantize_nf4,
 )
 
-__all__ = ["QUANTIZED_FORMATS", "TILE_VALUES", "QuantizedLinear", "int8_mm", "nf4_mm"]
+__all__ = ["QUANTIZED_FORMATS", "TILE_VALUES", "QuantizedLinear", "int8_mm", "nf4_mm", "nf4_mm_lora"]
 
 QUANTIZED_FORMATS = ("nf4", "int8")
 TILE_VALUES = 1 << 20          # weight values the CPU kernels dequantize at a time
@@ -105,6 +105,14 @@ def _check_x(name: str, x: torch.Tensor, shape: list[int], transposed: bool) -> 
                          f"{tuple(shape)} needs {want} ({'x @ W' if transposed else 'x @ W.T'})")
 
 
+def _on_triton(x: torch.Tensor) -> bool:
+    """Whether a CPU call runs memopt's Triton kernel, through Triton's interpreter: when
+    ``TRITON_INTERPRET=1`` is set (slow; for testing the kernels inside compiled graphs)."""
+    from memopt.codegen.triton_kernels import interpreting
+
+    return x.device.type == "cpu" and interpreting()
+
+
 def _mm_fake(x: torch.Tensor, shape: list[int], transposed: bool) -> torch.Tensor:
     return x.new_empty(*x.shape[:-1], shape[1] if transposed else shape[0])
 
@@ -129,8 +137,10 @@ def nf4_mm(x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, absmax2: 
            offset: torch.Tensor | None, shape: list[int], transposed: bool) -> torch.Tensor:
     """``x @ W.T`` (``x @ W`` when ``transposed``) for the NF4 weight W of ``shape`` (Note [Quantized
     linears])."""
-    _check_x("nf4_mm", x, shape, transposed)
     q = _nf4(codes, absmax, absmax2, offset, shape, x.dtype)
+    if _on_triton(x):
+        return _nf4_triton(x, q, transposed, None)
+    _check_x("nf4_mm", x, shape, transposed)
     align = NF4_BLOCK // math.gcd(shape[1], NF4_BLOCK)
     return _tiled_mm(x, shape[0], shape[1], lambda a, b: _nf4_rows(q, a, b), transposed, align)
 
@@ -138,10 +148,45 @@ def nf4_mm(x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, absmax2: 
 @nf4_mm.register_kernel("cuda")
 def _(x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, absmax2: torch.Tensor | None,
       offset: torch.Tensor | None, shape: list[int], transposed: bool) -> torch.Tensor:
+    return _nf4_triton(x, _nf4(codes, absmax, absmax2, offset, shape, x.dtype), transposed, None)
+
+
+def _nf4_triton(x: torch.Tensor, q: NF4Weight, transposed: bool,
+                lora: tuple[torch.Tensor, torch.Tensor, float] | None) -> torch.Tensor:
     from memopt.codegen.nf4_matmul import nf4_matmul
 
-    _check_x("nf4_mm", x, shape, transposed)
-    return nf4_matmul(x, _nf4(codes, absmax, absmax2, offset, shape, x.dtype), transposed=transposed)
+    _check_x("nf4_mm", x, list(q.shape), transposed)
+    return nf4_matmul(x, q, transposed=transposed, lora=lora)
+
+
+@torch.library.custom_op("memopt::nf4_mm_lora", mutates_args=())
+def nf4_mm_lora(x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, absmax2: torch.Tensor | None,
+                offset: torch.Tensor | None, shape: list[int], xa: torch.Tensor, b: torch.Tensor,
+                scale: float) -> torch.Tensor:
+    """``x @ W.T + scale * xa @ b.T``: the NF4 forward with LoRA's up projection in its epilogue
+    (``xa = x @ A.T``, computed apart because the backward keeps it for B's gradient). Only
+    ``fuse_dequant`` makes it, after autograd, so it has no autograd formula."""
+    q = _nf4(codes, absmax, absmax2, offset, shape, x.dtype)
+    if _on_triton(x):
+        return _nf4_triton(x, q, False, (xa, b, scale))
+    out = nf4_mm(x, codes, absmax, absmax2, offset, shape, False)
+    flat = out.view(-1, shape[0])
+    flat.addmm_(xa.reshape(flat.shape[0], -1).to(out.dtype), b.t().to(out.dtype), alpha=scale)
+    return out
+
+
+@nf4_mm_lora.register_kernel("cuda")
+def _(x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, absmax2: torch.Tensor | None,
+      offset: torch.Tensor | None, shape: list[int], xa: torch.Tensor, b: torch.Tensor,
+      scale: float) -> torch.Tensor:
+    return _nf4_triton(x, _nf4(codes, absmax, absmax2, offset, shape, x.dtype), False, (xa, b, scale))
+
+
+@nf4_mm_lora.register_fake
+def _(x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, absmax2: torch.Tensor | None,
+      offset: torch.Tensor | None, shape: list[int], xa: torch.Tensor, b: torch.Tensor,
+      scale: float) -> torch.Tensor:
+    return _mm_fake(x, shape, False)
 
 
 @nf4_mm.register_fake
@@ -180,6 +225,8 @@ def int8_mm(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, transpose
     """``x @ W.T`` (``x @ W`` when ``transposed``) for the row-wise int8 weight W (Note [Quantized
     linears])."""
     shape = list(codes.shape)
+    if _on_triton(x):
+        return _int8_triton(x, codes, scale, transposed)
     _check_x("int8_mm", x, shape, transposed)
     return _tiled_mm(x, shape[0], shape[1], lambda a, b: codes[a:b].float() * scale[a:b, None],
                      transposed, 1)
@@ -187,6 +234,10 @@ def int8_mm(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, transpose
 
 @int8_mm.register_kernel("cuda")
 def _(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, transposed: bool) -> torch.Tensor:
+    return _int8_triton(x, codes, scale, transposed)
+
+
+def _int8_triton(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, transposed: bool) -> torch.Tensor:
     from memopt.codegen.int8_matmul import int8_matmul
 
     _check_x("int8_mm", x, list(codes.shape), transposed)
@@ -310,7 +361,12 @@ def _register_flops() -> None:
     def matmul_flops(x_shape: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
         return 2 * math.prod(x_shape) * int(out_shape[-1])
 
+    def lora_flops(x_shape: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+        xa_shape = args[5]
+        return matmul_flops(x_shape, out_shape=out_shape) + matmul_flops(xa_shape, out_shape=out_shape)
+
     register_flop_formula([torch.ops.memopt.nf4_mm, torch.ops.memopt.int8_mm])(matmul_flops)
+    register_flop_formula(torch.ops.memopt.nf4_mm_lora)(lora_flops)
 
 
 _register_flops()
