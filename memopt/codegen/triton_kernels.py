@@ -2,30 +2,35 @@
 
 Note [Triton on a CPU-only machine]
 ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
-``triton.jit`` decides at decoration time whether a kernel is compiled for a GPU or run by Triton's
-interpreter (``TRITON_INTERPRET=1``). memopt's kernel files keep the plain Python function and
-:func:`jit` compiles it at its first launch for the mode in force then, so one process can import memopt
-without a GPU and a test can switch the interpreter on. The interpreter does not check GPU rules, so
-:func:`check_tiles` does (powers of two, at least 16 along every ``tl.dot`` dimension, operand tiles
-that fit in shared memory with the pipeline's stages); every launcher checks its tiles before launching,
-and the tests check every tile configuration the launchers can pick. bf16 arithmetic is wrong in the
-interpreter (values are handled as raw 16-bit integers): kernels load bf16 and cast to fp32 at once, and
-take the ``tl.dot`` operand dtype as a ``tl.constexpr`` (:func:`dot_dtype`).
+Triton runs kernels through its interpreter when ``TRITON_INTERPRET=1`` is set *before Triton is
+imported*: its own library functions (``tl.zeros``, ``tl.max``, ...) are compiled for one mode at import.
+The test suite sets it in ``tests/conftest.py``. memopt's kernel files keep plain Python functions and
+:func:`jit` compiles each at its first launch, so importing memopt needs neither Triton nor a GPU.
+
+Where the kernels run: on CUDA, always (the ``cuda`` kernels of memopt's ops). On CPU, the ops run their
+tiled PyTorch kernels, unless ``MEMOPT_TRITON_CPU=1`` is set too, in which case they run the Triton
+kernels through the interpreter (slow: for checking the kernels inside compiled graphs, see
+:func:`kernels_on_cpu`).
+
+The interpreter does not check GPU rules, so :func:`check_tiles` does (powers of two, at least 16
+along every ``tl.dot`` dimension, operand tiles that fit in shared memory with the pipeline's stages);
+every launcher checks its tiles before launching, and the tests check every tile configuration the
+launchers use. bf16 arithmetic is wrong in the interpreter (values are handled as raw 16-bit integers):
+kernels load bf16 and cast to fp32 at once, and take the ``tl.dot`` operand dtype as a ``tl.constexpr``
+(:func:`dot_dtype`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import os
 from collections.abc import Callable
-from types import ModuleType
 from typing import Any
 
 import torch
 
 __all__ = ["KERNELS", "SHARED_MEMORY_BYTES", "Tiles", "check_tiles", "dot_dtype", "interpreting", "jit",
-           "kernel_sources"]
+           "kernel_sources", "kernels_on_cpu"]
 
 # Shared memory a block may use on the smallest GPU memopt targets (sm_89, e.g. RTX 4090: 99 KiB).
 SHARED_MEMORY_BYTES = 99 * 1024
@@ -34,6 +39,17 @@ SHARED_MEMORY_BYTES = 99 * 1024
 def interpreting() -> bool:
     """Whether Triton's interpreter runs kernels (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def kernels_on_cpu() -> bool:
+    """Whether memopt's ops run their Triton kernels on CPU tensors (Note [Triton on a CPU-only
+    machine]): ``MEMOPT_TRITON_CPU=1``, which needs ``TRITON_INTERPRET=1`` from the process start."""
+    if os.environ.get("MEMOPT_TRITON_CPU", "0") in ("", "0"):
+        return False
+    if not interpreting():
+        raise RuntimeError("MEMOPT_TRITON_CPU=1 runs memopt's Triton kernels on CPU through Triton's "
+                           "interpreter; set TRITON_INTERPRET=1 too, before Python starts")
+    return True
 
 
 _compiled: dict[tuple[Callable[..., Any], bool], Any] = {}
@@ -102,6 +118,7 @@ def next_power_of_two(n: int, least: int = 16) -> int:
 # op name -> the module holding its kernel (its source goes to the dumps of graphs that call the op).
 KERNELS: dict[str, str] = {
     "memopt.nf4_mm": "memopt.codegen.nf4_matmul",
+    "memopt.nf4_mm_lora": "memopt.codegen.nf4_matmul",
     "memopt.int8_mm": "memopt.codegen.int8_matmul",
     "memopt.compress": "memopt.codegen.compress_rows",
     "memopt.decompress": "memopt.codegen.compress_rows",
@@ -109,13 +126,15 @@ KERNELS: dict[str, str] = {
 
 
 def kernel_sources(graphs: list[torch.fx.GraphModule]) -> dict[str, str]:
-    """``{file name: Triton source}`` of every memopt kernel the ``graphs`` call."""
-    import importlib
+    """``{file name: Triton source}`` of every memopt kernel the ``graphs`` call (read from the kernel
+    files, not imported: the dumps need no Triton)."""
+    import importlib.util
+    from pathlib import Path
 
     used = {str(n.target).rsplit(".", 1)[0] for g in graphs for n in g.graph.nodes if n.op == "call_function"}
     out: dict[str, str] = {}
     for op, module_name in KERNELS.items():
-        if op in used:
-            module: ModuleType = importlib.import_module(module_name)
-            out[module_name.rsplit(".", 1)[-1] + ".py"] = inspect.getsource(module)
+        spec = importlib.util.find_spec(module_name)
+        if op in used and spec is not None and spec.origin is not None:
+            out[module_name.rsplit(".", 1)[-1] + ".py"] = Path(spec.origin).read_text()
     return out

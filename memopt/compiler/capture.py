@@ -254,6 +254,12 @@ class JointStage(CustomPartitionerFn):
         if bw_gm is not None:
             self.dumper.stage("backward", bw_gm, kind="partition", status="partitioned",
                               stats={"nodes": len(bw_gm.graph.nodes), "memory": summary})
+        if self.dumper.folder is not None:
+            from memopt.codegen.triton_kernels import kernel_sources
+
+            sources = self._analysis("kernel sources", lambda: kernel_sources(graphs)) or {}
+            for name, source in sources.items():
+                self.dumper.write_text(f"kernel_{name}", source)     # the Triton kernels these graphs call
         for name, seconds in report.seconds.items():
             self.dumper.timing(name, seconds)
         self.dumper.finish()

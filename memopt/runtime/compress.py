@@ -14,8 +14,8 @@ data; fp8 e4m3: about 30 dB), measured in ``tests/test_compress.py``. Scales are
 values; non-finite elements come back as ``-inf`` (masks), the rest of the row unharmed. The ops work
 through the rows in chunks, so their scratch memory stays small and the simulator's view of them (their
 inputs and outputs) stays true. The scheduler compresses only when
-``compress_activations`` allows it. These are plain PyTorch ops; the Triton kernels of the quantisation
-issue replace them on GPUs.
+``compress_activations`` allows it. On CUDA (and on CPU with ``MEMOPT_TRITON_CPU=1``) int8 runs memopt's
+Triton kernels (:mod:`memopt.codegen.compress_rows`), which produce the same bytes; fp8 stays in PyTorch.
 """
 
 from __future__ import annotations
@@ -60,6 +60,15 @@ def _check(fmt: str) -> tuple[torch.dtype, float]:
     return FORMATS[fmt]
 
 
+def _on_triton(device: torch.device) -> bool:
+    """Whether memopt's Triton kernels (:mod:`memopt.codegen.compress_rows`, int8 only) do the work: on
+    CUDA, and on CPU through Triton's interpreter with ``MEMOPT_TRITON_CPU=1`` (Note [Triton on a CPU-only
+    machine])."""
+    from memopt.codegen.triton_kernels import kernels_on_cpu
+
+    return device.type == "cuda" or (device.type == "cpu" and kernels_on_cpu())
+
+
 def _chunk_rows(cols: int) -> int:
     """Rows per chunk: the ops work a chunk at a time so that their scratch stays near _CHUNK_ELEMENTS
     float32 values, whatever the tensor's size (the simulator does not see scratch inside an op)."""
@@ -72,6 +81,10 @@ def compress(x: torch.Tensor, fmt: str) -> torch.Tensor:
     qdtype, qmax = _check(fmt)
     if x.dtype not in COMPRESSIBLE:
         raise ValueError(f"memopt::compress: {x.dtype} is not compressible; expected one of {COMPRESSIBLE}")
+    if fmt == "int8" and _on_triton(x.device):
+        from memopt.codegen.compress_rows import compress_int8
+
+        return compress_int8(x)
     rows, cols = rows_of(x.shape)
     packed = torch.empty(packed_nbytes(x.shape), dtype=torch.uint8, device=x.device)
     scales = packed[:4 * rows].view(torch.float32)
@@ -106,6 +119,11 @@ def decompress(packed: torch.Tensor, size: list[int], stride: list[int], dtype: 
                fmt: str) -> torch.Tensor:
     """Unpack what ``compress`` packed, into a tensor of ``size``, ``stride`` and ``dtype``."""
     qdtype, _ = _check(fmt)
+    if fmt == "int8" and _on_triton(packed.device) and list(stride) == list(
+            torch.empty(size, device="meta").stride()):
+        from memopt.codegen.compress_rows import decompress_int8
+
+        return decompress_int8(packed, size, dtype)
     rows, cols = rows_of(size)
     scales = packed[:4 * rows].view(torch.float32).view(rows, 1)
     quantised = packed[4 * rows:].view(qdtype).view(rows, cols)

@@ -106,11 +106,11 @@ def _check_x(name: str, x: torch.Tensor, shape: list[int], transposed: bool) -> 
 
 
 def _on_triton(x: torch.Tensor) -> bool:
-    """Whether a CPU call runs memopt's Triton kernel, through Triton's interpreter: when
-    ``TRITON_INTERPRET=1`` is set (slow; for testing the kernels inside compiled graphs)."""
-    from memopt.codegen.triton_kernels import interpreting
+    """Whether a CPU call runs memopt's Triton kernel through Triton's interpreter (``MEMOPT_TRITON_CPU=1``,
+    Note [Triton on a CPU-only machine])."""
+    from memopt.codegen.triton_kernels import kernels_on_cpu
 
-    return x.device.type == "cpu" and interpreting()
+    return x.device.type == "cpu" and kernels_on_cpu()
 
 
 def _mm_fake(x: torch.Tensor, shape: list[int], transposed: bool) -> torch.Tensor:
