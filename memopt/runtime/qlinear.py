@@ -66,7 +66,9 @@ def _nf4_rows(q: NF4Weight, start: int, stop: int) -> torch.Tensor:
     assert first % NF4_BLOCK == 0 and last % NF4_BLOCK == 0
     codes = q.codes[first // 2:last // 2]
     levels = NF4_LEVELS.to(codes.device)
-    index = torch.stack([codes >> 4, codes & 0xF], dim=1).view(-1).long()
+    values = torch.empty(last - first, dtype=torch.float32, device=codes.device)
+    values[0::2] = levels[(codes >> 4).int()]            # the even element is the high nibble
+    values[1::2] = levels[(codes & 0xF).int()]
     blocks = slice(first // NF4_BLOCK, last // NF4_BLOCK)
     if q.absmax is not None:
         maxima = q.absmax[blocks]
@@ -75,7 +77,7 @@ def _nf4_rows(q: NF4Weight, start: int, stop: int) -> torch.Tensor:
         ids = torch.arange(blocks.start, blocks.stop, device=codes.device)
         maxima = dynamic_map().to(codes.device)[q.qabsmax[blocks].long()] * q.absmax2[ids // ABSMAX_BLOCK] \
             + q.offset
-    return (levels[index].view(-1, NF4_BLOCK) * maxima[:, None]).view(stop - start, cols)
+    return values.view(-1, NF4_BLOCK).mul_(maxima[:, None]).view(stop - start, cols)
 
 
 def _tiled_mm(x: torch.Tensor, rows: int, cols: int, weight_rows: Callable[[int, int], torch.Tensor],
