@@ -11,9 +11,9 @@ import torch
 
 pytest.importorskip("triton")
 
-from memopt.codegen import compress_rows, int8_matmul, nf4_matmul  # noqa: E402
-from memopt.codegen.triton_kernels import Tiles, check_tiles  # noqa: E402
-from memopt.runtime.quant import quantize_int8, quantize_nf4  # noqa: E402
+from memopt.codegen import compress_rows, int8_matmul, nf4_matmul
+from memopt.codegen.triton_kernels import Tiles, check_tiles
+from memopt.runtime.quant import quantize_int8, quantize_nf4
 
 
 @pytest.fixture(autouse=True)

@@ -152,7 +152,7 @@ def test_fused_dequant_matches_eager_and_never_forms_a_weight(quantize: dict[str
         for node in graph.graph.nodes:
             target = str(node.target)
             assert "dequantize" not in target, node.format_node()
-            fused += target.startswith("memopt.nf4_mm") or target.startswith("memopt.int8_mm")
+            fused += target.startswith(("memopt.nf4_mm", "memopt.int8_mm"))
             val = node.meta.get("val")
             if isinstance(val, torch.Tensor) and val.is_floating_point() and val.dim() == 2:
                 assert tuple(val.shape) not in shapes, f"{node.format_node()} is shaped like a weight"

@@ -16,7 +16,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import triton
 import triton.language as tl
 
 from memopt.codegen.triton_kernels import jit, next_power_of_two
@@ -27,20 +26,20 @@ __all__ = ["BLOCK", "compress_int8", "decompress_int8", "reference_compress", "r
 BLOCK = 1024          # columns a program handles per step (a power of two)
 
 
-def _compress_kernel(x_ptr, scale_ptr, q_ptr, cols, BLOCK_C: tl.constexpr):  # type: ignore[no-untyped-def]
+def _compress_kernel(x_ptr, scale_ptr, q_ptr, cols, BLOCK_C: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     absmax = tl.zeros((BLOCK_C,), dtype=tl.float32)
     for start in range(0, cols, BLOCK_C):
         offs = start + tl.arange(0, BLOCK_C)
         x = tl.load(x_ptr + row * cols + offs, mask=offs < cols, other=0.0).to(tl.float32)
-        finite = (x == x) & (tl.abs(x) < float("inf"))
+        finite = tl.abs(x) < float("inf")          # False for inf, -inf and NaN
         absmax = tl.maximum(absmax, tl.where(finite, tl.abs(x), 0.0))
     scale = tl.maximum(tl.max(absmax, axis=0) / 127.0, 1e-30)
     tl.store(scale_ptr + row, scale)
     for start in range(0, cols, BLOCK_C):
         offs = start + tl.arange(0, BLOCK_C)
         x = tl.load(x_ptr + row * cols + offs, mask=offs < cols, other=0.0).to(tl.float32)
-        finite = (x == x) & (tl.abs(x) < float("inf"))
+        finite = tl.abs(x) < float("inf")          # False for inf, -inf and NaN
         v = tl.where(finite, x / scale, 0.0)
         low = tl.floor(v)
         frac = v - low
@@ -51,7 +50,7 @@ def _compress_kernel(x_ptr, scale_ptr, q_ptr, cols, BLOCK_C: tl.constexpr):  # t
         tl.store(q_ptr + row * cols + offs, q, mask=offs < cols)
 
 
-def _decompress_kernel(scale_ptr, q_ptr, out_ptr, cols, BLOCK_C: tl.constexpr):  # type: ignore[no-untyped-def]
+def _decompress_kernel(scale_ptr, q_ptr, out_ptr, cols, BLOCK_C: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     scale = tl.load(scale_ptr + row)
     for start in range(0, cols, BLOCK_C):

@@ -23,7 +23,7 @@ __all__ = ["TILES", "int8_matmul", "reference"]
 TILES = Tiles(block_m=32, block_n=64, block_k=64, num_warps=4, num_stages=3)
 
 
-def _int8_matmul_kernel(x_ptr, codes_ptr, scale_ptr, out_ptr, M, R, C, K, stride_r, stride_c,  # type: ignore[no-untyped-def]
+def _int8_matmul_kernel(x_ptr, codes_ptr, scale_ptr, out_ptr, M, R, C, K, stride_r, stride_c,
                         stride_xm, stride_xr, stride_om, stride_oc,
                         DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)

@@ -23,7 +23,13 @@ import torch
 import triton
 import triton.language as tl
 
-from memopt.codegen.triton_kernels import Tiles, check_tiles, dot_dtype, jit, next_power_of_two
+from memopt.codegen.triton_kernels import (
+    Tiles,
+    check_tiles,
+    dot_dtype,
+    jit,
+    next_power_of_two,
+)
 from memopt.runtime.quant import NF4_LEVELS, NF4Weight, dequantize_nf4, dynamic_map
 
 __all__ = ["TILES", "nf4_matmul", "reference"]
@@ -31,7 +37,7 @@ __all__ = ["TILES", "nf4_matmul", "reference"]
 TILES = Tiles(block_m=32, block_n=64, block_k=64, num_warps=4, num_stages=3)
 
 
-def _nf4_matmul_kernel(x_ptr, codes_ptr, absmax_ptr, absmax2_ptr, offset_ptr, map_ptr, levels_ptr,  # type: ignore[no-untyped-def]
+def _nf4_matmul_kernel(x_ptr, codes_ptr, absmax_ptr, absmax2_ptr, offset_ptr, map_ptr, levels_ptr,
                        xa_ptr, b_ptr, out_ptr, M, R, C, stride_r, stride_c,
                        stride_xm, stride_xr, stride_am, stride_ar, stride_bc, stride_br, stride_om, stride_oc,
                        lora_scale, RANK,

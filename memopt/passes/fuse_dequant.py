@@ -107,15 +107,16 @@ def _fuse_lora_epilogue(graph: torch.fx.Graph, fused: torch.fx.Node) -> bool:
     xa, b_t = mm.args
     if not (isinstance(b_t, torch.fx.Node) and _is_transpose(b_t)):
         return False
-    shapes = [n.meta.get("val") for n in (base, up, add)]
-    if any(v is None for v in shapes) or not (shapes[0].shape == shapes[1].shape == shapes[2].shape):
+    vals = [n.meta.get("val") for n in (base, up, add)]
+    shapes = [v.shape for v in vals if isinstance(v, torch.Tensor)]
+    if len(shapes) != 3 or not shapes[0] == shapes[1] == shapes[2]:
         return False
     with graph.inserting_before(add):
         new = graph.call_function(torch.ops.memopt.nf4_mm_lora.default,
                                   (*fused.args[:-1], xa, b_t.args[0], float(scale)))
         new.meta.update({k: v for k, v in fused.meta.items() if k != "val"})
         new.meta["val"] = _fake_of(new, new.args)
-        out = graph.call_function(base.target, (new, *base.args[1:]))
+        out = graph.call_function(base.target, (new, *base.args[1:]))       # type: ignore[arg-type]
         out.meta.update({k: v for k, v in add.meta.items() if k != "val"})
         out.meta["val"] = _fake_of(out, out.args)
     add.replace_all_uses_with(out)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -307,7 +307,7 @@ class QuantizedLinear(nn.Module):
                     fan_in_fan_out: bool = False) -> QuantizedLinear:
         """``module``'s weight quantized (stored ``(out, in)``; transformers' ``Conv1D`` is transposed
         first), its bias kept."""
-        weight = module.weight.detach()
+        weight = cast(torch.Tensor, module.weight).detach()
         weight = weight.t() if fan_in_fan_out else weight
         out_features, in_features = int(weight.shape[0]), int(weight.shape[1])
         storage: dict[str, torch.Tensor | None]
