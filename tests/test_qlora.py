@@ -265,3 +265,50 @@ def test_quantize_errors_say_what_to_do() -> None:
     assert memopt.prepare(model, {"adapters": LORA, "quantize": {"weights": "nf4"}}) is model   # idempotent
     with raises_memopt(MemoptConfigError, "cannot be prepared again"):
         memopt.prepare(model, {"adapters": LORA, "quantize": {"weights": "int8"}})
+
+
+def _train(model: nn.Module, options: dict[str, Any], batches: list[dict[str, object]], lr: float) -> list[float]:
+    step = torch.compile(model, backend=MemoptBackend({**options, "codegen": "eager"})) if options else model
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for batch in batches:
+        loss, _ = hf_loss(step, batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
+@torch.no_grad()
+def _eval_loss(model: nn.Module, batches: list[dict[str, object]]) -> float:
+    return sum(hf_loss(model, b)[0].item() for b in batches) / len(batches)
+
+
+def test_qlora_trains_within_two_percent_of_lora() -> None:
+    """Fine-tuning quality on real text: a tiny Llama (hidden 128) is first trained in full on the first
+    half of the standard library's docstrings (byte level), then fine-tuned for 200 steps on the second
+    half with LoRA (rank 8, all linears) on its fp32 weights, and with QLoRA (the same on NF4 weights,
+    double quantization, compiled with memopt so the fused kernels run). Held-out loss after
+    fine-tuning: QLoRA within 2% of LoRA, and both clearly below the starting point."""
+    from tests.corpus import byte_batches, stdlib_docstrings
+
+    text = stdlib_docstrings(1 << 20)
+    first, second = text[:len(text) // 2], text[len(text) // 2:]
+    held_out = byte_batches(second[-(1 << 16):], 8, 64, 4, seed=7)
+    tune = byte_batches(second[:-(1 << 16)], 8, 64, 200, seed=0)
+    torch.manual_seed(0)
+    base = tiny_llama(layers=2, hidden=128)
+    _train(base, {}, byte_batches(first, 8, 64, 300, seed=1), lr=3e-3)
+    start = _eval_loss(base, held_out)
+    lora = {"method": "lora", "rank": 8, "alpha": 16, "targets": "all-linear"}
+    results = {}
+    for name, options in (("lora", {"adapters": lora}),
+                          ("qlora", {"adapters": lora, "quantize": {"weights": "nf4", "double_quant": True}})):
+        torch._dynamo.reset()
+        model = memopt.prepare(copy.deepcopy(base), options)
+        losses = _train(model, options, tune, lr=3e-3)
+        results[name] = _eval_loss(model, held_out)
+        assert losses[-1] < losses[0]
+    assert results["qlora"] <= results["lora"] * 1.02, results
+    assert max(results.values()) < start - 0.05, (start, results)
