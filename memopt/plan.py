@@ -209,7 +209,15 @@ def fake_causal_lm(config: Any, dtype: torch.dtype) -> tuple[nn.Module, Any]:
 
 
 def _parameter_bytes(model: nn.Module) -> tuple[int, int, int, int]:
+    """(parameters, trainable parameters, weight bytes, trainable bytes); a quantized linear's weight
+    counts as its ``out x in`` parameters and its stored (quantized) bytes."""
+    from memopt.runtime.qlinear import QuantizedLinear
+
     total = trainable = total_bytes = trainable_bytes = 0
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):
+            total += module.in_features * module.out_features
+            total_bytes += module.quantized_bytes()
     for p in model.parameters():
         nbytes = p.numel() * p.element_size()
         total += p.numel()
@@ -276,8 +284,12 @@ def plan(model_or_config: nn.Module | str | Any, example_inputs: Mapping[str, An
 
         if prepared_adapters(model) is None:
             # The adapters of the options, made as the model's weights were (fake on a fake model).
+            prepared: dict[str, Any] = {"adapters": dataclasses.asdict(config.adapters)}
+            if config.quantize is not None:
+                # Quantized storage of the targets' weights (empty on a fake model: only sizes matter).
+                prepared["quantize"] = dataclasses.asdict(config.quantize)
             with mode if mode is not None else contextlib.nullcontext():
-                prepare(model, {"adapters": dataclasses.asdict(config.adapters)})
+                prepare(model, prepared)
     if example_inputs is None:
         if mode is None:
             raise MemoptConfigError("plan() needs example_inputs when given a module")

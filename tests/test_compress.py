@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from memopt.runtime.compress import compress, decompress, packed_nbytes
+from memopt.runtime.compress import compress, decompress, packed_nbytes, rows_of
 
 # Per-row absmax scaling on Gaussian data: int8 keeps ~7 bits per element (about 40 dB), fp8 e4m3 a
 # 3-bit mantissa (about 30 dB). The bounds leave a few dB of margin.
@@ -136,3 +136,57 @@ def test_scheduler_compresses_within_the_budget_and_a_stated_gradient_bound() ->
     for (name, p), q in zip(model.named_parameters(), ref.parameters()):
         error = ((p.grad - q.grad).norm() / q.grad.norm().clamp_min(1e-12)).item()
         assert error <= 0.05, (name, error)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_every_compressed_activation_of_a_step_meets_its_bound(fmt: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every tensor the scheduler compresses in a tiny Llama step (budget 0.5, offload off) is captured as
+    it is packed: its SQNR after the round trip is at least 30 dB for int8 (the issue's bound; 25 dB for
+    fp8, its stated one), its packed size is the derived one (one byte per element and one fp32 scale
+    per row), and every parameter gradient has cosine similarity at least 0.99 with eager's."""
+    import copy
+
+    from memopt.compiler.backend import MemoptBackend
+    from memopt.runtime import compress as compress_module
+    from tests.models import tiny_llama, token_batch
+
+    packed_calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+    op = compress_module.compress
+    kernel = op._backend_fns[None]          # what torch.library's custom_op runs for every device
+
+    def capture(x: torch.Tensor, fmt: str) -> torch.Tensor:
+        out = kernel(x, fmt)
+        if capturing:
+            packed_calls.append((x.detach().clone(), out))
+        return out
+
+    capturing = False
+    monkeypatch.setitem(op._backend_fns, None, capture)
+    batch = token_batch(4, 256)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = tiny_llama(layers=4, hidden=128)
+    ref = copy.deepcopy(model)
+    backend = MemoptBackend({"codegen": "eager", "offload": False, "memory_budget": 0.5,
+                             "compress_activations": fmt})
+    compiled = torch.compile(model, backend=backend)
+    compiled(**batch).loss.backward()                      # compiles
+    model.zero_grad(set_to_none=True)
+    capturing = True
+    compiled(**batch).loss.backward()
+    capturing = False
+    ref(**batch).loss.backward()
+    schedule = backend.reports[-1].schedule
+    assert schedule is not None and schedule.chosen.compress
+    assert len(packed_calls) == len(schedule.chosen.compress)
+    saved = 0
+    for x, packed in packed_calls:
+        rows, cols = rows_of(x.shape)
+        assert packed.numel() == rows * cols + 4 * rows
+        saved += x.numel() * x.element_size() - packed.numel()
+        y = decompress(packed, list(x.shape), list(x.stride()), x.dtype, fmt)
+        assert sqnr_db(x, y) >= {"int8": 30.0, "fp8": 25.0}[fmt], (tuple(x.shape), sqnr_db(x, y))
+    assert saved > 0
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        cosine = torch.nn.functional.cosine_similarity(p.grad.flatten(), q.grad.flatten(), dim=0).item()
+        assert cosine >= 0.99, (name, cosine)
