@@ -39,6 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--optimizer", default="adamw", choices=list(OPTIMIZERS),
                       help="its states are counted (default adamw)")
     plan.add_argument("--options", default=None, help="a JSON file of memopt options")
+    plan.add_argument("--loss-chunks", type=int, default=None, metavar="N",
+                      help="compute the cross-entropy in N slices of tokens (memopt.losses, as torchtune's "
+                           "chunked loss) instead of Hugging Face's full-vocabulary loss")
     plan.add_argument("--json", action="store_true", help="print one JSON object (byte counts) instead")
     return parser
 
@@ -75,7 +78,7 @@ def _plan(args: argparse.Namespace) -> int:
         print(f"[{time.perf_counter() - started:6.1f}s] {message}", file=sys.stderr, flush=True)
 
     report = plan(args.model, None, options, device=args.device, batch=args.batch, seq=args.seq,
-                  dtype=args.dtype, optimizer=args.optimizer, progress=progress)
+                  dtype=args.dtype, optimizer=args.optimizer, loss_chunks=args.loss_chunks, progress=progress)
     if args.json:
         print(json.dumps(report.to_json(), indent=1, sort_keys=True))
     else:

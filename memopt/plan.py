@@ -231,16 +231,19 @@ def _parameter_bytes(model: nn.Module) -> tuple[int, int, int, int]:
 def plan(model_or_config: nn.Module | str | Any, example_inputs: Mapping[str, Any] | None = None,
          options: Mapping[str, Any] | MemoptConfig | None = None, *, device: str | None = None,
          batch: int = 1, seq: int = 2048, dtype: str = "bf16", optimizer: str = "adamw",
-         progress: Callable[[str], None] | None = None) -> PlanReport:
+         loss_chunks: int | None = None, progress: Callable[[str], None] | None = None) -> PlanReport:
     """Plan one training step without running it (the same as ``memopt plan``).
 
     ``model_or_config``: a preset name, a config.json path, a transformers config, or an ``nn.Module``
     built on fake tensors (see :func:`fake_causal_lm`). ``example_inputs``: keyword inputs of the model
     (default: ``input_ids`` and ``labels`` of ``batch x seq`` tokens). ``device``: the cost profile to
-    plan for (overrides ``options['cost_profile']``).
+    plan for (overrides ``options['cost_profile']``). ``loss_chunks``: plan the step with
+    :func:`memopt.losses.chunked_causal_lm_loss` in that many slices (Note [Chunked cross-entropy])
+    instead of the model's own loss.
     """
     say = progress or (lambda message: None)
     started = time.perf_counter()
+    notes: list[str] = []
     seconds: dict[str, float] = {}
     if dtype not in DTYPES:
         raise MemoptConfigError(f"dtype {dtype!r} is not supported.{closest(dtype, list(DTYPES))} "
@@ -296,6 +299,13 @@ def plan(model_or_config: nn.Module | str | Any, example_inputs: Mapping[str, An
         with mode:
             ids = torch.zeros(batch, seq, dtype=torch.long)
         example_inputs = {"input_ids": ids, "labels": ids, "use_cache": False}
+    if loss_chunks is not None:
+        from memopt.losses import ChunkedLossLM
+
+        if loss_chunks < 1:
+            raise MemoptConfigError(f"loss_chunks must be at least 1; got {loss_chunks}")
+        model = ChunkedLossLM(model, loss_chunks)
+        notes.append(f"loss: chunked cross-entropy in {loss_chunks} slices (memopt.losses)")
     count, trainable, param_bytes, trainable_bytes = _parameter_bytes(model)
     if trainable == 0:
         raise MemoptUnsupportedError(
@@ -349,7 +359,6 @@ def plan(model_or_config: nn.Module | str | Any, example_inputs: Mapping[str, An
     reports = [r for r in backend.reports if r.memory is not None]
     if not reports:
         raise MemoptUnsupportedError(f"{name}: Dynamo captured no graph to plan")
-    notes: list[str] = []
     if len(reports) > 1:
         notes.append(f"{len(reports)} graphs (graph breaks): the peak is the largest single graph's; "
                      "graphs run one after another")

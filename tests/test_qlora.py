@@ -261,6 +261,11 @@ def test_quantize_errors_say_what_to_do() -> None:
     with raises_memopt(MemoptUnsupportedError, "quantize to int8"):
         memopt.prepare(odd, {"adapters": {**LORA, "targets": ["0"]}, "quantize": {"weights": "nf4"}})
     assert isinstance(odd[0], nn.Linear) and odd[0].weight.requires_grad   # refused before any change
+    lora_only = memopt.prepare(tiny_llama(), {"adapters": LORA})
+    torch._dynamo.reset()
+    compiled = torch.compile(lora_only, backend=MemoptBackend({"adapters": LORA, "quantize": {"weights": "nf4"}}))
+    with raises_memopt(MemoptConfigError, "prepared without 'quantize'"):
+        hf_loss(compiled, token_batch(*BATCH))
     model = _qlora({"weights": "nf4"})
     assert memopt.prepare(model, {"adapters": LORA, "quantize": {"weights": "nf4"}}) is model   # idempotent
     with raises_memopt(MemoptConfigError, "cannot be prepared again"):

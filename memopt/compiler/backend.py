@@ -101,6 +101,12 @@ class MemoptBackend:
                 "call memopt.prepare(model, options) before torch.compile (it freezes the base weights and "
                 "creates the adapters, so that the optimizer can be built on them), or drop 'adapters' "
                 "from the options to train the model as it is")
+        if config.quantize is not None and any(is_adapter_node(n) for n in gm.graph.nodes) and not any(
+                "dequantize_" in str(n.target) for n in gm.graph.nodes):
+            raise MemoptConfigError(
+                "options['quantize'] is set, but this graph's adapters sit on full-precision weights: the "
+                "model was prepared without 'quantize'. Call memopt.prepare on a fresh model with the same "
+                "options you compile with, or drop 'quantize' from the options")
         report = GraphReport(graph_id=graph_id(_compile_id(), gm), codegen=config.codegen, input_kinds=kinds)
         self.reports.append(report)
         dumper = Dumper(config.dump_dir, report.graph_id)
