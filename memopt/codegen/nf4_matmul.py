@@ -30,7 +30,7 @@ from memopt.codegen.triton_kernels import (
     jit,
     next_power_of_two,
 )
-from memopt.runtime.quant import NF4_LEVELS, NF4Weight, dequantize_nf4, dynamic_map
+from memopt.runtime.quant import NF4_LEVELS, NF4Weight, dequantize_nf4, dynamic_map_on
 
 __all__ = ["TILES", "nf4_matmul", "reference"]
 
@@ -108,7 +108,7 @@ def nf4_matmul(x: torch.Tensor, q: NF4Weight, *, transposed: bool = False, lora:
         xa, b, scale, rank = x2, x2, 0.0, 1
     grid = (triton.cdiv(m, tiles.block_m), triton.cdiv(out_cols, tiles.block_n))
     jit(_nf4_matmul_kernel)[grid](
-        x2, q.codes, absmax, absmax2, offset, dynamic_map().to(device), NF4_LEVELS.to(device),
+        x2, q.codes, absmax, absmax2, offset, dynamic_map_on(device), NF4_LEVELS.to(device),
         xa, b, out, m, reduce, out_cols, cols if transposed else 1, 1 if transposed else cols,
         x2.stride(0), x2.stride(1), xa.stride(0), xa.stride(1), b.stride(0), b.stride(1),
         out.stride(0), out.stride(1), float(scale), rank,

@@ -39,7 +39,7 @@ from memopt.runtime.quant import (
     NF4Weight,
     dequantize_int8,
     dequantize_nf4,
-    dynamic_map,
+    dynamic_map_on,
     quantize_int8,
     quantize_nf4,
 )
@@ -75,7 +75,7 @@ def _nf4_rows(q: NF4Weight, start: int, stop: int) -> torch.Tensor:
     else:
         assert q.qabsmax is not None and q.absmax2 is not None and q.offset is not None
         ids = torch.arange(blocks.start, blocks.stop, device=codes.device)
-        maxima = dynamic_map().to(codes.device)[q.qabsmax[blocks].long()] * q.absmax2[ids // ABSMAX_BLOCK] \
+        maxima = dynamic_map_on(codes.device)[q.qabsmax[blocks].long()] * q.absmax2[ids // ABSMAX_BLOCK] \
             + q.offset
     return values.view(-1, NF4_BLOCK).mul_(maxima[:, None]).view(stop - start, cols)
 

@@ -21,6 +21,7 @@ fp32 size whatever the weight's size (a 4096 x 32000 weight never needs a full-s
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 
@@ -44,7 +45,29 @@ NF4_LEVELS = torch.tensor([
 def dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int = 8) -> torch.Tensor:
     """bitsandbytes' dynamic 8-bit data type (Dettmers, "8-Bit Approximations for Parallelism in Deep
     Learning"): a decimal exponent from 10^-6 to 10^0, the bits it leaves to a linear fraction, 0 and 1;
-    256 values, ascending."""
+    256 values, ascending. Built once per argument set (the kernels ask for it on every call)."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    with unset_fake_temporarily():
+        return _dynamic_map(signed, max_exponent_bits, total_bits).clone()
+
+
+def dynamic_map_on(device: torch.device) -> torch.Tensor:
+    """:func:`dynamic_map` on ``device``, cached (read-only: do not modify it)."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    key = str(device)
+    if key not in _DYNAMIC_MAPS:
+        with unset_fake_temporarily():          # a real tensor in the cache, even if asked under fake mode
+            _DYNAMIC_MAPS[key] = _dynamic_map(True, 7, 8).to(device)
+    return _DYNAMIC_MAPS[key]
+
+
+_DYNAMIC_MAPS: dict[str, torch.Tensor] = {}
+
+
+@functools.lru_cache(maxsize=8)
+def _dynamic_map(signed: bool, max_exponent_bits: int, total_bits: int) -> torch.Tensor:
     data: list[float] = []
     non_sign_bits = total_bits - 1
     additional_items = 2 ** (non_sign_bits - max_exponent_bits) - 1
@@ -116,7 +139,7 @@ def quantize_nf4(weight: torch.Tensor, *, double_quant: bool = True) -> NF4Weigh
     groups = torch.nn.functional.pad(centred, (0, pad)).view(-1, ABSMAX_BLOCK)
     absmax2 = groups.abs().amax(dim=1)
     qabsmax = _nearest(groups / absmax2.clamp_min(_TINY)[:, None],
-                       dynamic_map().to(weight.device)).view(-1)[:len(centred)]
+                       dynamic_map_on(weight.device)).view(-1)[:len(centred)]
     return NF4Weight(codes, None, qabsmax, absmax2, offset, weight.shape, weight.dtype)
 
 
@@ -125,7 +148,7 @@ def block_absmax(q: NF4Weight) -> torch.Tensor:
     if q.absmax is not None:
         return q.absmax
     assert q.qabsmax is not None and q.absmax2 is not None
-    code = dynamic_map().to(q.qabsmax.device)
+    code = dynamic_map_on(q.qabsmax.device)
     scale = q.absmax2.repeat_interleave(ABSMAX_BLOCK)[:len(q.qabsmax)]
     assert q.offset is not None
     return code[q.qabsmax.long()] * scale + q.offset
