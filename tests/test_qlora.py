@@ -56,6 +56,17 @@ def _weight_shapes(model: nn.Module) -> set[tuple[int, int]]:
     return shapes
 
 
+def _assert_compiled_step_equals(model: nn.Module, backend: MemoptBackend, loss_ref: torch.Tensor,
+                                 grads_ref: dict[str, torch.Tensor]) -> None:
+    """A step of ``model`` compiled with ``backend`` gives eager's loss and trainable gradients."""
+    loss, _ = hf_loss(torch.compile(model, backend=backend), token_batch(*BATCH))
+    loss.backward()
+    torch.testing.assert_close(loss, loss_ref)
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, grads_ref[name], msg=name)
+
+
 def _step(model: nn.Module) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     loss, _ = hf_loss(model, token_batch(*BATCH))
     loss.backward()
@@ -133,12 +144,7 @@ def test_fused_dequant_matches_eager_and_never_forms_a_weight(quantize: dict[str
     loss_ref, grads_ref = _step(ref)
     torch._dynamo.reset()
     backend = MemoptBackend({"adapters": LORA, "quantize": quantize, "codegen": codegen})
-    loss, _ = hf_loss(torch.compile(model, backend=backend), token_batch(*BATCH))
-    loss.backward()
-    torch.testing.assert_close(loss, loss_ref)
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            torch.testing.assert_close(p.grad, grads_ref[name], msg=name)
+    _assert_compiled_step_equals(model, backend, loss_ref, grads_ref)
     report = backend.reports[-1]
     record = {r.name: r for r in report.passes}["fuse_dequant"]
     stats = record.stats["pass_stats"]
@@ -241,12 +247,7 @@ def test_triton_kernels_inside_a_compiled_step(monkeypatch: pytest.MonkeyPatch, 
     torch._dynamo.reset()
     backend = MemoptBackend({"adapters": LORA, "quantize": {"weights": "nf4"}, "codegen": "triton",
                              "dump_dir": str(tmp_path)})
-    loss, _ = hf_loss(torch.compile(model, backend=backend), token_batch(*BATCH))
-    loss.backward()
-    torch.testing.assert_close(loss, loss_ref)
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            torch.testing.assert_close(p.grad, grads_ref[name], msg=name)
+    _assert_compiled_step_equals(model, backend, loss_ref, grads_ref)
     assert len(calls) == 7 + 4                    # 7 forward (with LoRA epilogues) + 4 input gradients
     sources = list(tmp_path.rglob("kernel_nf4_matmul.py"))
     assert sources and "_nf4_matmul_kernel" in sources[0].read_text()
