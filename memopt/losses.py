@@ -16,6 +16,8 @@ at a time.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -61,5 +63,6 @@ class ChunkedLossLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, **kwargs: object) -> torch.Tensor:
         kwargs.setdefault("use_cache", False)
-        hidden = self.lm.model(input_ids=input_ids, **kwargs).last_hidden_state
-        return chunked_causal_lm_loss(hidden, self.lm.lm_head.weight, labels, chunks=self.chunks)
+        body, head = cast(nn.Module, self.lm.model), cast(nn.Module, self.lm.lm_head)
+        hidden = body(input_ids=input_ids, **kwargs).last_hidden_state
+        return chunked_causal_lm_loss(hidden, cast(torch.Tensor, head.weight), labels, chunks=self.chunks)

@@ -224,8 +224,10 @@ def test_dump_dir_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         "02_forward.py", "03_backward.json", "03_backward.py", "index.json", "timings.json"]
     index = json.loads((folder / "index.json").read_text())
     # The default pipeline's passes that were not requested are listed (without files); passes=() has none.
-    unrequested = ["inject_adapters"] if how == "backend_name" else []
-    assert [s["name"] for s in index["stages"]] == ["captured", *unrequested, "joint", "forward", "backward"]
+    model_passes, joint_passes = (["inject_adapters"], ["fuse_dequant"]) if how == "backend_name" else ([], [])
+    unrequested = model_passes + joint_passes
+    assert [s["name"] for s in index["stages"]] == ["captured", *model_passes, "joint", *joint_passes,
+                                                    "forward", "backward"]
     assert all(s["status"] == "not requested" for s in index["stages"] if s["name"] in unrequested)
     assert "dump_dir" not in index["options"]
     assert_no_absolute_paths(folder, tmp_path)
