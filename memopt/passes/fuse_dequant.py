@@ -148,10 +148,11 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
                 else:
                     readers.append((user, value, flipped))
         for user, operand, flipped in readers:
-            if user.target is _aten.mm.default and user.args[1] is operand and user.args[0] is not operand:
+            if (user.target is _aten.mm.default and len(user.args) == 2 and user.args[1] is operand
+                    and user.args[0] is not operand):
                 x, bias = user.args[0], None
-            elif (user.target is _aten.addmm.default and user.args[2] is operand and user.args[1] is not operand
-                  and not user.kwargs):
+            elif (user.target is _aten.addmm.default and len(user.args) == 3 and user.args[2] is operand
+                  and user.args[1] is not operand and not user.kwargs):      # beta = alpha = 1 only
                 bias, x = user.args[0], user.args[1]
             else:
                 continue

@@ -301,6 +301,15 @@ def build_problem(joint_gm: torch.fx.GraphModule, fw_gm: torch.fx.GraphModule, b
                     needed_by[read] = needed_by[name]
                     changed = True
 
+    # The recomputations that read each value directly: the value must be back by the first backward use
+    # of one of them (the one the solver recomputes earliest), which is often well after the chain's
+    # earliest link (Note [Freed windows]); offering those ends lets a value stay freed across a peak
+    # that lies between the chain's start and its readers.
+    readers_first_use: dict[str, set[int]] = {}
+    for name, (_, reads) in item_recompute.items():
+        for read in reads:
+            readers_first_use.setdefault(read, set()).add(item_span[name][2])
+
     bw_order = {n.name: n for n in bw_gm.graph.nodes}
     by_name = {c.name: c for c in found}
     items: list[Item] = []
@@ -309,7 +318,7 @@ def build_problem(joint_gm: torch.fx.GraphModule, fw_gm: torch.fx.GraphModule, b
         made, last_fw, first_bw = item_span[name]
         # Alone: back for its own first use. In a chain: back for the earliest recomputation that
         # may read it (Note [Freed windows]); which one applies is the solver's business (conflicts).
-        ends = sorted({first_bw, needed_by[name]})
+        ends = sorted({first_bw, needed_by[name]} | {t for t in readers_first_use.get(name, ()) if t < first_bw})
         options: list[Option] = []
         if name in item_recompute:
             ops, _ = item_recompute[name]
