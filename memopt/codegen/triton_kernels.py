@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 __all__ = ["KERNELS", "SHARED_MEMORY_BYTES", "Tiles", "check_tiles", "dot_dtype", "interpreting", "jit",
-           "kernel_sources", "kernels_on_cpu"]
+           "kernel_sources", "kernels_on_cpu", "kernels_run_on"]
 
 # Shared memory a block may use on the smallest GPU memopt targets (sm_89, e.g. RTX 4090: 99 KiB).
 SHARED_MEMORY_BYTES = 99 * 1024
@@ -39,6 +39,12 @@ SHARED_MEMORY_BYTES = 99 * 1024
 def interpreting() -> bool:
     """Whether Triton's interpreter runs kernels (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def kernels_run_on(device: torch.device) -> bool:
+    """Whether memopt's ops run their Triton kernels on ``device``: always on CUDA, on CPU only with
+    :func:`kernels_on_cpu` (Note [Triton on a CPU-only machine])."""
+    return device.type == "cuda" or (device.type == "cpu" and kernels_on_cpu())
 
 
 def kernels_on_cpu() -> bool:

@@ -24,6 +24,8 @@ from collections.abc import Sequence
 
 import torch
 
+from memopt.codegen.triton_kernels import kernels_run_on
+
 FORMATS: dict[str, tuple[torch.dtype, float]] = {
     "int8": (torch.int8, 127.0),
     "fp8": (torch.float8_e4m3fn, 448.0),
@@ -60,15 +62,6 @@ def _check(fmt: str) -> tuple[torch.dtype, float]:
     return FORMATS[fmt]
 
 
-def _on_triton(device: torch.device) -> bool:
-    """Whether memopt's Triton kernels (:mod:`memopt.codegen.compress_rows`, int8 only) do the work: on
-    CUDA, and on CPU through Triton's interpreter with ``MEMOPT_TRITON_CPU=1`` (Note [Triton on a CPU-only
-    machine])."""
-    from memopt.codegen.triton_kernels import kernels_on_cpu
-
-    return device.type == "cuda" or (device.type == "cpu" and kernels_on_cpu())
-
-
 def _chunk_rows(cols: int) -> int:
     """Rows per chunk: the ops work a chunk at a time so that their scratch stays near _CHUNK_ELEMENTS
     float32 values, whatever the tensor's size (the simulator does not see scratch inside an op)."""
@@ -81,7 +74,7 @@ def compress(x: torch.Tensor, fmt: str) -> torch.Tensor:
     qdtype, qmax = _check(fmt)
     if x.dtype not in COMPRESSIBLE:
         raise ValueError(f"memopt::compress: {x.dtype} is not compressible; expected one of {COMPRESSIBLE}")
-    if fmt == "int8" and _on_triton(x.device):
+    if fmt == "int8" and kernels_run_on(x.device):
         from memopt.codegen.compress_rows import compress_int8
 
         return compress_int8(x)
@@ -119,7 +112,7 @@ def decompress(packed: torch.Tensor, size: list[int], stride: list[int], dtype: 
                fmt: str) -> torch.Tensor:
     """Unpack what ``compress`` packed, into a tensor of ``size``, ``stride`` and ``dtype``."""
     qdtype, _ = _check(fmt)
-    if fmt == "int8" and _on_triton(packed.device) and list(stride) == list(
+    if fmt == "int8" and kernels_run_on(packed.device) and list(stride) == list(
             torch.empty(size, device="meta").stride()):
         from memopt.codegen.compress_rows import decompress_int8
 

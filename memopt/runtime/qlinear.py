@@ -34,12 +34,11 @@ from torch import nn
 from memopt.runtime.quant import (
     ABSMAX_BLOCK,
     NF4_BLOCK,
-    NF4_LEVELS,
     Int8Weight,
     NF4Weight,
     dequantize_int8,
     dequantize_nf4,
-    dynamic_map_on,
+    nf4_values,
     quantize_int8,
     quantize_nf4,
 )
@@ -62,22 +61,7 @@ def _nf4(codes: torch.Tensor, absmax: torch.Tensor, absmax2: torch.Tensor | None
 def _nf4_rows(q: NF4Weight, start: int, stop: int) -> torch.Tensor:
     """Rows ``start:stop`` of the NF4 weight ``q``, fp32; row boundaries must fall on 64-blocks."""
     cols = q.shape[1]
-    first, last = start * cols, stop * cols
-    assert first % NF4_BLOCK == 0 and last % NF4_BLOCK == 0
-    codes = q.codes[first // 2:last // 2]
-    levels = NF4_LEVELS.to(codes.device)
-    values = torch.empty(last - first, dtype=torch.float32, device=codes.device)
-    values[0::2] = levels[(codes >> 4).int()]            # the even element is the high nibble
-    values[1::2] = levels[(codes & 0xF).int()]
-    blocks = slice(first // NF4_BLOCK, last // NF4_BLOCK)
-    if q.absmax is not None:
-        maxima = q.absmax[blocks]
-    else:
-        assert q.qabsmax is not None and q.absmax2 is not None and q.offset is not None
-        ids = torch.arange(blocks.start, blocks.stop, device=codes.device)
-        maxima = dynamic_map_on(codes.device)[q.qabsmax[blocks].long()] * q.absmax2[ids // ABSMAX_BLOCK] \
-            + q.offset
-    return values.view(-1, NF4_BLOCK).mul_(maxima[:, None]).view(stop - start, cols)
+    return nf4_values(q, start * cols, stop * cols).view(stop - start, cols)
 
 
 def _tiled_mm(x: torch.Tensor, rows: int, cols: int, weight_rows: Callable[[int, int], torch.Tensor],
@@ -109,10 +93,10 @@ def _check_x(name: str, x: torch.Tensor, shape: list[int], transposed: bool) -> 
 
 def _on_triton(x: torch.Tensor) -> bool:
     """Whether a CPU call runs memopt's Triton kernel through Triton's interpreter (``MEMOPT_TRITON_CPU=1``,
-    Note [Triton on a CPU-only machine])."""
-    from memopt.codegen.triton_kernels import kernels_on_cpu
+    Note [Triton on a CPU-only machine]); CUDA calls reach the ``cuda`` kernels directly."""
+    from memopt.codegen.triton_kernels import kernels_run_on
 
-    return x.device.type == "cpu" and kernels_on_cpu()
+    return kernels_run_on(x.device)
 
 
 def _mm_fake(x: torch.Tensor, shape: list[int], transposed: bool) -> torch.Tensor:
@@ -168,9 +152,8 @@ def nf4_mm_lora(x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, absm
     """``x @ W.T + scale * xa @ b.T``: the NF4 forward with LoRA's up projection in its epilogue
     (``xa = x @ A.T``, computed apart because the backward keeps it for B's gradient). Only
     ``fuse_dequant`` makes it, after autograd, so it has no autograd formula."""
-    q = _nf4(codes, absmax, absmax2, offset, shape, x.dtype)
     if _on_triton(x):
-        return _nf4_triton(x, q, False, (xa, b, scale))
+        return _nf4_triton(x, _nf4(codes, absmax, absmax2, offset, shape, x.dtype), False, (xa, b, scale))
     out = nf4_mm(x, codes, absmax, absmax2, offset, shape, False)
     flat = out.view(-1, shape[0])
     flat.addmm_(xa.reshape(flat.shape[0], -1).to(out.dtype), b.t().to(out.dtype), alpha=scale)

@@ -25,8 +25,8 @@ import functools
 
 import torch
 
-__all__ = ["CHUNK", "NF4_BLOCK", "NF4_LEVELS", "Int8Weight", "NF4Weight", "dequantize_int8", "dequantize_nf4",
-           "dynamic_map", "quantize_int8", "quantize_nf4"]
+__all__ = ["CHUNK", "NF4_BLOCK", "NF4_LEVELS", "Int8Weight", "NF4Weight", "block_absmax", "dequantize_int8",
+           "dequantize_nf4", "dynamic_map", "dynamic_map_on", "nf4_values", "quantize_int8", "quantize_nf4"]
 
 NF4_BLOCK = 64
 ABSMAX_BLOCK = 256
@@ -143,23 +143,33 @@ def quantize_nf4(weight: torch.Tensor, *, double_quant: bool = True) -> NF4Weigh
     return NF4Weight(codes, None, qabsmax, absmax2, offset, weight.shape, weight.dtype)
 
 
-def block_absmax(q: NF4Weight) -> torch.Tensor:
-    """The per-block maxima, fp32 (decoded from their 8-bit form under double quantization)."""
+def block_absmax(q: NF4Weight, first: int = 0, last: int | None = None) -> torch.Tensor:
+    """The maxima of blocks ``first:last`` (all by default), fp32 (decoded from their 8-bit form under
+    double quantization)."""
     if q.absmax is not None:
-        return q.absmax
-    assert q.qabsmax is not None and q.absmax2 is not None
-    code = dynamic_map_on(q.qabsmax.device)
-    scale = q.absmax2.repeat_interleave(ABSMAX_BLOCK)[:len(q.qabsmax)]
-    assert q.offset is not None
-    return code[q.qabsmax.long()] * scale + q.offset
+        return q.absmax[first:last]
+    assert q.qabsmax is not None and q.absmax2 is not None and q.offset is not None
+    codes = q.qabsmax[first:last]
+    group = torch.arange(first, first + len(codes), device=codes.device) // ABSMAX_BLOCK
+    return dynamic_map_on(codes.device)[codes.long()] * q.absmax2[group] + q.offset
+
+
+def nf4_values(q: NF4Weight, first: int, last: int) -> torch.Tensor:
+    """Flat values ``first:last`` of the NF4 weight ``q``, fp32; both ends must fall on 64-blocks (the
+    tiled kernels dequantize a row tile at a time with it)."""
+    assert first % NF4_BLOCK == 0 and last % NF4_BLOCK == 0
+    codes = q.codes[first // 2:last // 2]
+    levels = NF4_LEVELS.to(codes.device)
+    values = torch.empty(last - first, dtype=torch.float32, device=codes.device)
+    values[0::2] = levels[(codes >> 4).int()]            # the even element is the high nibble
+    values[1::2] = levels[(codes & 0xF).int()]
+    maxima = block_absmax(q, first // NF4_BLOCK, last // NF4_BLOCK)
+    return values.view(-1, NF4_BLOCK).mul_(maxima[:, None]).view(-1)
 
 
 def dequantize_nf4(q: NF4Weight) -> torch.Tensor:
     """The weight back, in its dtype (the reference for every kernel that reads NF4)."""
-    levels = NF4_LEVELS.to(q.codes.device)
-    index = torch.stack([q.codes >> 4, q.codes & 0xF], dim=1).view(-1).long()
-    values = levels[index].view(-1, NF4_BLOCK) * block_absmax(q)[:, None]
-    return values.view(q.shape).to(q.dtype)
+    return nf4_values(q, 0, q.shape.numel()).view(q.shape).to(q.dtype)
 
 
 @dataclasses.dataclass
