@@ -53,3 +53,23 @@ class Pass:
     wanted: Callable[[MemoptConfig], bool] = lambda config: True
     # Passes that must come before this one when both are in the pipeline; checked by the runner.
     after: tuple[str, ...] = ()
+
+
+def fake_result(node: torch.fx.Node, key: str) -> Any:
+    """What ``node`` computes on its inputs' fake values (``meta[key]``: ``"example_value"`` in Dynamo's
+    graph, ``"val"`` in the joint graph): the value a pass gives a node it creates."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    def value(a: Any) -> Any:
+        return a.meta[key] if isinstance(a, torch.fx.Node) else a
+
+    args = torch.fx.node.map_aggregate(node.args, value)
+    kwargs = torch.fx.node.map_aggregate(node.kwargs, value)
+    fakes: list[FakeTensor] = []
+    torch.fx.node.map_aggregate((args, kwargs), lambda v: fakes.append(v) if isinstance(v, FakeTensor) else None)
+    if not fakes:
+        raise ValueError(f"no fake tensor among the inputs of {node.format_node()}")
+    with fakes[0].fake_mode:
+        if node.op == "call_method":
+            return getattr(args[0], node.target)(*args[1:], **kwargs)          # type: ignore[arg-type]
+        return node.target(*args, **kwargs)                                     # type: ignore[operator]

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.fx
 
-from memopt.passes.base import Pass, PassContext, PassResult
+from memopt.passes.base import Pass, PassContext, PassResult, fake_result
 
 _aten = torch.ops.aten
 
@@ -61,19 +61,6 @@ def _storage_args(dequant: torch.fx.Node) -> tuple[Any, ...]:
         return (codes, absmax, absmax2, offset, shape)
     codes, scale, _dtype = dequant.args
     return (codes, scale)
-
-
-def _fake_of(node: torch.fx.Node, args: tuple[Any, ...]) -> Any:
-    """The new node's fake value, computed from its inputs' (the partitioner and cost model need it)."""
-    from torch._subclasses.fake_tensor import FakeTensor
-
-    vals = torch.fx.node.map_aggregate(args, lambda a: a.meta.get("val") if isinstance(a, torch.fx.Node) else a)
-    fakes: list[FakeTensor] = []
-    torch.fx.node.map_aggregate(vals, lambda v: fakes.append(v) if isinstance(v, FakeTensor) else None)
-    if not fakes:
-        return None
-    with fakes[0].fake_mode:
-        return node.target(*vals)          # type: ignore[operator]
 
 
 _RESHAPES = (_aten.view.default, _aten._unsafe_view.default, _aten.reshape.default)
@@ -115,10 +102,10 @@ def _fuse_lora_epilogue(graph: torch.fx.Graph, fused: torch.fx.Node) -> bool:
         new = graph.call_function(torch.ops.memopt.nf4_mm_lora.default,
                                   (*fused.args[:-1], xa, b_t.args[0], float(scale)))
         new.meta.update({k: v for k, v in fused.meta.items() if k != "val"})
-        new.meta["val"] = _fake_of(new, new.args)
+        new.meta["val"] = fake_result(new, "val")
         out = graph.call_function(base.target, (new, *base.args[1:]))       # type: ignore[arg-type]
         out.meta.update({k: v for k, v in add.meta.items() if k != "val"})
-        out.meta["val"] = _fake_of(out, out.args)
+        out.meta["val"] = fake_result(out, "val")
     add.replace_all_uses_with(out)
     for node in (add, lora, up, mm, base, fused):
         graph.erase_node(node)
@@ -160,12 +147,12 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
                 # mm(x, W.T) is x @ W.T: transposed=False; mm(x, W) is x @ W: transposed=True.
                 fused = graph.call_function(fused_op, (x, *storage, not flipped))
                 fused.meta.update({k: v for k, v in user.meta.items() if k != "val"})
-                fused.meta["val"] = _fake_of(fused, fused.args)
+                fused.meta["val"] = fake_result(fused, "val")
                 out = fused
                 if bias is not None:
                     out = graph.call_function(_aten.add.Tensor, (fused, bias))
                     out.meta.update({k: v for k, v in user.meta.items() if k != "val"})
-                    out.meta["val"] = _fake_of(out, out.args)
+                    out.meta["val"] = fake_result(out, "val")
             user.replace_all_uses_with(out)
             graph.erase_node(user)
             stats["fused_matmuls"] += 1

@@ -16,9 +16,8 @@ from typing import Any
 
 import torch
 import torch.fx
-from torch._subclasses.fake_tensor import FakeTensor
 
-from memopt.passes.base import Pass, PassContext, PassResult
+from memopt.passes.base import Pass, PassContext, PassResult, fake_result
 from memopt.runtime.adapters import METHOD_CODES, _adapter_delta
 
 _METHODS = {code: name for name, code in METHOD_CODES.items()}
@@ -58,36 +57,13 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
             for key in ("nn_module_stack", "source_fn_stack", "stack_trace"):
                 if key in node.meta:
                     new.meta[key] = node.meta[key]
-        _propagate_example_values(made)
+        for new in made:             # the fake value Dynamo would have recorded (the runner checks for it)
+            new.meta["example_value"] = fake_result(new, "example_value")
         node.replace_all_uses_with(out.node)
         graph.erase_node(node)
         name = _METHODS[int(method)] + ("+dropout" if dropout and training else "")
         stats[name] = stats.get(name, 0) + 1
     return PassResult(gm, bool(stats), stats)
-
-
-def _propagate_example_values(nodes: list[torch.fx.Node]) -> None:
-    """Give each new node the fake value Dynamo would have recorded (the runner checks for it)."""
-    def value(a: Any) -> Any:
-        return a.meta["example_value"] if isinstance(a, torch.fx.Node) else a
-
-    for node in nodes:
-        args = torch.fx.node.map_aggregate(node.args, value)
-        kwargs = torch.fx.node.map_aggregate(node.kwargs, value)
-        fake = _first_fake((args, kwargs))
-        assert fake is not None, f"no fake tensor among the inputs of {node.format_node()}"
-        with fake.fake_mode:
-            if node.op == "call_method":
-                result = getattr(args[0], node.target)(*args[1:], **kwargs)   # type: ignore[arg-type]
-            else:
-                result = node.target(*args, **kwargs)                          # type: ignore[operator]
-        node.meta["example_value"] = result
-
-
-def _first_fake(tree: Any) -> FakeTensor | None:
-    found: list[FakeTensor] = []
-    torch.fx.node.map_aggregate(tree, lambda v: found.append(v) if isinstance(v, FakeTensor) else None)
-    return found[0] if found else None
 
 
 INJECT_ADAPTERS = Pass("inject_adapters", "model", run, wanted=lambda config: config.adapters is not None)
