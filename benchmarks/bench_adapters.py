@@ -46,6 +46,7 @@ from bench_memory import (
     SEED,
     MiB,
     add_ratios,
+    choose_names,
     run_metadata,
     track_and_time,
 )
@@ -147,10 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=BATCH)
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results")
     args = parser.parse_args(argv)
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown:
-        parser.error(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
+    variants = choose_names(parser, args.variants, VARIANTS, "variant")
     seq_lens = ([int(s) for s in args.seq_lens.split(",")] if args.seq_lens
                 else list(QUICK_SEQ_LENS if args.quick else SEQ_LENS))
     if any(not 1 <= s <= 512 for s in seq_lens):

@@ -62,7 +62,7 @@ import statistics
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -428,6 +428,15 @@ plain Inductor at the same length; step/min = median/fastest of forward+backward
 # --------------------------------------------------------------------------------------------------------
 
 
+def choose_names(parser: argparse.ArgumentParser, text: str, known: Iterable[str], what: str) -> list[str]:
+    """The comma-separated names in ``text``; an unknown one is a usage error listing the known ones."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in set(known)]
+    if unknown:
+        parser.error(f"unknown {what}(s) {unknown}; choose from {sorted(known)}")
+    return names
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -445,11 +454,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=BATCH, help=f"batch size (default {BATCH})")
     args = parser.parse_args(argv)
     known = {v.name: v for v in VARIANTS}
-    names = [n.strip() for n in args.variants.split(",") if n.strip()]
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        parser.error(f"unknown variant(s) {unknown}; choose from {sorted(known)}")
-    args.variant_list = [known[n] for n in names]
+    args.variant_list = [known[n] for n in choose_names(parser, args.variants, known, "variant")]
     if args.seq_lens is not None:
         try:
             args.seq_len_list = [int(s) for s in args.seq_lens.split(",") if s.strip()]

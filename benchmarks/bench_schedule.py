@@ -87,7 +87,7 @@ import statistics
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -105,6 +105,7 @@ from bench_memory import (  # noqa: E402
     _fmt,
     _probe_class,
     _storage_bytes,
+    choose_names,
     run_metadata,
 )
 
@@ -616,14 +617,6 @@ def _csv_list(parser: argparse.ArgumentParser, text: str, convert: Callable[[str
         parser.error(f"{what} {text!r}: not a comma-separated list of numbers")
 
 
-def _choose(parser: argparse.ArgumentParser, text: str, known: Iterable[str], what: str) -> list[str]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in set(known)]
-    if unknown:
-        parser.error(f"unknown {what}(s) {unknown}; choose from {sorted(known)}")
-    return names
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -648,8 +641,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                              "steadier when other processes share a small CPU")
     args = parser.parse_args(argv)
     known = {v.name: v for v in VARIANTS}
-    args.variant_list = [known[n] for n in _choose(parser, args.variants, known, "variant")]
-    args.model_list = _choose(parser, args.models, MODELS, "model")
+    args.variant_list = [known[n] for n in choose_names(parser, args.variants, known, "variant")]
+    args.model_list = choose_names(parser, args.models, MODELS, "model")
     args.budget_list = (_csv_list(parser, args.budgets, float, "--budgets") if args.budgets is not None
                         else list(BUDGETS))
     if any(not 0 < b <= 1 for b in args.budget_list):

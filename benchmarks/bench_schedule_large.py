@@ -37,6 +37,9 @@ sys.path.insert(0, str(ROOT))
 
 import torch
 
+# bench_memory by the name bench_schedule imports it under (this script's folder is on the path)
+from bench_memory import choose_names
+
 from benchmarks.bench_schedule import forward_region, recompute_stats
 from memopt.compiler.backend import MemoptBackend
 from memopt.cost_model.estimate import transfer_time_s
@@ -99,10 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq", type=int, default=None, help="tokens per sequence (default per model)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args(argv)
-    names = [m.strip() for m in args.models.split(",") if m.strip()]
-    unknown = [m for m in names if m not in MODELS]
-    if unknown:
-        parser.error(f"unknown model(s) {unknown}; choose from {list(MODELS)}")
+    names = choose_names(parser, args.models, MODELS, "model")
     started = time.perf_counter()
 
     def log(message: str) -> None:
