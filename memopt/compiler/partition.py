@@ -16,15 +16,27 @@ import torch.fx
 from torch._functorch.partitioners import min_cut_rematerialization_partition
 
 from memopt.cost_model.bytes import storage_nbytes
+from memopt.errors import MemoptError
+from memopt.schedule.problem import protect_random, redrawn_random
 from memopt.schedule.streams import reload_points
 
 
 def partition_joint(joint_gm: torch.fx.GraphModule, joint_inputs: Sequence[object], *, num_fwd_outputs: int,
                     static_lifetime_input_indices: list[int] | None = None,
                     ) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
-    return min_cut_rematerialization_partition(
+    """torch's min-cut partition of ``joint_gm``, with the ops that draw random numbers saved, never
+    recomputed (:func:`memopt.schedule.problem.protect_random`)."""
+    protect_random(joint_gm)
+    fw_gm, bw_gm = min_cut_rematerialization_partition(
         joint_gm, joint_inputs, compiler="inductor", num_fwd_outputs=num_fwd_outputs,
         static_lifetime_input_indices=static_lifetime_input_indices)
+    redrawn = redrawn_random(fw_gm, bw_gm)
+    if redrawn:
+        raise MemoptError(
+            f"the partition recomputes {len(redrawn)} random op(s) in the backward ({', '.join(redrawn[:5])}), "
+            "which would draw new numbers and make the gradients wrong; this is a bug in memopt (or in "
+            "torch's partitioner, pytorch/pytorch#190758): please report it with the dumps (dump_dir)")
+    return fw_gm, bw_gm
 
 
 def _replace_saved(fw_gm: torch.fx.GraphModule, bw_gm: torch.fx.GraphModule, names: frozenset[str], *,

@@ -60,6 +60,39 @@ class Candidate:
         return (chosen[1] if chosen else float("inf")) / max(self.nbytes, 1)
 
 
+def draws_random(node: torch.fx.Node) -> bool:
+    """Whether running ``node`` again would draw new random numbers: an op tagged
+    ``nondeterministic_seeded`` whose drop probability (``p`` / ``dropout_p``), if it has one, is not 0."""
+    target = node.target
+    if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload) \
+            or torch.Tag.nondeterministic_seeded not in target.tags:
+        return False
+    for index, argument in enumerate(target._schema.arguments):
+        if argument.name in ("p", "dropout_p"):
+            value = node.args[index] if index < len(node.args) else node.kwargs.get(
+                argument.name, argument.default_value)
+            return value != 0
+    return True
+
+
+def protect_random(joint_gm: torch.fx.GraphModule) -> None:
+    """Tag every op that draws random numbers ``MUST_SAVE`` (unless the user's checkpoint policy tagged
+    it), so that no cut recomputes it. torch's min-cut partitioner bans such recomputation, but its
+    knapsack (``activation_memory_budget`` < 1) can trade the ban away, and the backward then draws a new
+    dropout mask: silently wrong gradients (pytorch/pytorch#190758). A user's ``MUST_RECOMPUTE`` tag is
+    honoured: torch then replays the op's RNG state."""
+    for node in joint_gm.graph.nodes:
+        if draws_random(node) and (node.meta.get("recompute") is None or DECISION_KEY in node.meta):
+            node.meta[DECISION_KEY] = "save"
+            node.meta["recompute"] = CheckpointPolicy.MUST_SAVE
+
+
+def redrawn_random(fw_gm: torch.fx.GraphModule, bw_gm: torch.fx.GraphModule) -> list[str]:
+    """Random ops of the forward that the backward runs again, drawing new numbers (names)."""
+    forward = {n.name for n in fw_gm.graph.nodes if draws_random(n)}
+    return [n.name for n in bw_gm.graph.nodes if n.name in forward and draws_random(n)]
+
+
 def _unrecomputable_reason(node: torch.fx.Node) -> str | None:
     if node.op != "call_function":
         return f"{node.op} (an input of the graph)"
@@ -118,7 +151,8 @@ def candidates(joint_gm: torch.fx.GraphModule, saved: list[str],
 
 
 def apply_recompute_tags(joint_gm: torch.fx.GraphModule, recompute: frozenset[str]) -> None:
-    """Tag ``recompute`` MUST_RECOMPUTE; clear memopt's earlier tags; leave the user's tags alone."""
+    """Tag ``recompute`` MUST_RECOMPUTE; clear memopt's earlier tags (:func:`protect_random`'s are made
+    again at every partition); leave the user's tags alone."""
     for node in joint_gm.graph.nodes:
         if DECISION_KEY in node.meta:
             del node.meta[DECISION_KEY]
