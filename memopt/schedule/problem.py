@@ -71,7 +71,7 @@ def draws_random(node: torch.fx.Node) -> bool:
         if argument.name in ("p", "dropout_p"):
             value = node.args[index] if index < len(node.args) else node.kwargs.get(
                 argument.name, argument.default_value)
-            return value != 0
+            return bool(value != 0)
     return True
 
 
