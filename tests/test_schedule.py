@@ -337,12 +337,13 @@ def test_a_value_a_recomputation_reads_may_stay_freed_until_that_reader_runs(mon
 
 
 class _DropoutMLP(nn.Module):
-    """Dropout between layers; it returns each dropout's output, whose zeros show the mask it drew."""
+    """Dropout between layers. It returns each dropout's output, whose zeros show the mask it drew,
+    unless ``show_masks`` is False (then only the loss: the backward alone reads those outputs)."""
 
-    def __init__(self, width: int = 128, depth: int = 3, p: float = 0.3) -> None:
+    def __init__(self, width: int = 128, depth: int = 3, p: float = 0.3, show_masks: bool = True) -> None:
         super().__init__()
         self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
-        self.p = p
+        self.p, self.show_masks = p, show_masks
 
     def forward(self, x: torch.Tensor, masks: list[torch.Tensor] | None = None,
                 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -352,7 +353,7 @@ class _DropoutMLP(nn.Module):
             # Given masks: the reference that applies the compiled step's own masks.
             x = h * masks[i] / (1 - self.p) if masks is not None else nn.functional.dropout(h, self.p)
             dropped.append(x)
-        return (x * x).sum(), dropped
+        return (x * x).sum(), dropped if self.show_masks else []
 
 
 @pytest.mark.parametrize("how", ["pytorch knapsack", "memopt budget"])
@@ -386,3 +387,56 @@ def test_a_cut_never_draws_dropout_masks_again(how: str) -> None:
     assert_close(loss, ref_loss, "loss with the forward's masks")
     for (name, p), q in zip(model.named_parameters(), ref.parameters()):
         assert_close(p.grad, q.grad, f"grad of {name} with the forward's masks")
+
+
+def _dropout_step(passes: tuple[object, ...] | None, dtype: torch.dtype, show_masks: bool = True,
+                  ) -> tuple[MemoptBackend, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model, x = _DropoutMLP(show_masks=show_masks).to(dtype), torch.randn(256, 128, dtype=dtype)
+    backend = MemoptBackend({"codegen": "eager"}, passes=passes)   # type: ignore[arg-type]
+    torch.manual_seed(1)
+    loss, dropped = torch.compile(model, backend=backend)(x)
+    loss.backward()
+    return backend, loss, dropped, [p.grad for p in model.parameters()]   # type: ignore[misc]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_split_dropout_changes_no_value(dtype: torch.dtype) -> None:
+    """split_dropout is lossless: with it, a compiled step's loss, dropout outputs and gradients are
+    bitwise those without it, and (same seed: memopt's eager code generator draws the masks in
+    eager's order) the loss and dropout outputs are bitwise eager PyTorch's, also in bf16, where the
+    CPU kernel scales by 1 / (1 - p) rounded to bf16."""
+    from memopt.compiler.pipeline import PIPELINE
+
+    backend, loss, dropped, grads = _dropout_step(None, dtype)
+    assert backend.reports[-1].passes[1].stats["pass_stats"] == {"dropouts": 3, "masks_made": 0}
+    _, loss_without, dropped_without, grads_without = _dropout_step(
+        tuple(p for p in PIPELINE if p.name != "split_dropout"), dtype)
+    torch.manual_seed(0)
+    model, x = _DropoutMLP().to(dtype), torch.randn(256, 128, dtype=dtype)
+    torch.manual_seed(1)
+    eager_loss, eager_dropped = model(x)
+    assert torch.equal(loss, loss_without) and torch.equal(loss, eager_loss)
+    for ours, without, eager in zip(dropped, dropped_without, eager_dropped):
+        assert torch.equal(ours, without) and torch.equal(ours, eager)
+    for ours, without in zip(grads, grads_without):
+        assert torch.equal(ours, without)
+
+
+def test_split_dropout_lets_the_backward_recompute_dropout_outputs() -> None:
+    """Without the pass the forward must save each dropout's output (read by the backward: a matmul's
+    input, for its weight's gradient, or the square's) besides its mask and the tanh output. With it,
+    the output is ``native_dropout_backward(tanh, mask)``, which a cut may recompute; torch's min-cut
+    does so for the last layer, whose tanh output it saves as such (the first two it reads through
+    ``detach`` nodes, other values to its cut): the saved activations fall by one dropout output,
+    256 x 128 fp32."""
+    from memopt.compiler.pipeline import PIPELINE
+
+    saved = {}
+    for name, passes in (("with", None), ("without", tuple(p for p in PIPELINE if p.name != "split_dropout"))):
+        backend, *_ = _dropout_step(passes, torch.float32, show_masks=False)
+        memory = backend.reports[-1].memory
+        assert memory is not None
+        saved[name] = memory.saved_activation_bytes
+    assert saved["without"] - saved["with"] == 256 * 128 * 4, saved

@@ -14,10 +14,14 @@ from __future__ import annotations
 from memopt.passes.base import Pass
 from memopt.passes.fuse_dequant import FUSE_DEQUANT
 from memopt.passes.inject_adapters import INJECT_ADAPTERS
+from memopt.passes.split_dropout import SPLIT_DROPOUT
 
 PIPELINE: tuple[Pass, ...] = (
     # Model graph, first: the adapters are part of the model every later pass and the schedule see.
     INJECT_ADAPTERS,
+    # Joint graph: a dropout's output becomes a pointwise multiply by its saved mask, which the schedule
+    # may recompute (the dropout itself draws random numbers: it is never run again).
+    SPLIT_DROPOUT,
     # Joint graph: the forward's and the backward's matmuls on a dequantized weight, fused, before the
     # cost model and the schedule see the graph.
     FUSE_DEQUANT,

@@ -24,7 +24,7 @@ outputs. Neither view contains the other, and the knapsack's peak is not monoton
 the caller can realise plans on the knapsack's cut, its partitions at a few shares are verified as they
 are: a grid of four on graphs a partition is cheap for, else the budget's own share and the one halfway
 to 1 (only the former beyond :data:`KNAPSACK_PAIR_MAX_NODES`: a partition of a 128-layer graph takes
-~25 s). On the small graphs the cheapest cut over the budget also becomes a second base, modelled and
+~25 s), and, while no plan meets the budget, a share or two below them (:data:`KNAPSACK_STEPS_BELOW`). On the small graphs the cheapest cut over the budget also becomes a second base, modelled and
 solved like the baseline (plans on it recompute the knapsack's ops plus their own). That model is less
 exact than the baseline's (with the tags in place the knapsack chooses again around them), so
 verification decides, and on large graphs, where one more solve and its verification cost half a minute
@@ -60,6 +60,8 @@ PARTITION_GREEDY_MAX_NODES = 4000
 KNAPSACK_GRID = (0.9, 0.75, 0.5, 0.25)
 # Larger graphs try two shares up to this many joint nodes (a 7B Llama's 7.4k: ~4 s a partition), one above.
 KNAPSACK_PAIR_MAX_NODES = 12000
+# On those larger graphs, shares this far below the lowest one tried, while no plan meets the budget.
+KNAPSACK_STEPS_BELOW = (0.05, 0.1)
 
 
 def search_plan(evaluate: Evaluate, build: Callable[[Evaluation], ScheduleProblem],
@@ -109,7 +111,15 @@ def search_plan(evaluate: Evaluate, build: Callable[[Evaluation], ScheduleProble
     def _seed_from_knapsack() -> None:
         nonlocal problem, share, evaluations
         over: list[tuple[float, Evaluation]] = []
-        for fraction in _knapsack_shares(baseline, budget_bytes, graph_nodes):
+        shares = _knapsack_shares(baseline, budget_bytes, graph_nodes)
+        # The knapsack's peak is not monotonic in its share, and the budget's own share is an estimate:
+        # on large graphs a share a step or two below is tried while no knapsack cut meets the budget.
+        lower = [round(min(shares) - step, 3) for step in KNAPSACK_STEPS_BELOW
+                 if min(shares) - step > 0] if graph_nodes > PARTITION_GREEDY_MAX_NODES else []
+        met = False
+        for fraction in shares + lower:
+            if met and fraction in lower:
+                break
             seeded = evaluate(NOTHING, fraction)
             evaluations += 1
             label = f"pytorch knapsack ({fraction:.3g})"
@@ -117,6 +127,7 @@ def search_plan(evaluate: Evaluate, build: Callable[[Evaluation], ScheduleProble
             progress(f"{label}: simulated peak {seeded.peak_bytes} B, added time {seeded.added_time_s:.6g} s")
             if seeded.peak_bytes > budget_bytes:
                 over.append((fraction, seeded))
+            met = met or seeded.peak_bytes <= budget_bytes
         best = min((e.added_time_s for _, e in attempts if e.peak_bytes <= budget_bytes), default=math.inf)
         if graph_nodes <= PARTITION_GREEDY_MAX_NODES and over and min(e.added_time_s for _, e in over) < best:
             # The cheapest cut over the budget, with what the model adds to it (which only adds time:
