@@ -50,7 +50,7 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target is not _aten.native_dropout.default:
             continue
-        x, p = node.args[0], float(node.args[1])                        
+        x, p = node.args[0], float(node.args[1])
         train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train")
         y = _element(node, 0)
         if y is None or not y.users or train is False or not 0.0 < p < 1.0 or not isinstance(x, torch.fx.Node):
