@@ -10,6 +10,12 @@ variant through Dynamo and AOTAutograd, partitioned and simulated, with the ``h1
   ``torch._functorch.config.patch(activation_memory_budget=0.5)``. memopt's partition step *is* torch's
   ``min_cut_rematerialization_partition``, which reads that setting, so this is PyTorch's own answer
   (min-cut heuristics, then the dp knapsack), simulated by the same simulator as memopt's.
+  memopt's partition step saves what random ops make (torch's knapsack could otherwise re-run a dropout
+  in the backward: pytorch/pytorch#190758) and its joint graph has ``split_dropout``'s rewrite, so this
+  is the best *valid* answer PyTorch's knapsack gives.
+- ``pytorch_knapsack_as_is``: the same without either (torch's partitioner as it ships), for the record:
+  ``redrawn_random_ops`` counts the dropouts its backward runs again, each drawing a new mask, which
+  makes the gradients wrong. Not a plan anyone should use; not compared against.
 - ``memopt_recompute`` / ``memopt_offload``: memopt's scheduler with ``memory_budget`` set to the
   knapsack's simulated peak in bytes, with offload off / allowed.
 
@@ -24,11 +30,13 @@ least 30% less added time. Results go to ``<out>/bench_schedule_large.json`` and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,9 +50,12 @@ from bench_memory import choose_names
 
 from benchmarks.bench_schedule import forward_region, recompute_stats
 from memopt.compiler.backend import MemoptBackend
+from memopt.compiler.pipeline import PIPELINE
 from memopt.cost_model.estimate import transfer_time_s
 from memopt.cost_model.profile import load_profile
+from memopt.passes.base import Pass
 from memopt.plan import fake_causal_lm, load_hf_config
+from memopt.schedule.problem import draws_random
 from memopt.schedule.streams import exposed_transfer_s
 
 PROFILE = "h100"
@@ -60,15 +71,28 @@ def _config(name: str) -> Any:
     return load_hf_config(name)[1]
 
 
+@contextlib.contextmanager
+def _torch_as_it_ships() -> Iterator[tuple[Pass, ...]]:
+    """memopt's partition step without its protection of random ops; the pipeline without split_dropout."""
+    import memopt.compiler.partition as partition
+
+    saved = partition.protect_random, partition.redrawn_random
+    partition.protect_random, partition.redrawn_random = (lambda gm: None), (lambda fw, bw: [])
+    try:
+        yield tuple(p for p in PIPELINE if p.name != "split_dropout")
+    finally:
+        partition.protect_random, partition.redrawn_random = saved
+
+
 def _capture(name: str, seq: int, options: dict[str, Any], knapsack: bool,
-             log: Any) -> dict[str, Any]:
+             log: Any, passes: tuple[Pass, ...] | None = None) -> dict[str, Any]:
     model, mode = fake_causal_lm(_config(name), torch.bfloat16)
     model.train()
     with mode:
         ids = torch.zeros(1, seq, dtype=torch.long)
     # Captured with the eager code generator (nothing is compiled), costed for Inductor's fused kernels.
     backend = MemoptBackend({"codegen": "eager", "cost_profile": PROFILE, **options},
-                            progress=lambda message: log(f"    {message}"), fused_costs=True)
+                            progress=lambda message: log(f"    {message}"), fused_costs=True, passes=passes)
     torch._dynamo.reset()
     start = time.perf_counter()
     with warnings.catch_warnings(), torch._functorch.config.patch(
@@ -77,7 +101,7 @@ def _capture(name: str, seq: int, options: dict[str, Any], knapsack: bool,
         torch.compile(model, backend=backend)(input_ids=ids, labels=ids, use_cache=False)
     seconds = time.perf_counter() - start
     report = max((r for r in backend.reports if r.memory is not None), key=lambda r: r.memory.peak_bytes)
-    assert report.joint is not None and report.memory is not None
+    assert report.joint is not None and report.memory is not None and report.backward is not None
     profile = load_profile(PROFILE)
     flops, count, recompute_s = recompute_stats(forward_region(report.joint), report.backward, profile,
                                                 fused=backend.fused_costs)
@@ -88,6 +112,7 @@ def _capture(name: str, seq: int, options: dict[str, Any], knapsack: bool,
         "recomputed_nodes": count, "recompute_s": recompute_s, "exposed_transfer_s": exposed,
         "predicted_added_s": recompute_s + exposed, "joint_nodes": len(report.joint.graph.nodes),
         "capture_and_schedule_s": seconds, "schedule_s": report.seconds.get("partition"),
+        "redrawn_random_ops": sum(1 for n in report.backward.graph.nodes if draws_random(n)),
     }
     if report.schedule is not None:
         result = report.schedule
@@ -114,6 +139,10 @@ def main(argv: list[str] | None = None) -> int:
         log(f"{name}, 1 x {seq} tokens: PyTorch's knapsack (activation_memory_budget={KNAPSACK_BUDGET})")
         knapsack = _capture(name, seq, {}, True, log)
         records.append({"model": name, "seq": seq, "variant": "pytorch_knapsack", **knapsack})
+        log(f"{name}: PyTorch's knapsack as it ships (random ops may be recomputed; no split_dropout)")
+        with _torch_as_it_ships() as passes:
+            as_is = _capture(name, seq, {}, True, log, passes)
+        records.append({"model": name, "seq": seq, "variant": "pytorch_knapsack_as_is", **as_is})
         budget = knapsack["simulated_peak_bytes"]
         for variant, offload in (("memopt_recompute", False), ("memopt_offload", "auto")):
             log(f"{name}: {variant} at the knapsack's peak ({budget} B)")
@@ -124,20 +153,20 @@ def main(argv: list[str] | None = None) -> int:
             records.append({"model": name, "seq": seq, "variant": variant, **mine})
 
     print()
-    print(f"{'model':<11} {'variant':<17} {'peak GiB':>9} {'recompute TFLOP':>15} {'added ms':>9} "
-          f"{'vs knapsack':>11} {'schedule s':>10}")
+    print(f"{'model':<11} {'variant':<23} {'peak GiB':>9} {'recompute TFLOP':>15} {'added ms':>9} "
+          f"{'vs knapsack':>11} {'schedule s':>10} {'redrawn':>7}")
     summary = {}
     for r in records:
         base = next(k for k in records if k["model"] == r["model"] and k["variant"] == "pytorch_knapsack")
         if "error" in r:
-            print(f"{r['model']:<11} {r['variant']:<17} error: {r['error'][:80]}")
+            print(f"{r['model']:<11} {r['variant']:<23} error: {r['error'][:80]}")
             continue
         ratio = r["predicted_added_s"] / base["predicted_added_s"] if base["predicted_added_s"] else None
         r["added_vs_knapsack"] = ratio
-        print(f"{r['model']:<11} {r['variant']:<17} {r['simulated_peak_bytes'] / 2**30:9.3f} "
+        print(f"{r['model']:<11} {r['variant']:<23} {r['simulated_peak_bytes'] / 2**30:9.3f} "
               f"{r['recomputed_flops'] / 1e12:15.3f} {r['predicted_added_s'] * 1e3:9.3f} "
               f"{(f'{ratio:.3f}' if ratio is not None else '-'):>11} "
-              f"{(r.get('schedule_s') or 0.0):10.1f}")
+              f"{(r.get('schedule_s') or 0.0):10.1f} {r['redrawn_random_ops']:7d}")
         if r["variant"] == "memopt_offload" and ratio is not None:
             summary[r["model"]] = {"added_time_reduction": 1 - ratio,
                                    "target_met": ratio <= 0.7 and r["simulated_peak_bytes"] <= base[
