@@ -15,6 +15,12 @@ between ``lf`` and the reload's start (its prefetch point, :func:`memopt.schedul
 So every choice is a window of freed bytes, and the live bytes of a plan at event ``t`` are the
 baseline's minus the windows that cover ``t``: the budget is one linear constraint per event.
 
+A saved value may be a view that the partitioner makes at the forward's end only to save it (a
+transpose of attention's probabilities, for its matmul's backward): its storage is alive from its making in
+the layer, but ``lf`` is the view's event. Recomputed, the view is not made at all, and the storage goes
+after its last *read* (by an op that is not a view of it): that is where recompute windows start. Offload
+and compression copy the saved view where it is made, so their windows start at ``lf``.
+
 Recomputing ``v`` re-runs its op and the ops between it and values the backward has anyway (saved
 values and graph inputs): its *recompute set*, whose time is the recompute cost. The saved values that
 set reads must be available when it runs, so a value another recomputation reads is freed only until
@@ -257,6 +263,7 @@ def build_problem(joint_gm: torch.fx.GraphModule, fw_gm: torch.fx.GraphModule, b
         bases.setdefault(base.name, []).append(c.name)
 
     spans: dict[str, tuple[int, int, int]] = {}        # name -> (made, last forward use, first bw use)
+    storage_read: dict[str, int] = {}                  # name -> its storage's last forward read (not a view)
     recompute: dict[str, tuple[list[torch.fx.Node], set[str]]] = {}
     for c in found:
         fw_node, placeholder = fw_nodes.get(c.name), bw_nodes.get(c.name)
@@ -270,6 +277,17 @@ def build_problem(joint_gm: torch.fx.GraphModule, fw_gm: torch.fx.GraphModule, b
         fw_uses = [index[("forward", u.name)] for a in _alias_closure(fw_node) for u in a.users
                    if ("forward", u.name) in index]
         spans[c.name] = (made, max([made, *fw_uses]), min(uses))
+        # A saved view (a transpose of attention's probabilities) is often made at the forward's end,
+        # only to be saved; its storage was last *read* much earlier. Recomputed, the view is not made
+        # and the storage goes after that read (Note [Freed windows]).
+        root = fw_node
+        while (parent := aliased_argument(root)) is not None:
+            root = parent
+        aliases = _alias_closure(root)
+        alias_set = set(aliases)
+        read_at = [index[("forward", u.name)] for a in aliases for u in a.users
+                   if u not in alias_set and ("forward", u.name) in index]
+        storage_read[c.name] = max([index.get(("forward", root.name), made), *read_at])
         found_set = _recompute_set(joint_nodes[c.name], available, joint_order)
         if found_set is not None:
             recompute[c.name] = found_set
@@ -323,7 +341,10 @@ def build_problem(joint_gm: torch.fx.GraphModule, fw_gm: torch.fx.GraphModule, b
         if name in item_recompute:
             ops, _ = item_recompute[name]
             seconds = sum(float(n.meta["memopt_cost"].time_s) for n in ops if "memopt_cost" in n.meta)
-            options += [Option(RECOMPUTE, last_fw, end, time_s=seconds) for end in ends]
+            # Not made at all, a saved view frees its storage from the storage's last read (no view of it
+            # is needed any longer: the item stands for every saved value sharing it).
+            start = min(last_fw, max(storage_read[m] for m in ms))
+            options += [Option(RECOMPUTE, start, end, time_s=seconds) for end in ends]
         if transfer_time_s is not None and len(ms) == 1:
             one_way = transfer_time_s(c.nbytes)
             for end in ends:
