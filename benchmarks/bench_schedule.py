@@ -115,6 +115,7 @@ from memopt.cost_model.flops import node_flops  # noqa: E402
 from memopt.cost_model.profile import DeviceProfile, load_profile  # noqa: E402
 from memopt.errors import MemoptInfeasibleBudget  # noqa: E402
 from memopt.runtime.tracker import track_memory  # noqa: E402
+from memopt.schedule.problem import rerun_forward_ops  # noqa: E402
 from memopt.schedule.simulate import backward_nodes  # noqa: E402
 from tests.models import tiny_gpt2, tiny_llama, token_batch  # noqa: E402
 
@@ -193,11 +194,10 @@ def recompute_stats(fw_region: frozenset[str], backward: torch.fx.GraphModule | 
     flops, count, seconds = 0, 0, 0.0
     if backward is None:
         return flops, count, seconds
-    for node in backward.graph.nodes:
-        if node.op == "call_function" and node.name in fw_region:
-            flops += node_flops(node)
-            count += 1
-            seconds += estimate_node(node, profile, fused=fused).time_s
+    for node in rerun_forward_ops(backward, fw_region):
+        flops += node_flops(node)
+        count += 1
+        seconds += estimate_node(node, profile, fused=fused).time_s
     return flops, count, seconds
 
 

@@ -83,11 +83,11 @@ def _compile_once(case: str, options: dict[str, object]) -> None:
     loss_of(torch.compile(model, backend=MemoptBackend({"codegen": "eager", **options})))
 
 
-def _smallest_peak(case: str, offload: object = "auto") -> int:
+def _smallest_peak(case: str, offload: object = "auto", codegen: str = "eager") -> int:
     torch._dynamo.reset()
     model, loss_of = CASES[case]()
     compiled = torch.compile(model, backend=MemoptBackend(
-        {"codegen": "eager", "memory_budget": 1, "offload": offload}))
+        {"codegen": codegen, "memory_budget": 1, "offload": offload}))
     with pytest.raises(BaseException) as info:
         loss_of(compiled)
     err: BaseException | None = info.value
@@ -215,13 +215,14 @@ def _recomputed(backend: MemoptBackend) -> tuple[int, float]:
     from memopt.cost_model.estimate import estimate_node
     from memopt.cost_model.flops import node_flops
     from memopt.cost_model.profile import load_profile
+    from memopt.schedule.problem import rerun_forward_ops
     from memopt.schedule.simulate import backward_nodes
 
     (report,) = backend.reports
     assert report.joint is not None and report.backward is not None
     tangent_side = {n.name for n in backward_nodes(report.joint.graph)}
     region = {n.name for n in report.joint.graph.nodes if n.op == "call_function"} - tangent_side
-    again = [n for n in report.backward.graph.nodes if n.op == "call_function" and n.name in region]
+    again = rerun_forward_ops(report.backward, region)
     h100 = load_profile("h100")
     return sum(node_flops(n) for n in again), sum(estimate_node(n, h100, fused=True).time_s for n in again)
 
@@ -500,3 +501,21 @@ def test_a_saved_view_made_at_the_forwards_end_frees_its_storage_from_its_last_r
             assert starts == {last_read}, (item.name, sorted(starts), last_read, item.made)
             checked += 1
     assert checked >= 2, checked
+
+
+@pytest.mark.parametrize("codegen", ["eager", "inductor"])
+def test_attention_without_dropout_may_be_recomputed(codegen: str) -> None:
+    """SDPA carries torch's nondeterministic_seeded tag for its dropout; with dropout_p = 0 it draws
+    nothing and may be run again. Recomputing it makes torch thread an RNG state from the forward to
+    the backward (run_and_save_rng_state / run_with_rng_state), which memopt's simulator pairs by position
+    and its cost model counts as the op it wraps. At the tiny Llama's smallest peak reachable by
+    recomputation (which needs it) the backward re-runs attention, and the loss and every gradient still
+    equal eager PyTorch's, with either code generator."""
+    smallest = _smallest_peak("llama", offload=False, codegen=codegen)
+    backend, _ = _run("llama", smallest, codegen=codegen, offload=False)
+    report = backend.reports[-1]
+    assert report.schedule is not None and report.backward is not None
+    wrapped = [n for n in report.backward.graph.nodes
+               if n.target is torch._prims.rng_prims.run_with_rng_state]
+    assert wrapped and all("scaled_dot_product" in str(n.args[1]) for n in wrapped), wrapped
+    assert all(n.meta["memopt_cost"].flops > 0 for n in wrapped)

@@ -27,14 +27,14 @@ from memopt.compiler.dump import Dumper, timeline_svg
 from memopt.compiler.partition import apply_compress, apply_offload, partition_joint
 from memopt.compiler.runner import MemoptPassWarning, PassRecord, run_passes
 from memopt.config import MemoptConfig, MemoryBudget
-from memopt.cost_model.estimate import annotate_costs, transfer_time_s
+from memopt.cost_model.estimate import annotate_costs, estimate_node, transfer_time_s
 from memopt.cost_model.profile import DeviceProfile
 from memopt.errors import MemoptPassError
 from memopt.passes.base import Pass, PassContext
 from memopt.schedule.budget import budget_bytes, check_budget
 from memopt.schedule.greedy import NOTHING, Evaluation, Plan, ScheduleResult
 from memopt.schedule.model import ScheduleProblem, build_problem
-from memopt.schedule.problem import apply_recompute_tags, candidates, saved_values
+from memopt.schedule.problem import apply_recompute_tags, candidates, rerun_forward_ops, saved_values
 from memopt.schedule.search import search_plan
 from memopt.schedule.simulate import (
     MemoryTimeline,
@@ -185,8 +185,9 @@ class JointStage(CustomPartitionerFn):
                                          num_user_outputs=num_fwd_outputs)
                 # Recomputation: forward ops the backward runs again (its inputs named after forward
                 # values are saved values, not recomputation).
-                added = sum(cost.get(n.name, 0.0) for n in bw.graph.nodes
-                            if n.op == "call_function" and n.name in fw_region)
+                added = sum(cost[n.name] if n.name in cost else
+                            estimate_node(n, self.profile, fused=self.fused_costs).time_s
+                            for n in rerun_forward_ops(bw, fw_region))
                 found = candidates(gm, saved, transfer)
                 added += exposed_transfer_s(fw, bw, one_way)
                 added += sum(packing_time(value_bytes(n), value_bytes(n.args[0]))

@@ -30,6 +30,7 @@ def partition_joint(joint_gm: torch.fx.GraphModule, joint_inputs: Sequence[objec
     fw_gm, bw_gm = min_cut_rematerialization_partition(
         joint_gm, joint_inputs, compiler="inductor", num_fwd_outputs=num_fwd_outputs,
         static_lifetime_input_indices=static_lifetime_input_indices)
+    _fill_rng_values(fw_gm, bw_gm)
     redrawn = redrawn_random(fw_gm, bw_gm)
     if redrawn:
         raise MemoptError(
@@ -37,6 +38,19 @@ def partition_joint(joint_gm: torch.fx.GraphModule, joint_inputs: Sequence[objec
             "which would draw new numbers and make the gradients wrong; this is a bug in memopt (or in "
             "torch's partitioner, pytorch/pytorch#190758): please report it with the dumps (dump_dir)")
     return fw_gm, bw_gm
+
+
+def _fill_rng_values(*graphs: torch.fx.GraphModule) -> None:
+    """torch's RNG functionalization (an op tagged ``nondeterministic_seeded`` that a cut recomputes, e.g.
+    attention without dropout) wraps it in ``run_and_save_rng_state`` / ``run_with_rng_state`` nodes
+    without fake values; memopt's simulator and cost model size every node from its ``meta["val"]``."""
+    from memopt.passes.base import fake_result
+
+    wrappers = (torch._prims.rng_prims.run_and_save_rng_state, torch._prims.rng_prims.run_with_rng_state)
+    for gm in graphs:
+        for node in gm.graph.nodes:
+            if node.op == "call_function" and node.target in wrappers and "val" not in node.meta:
+                node.meta["val"] = fake_result(node, "val")
 
 
 def _replace_saved(fw_gm: torch.fx.GraphModule, bw_gm: torch.fx.GraphModule, names: frozenset[str], *,

@@ -121,11 +121,22 @@ def node_flops(node: torch.fx.Node) -> int:
     Counted: everything in ``torch.utils.flop_counter.flop_registry`` (mm, addmm, bmm, baddbmm,
     _scaled_mm, convolution and its backward, the fused attention ops forward and backward, ...) plus the
     CPU attention ops (see ``_TWINS``). Non-``call_function`` nodes and targets that are not
-    ``OpOverload``s (getitem, SymInt arithmetic, higher-order ops) count 0.
+    ``OpOverload``s (getitem, SymInt arithmetic, higher-order ops) count 0, but for torch's RNG wrappers
+    (``run_and_save_rng_state`` / ``run_with_rng_state``), which count as the op they run.
     """
-    if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+    if node.op != "call_function":
         return 0
-    formula = flop_formula_for(node.target)
+    target: object = node.target
+    call_args = node.args
+    rng = torch._prims.rng_prims
+    # torch's RNG functionalization wraps a recomputed seeded op: (op, *args) and (state, op, *args).
+    if target is rng.run_and_save_rng_state:
+        target, call_args = call_args[0], call_args[1:]
+    elif target is rng.run_with_rng_state:
+        target, call_args = call_args[1], call_args[2:]
+    if not isinstance(target, torch._ops.OpOverload):
+        return 0
+    formula = flop_formula_for(target)
     if formula is None:
         return 0
     if "val" not in node.meta:
@@ -133,9 +144,11 @@ def node_flops(node: torch.fx.Node) -> int:
             f"node '{node.name}' ({node.target}) has no meta['val']; the cost model counts FLOPs from "
             "shape metadata. Run torch.fx.passes.fake_tensor_prop.FakeTensorProp on the graph first."
         )
-    args = _arg_value(node.args, node)
+    args = _arg_value(call_args, node)
     kwargs = _arg_value(dict(node.kwargs), node)
     out = _concrete(node.meta["val"], node)
+    if node.target is rng.run_and_save_rng_state:
+        out = out[1]                                   # (the RNG state, the op's result)
     flops = formula(*args, **kwargs, out_val=out)
     if isinstance(flops, torch.SymInt):
         return hint_int(flops)

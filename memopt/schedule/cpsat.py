@@ -172,6 +172,33 @@ def _deterministic(solver: Any, workers: int, seconds: float) -> None:
     solver.parameters.random_seed = 0
 
 
+# Note [A crash in CP-SAT's interleaved search]
+# OR-Tools 9.15 aborts the process ("Check failed: heuristics.fixed_search != nullptr") when, in its
+# interleaved search, a subsolver proves the model infeasible while it is still loading: seen on a tiny
+# Llama's outer model at a budget below the model's reach, whose hint was infeasible. An abort cannot be
+# caught, and it would end the user's training run. So every solve first runs a short single-worker
+# probe (no interleaving, deterministic too): a model it proves infeasible or solves to optimality is
+# answered there, and only the rest go to the interleaved search. Small models (a layer's front) are
+# mostly answered by the probe, which makes them cheaper, not dearer.
+PROBE_SHARE = 0.1              # of a solve's deterministic time limit, at most PROBE_MAX_S
+PROBE_MAX_S = 1.0
+
+
+def _solve(model: Any, workers: int, seconds: float, callback: Any = None) -> tuple[Any, int]:
+    """(solver, status) of ``model``: the probe of Note [A crash in CP-SAT's interleaved search], then,
+    when it settles nothing, the deterministic interleaved search with ``workers``."""
+    cp_model = _cp_model()
+    probe = cp_model.CpSolver()
+    _deterministic(probe, 1, min(PROBE_MAX_S, PROBE_SHARE * seconds))
+    probe.parameters.interleave_search = False
+    status = probe.Solve(model, callback) if callback is not None else probe.Solve(model)
+    if status in (cp_model.INFEASIBLE, cp_model.MODEL_INVALID, cp_model.OPTIMAL):
+        return probe, status
+    solver = cp_model.CpSolver()
+    _deterministic(solver, workers, seconds)
+    return solver, solver.Solve(model, callback) if callback is not None else solver.Solve(model)
+
+
 def _front(problem: ScheduleProblem, items: Sequence[Item], conflicts: Sequence[tuple[int, int, int, int]],
            workers: int) -> list[_Point]:
     """Plans of one layer that trade freed bytes, local peak, recompute time and transfer volume.
@@ -223,14 +250,14 @@ def _front(problem: ScheduleProblem, items: Sequence[Item], conflicts: Sequence[
             model.Minimize(rec * 1000 + vol)
         else:
             model.Minimize(peak)
-        solver = cp_model.CpSolver()
-        _deterministic(solver, workers, 2.0)
-        if solver.Solve(model) not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        solver, status = _solve(model, workers, 2.0)
+        if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
             continue
         if objective == "peak":      # the lowest local peak, at the lowest time for it
             model.Add(peak <= int(solver.Value(peak)))
             model.Minimize(rec + vol)
-            if solver.Solve(model) not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+            solver, status = _solve(model, workers, 2.0)
+            if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
                 continue
         choices = tuple(next((j for j in range(len(item.options)) if solver.Value(x[i, j])), -1)
                         for i, item in enumerate(items))
@@ -638,8 +665,6 @@ def _cp_solve(outer: _Outer, arrays: _Arrays, hint: np.ndarray, budget: int, *, 
     if peak is not None:
         model.AddHint(peak, int(max(0, (outer.const + outer.matrix @ hint).max(initial=0))))
 
-    solver = cp_model.CpSolver()
-    _deterministic(solver, workers, time_limit_s)
     unit, scale = ("B", 1.0 / outer.unit) if peak is not None else ("s", 100 * NS)
     reporter = _Progress(progress, unit, scale)
 
@@ -649,7 +674,7 @@ def _cp_solve(outer: _Outer, arrays: _Arrays, hint: np.ndarray, budget: int, *, 
             if stop_at is not None and self.ObjectiveValue() <= stop_at:
                 self.StopSearch()     # a plan within the budget is all this search is for
 
-    status = solver.Solve(model, _Callback())
+    solver, status = _solve(model, workers, time_limit_s, _Callback())
     name = solver.StatusName(status)
     if status in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         chosen = np.array([int(solver.Value(v)) for v in y])

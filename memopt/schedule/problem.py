@@ -93,6 +93,15 @@ def redrawn_random(fw_gm: torch.fx.GraphModule, bw_gm: torch.fx.GraphModule) -> 
     return [n.name for n in bw_gm.graph.nodes if n.name in forward and draws_random(n)]
 
 
+def rerun_forward_ops(bw_gm: torch.fx.GraphModule, forward_names: set[str] | frozenset[str],
+                      ) -> list[torch.fx.Node]:
+    """The backward's nodes that run a forward op again: those named after a forward (joint-graph) node,
+    and torch's ``run_with_rng_state`` wrappers of a recomputed seeded op (they take new names)."""
+    rerun = torch._prims.rng_prims.run_with_rng_state
+    return [n for n in bw_gm.graph.nodes if n.op == "call_function"
+            and (n.name in forward_names or n.target is rerun)]
+
+
 def _unrecomputable_reason(node: torch.fx.Node) -> str | None:
     if node.op != "call_function":
         return f"{node.op} (an input of the graph)"
@@ -101,7 +110,7 @@ def _unrecomputable_reason(node: torch.fx.Node) -> str | None:
         return "an element of a multi-output op (recompute the op instead)"
     if not isinstance(target, torch._ops.OpOverload):
         return f"not an aten op ({target})"
-    if torch.Tag.nondeterministic_seeded in target.tags:
+    if draws_random(node):
         return "random: recomputing it would draw different numbers"
     if target._schema.is_mutable:
         return "mutates its inputs"

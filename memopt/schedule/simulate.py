@@ -426,6 +426,14 @@ def _simulate_backward(bw_gm: torch.fx.GraphModule, live: _Live, rec: _Recorder,
                        input_kinds: Sequence[str], fw_vals: Sequence[object]) -> None:
     bw_placeholders = [n for n in bw_gm.graph.nodes if n.op == "placeholder"]
     missing = [n.name for n in bw_placeholders if n.name not in saved and not n.name.startswith("tangents")]
+    # torch's RNG functionalization (a recomputed op tagged nondeterministic_seeded) passes each op's RNG
+    # state as a forward output and a backward input of different names, in the same order, after the
+    # other saved values: pair those by position.
+    unread = [name for name in saved if name not in {n.name for n in bw_placeholders}]
+    if missing and len(unread) == len(missing):
+        for name, state in zip(missing, unread):
+            saved[name] = saved.pop(state)
+        missing = []
     if missing:
         raise ValueError(f"backward inputs {missing[:5]} are neither saved by the forward nor tangents")
     # Tangents: made by the autograd engine (or AOTAutograd, for outputs the loss does not use) before
