@@ -170,16 +170,20 @@ def _deterministic(solver: Any, workers: int, seconds: float) -> None:
     solver.parameters.max_deterministic_time = float(seconds)
     solver.parameters.max_time_in_seconds = 3.0 * float(seconds)
     solver.parameters.random_seed = 0
+    # Note [A crash in CP-SAT's interleaved search]: the subsolver that proved infeasibility while loading.
+    solver.parameters.ignore_subsolvers.append("max_lp")
 
 
 # Note [A crash in CP-SAT's interleaved search]
 # OR-Tools 9.15 aborts the process ("Check failed: heuristics.fixed_search != nullptr") when, in its
 # interleaved search, a subsolver proves the model infeasible while it is still loading: seen on a tiny
-# Llama's outer model at a budget below the model's reach, whose hint was infeasible. An abort cannot be
-# caught, and it would end the user's training run. So every solve first runs a short single-worker
-# probe (no interleaving, deterministic too): a model it proves infeasible or solves to optimality is
-# answered there, and only the rest go to the interleaved search. Small models (a layer's front) are
-# mostly answered by the probe, which makes them cheaper, not dearer.
+# Llama's outer model at a budget below the model's reach (the "max_lp" subsolver, whose LP relaxation
+# is the strongest), and on a monolithic 8B outer model. An abort cannot be caught, and it would end the
+# user's training run. So the interleaved search runs without "max_lp" (the model above then solves:
+# INFEASIBLE), and every solve first runs a short single-worker probe (no interleaving, deterministic
+# too): a model it proves infeasible or solves to optimality is answered there, and only the rest go to
+# the interleaved search. Small models (a layer's front) are mostly answered by the probe, which makes
+# them cheaper, not dearer.
 PROBE_SHARE = 0.1              # of a solve's deterministic time limit, at most PROBE_MAX_S
 PROBE_MAX_S = 1.0
 
