@@ -63,7 +63,7 @@ PARTITION_GREEDY_MAX_NODES = 4000
 KNAPSACK_GRID = (0.9, 0.75, 0.5, 0.25)
 # Larger graphs try two shares up to this many joint nodes (a 7B Llama's 7.4k: ~4 s a partition), one above.
 KNAPSACK_PAIR_MAX_NODES = 12000
-# On those larger graphs, shares this far below the lowest one tried, while no plan meets the budget.
+# On those larger graphs, shares this far below the lowest one tried, while no knapsack cut meets the budget.
 KNAPSACK_STEPS_BELOW = (0.05, 0.1)
 
 

@@ -429,7 +429,8 @@ def _simulate_backward(bw_gm: torch.fx.GraphModule, live: _Live, rec: _Recorder,
     # torch's RNG functionalization (a recomputed op tagged nondeterministic_seeded) passes each op's RNG
     # state as a forward output and a backward input of different names, in the same order, after the
     # other saved values: pair those by position.
-    unread = [name for name in saved if name not in {n.name for n in bw_placeholders}]
+    read = {n.name for n in bw_placeholders}
+    unread = [name for name in saved if name not in read]
     if missing and len(unread) == len(missing):
         for name, state in zip(missing, unread):
             saved[name] = saved.pop(state)
