@@ -90,8 +90,9 @@ def test_large_tensors_are_packed_in_chunks_with_small_scratch() -> None:
 
 
 def test_scheduler_compresses_within_the_budget_and_a_stated_gradient_bound() -> None:
-    """Tiny Llama at half its activation memory, int8 compression allowed, offload off, on the default
-    (cpu) profile, where packing some values is cheaper than recomputing them: the plan compresses, its
+    """Tiny Llama at 0.4 of its activation memory, int8 compression allowed, offload off, on the default
+    (cpu) profile, where packing some values is cheaper than recomputing them (at 0.5 recomputation
+    alone is now cheapest, since attention may be recomputed): the plan compresses, its
     simulated peak meets the budget and matches the tracked peak, the loss is exact (the forward is
     untouched) and every gradient is within 5% relative error (measured: about 1.5%). The solve is
     deterministic (Note [Deterministic solves] in memopt/schedule/cpsat.py), so the plan is too."""
@@ -106,7 +107,7 @@ def test_scheduler_compresses_within_the_budget_and_a_stated_gradient_bound() ->
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = tiny_llama(layers=4, hidden=128)
-    backend = MemoptBackend({"codegen": "eager", "offload": False, "memory_budget": 0.5,
+    backend = MemoptBackend({"codegen": "eager", "offload": False, "memory_budget": 0.4,
                              "compress_activations": "int8"})
     compiled = torch.compile(model, backend=backend)
     out = compiled(**batch)
@@ -140,7 +141,7 @@ def test_scheduler_compresses_within_the_budget_and_a_stated_gradient_bound() ->
 
 @pytest.mark.parametrize("fmt", ["int8", "fp8"])
 def test_every_compressed_activation_of_a_step_meets_its_bound(fmt: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every tensor the scheduler compresses in a tiny Llama step (budget 0.5, offload off) is captured as
+    """Every tensor the scheduler compresses in a tiny Llama step (budget 0.4, offload off) is captured as
     it is packed: its SQNR after the round trip is at least 30 dB for int8 (the issue's bound; 25 dB for
     fp8, its stated one), its packed size is the derived one (one byte per element and one fp32 scale
     per row), and every parameter gradient has cosine similarity at least 0.99 with eager's."""
@@ -167,7 +168,7 @@ def test_every_compressed_activation_of_a_step_meets_its_bound(fmt: str, monkeyp
     torch.manual_seed(0)
     model = tiny_llama(layers=4, hidden=128)
     ref = copy.deepcopy(model)
-    backend = MemoptBackend({"codegen": "eager", "offload": False, "memory_budget": 0.5,
+    backend = MemoptBackend({"codegen": "eager", "offload": False, "memory_budget": 0.4,
                              "compress_activations": fmt})
     compiled = torch.compile(model, backend=backend)
     compiled(**batch).loss.backward()                      # compiles
@@ -190,3 +191,5 @@ def test_every_compressed_activation_of_a_step_meets_its_bound(fmt: str, monkeyp
     for (name, p), q in zip(model.named_parameters(), ref.parameters()):
         cosine = torch.nn.functional.cosine_similarity(p.grad.flatten(), q.grad.flatten(), dim=0).item()
         assert cosine >= 0.99, (name, cosine)
+    print(fmt, "compressed", len(packed_calls), "saved", saved, "min SQNR",
+          min(sqnr_db(x, decompress(p, list(x.shape), list(x.stride()), x.dtype, fmt)) for x, p in packed_calls))

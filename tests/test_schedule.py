@@ -503,19 +503,42 @@ def test_a_saved_view_made_at_the_forwards_end_frees_its_storage_from_its_last_r
     assert checked >= 2, checked
 
 
-@pytest.mark.parametrize("codegen", ["eager", "inductor"])
-def test_attention_without_dropout_may_be_recomputed(codegen: str) -> None:
-    """SDPA carries torch's nondeterministic_seeded tag for its dropout; with dropout_p = 0 it draws
-    nothing and may be run again. Recomputing it makes torch thread an RNG state from the forward to
-    the backward (run_and_save_rng_state / run_with_rng_state), which memopt's simulator pairs by position
-    and its cost model counts as the op it wraps. At the tiny Llama's smallest peak reachable by
-    recomputation (which needs it) the backward re-runs attention, and the loss and every gradient still
-    equal eager PyTorch's, with either code generator."""
-    smallest = _smallest_peak("llama", offload=False, codegen=codegen)
-    backend, _ = _run("llama", smallest, codegen=codegen, offload=False)
+def test_a_users_checkpoint_that_recomputes_dropout_replays_its_rng_state() -> None:
+    """A user's activation checkpoint around a dropout tags it MUST_RECOMPUTE; memopt leaves that tag
+    alone (protect_random), and torch then passes the forward's RNG state to the backward
+    (run_and_save_rng_state / run_with_rng_state, whose state input is named apart from the forward's
+    output: the simulator pairs them by position). The backward re-runs the dropout with the forward's
+    state: gradients are those of the forward's own masks, and the simulated peak is the tracked one."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Checkpointed(_DropoutMLP):
+        def forward(self, x: torch.Tensor, masks: list[torch.Tensor] | None = None,
+                    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+            if masks is not None:
+                return super().forward(x, masks)
+            return checkpoint(super().forward, x, use_reentrant=False)   # type: ignore[no-any-return]
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model, x = Checkpointed(), torch.randn(256, 128)
+    backend = MemoptBackend({"codegen": "eager"})
+    compiled = torch.compile(model, backend=backend)
+    compiled(x)[0].backward()                                       # compiles
+    model.zero_grad(set_to_none=True)
+    gc.collect()
+    with track_memory("cpu") as mem:
+        loss, dropped = compiled(x)
+        loss.backward()
     report = backend.reports[-1]
-    assert report.schedule is not None and report.backward is not None
-    wrapped = [n for n in report.backward.graph.nodes
-               if n.target is torch._prims.rng_prims.run_with_rng_state]
-    assert wrapped and all("scaled_dot_product" in str(n.args[1]) for n in wrapped), wrapped
-    assert all(n.meta["memopt_cost"].flops > 0 for n in wrapped)
+    assert report.backward is not None and report.memory is not None
+    assert any(n.target is torch._prims.rng_prims.run_with_rng_state for n in report.backward.graph.nodes)
+    ref = copy.deepcopy(model)
+    ref.zero_grad(set_to_none=True)
+    ref_loss, _ = ref(x, masks=[(d != 0).float() for d in dropped])
+    ref_loss.backward()
+    assert_close(loss, ref_loss, "loss with the forward's masks")
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert_close(p.grad, q.grad, f"grad of {name} with the forward's masks")
+    del loss, dropped
+    assert abs(report.memory.peak_bytes - mem.peak_bytes) <= TOLERANCE * mem.peak_bytes, (
+        report.memory.peak_bytes, mem.peak_bytes)
