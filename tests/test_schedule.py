@@ -357,6 +357,19 @@ class _DropoutMLP(nn.Module):
         return (x * x).sum(), dropped if self.show_masks else []
 
 
+def _assert_the_forwards_masks(model: nn.Module, x: torch.Tensor, loss: torch.Tensor,
+                               dropped: list[torch.Tensor]) -> None:
+    """The compiled step's loss and gradients equal eager's with the masks its forward drew (the zeros
+    of each dropout's output)."""
+    ref = copy.deepcopy(model)
+    ref.zero_grad(set_to_none=True)
+    ref_loss, _ = ref(x, masks=[(d != 0).float() for d in dropped])
+    ref_loss.backward()
+    assert_close(loss, ref_loss, "loss with the forward's masks")
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert_close(p.grad, q.grad, f"grad of {name} with the forward's masks")
+
+
 @pytest.mark.parametrize("how", ["pytorch knapsack", "memopt budget"])
 def test_a_cut_never_draws_dropout_masks_again(how: str) -> None:
     """torch's knapsack can recompute a dropout in the backward, which draws a new mask and silently
@@ -381,13 +394,7 @@ def test_a_cut_never_draws_dropout_masks_again(how: str) -> None:
     assert report.backward is not None and report.forward is not None
     assert any(draws_random(n) for n in report.forward.graph.nodes)
     assert not any(draws_random(n) for n in report.backward.graph.nodes)
-    ref = copy.deepcopy(model)
-    ref.zero_grad(set_to_none=True)
-    ref_loss, _ = ref(x, masks=[(d != 0).float() for d in dropped])
-    ref_loss.backward()
-    assert_close(loss, ref_loss, "loss with the forward's masks")
-    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
-        assert_close(p.grad, q.grad, f"grad of {name} with the forward's masks")
+    _assert_the_forwards_masks(model, x, loss, dropped)
 
 
 def _dropout_step(passes: tuple[object, ...] | None, dtype: torch.dtype, show_masks: bool = True,
@@ -451,9 +458,9 @@ def test_a_saved_view_made_at_the_forwards_end_frees_its_storage_from_its_last_r
     such a model peaks: the recompute options start there, not at the view. Without this, on a 6-layer
     GPT-2 XL (1 x 1024, budget 0.5) the model's lowest peak was 2.56 GB against a budget of 2.20 GB
     (infeasible); with it the model plans 2.18 GB and the plan verifies at 2.09 GB."""
-    import memopt.compiler.capture as capture
     from transformers import GPT2Config, GPT2LMHeadModel
 
+    import memopt.compiler.capture as capture
     from memopt.schedule.model import RECOMPUTE
     from memopt.schedule.simulate import aliased_argument
 
@@ -532,13 +539,7 @@ def test_a_users_checkpoint_that_recomputes_dropout_replays_its_rng_state() -> N
     report = backend.reports[-1]
     assert report.backward is not None and report.memory is not None
     assert any(n.target is torch._prims.rng_prims.run_with_rng_state for n in report.backward.graph.nodes)
-    ref = copy.deepcopy(model)
-    ref.zero_grad(set_to_none=True)
-    ref_loss, _ = ref(x, masks=[(d != 0).float() for d in dropped])
-    ref_loss.backward()
-    assert_close(loss, ref_loss, "loss with the forward's masks")
-    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
-        assert_close(p.grad, q.grad, f"grad of {name} with the forward's masks")
+    _assert_the_forwards_masks(model, x, loss, dropped)
     del loss, dropped
     assert abs(report.memory.peak_bytes - mem.peak_bytes) <= TOLERANCE * mem.peak_bytes, (
         report.memory.peak_bytes, mem.peak_bytes)
