@@ -41,7 +41,12 @@ import torch
 import torch.fx
 
 from memopt.schedule.problem import Candidate, _unrecomputable_reason
-from memopt.schedule.simulate import MemoryEvent, MemoryTimeline, aliased_argument
+from memopt.schedule.simulate import (
+    MemoryEvent,
+    MemoryTimeline,
+    aliased_argument,
+    storage_root,
+)
 from memopt.schedule.streams import prefetch_point
 
 # A recompute set larger than this is left to the partitioner (the value is kept or offloaded). An
@@ -257,10 +262,7 @@ def build_problem(joint_gm: torch.fx.GraphModule, fw_gm: torch.fx.GraphModule, b
     # or not at all: one item, recomputed together, never offloaded (each view would copy the storage).
     bases: dict[str, list[str]] = {}
     for c in found:
-        base = joint_nodes[c.name]
-        while (parent := aliased_argument(base)) is not None:
-            base = parent
-        bases.setdefault(base.name, []).append(c.name)
+        bases.setdefault(storage_root(joint_nodes[c.name]).name, []).append(c.name)
 
     spans: dict[str, tuple[int, int, int]] = {}        # name -> (made, last forward use, first bw use)
     storage_read: dict[str, int] = {}                  # name -> its storage's last forward read (not a view)
@@ -274,16 +276,14 @@ def build_problem(joint_gm: torch.fx.GraphModule, fw_gm: torch.fx.GraphModule, b
                 if ("backward", u.name) in index]
         if made is None or not uses:
             continue
-        fw_uses = [index[("forward", u.name)] for a in _alias_closure(fw_node) for u in a.users
-                   if ("forward", u.name) in index]
-        spans[c.name] = (made, max([made, *fw_uses]), min(uses))
         # A saved view (a transpose of attention's probabilities) is often made at the forward's end,
         # only to be saved; its storage was last *read* much earlier. Recomputed, the view is not made
         # and the storage goes after that read (Note [Freed windows]).
-        root = fw_node
-        while (parent := aliased_argument(root)) is not None:
-            root = parent
+        root = storage_root(fw_node)
         aliases = _alias_closure(root)
+        own = aliases if root is fw_node else _alias_closure(fw_node)
+        fw_uses = [index[("forward", u.name)] for a in own for u in a.users if ("forward", u.name) in index]
+        spans[c.name] = (made, max([made, *fw_uses]), min(uses))
         alias_set = set(aliases)
         read_at = [index[("forward", u.name)] for a in aliases for u in a.users
                    if u not in alias_set and ("forward", u.name) in index]

@@ -31,7 +31,7 @@ import torch.fx
 from torch.utils.checkpoint import CheckpointPolicy
 
 from memopt.cost_model.bytes import storage_nbytes
-from memopt.schedule.simulate import aliased_argument
+from memopt.schedule.simulate import storage_root
 
 # The meta key memopt writes its decision into, beside torch's own "recompute" tag, so that memopt's
 # tags can be told apart from (and never overwrite) a user's selective-checkpointing tags.
@@ -145,10 +145,7 @@ def candidates(joint_gm: torch.fx.GraphModule, saved: list[str],
         if node is None or name in seen:
             continue
         seen.add(name)
-        base = node
-        while (parent := aliased_argument(base)) is not None:
-            base = parent
-        if base.op == "placeholder":
+        if storage_root(node).op == "placeholder":
             continue
         val = node.meta["val"]
         cost = node.meta.get("memopt_cost")

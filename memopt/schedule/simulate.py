@@ -212,6 +212,14 @@ class _Recorder:
             self.largest = self.live.largest()
 
 
+def storage_root(node: torch.fx.Node) -> torch.fx.Node:
+    """The node that made the storage ``node``'s value lives in (``node`` itself unless it is a view or
+    an in-place op: :func:`aliased_argument` followed to its end)."""
+    while (parent := aliased_argument(node)) is not None:
+        node = parent
+    return node
+
+
 def _storage_bytes(t: torch.Tensor) -> int:
     # Symbolic sizes (a dynamic batch or sequence) are evaluated with their hints: the example's sizes.
     return storage_nbytes(t)
