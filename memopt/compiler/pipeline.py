@@ -12,6 +12,7 @@ come). Tests add passes of their own through
 from __future__ import annotations
 
 from memopt.passes.base import Pass
+from memopt.passes.fuse_cross_entropy import FUSE_CROSS_ENTROPY
 from memopt.passes.fuse_dequant import FUSE_DEQUANT
 from memopt.passes.inject_adapters import INJECT_ADAPTERS
 from memopt.passes.split_dropout import SPLIT_DROPOUT
@@ -22,6 +23,9 @@ PIPELINE: tuple[Pass, ...] = (
     # Joint graph: a dropout's output becomes a pointwise multiply by its saved mask, which the schedule
     # may recompute (the dropout itself draws random numbers: it is never run again).
     SPLIT_DROPOUT,
+    # Joint graph: the cross-entropy's backward in one op, one vocabulary-sized tensor where there were
+    # two (a language model's step peaks in its loss's backward).
+    FUSE_CROSS_ENTROPY,
     # Joint graph: the forward's and the backward's matmuls on a dequantized weight, fused, before the
     # cost model and the schedule see the graph.
     FUSE_DEQUANT,
