@@ -3,6 +3,7 @@ honour the recompute conflicts, and are never worse than the greedy warm start i
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -70,3 +71,44 @@ def test_plans_fit_honour_conflicts_and_beat_the_hint(problem: ScheduleProblem, 
         assert problem.peak_bytes(solved.hint) <= budget
         assert solved.stats.hint_objective_s is not None
         assert solved.stats.objective_s <= solved.stats.hint_objective_s + 1e-9
+
+
+
+class _Captured(BaseException):
+    """Raised past memopt's fallbacks once the schedule problem is in hand."""
+
+
+def test_layer_fronts_reach_the_monolithic_lowest_peak_of_a_qlora_llama(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Note [Layer classes and fronts]: a layer's values can be away over windows that close at
+    different times between its forward and its backward (offloads reloaded when the backward starts,
+    or ahead of the layer's backward). The outer model sees the bytes a plan frees at each time, so the
+    fronts must hold the plans that free the layer's bytes through the step's peak (the loss's
+    backward) and not only those that free the most bytes at some time. On a 4-layer Llama-3.1-8B QLoRA
+    step (fake tensors, 2 x 512 tokens, rtx4090), the decomposed lowest peak is within 0.5% of the
+    monolithic model's (2.578 vs 2.570 GiB, 0.3%); with fronts that only counted the bytes a plan frees
+    at some time it was 1.9% above it (2.618 GiB), and on all 32 layers 8.96 GiB against 7.18."""
+    import memopt.schedule.search as search
+    from memopt.plan import load_hf_config, plan
+
+    captured: list[ScheduleProblem] = []
+
+    def capture(problem: ScheduleProblem, budget: int, **kwargs: object) -> None:
+        captured.append(problem)
+        raise _Captured
+
+    monkeypatch.setattr(search, "solve_schedule", capture)
+    _, config = load_hf_config("llama-3.1-8b")
+    config.num_hidden_layers = 4
+    options = {"adapters": {"method": "lora", "rank": 16, "alpha": 32, "targets": "all-linear"},
+               "quantize": {"weights": "nf4", "double_quant": True}, "memory_budget": "3GiB"}
+    with pytest.raises(_Captured):
+        plan(config, options=options, device="rtx4090", batch=2, seq=512, loss_chunks=8)
+    (problem,) = captured
+    monolithic = solve_schedule(problem, 0, time_limit_s=30, workers=2, minimise_peak=True, decompose=False)
+    decomposed = solve_schedule(problem, 0, time_limit_s=30, workers=2, minimise_peak=True)
+    assert monolithic.stats.status == decomposed.stats.status == "OPTIMAL"
+    assert decomposed.stats.layers == 4
+    lowest = problem.peak_bytes(monolithic.plan)
+    print("lowest peak: monolithic", lowest, "decomposed", problem.peak_bytes(decomposed.plan))
+    assert lowest < max(problem.base)
+    assert problem.peak_bytes(decomposed.plan) <= lowest * 1.005

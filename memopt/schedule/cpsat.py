@@ -203,10 +203,39 @@ def _solve(model: Any, workers: int, seconds: float, callback: Any = None) -> tu
     return solver, solver.Solve(model, callback) if callback is not None else solver.Solve(model)
 
 
+def _undominated(items: Sequence[Item], points: Sequence[_Point],
+                 external: frozenset[tuple[int, int]]) -> list[_Point]:
+    """``points`` without those another point beats: it frees at least as many bytes at every cut of the
+    layer's windows (which is all the outer model sees of a plan's bytes), costs no more recompute time
+    and transfer, and takes no choice ``external`` lists (it excludes a choice outside the layer) that
+    the beaten point does not also take."""
+    cuts = sorted({t for item in items for o in item.options for t in (o.start + 1, o.end)})
+    freed = np.array([[sum(items[i].freed_by(items[i].options[j]) for i, j in enumerate(p.choices)
+                           if j >= 0 and items[i].options[j].start < t < items[i].options[j].end)
+                       for t in cuts] for p in points], dtype=np.int64).reshape(len(points), len(cuts))
+    costs = np.array([(p.recompute_ns, p.out_ns, p.in_ns) for p in points], dtype=np.int64).reshape(-1, 3)
+    taken = [{(i, j) for i, j in enumerate(p.choices) if (i, j) in external} for p in points]
+    kept = []
+    for a in range(len(points)):
+        beaten = False
+        for b in range(len(points)):
+            if b == a or not (freed[b] >= freed[a]).all() or not (costs[b] <= costs[a]).all() \
+                    or not taken[b] <= taken[a]:
+                continue
+            # equal points: the first stays
+            if (freed[b] > freed[a]).any() or (costs[b] < costs[a]).any() or taken[b] < taken[a] or b < a:
+                beaten = True
+                break
+        if not beaten:
+            kept.append(points[a])
+    return kept
+
+
 def _front(problem: ScheduleProblem, items: Sequence[Item], conflicts: Sequence[tuple[int, int, int, int]],
-           workers: int) -> list[_Point]:
+           external: frozenset[tuple[int, int]], workers: int) -> list[_Point]:
     """Plans of one layer that trade freed bytes, local peak, recompute time and transfer volume.
-    ``conflicts``: (value, option, value, option) index pairs within the layer that exclude each other."""
+    ``conflicts``: (value, option, value, option) index pairs within the layer that exclude each other;
+    ``external``: (value, option) choices that exclude a choice outside the layer."""
     cp_model = _cp_model()
     # One constraint per distinct set of covering windows, at the worst event with that set.
     cuts = sorted({t for item in items for o in item.options for t in (o.start + 1, o.end)})
@@ -224,12 +253,31 @@ def _front(problem: ScheduleProblem, items: Sequence[Item], conflicts: Sequence[
     if not events:
         return list(found.values())
     peak_hint = max(worst.values())
+    # What the layer frees while other layers run, which the outer model sees (Note [Layer classes and
+    # fronts]): windows open and close at different times between the layer's forward and its backward
+    # (a value last read by the next layer; an offload reloaded when the backward starts, or ahead of the
+    # layer's backward), so the bytes a plan frees all that time can be far fewer than its total. Levels
+    # are also asked of the bytes freed at every cut from when every value could be away to a horizon:
+    # just past the highest event between the layer's forward and its backward (the loss's backward,
+    # in a language model: plans that keep the layer's bytes away through the step's peak), and the
+    # layer's own backward.
+    freeable = max(min(o.start for o in item.options) for item in items)  # every value can be away
+    due = min(item.first_backward_use for item in items)
+    group = items[0].group
+    outside = [t for t in range(freeable + 1, due) if problem.point_group[t] != group]
+    spans = []
+    if outside:
+        highest = max(outside, key=problem.base.__getitem__)
+        spans = [sorted({t for t in (freeable + 1, highest, *cuts) if freeable < t < horizon})
+                 for horizon in sorted({highest + 1, due})]
     # Fronts with every choice, and with recomputation alone: more kinds of choice must never leave
     # the layer fewer good plans than recomputation alone gives it.
     kinds = {o.kind for item in items for o in item.options}
     filters = [kinds] + ([{RECOMPUTE}] if len(kinds) > 1 and RECOMPUTE in kinds else [])
-    levels = sorted({total * j // FRONT_LEVELS for j in range(FRONT_LEVELS + 1)})
-    for allowed, level, objective in itertools.product(filters, levels, ("time", "recompute", "peak")):
+
+    def build(allowed: set[str], span: list[int] | None) -> tuple[Any, dict[tuple[int, int], Any], Any, Any]:
+        """The layer's model: its choices, the bytes it frees (``span``: the least at any of its cuts)
+        and its local peak."""
         model = cp_model.CpModel()
         x: dict[tuple[int, int], Any] = {}
         for i, item in enumerate(items):
@@ -240,33 +288,53 @@ def _front(problem: ScheduleProblem, items: Sequence[Item], conflicts: Sequence[
             model.AddAtMostOne([x[i, j] for j in range(len(item.options))])
         for i, a, k, b in conflicts:
             model.AddBoolOr([x[i, a].Not(), x[k, b].Not()])
-        model.Add(sum(items[i].freed_by(items[i].options[j]) * v for (i, j), v in x.items()) >= level)
+        freed = model.NewIntVar(0, total, "freed")
+        if span is None:
+            model.Add(freed <= sum(items[i].freed_by(items[i].options[j]) * v for (i, j), v in x.items()))
+        for t in span or ():
+            model.Add(freed <= sum(items[i].freed_by(items[i].options[j]) * v for (i, j), v in x.items()
+                                   if items[i].options[j].start < t < items[i].options[j].end))
         peak = model.NewIntVar(0, peak_hint, "peak")
         for active in events:
             model.Add(worst[active] - sum(items[i].freed_by(items[i].options[j]) * x[i, j]
                                           for i, j in active) <= peak)
-        rec = sum(round(items[i].options[j].time_s * NS) * v for (i, j), v in x.items())
-        vol = sum(round((items[i].options[j].out_s + items[i].options[j].in_s) * NS) * v
-                  for (i, j), v in x.items())
-        if objective == "time":
-            model.Minimize(rec + vol)
-        elif objective == "recompute":
-            model.Minimize(rec * 1000 + vol)
-        else:
-            model.Minimize(peak)
+        return model, x, freed, peak
+
+    for allowed, span in itertools.product(filters, [None, *spans]):
+        # Levels up to the most this kind of plan can free, so that the most is on the front.
+        model, _, freed, _ = build(allowed, span)
+        model.Maximize(freed)
         solver, status = _solve(model, workers, 2.0)
-        if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE) or solver.Value(freed) == 0:
             continue
-        if objective == "peak":      # the lowest local peak, at the lowest time for it
-            model.Add(peak <= int(solver.Value(peak)))
-            model.Minimize(rec + vol)
+        most = int(solver.Value(freed))
+        for level, objective in itertools.product(sorted({most * j // FRONT_LEVELS
+                                                          for j in range(1, FRONT_LEVELS + 1)}),
+                                                  ("time", "recompute", "peak")):
+            model, x, freed, peak = build(allowed, span)
+            model.Add(freed >= level)
+            rec = sum(round(items[i].options[j].time_s * NS) * v for (i, j), v in x.items())
+            vol = sum(round((items[i].options[j].out_s + items[i].options[j].in_s) * NS) * v
+                      for (i, j), v in x.items())
+            if objective == "time":
+                model.Minimize(rec + vol)
+            elif objective == "recompute":
+                model.Minimize(rec * 1000 + vol)
+            else:
+                model.Minimize(peak)
             solver, status = _solve(model, workers, 2.0)
             if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
                 continue
-        choices = tuple(next((j for j in range(len(item.options)) if solver.Value(x[i, j])), -1)
-                        for i, item in enumerate(items))
-        found.setdefault(choices, _point_of(items, choices))
-    return list(found.values())
+            if objective == "peak":      # the lowest local peak, at the lowest time for it
+                model.Add(peak <= int(solver.Value(peak)))
+                model.Minimize(rec + vol)
+                solver, status = _solve(model, workers, 2.0)
+                if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+                    continue
+            choices = tuple(next((j for j in range(len(item.options)) if solver.Value(x[i, j])), -1)
+                            for i, item in enumerate(items))
+            found.setdefault(choices, _point_of(items, choices))
+    return _undominated(items, list(found.values()), external)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -300,9 +368,12 @@ def _build_outer(problem: ScheduleProblem, budget: int, workers: int, decompose:
         local = [(position[w], representative[position[w]].options.index(a),
                   position[u], representative[position[u]].options.index(b))
                  for w, a, u, b in all_conflicts if w in position and u in position]
+        external = frozenset((position[v], representative[position[v]].options.index(o))
+                             for w, a, u, b in all_conflicts if (w in position) != (u in position)
+                             for v, o in ((w, a), (u, b)) if v in position)
         key = ("front", tuple(item.name for item in representative))
         if key not in problem.memo:
-            problem.memo[key] = _front(problem, representative, local, workers)
+            problem.memo[key] = _front(problem, representative, local, external, workers)
         front: list[_Point] = problem.memo[key]  # type: ignore[assignment]
         for name in members:
             points[name] = [_point_of(groups[name], p.choices) for p in front]
