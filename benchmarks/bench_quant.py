@@ -1,6 +1,6 @@
 """Quantized base weights: kernel correctness, fused-kernel speed on CUDA, and QLoRA step memory on CPU.
 
-    python benchmarks/bench_quant.py              # ~3 min on an idle 2-core CPU
+    python benchmarks/bench_quant.py              # ~6 min on an idle 2-core CPU
     python benchmarks/bench_quant.py --quick      # fewer shapes and timed steps
 
 1. **Kernels.** Every memopt Triton kernel (NF4 dequant-matmul with and without the LoRA epilogue, int8
@@ -15,6 +15,10 @@
    of LoRA on fp32 weights (memopt), QLoRA eager (dequantize, then ``F.linear``: the dequantized weights
    are what autograd keeps), QLoRA compiled by memopt with ``fuse_dequant`` disabled, and with it (NF4
    and int8). Step times on a shared machine are noisy: quote ratios.
+4. **Planning figure.** ``memopt plan`` for Llama-3.1-8B QLoRA (NF4 double quantization, LoRA rank 16
+   on all linears, batch 2 x 2048, bf16, 8 loss slices, rtx4090 profile, fake tensors) with torchtune's
+   published 7.4 GiB as the budget: the peak, its breakdown and the predicted added time (about 4 min;
+   ``--quick`` skips it).
 
 Results go to ``<out>/bench_quant.json``.
 """
@@ -56,6 +60,23 @@ CUDA_SHAPES = [(4096, 4096, 4096), (4096, 14336, 4096), (4096, 4096, 14336), (40
 MODEL = {"layers": 4, "hidden": 256, "vocab": 256}
 BATCH, SEQ, RANK, ALPHA = 4, 128, 16, 32
 VARIANTS = ("lora_fp32", "qlora_eager", "qlora_unfused", "qlora_fused", "qlora_int8_fused")
+# torchtune's measured peak for Llama-3.1-8B QLoRA (rank 16, all linears, batch 2 x 2048, compile on).
+TORCHTUNE_8B_QLORA_BYTES = int(7.4 * (1 << 30))
+QLORA_OPTIONS = {"adapters": {"method": "lora", "rank": RANK, "alpha": ALPHA, "targets": "all-linear"},
+                 "quantize": {"weights": "nf4", "double_quant": True}}
+
+
+def plan_8b(log: Callable[[str], None]) -> dict[str, Any]:
+    """memopt's plan for torchtune's Llama-3.1-8B QLoRA setting, with torchtune's peak as the budget."""
+    from memopt.plan import plan
+
+    report = plan("llama-3.1-8b", options={**QLORA_OPTIONS, "memory_budget": TORCHTUNE_8B_QLORA_BYTES},
+                  device="rtx4090", batch=2, seq=2048, dtype="bf16", loss_chunks=8, progress=log)
+    schedule = report.schedule or {}
+    return {"peak_bytes": report.peak_bytes, "budget_bytes": report.budget_bytes,
+            "fits_budget": report.fits_budget, "breakdown": report.breakdown, "totals": report.totals,
+            "predicted_added_s": schedule.get("added_time_s"), "schedule_method": schedule.get("method"), "step_time_s": report.step_time_s,
+            "plan_seconds": sum(report.stage_seconds.values())}
 
 
 def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -226,12 +247,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"    {r['variant']:18s} {r['weight_bytes'] / MiB:12.2f} {r['tracked_peak_bytes'] / MiB:10.2f} "
               f"{r['tracked_peak_increase_bytes'] / MiB:10.2f} {r['median_step_s'] * 1e3:9.1f} "
               f"{r['tracked_peak_bytes'] / reference['tracked_peak_bytes']:13.3f}")
+    plan_row: dict[str, Any] | None = None
+    if not args.quick:
+        log("4. memopt plan: Llama-3.1-8B QLoRA, batch 2 x 2048, rtx4090, budget torchtune's 7.4 GiB")
+        plan_row = plan_8b(lambda m: log(f"plan: {m}"))
+        print(f"    peak {plan_row['peak_bytes'] / (1 << 30):.2f} GiB against torchtune's 7.40 GiB: "
+              f"{'met' if plan_row['fits_budget'] else 'NOT met'}")
+        for name, nbytes in plan_row["breakdown"].items():
+            print(f"      {name:20s} {nbytes / MiB:10.1f} MiB")
+        print(f"    predicted added time {plan_row['predicted_added_s']} s (rtx4090 profile, derived)")
     meta = {"benchmark": BENCHMARK, "torch": torch.__version__, "cuda": torch.cuda.is_available(),
             "date": time.strftime("%Y-%m-%d"), "model": MODEL, "batch": BATCH, "seq": SEQ, "rank": RANK,
             "wall_s": round(time.perf_counter() - started, 1)}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{BENCHMARK}.json").write_text(json.dumps(
-        {"meta": meta, "kernels": checks, "cuda": cuda_rows, "qlora_step": records}, indent=2) + "\n")
+        {"meta": meta, "kernels": checks, "cuda": cuda_rows, "qlora_step": records,
+         "plan_8b_qlora": plan_row}, indent=2) + "\n")
     print(f"\nwrote {args.out / (BENCHMARK + '.json')} ({meta['wall_s']:.0f} s)")
     return 0
 

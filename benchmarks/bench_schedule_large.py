@@ -11,10 +11,11 @@ variant through Dynamo and AOTAutograd, partitioned and simulated, with the ``h1
   ``min_cut_rematerialization_partition``, which reads that setting, so this is PyTorch's own answer
   (min-cut heuristics, then the dp knapsack), simulated by the same simulator as memopt's.
   memopt's partition step saves what random ops make (torch's knapsack could otherwise re-run a dropout
-  in the backward: pytorch/pytorch#190758) and its joint graph has ``split_dropout``'s rewrite, so this
-  is the best *valid* answer PyTorch's knapsack gives.
-- ``pytorch_knapsack_as_is``: the same without either (torch's partitioner as it ships), for the record:
-  ``redrawn_random_ops`` counts the dropouts its backward runs again, each drawing a new mask, which
+  in the backward: pytorch/pytorch#190758) and its joint graph is memopt's (``split_dropout``'s and
+  ``fuse_cross_entropy``'s rewrites included), so this is the best *valid* answer PyTorch's knapsack
+  gives on the graph memopt schedules.
+- ``pytorch_knapsack_as_is``: the same without that protection and those rewrites (torch's partitioner
+  as it ships), for the record: ``redrawn_random_ops`` counts the dropouts its backward runs again, each drawing a new mask, which
   makes the gradients wrong. Not a plan anyone should use; not compared against.
 - ``memopt_recompute`` / ``memopt_offload``: memopt's scheduler with ``memory_budget`` set to the
   knapsack's simulated peak in bytes, with offload off / allowed.
@@ -73,13 +74,14 @@ def _config(name: str) -> Any:
 
 @contextlib.contextmanager
 def _torch_as_it_ships() -> Iterator[tuple[Pass, ...]]:
-    """memopt's partition step without its protection of random ops; the pipeline without split_dropout."""
+    """memopt's partition step without its protection of random ops; the pipeline without memopt's
+    joint-graph rewrites of torch's own ops (split_dropout, fuse_cross_entropy)."""
     import memopt.compiler.partition as partition
 
     saved = partition.protect_random, partition.redrawn_random
     partition.protect_random, partition.redrawn_random = (lambda gm: None), (lambda fw, bw: [])
     try:
-        yield tuple(p for p in PIPELINE if p.name != "split_dropout")
+        yield tuple(p for p in PIPELINE if p.name not in ("split_dropout", "fuse_cross_entropy"))
     finally:
         partition.protect_random, partition.redrawn_random = saved
 
@@ -139,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         log(f"{name}, 1 x {seq} tokens: PyTorch's knapsack (activation_memory_budget={KNAPSACK_BUDGET})")
         knapsack = _capture(name, seq, {}, True, log)
         records.append({"model": name, "seq": seq, "variant": "pytorch_knapsack", **knapsack})
-        log(f"{name}: PyTorch's knapsack as it ships (random ops may be recomputed; no split_dropout)")
+        log(f"{name}: PyTorch's knapsack as it ships (random ops may be recomputed; "
+            "no split_dropout or fuse_cross_entropy)")
         with _torch_as_it_ships() as passes:
             as_is = _capture(name, seq, {}, True, log, passes)
         records.append({"model": name, "seq": seq, "variant": "pytorch_knapsack_as_is", **as_is})

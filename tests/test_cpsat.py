@@ -87,8 +87,8 @@ def test_layer_fronts_reach_the_monolithic_lowest_peak_of_a_qlora_llama(monkeypa
     step (fake tensors, 2 x 512 tokens, rtx4090), the decomposed lowest peak is within 0.5% of the
     monolithic model's (2.578 vs 2.570 GiB, 0.3%); with fronts that only counted the bytes a plan frees
     at some time it was 1.9% above it (2.618 GiB), and on all 32 layers 8.96 GiB against 7.18."""
-    import memopt.schedule.search as search
     from memopt.plan import load_hf_config, plan
+    from memopt.schedule import search
 
     captured: list[ScheduleProblem] = []
 

@@ -9,7 +9,6 @@ import gc
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from memopt.compiler.backend import MemoptBackend
 from memopt.compiler.pipeline import PIPELINE

@@ -14,6 +14,8 @@ Stats: ``fused`` (pairs rewritten).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.fx
 
@@ -23,7 +25,7 @@ from memopt.passes.base import Pass, PassContext, PassResult, fake_result
 _aten = torch.ops.aten
 
 
-def _args(node: torch.fx.Node, names: tuple[str, ...]) -> list[object]:
+def _args(node: torch.fx.Node, names: tuple[str, ...]) -> list[Any]:
     """``node``'s arguments by schema name, positional or keyword."""
     schema = node.target._schema  # type: ignore[union-attr]
     given = dict(zip((a.name for a in schema.arguments), node.args)) | dict(node.kwargs)
@@ -31,7 +33,7 @@ def _args(node: torch.fx.Node, names: tuple[str, ...]) -> list[object]:
     return [given[n] if n in given else defaults[n] for n in names]
 
 
-def _undetached(node: object) -> object:
+def _undetached(node: Any) -> Any:
     """``node`` with any chain of ``detach`` taken off (autograd reads saved outputs through them)."""
     while isinstance(node, torch.fx.Node) and node.target is _aten.detach.default:
         node = node.args[0]
