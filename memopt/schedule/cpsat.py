@@ -12,15 +12,20 @@ window covers it. The model is decomposed along the repeated layers the module s
 1. *Classes.* Layers whose values match one for one (place in the layer, bytes, choices and costs) form
    a class. For one layer of each class a small CP-SAT model finds its front: plans of that layer that
    trade freed bytes, the layer's own peak, recompute time and transfer volume (lowest time for each
-   level of freed bytes, with and without counting transfers, and lowest local peak). Every layer of
-   the class chooses one of these plans.
-2. *Outer model.* At an event ``t``, a layer is *absent* (no window of it covers ``t``), *between* (every
-   window covers ``t``: it frees exactly the plan's freed bytes ``F``) or *partial* (``t`` lies in its
-   own forward or backward). Events with the same partial layer and the same between layers form one
-   constraint: the worst event's live bytes given the partial layer's plan (a constant per plan) minus
-   the freed bytes of the between layers (one integer per layer) minus what values outside any layer
-   free. Where two layers are partial, only the larger is modelled; the other's freeing is ignored,
-   which can only overestimate the peak.
+   level of freed bytes, with and without counting transfers, and lowest local peak). Levels are asked
+   of the bytes a plan frees at some time and of the bytes it frees at every time up to a horizon (just
+   past the highest event between the layer's forward and backward, usually the loss's backward, and
+   the layer's backward): windows close at different times (an offload may come back when the backward
+   starts or ahead of the layer's backward), and a plan that frees all its bytes only until the
+   backward starts does nothing for a peak in the loss's backward. Plans that another beats at every
+   time and in every cost are dropped. Every layer of the class chooses one of these plans.
+2. *Outer model.* At an event ``t``, a layer is *absent* (no window of it covers ``t``), *between* (``t``
+   lies outside its own forward and backward: it frees what the plan's windows covering ``t`` free, one
+   integer per plan and pattern of windows) or *partial* (``t`` lies in its own forward or backward).
+   Events with the same partial layer and the same between layers' patterns form one constraint: the
+   worst event's live bytes given the partial layer's plan (a constant per plan) minus the freed bytes
+   of the between layers minus what values outside any layer free. Where two layers are partial, only
+   the larger is modelled; the other's freeing is ignored, which can only overestimate the peak.
 3. *Transfers.* One copy stream serves every offload: forward copies released after an event must fit
    in the forward compute after it, reloads due before an event in the backward compute before it; the
    excess is exposed time (Note [Exposed transfer time] in :mod:`memopt.schedule.streams`).
