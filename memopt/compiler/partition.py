@@ -19,6 +19,7 @@ from memopt.cost_model.bytes import storage_nbytes
 from memopt.errors import MemoptError
 from memopt.schedule.problem import protect_random, redrawn_random
 from memopt.schedule.streams import reload_points
+from memopt.schedule.simulate import PACKED_SUFFIX
 
 
 def partition_joint(joint_gm: torch.fx.GraphModule, joint_inputs: Sequence[object], *, num_fwd_outputs: int,
@@ -136,7 +137,7 @@ def apply_compress(fw_gm: torch.fx.GraphModule, bw_gm: torch.fx.GraphModule, nam
         return
     decompress_op = torch.ops.memopt.decompress.default
     pending = _replace_saved(fw_gm, bw_gm, names, num_user_outputs=num_user_outputs,
-                             op=torch.ops.memopt.compress.default, args=(fmt,), suffix="_packed",
+                             op=torch.ops.memopt.compress.default, args=(fmt,), suffix=PACKED_SUFFIX,
                              tag="schedule:compress")
     for placeholder, first, val in pending:
         args = (list(val.shape), list(val.stride()), val.dtype, fmt)

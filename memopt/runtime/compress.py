@@ -12,15 +12,17 @@ backward's inputs one for one, which is how AOTAutograd pairs them. Compression 
 bounded by the format (int8: half a step of ``absmax / 127`` per element; SQNR about 40 dB on Gaussian
 data; fp8 e4m3: about 30 dB), measured in ``tests/test_compress.py``. Scales are taken over a row's finite
 values; non-finite elements come back as ``-inf`` (masks), the rest of the row unharmed. The ops work
-through the rows in chunks, so their scratch memory stays small and the simulator's view of them (their
-inputs and outputs) stays true. The scheduler compresses only when
+through the rows in blocks, in the tensor's memory order (a saved value may be a transposed view: it is
+never copied whole), so their scratch memory stays small and the simulator's view of them (their inputs
+and outputs) stays true. The scheduler compresses only when
 ``compress_activations`` allows it. On CUDA (and on CPU with ``MEMOPT_TRITON_CPU=1``) int8 runs memopt's
 Triton kernels (:mod:`memopt.codegen.compress_rows`), which produce the same bytes; fp8 stays in PyTorch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -62,10 +64,37 @@ def _check(fmt: str) -> tuple[torch.dtype, float]:
     return FORMATS[fmt]
 
 
-def _chunk_rows(cols: int) -> int:
-    """Rows per chunk: the ops work a chunk at a time so that their scratch stays near _CHUNK_ELEMENTS
-    float32 values, whatever the tensor's size (the simulator does not see scratch inside an op)."""
-    return max(1, _CHUNK_ELEMENTS // max(cols, 1))
+def _blocks(size: Sequence[int], stride: Sequence[int]) -> Iterator[list[tuple[int, int, int]]]:
+    """Blocks of whole rows of a tensor of ``size`` and ``stride`` (the last dimension is a row), each
+    a list of ``(dim, start, length)`` narrowings, in the tensor's memory order and of about
+    _CHUNK_ELEMENTS elements (at least a row): the same narrowings of the tensor, of its codes and of
+    its scales are views, so the ops' scratch stays near a block whatever the tensor's size and strides
+    (a saved value may be a transposed view: the ops never copy it whole)."""
+    dims = sorted(range(len(size) - 1), key=lambda d: -stride[d])      # outermost in memory first
+    total = math.prod(size)
+
+    def walk(k: int, prefix: list[tuple[int, int, int]], numel: int) -> Iterator[list[tuple[int, int, int]]]:
+        if k == len(dims) or numel <= _CHUNK_ELEMENTS:
+            yield prefix
+            return
+        d = dims[k]
+        inner = numel // size[d]
+        if inner <= _CHUNK_ELEMENTS or k == len(dims) - 1:
+            step = max(1, _CHUNK_ELEMENTS // max(inner, 1))
+            for start in range(0, size[d], step):
+                yield [*prefix, (d, start, min(step, size[d] - start))]
+        else:
+            for start in range(size[d]):
+                yield from walk(k + 1, [*prefix, (d, start, 1)], inner)
+
+    if total:
+        yield from walk(0, [], total)
+
+
+def _narrow(t: torch.Tensor, block: Sequence[tuple[int, int, int]]) -> torch.Tensor:
+    for dim, start, length in block:
+        t = t.narrow(dim, start, length)
+    return t
 
 
 @torch.library.custom_op("memopt::compress", mutates_args=())
@@ -80,15 +109,15 @@ def compress(x: torch.Tensor, fmt: str) -> torch.Tensor:
         return compress_int8(x)
     rows, cols = rows_of(x.shape)
     packed = torch.empty(packed_nbytes(x.shape), dtype=torch.uint8, device=x.device)
-    scales = packed[:4 * rows].view(torch.float32)
-    quantised = packed[4 * rows:].view(qdtype).view(rows, cols)
-    source = x.detach().reshape(rows, cols)
-    step = _chunk_rows(cols)
-    for first in range(0, rows, step):
-        values = source[first:first + step].float()
+    source = x.detach() if x.dim() else x.detach().view(1)
+    size = list(source.shape)
+    scales = packed[:4 * rows].view(torch.float32).view(size[:-1])
+    quantised = packed[4 * rows:].view(qdtype).view(size)
+    for block in _blocks(size, source.stride()):
+        values = _narrow(source, block).float()
         finite = torch.isfinite(values)
-        absmax = torch.where(finite, values.abs(), 0.0).amax(dim=1, keepdim=True) if cols else \
-            values.new_zeros(values.shape[0], 1)
+        absmax = torch.where(finite, values.abs(), 0.0).amax(dim=-1, keepdim=True) if cols else \
+            values.new_zeros(*values.shape[:-1], 1)
         scale = (absmax / qmax).clamp_min(_TINY)
         scaled = torch.where(finite, values / scale, 0.0)
         if qdtype == torch.int8:
@@ -96,8 +125,8 @@ def compress(x: torch.Tensor, fmt: str) -> torch.Tensor:
             codes[~finite] = _NONFINITE_INT8
         else:
             codes = torch.where(finite, scaled, _NONFINITE_FP8).to(qdtype)
-        quantised[first:first + step] = codes
-        scales[first:first + step] = scale.reshape(-1)
+        _narrow(quantised, block).copy_(codes)
+        _narrow(scales, block).copy_(scale.squeeze(-1))
     return packed
 
 
@@ -117,20 +146,17 @@ def decompress(packed: torch.Tensor, size: list[int], stride: list[int], dtype: 
         from memopt.codegen.compress_rows import decompress_int8
 
         return decompress_int8(packed, size, dtype)
-    rows, cols = rows_of(size)
-    scales = packed[:4 * rows].view(torch.float32).view(rows, 1)
-    quantised = packed[4 * rows:].view(qdtype).view(rows, cols)
+    rows, _ = rows_of(size)
     out = torch.empty_strided(size, stride, dtype=dtype, device=packed.device)
-    target = out.view(rows, cols) if out.is_contiguous() else torch.empty(rows, cols, dtype=dtype,
-                                                                         device=packed.device)
-    step = _chunk_rows(cols)
-    for first in range(0, rows, step):
-        codes = quantised[first:first + step]
-        values = codes.float() * scales[first:first + step]
+    target = out if out.dim() else out.view(1)
+    shape = list(target.shape)
+    scales = packed[:4 * rows].view(torch.float32).view(*shape[:-1], 1)
+    quantised = packed[4 * rows:].view(qdtype).view(shape)
+    for block in _blocks(shape, target.stride()):
+        codes = _narrow(quantised, block)
+        values = codes.float() * _narrow(scales, block)
         nonfinite = codes == _NONFINITE_INT8 if qdtype == torch.int8 else torch.isnan(codes.float())
-        target[first:first + step] = torch.where(nonfinite, -torch.inf, values).to(dtype)
-    if target.data_ptr() != out.data_ptr():
-        out.copy_(target.view(size))
+        _narrow(target, block).copy_(torch.where(nonfinite, -torch.inf, values))
     return out
 
 

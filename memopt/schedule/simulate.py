@@ -44,6 +44,8 @@ import torch.fx
 
 from memopt.cost_model.bytes import hint_int, shape_env_of, storage_nbytes
 
+PACKED_SUFFIX = "_packed"   # the name of a compressed activation's packed copy: ``<value>_packed``
+
 # The offload host pool (memopt::offload's outputs): counted apart from device memory.
 HOST = "host"
 
@@ -472,8 +474,14 @@ def _simulate_backward(bw_gm: torch.fx.GraphModule, live: _Live, rec: _Recorder,
 
     # AOTAutograd clears ctx.saved_tensors and hands saved values and tangents to the boxed backward in
     # one list that it clears: the backward graph holds the only references and frees each value at its
-    # last use (measured: a tangent's bytes go when its last reader has run).
-    outs = _replay(bw_gm, "backward", live, rec, inputs, [True] * len(inputs), bw_category)
+    # last use (measured: a tangent's bytes go when its last reader has run). Packed copies of compressed
+    # activations are the exception: something in torch's runtime keeps one more reference to each until
+    # the backward returns (measured with the tracker and sys.getrefcount: every other saved value goes
+    # at its last use; no Python object refers to them, so the holder is in C++; not traced further).
+    # They are counted alive until then, so that a plan with compression is simulated as it runs.
+    kept = [node.name.endswith(PACKED_SUFFIX) for node in bw_placeholders]
+    outs = _replay(bw_gm, "backward", live, rec, inputs, [not k for k in kept], bw_category)
+    live.release(s for sids, k in zip(inputs, kept) if k for s in sids)
     # AccumulateGrad: keep each parameter gradient, or copy it into the parameter's layout.
     for index, (sids, out) in enumerate(zip(outs, bw_outs_nodes)):
         if not sids or index >= len(fw_vals) or not isinstance(out, torch.fx.Node):
