@@ -56,6 +56,7 @@ NS = 1e9                       # the solver's time unit: nanoseconds
 TRANSFER_TIE_BREAK = 0.01      # cost per second of transfer volume, so unneeded offloads are not chosen
 MIN_LAYERS_TO_DECOMPOSE = 4
 FRONT_LEVELS = 10
+SPAN_LEVELS = 2               # levels of bytes freed up to a horizon (fewer: they add outer choices)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -313,8 +314,8 @@ def _front(problem: ScheduleProblem, items: Sequence[Item], conflicts: Sequence[
         if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE) or solver.Value(freed) == 0:
             continue
         most = int(solver.Value(freed))
-        for level, objective in itertools.product(sorted({most * j // FRONT_LEVELS
-                                                          for j in range(1, FRONT_LEVELS + 1)}),
+        steps = FRONT_LEVELS if span is None else SPAN_LEVELS
+        for level, objective in itertools.product(sorted({most * j // steps for j in range(1, steps + 1)}),
                                                   ("time", "recompute", "peak")):
             model, x, freed, peak = build(allowed, span)
             model.Add(freed >= level)
