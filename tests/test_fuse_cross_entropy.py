@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import gc
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -44,9 +45,10 @@ def test_the_op_is_atens_two_backward_ops(reduction: int, shape: tuple[int, ...]
         assert (ours.reshape(rows, -1)[::3] == 0).all()
 
 
-def _step(passes: object, chunked: bool, dtype: torch.dtype, vocab: int = 256, track: bool = False
-          ) -> tuple[MemoptBackend, torch.Tensor, list[torch.Tensor], int]:
-    torch._dynamo.reset()
+def _case(chunked: bool, dtype: torch.dtype, vocab: int = 256
+          ) -> tuple[torch.nn.Module, Callable[[torch.nn.Module], torch.Tensor]]:
+    """A tiny Llama (with memopt's chunked loss, or Hugging Face's) and its loss on a batch with
+    ignored tokens."""
     torch.manual_seed(0)
     model = tiny_llama(vocab=vocab).to(dtype)
     if chunked:
@@ -59,6 +61,13 @@ def _step(passes: object, chunked: bool, dtype: torch.dtype, vocab: int = 256, t
             return m(batch["input_ids"], batch["labels"])
         return m(**batch).loss
 
+    return model, loss_of
+
+
+def _step(passes: object, chunked: bool, dtype: torch.dtype, vocab: int = 256
+          ) -> tuple[MemoptBackend, torch.Tensor, list[torch.Tensor], int]:
+    torch._dynamo.reset()
+    model, loss_of = _case(chunked, dtype, vocab)
     backend = MemoptBackend({"codegen": "eager"}, passes=passes)
     compiled = torch.compile(copy.deepcopy(model), backend=backend)
     loss_of(compiled).backward()                        # compiles
@@ -82,13 +91,8 @@ def test_fused_steps_match_eager_and_the_unfused_step(chunked: bool, dtype: torc
     assert record.stats["pass_stats"] == {"fused": 4 if chunked else 1}
     _, loss_without, grads_without, _ = _step(WITHOUT, chunked, dtype)
     torch._dynamo.reset()
-    torch.manual_seed(0)
-    model = tiny_llama().to(dtype)
-    if chunked:
-        model = ChunkedLossLM(model, chunks=4)
-    batch = token_batch(2, 64)
-    batch["labels"][0, :9] = -100
-    eager = model(batch["input_ids"], batch["labels"]) if chunked else model(**batch).loss
+    model, loss_of = _case(chunked, dtype)
+    eager = loss_of(model)
     eager.backward()
     assert torch.equal(loss, loss_without)
     if dtype == torch.float32:

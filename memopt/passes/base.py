@@ -55,6 +55,15 @@ class Pass:
     after: tuple[str, ...] = ()
 
 
+def call_argument(node: torch.fx.Node, name: str) -> Any:
+    """The value ``node`` passes for its op's argument ``name``: positional, keyword or the schema's
+    default (``KeyError`` when the op has no such argument)."""
+    for index, argument in enumerate(node.target._schema.arguments):  # type: ignore[union-attr]
+        if argument.name == name:
+            return node.args[index] if index < len(node.args) else node.kwargs.get(name, argument.default_value)
+    raise KeyError(f"{node.target} has no argument {name!r}")
+
+
 def fake_result(node: torch.fx.Node, key: str) -> Any:
     """What ``node`` computes on its inputs' fake values (``meta[key]``: ``"example_value"`` in Dynamo's
     graph, ``"val"`` in the joint graph): the value a pass gives a node it creates."""

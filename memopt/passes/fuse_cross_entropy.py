@@ -20,17 +20,9 @@ import torch
 import torch.fx
 
 import memopt.runtime.cross_entropy  # noqa: F401  (registers memopt::cross_entropy_backward)
-from memopt.passes.base import Pass, PassContext, PassResult, fake_result
+from memopt.passes.base import Pass, PassContext, PassResult, call_argument, fake_result
 
 _aten = torch.ops.aten
-
-
-def _args(node: torch.fx.Node, names: tuple[str, ...]) -> list[Any]:
-    """``node``'s arguments by schema name, positional or keyword."""
-    schema = node.target._schema  # type: ignore[union-attr]
-    given = dict(zip((a.name for a in schema.arguments), node.args)) | dict(node.kwargs)
-    defaults = {a.name: a.default_value for a in schema.arguments if a.has_default_value()}
-    return [given[n] if n in given else defaults[n] for n in names]
 
 
 def _undetached(node: Any) -> Any:
@@ -46,12 +38,14 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target is not _aten._log_softmax_backward_data.default:
             continue
-        grad, log_probs, dim, dtype = _args(node, ("grad_output", "output", "dim", "input_dtype"))
+        grad, log_probs, dim, dtype = (call_argument(node, name)
+                                       for name in ("grad_output", "output", "dim", "input_dtype"))
         if not (isinstance(grad, torch.fx.Node) and grad.op == "call_function"
                 and grad.target is _aten.nll_loss_backward.default and len(grad.users) == 1):
             continue
-        g, nll_log_probs, target, weight, reduction, ignore_index, total_weight = _args(
-            grad, ("grad_output", "self", "target", "weight", "reduction", "ignore_index", "total_weight"))
+        g, nll_log_probs, target, weight, reduction, ignore_index, total_weight = (
+            call_argument(grad, name) for name in
+            ("grad_output", "self", "target", "weight", "reduction", "ignore_index", "total_weight"))
         val = node.meta["val"]
         if _undetached(nll_log_probs) is not _undetached(log_probs) or weight is not None or val.dim() not in (1, 2) \
                 or dim not in (val.dim() - 1, -1):

@@ -31,6 +31,7 @@ import torch.fx
 from torch.utils.checkpoint import CheckpointPolicy
 
 from memopt.cost_model.bytes import storage_nbytes
+from memopt.passes.base import call_argument
 from memopt.schedule.simulate import storage_root
 
 # The meta key memopt writes its decision into, beside torch's own "recompute" tag, so that memopt's
@@ -67,11 +68,9 @@ def draws_random(node: torch.fx.Node) -> bool:
     if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload) \
             or torch.Tag.nondeterministic_seeded not in target.tags:
         return False
-    for index, argument in enumerate(target._schema.arguments):
+    for argument in target._schema.arguments:
         if argument.name in ("p", "dropout_p"):
-            value = node.args[index] if index < len(node.args) else node.kwargs.get(
-                argument.name, argument.default_value)
-            return bool(value != 0)
+            return bool(call_argument(node, argument.name) != 0)
     return True
 
 
