@@ -34,7 +34,13 @@ from memopt.passes.base import Pass, PassContext
 from memopt.schedule.budget import budget_bytes, check_budget
 from memopt.schedule.greedy import NOTHING, Evaluation, Plan, ScheduleResult
 from memopt.schedule.model import ScheduleProblem, build_problem
-from memopt.schedule.problem import apply_recompute_tags, candidates, rerun_forward_ops, saved_values
+from memopt.schedule.problem import (
+    apply_recompute_tags,
+    candidates,
+    rerun_forward_ops,
+    returned_values,
+    saved_values,
+)
 from memopt.schedule.search import search_plan
 from memopt.schedule.simulate import (
     MemoryTimeline,
@@ -188,7 +194,7 @@ class JointStage(CustomPartitionerFn):
                 added = sum(cost[n.name] if n.name in cost else
                             estimate_node(n, self.profile, fused=self.fused_costs).time_s
                             for n in rerun_forward_ops(bw, fw_region))
-                found = candidates(gm, saved, transfer)
+                found = candidates(gm, saved, transfer, returned_values(fw, num_fwd_outputs))
                 added += exposed_transfer_s(fw, bw, one_way)
                 added += sum(packing_time(value_bytes(n), value_bytes(n.args[0]))
                              for n in fw.graph.nodes if n.meta.get("memopt_pass") == "schedule:compress")

@@ -15,17 +15,25 @@ between ``lf`` and the reload's start (its prefetch point, :func:`memopt.schedul
 So every choice is a window of freed bytes, and the live bytes of a plan at event ``t`` are the
 baseline's minus the windows that cover ``t``: the budget is one linear constraint per event.
 
-A saved value may be a view that the partitioner makes at the forward's end only to save it (a
-transpose of attention's probabilities, for its matmul's backward): its storage is alive from its making in
-the layer, but ``lf`` is the view's event. Recomputed, the view is not made at all, and the storage goes
-after its last *read* (by an op that is not a view of it): that is where recompute windows start. Offload
-and compression copy the saved view where it is made, so their windows start at ``lf``.
+A saved value may be a view of a storage that other ops read after the view is made (memopt's
+partition step makes the views the forward makes only to save, a transpose of attention's
+probabilities for its matmul's backward, right after their base: Note [Saved views are made where
+their base is] in :mod:`memopt.compiler.partition`). Its storage is alive until its last *read* (by an
+op that is not a view of it), so every window starts there at the earliest: recomputed, the view is not
+made and the storage goes after that read; offloaded or compressed, the view is copied where it is made,
+and the storage still goes only after that read.
 
 Recomputing ``v`` re-runs its op and the ops between it and values the backward has anyway (saved
 values and graph inputs): its *recompute set*, whose time is the recompute cost. The saved values that
 set reads must be available when it runs, so a value another recomputation reads is freed only until
 that recomputation's time (its window ends at the earliest such ``f``), whether or not the reader is
-recomputed: conservative, and exact when nothing reads it. What the model cannot see (the partitioner
+recomputed: conservative, and exact when nothing reads it. The backward has a value anyway when a
+saved value shares its storage (a softmax output the partitioner saves ``detach``-ed): a recompute set
+reads it through that saved alias rather than re-running the ops that made it. A recompute set of a
+value in a repeated layer may reach ops outside every layer (the causal mask that every layer's
+attention reads, ~25 ops from positions): the backward runs such an op once for all the recomputations
+that need it, so a layer's value is charged for the ops of layers only (the one re-run it leaves out,
+the verification counts). What the model cannot see (the partitioner
 changing the rest of its cut around a tag, a recomputation's own temporaries) the verification
 measures.
 """
@@ -193,12 +201,15 @@ def _can_rerun(node: torch.fx.Node) -> bool:
     return reason is None or reason == "not a single tensor"
 
 
-def _recompute_set(node: torch.fx.Node, available: set[str], order: Mapping[torch.fx.Node, int],
+def _recompute_set(node: torch.fx.Node, available: Mapping[str, str], order: Mapping[torch.fx.Node, int],
                    ) -> tuple[list[torch.fx.Node], set[str]] | None:
     """The joint nodes recomputing ``node`` re-runs (in graph order) and the available values they
-    read; None when it cannot be recomputed within :data:`MAX_RECOMPUTE_OPS` ops."""
+    read; None when it cannot be recomputed within :data:`MAX_RECOMPUTE_OPS` ops. ``available`` maps
+    a node to the available value it can be read from (itself, or a saved value sharing its storage:
+    Note [Freed windows])."""
     chosen: dict[torch.fx.Node, None] = {}
     reads: set[str] = set()
+    root = storage_root(node)
     stack = [node]
     while stack:
         n = stack.pop()
@@ -212,8 +223,10 @@ def _recompute_set(node: torch.fx.Node, available: set[str], order: Mapping[torc
         for arg in n.all_input_nodes:
             if arg.op == "placeholder":
                 continue
-            if arg.name in available and arg is not node:
-                reads.add(arg.name)
+            source = available.get(arg.name)
+            # A value sharing the recomputed value's own storage is not there to read from.
+            if source is not None and arg is not node and (source == arg.name or storage_root(arg) is not root):
+                reads.add(source)
             else:
                 stack.append(arg)
     return sorted(chosen, key=lambda n: order[n]), reads
@@ -257,7 +270,13 @@ def build_problem(joint_gm: torch.fx.GraphModule, fw_gm: torch.fx.GraphModule, b
     joint_nodes = {n.name: n for n in joint_gm.graph.nodes}
     joint_order = {n: i for i, n in enumerate(joint_gm.graph.nodes)}
     fw_nodes, bw_nodes = nodes_by_phase["forward"], nodes_by_phase["backward"]
-    available = {c.name for c in found} | {n.name for n in bw_gm.graph.nodes if n.op == "placeholder"}
+    available = {n.name: n.name for n in bw_gm.graph.nodes if n.op == "placeholder"}
+    # A saved value's storage holds every value that views it: a recomputation that needs the softmax
+    # whose detached alias is saved reads that alias rather than re-running the attention scores.
+    for c in found:
+        for alias in _alias_closure(storage_root(joint_nodes[c.name])):
+            available.setdefault(alias.name, c.name)
+    available.update((c.name, c.name) for c in found)
     # Values sharing a storage (views of one base the backward reads several of) are freed together
     # or not at all: one item, recomputed together, never offloaded (each view would copy the storage).
     bases: dict[str, list[str]] = {}
@@ -269,7 +288,7 @@ def build_problem(joint_gm: torch.fx.GraphModule, fw_gm: torch.fx.GraphModule, b
     recompute: dict[str, tuple[list[torch.fx.Node], set[str]]] = {}
     for c in found:
         fw_node, placeholder = fw_nodes.get(c.name), bw_nodes.get(c.name)
-        if fw_node is None or placeholder is None:
+        if fw_node is None or placeholder is None or c.held:
             continue
         made = index.get(("forward", c.name))
         uses = [index[("backward", u.name)] for a in _alias_closure(placeholder) for u in a.users
@@ -338,23 +357,31 @@ def build_problem(joint_gm: torch.fx.GraphModule, fw_gm: torch.fx.GraphModule, b
         # may read it (Note [Freed windows]); which one applies is the solver's business (conflicts).
         ends = sorted({first_bw, needed_by[name]} | {t for t in readers_first_use.get(name, ()) if t < first_bw})
         options: list[Option] = []
+        # A saved view may be made before its base's last read (Note [Saved views are made where their
+        # base is]): copied or packed there, its storage is still freed only after that read.
+        storage_last = max(storage_read[m] for m in ms)
+        copied = max(last_fw, storage_last)
         if name in item_recompute:
             ops, _ = item_recompute[name]
-            seconds = sum(float(n.meta["memopt_cost"].time_s) for n in ops if "memopt_cost" in n.meta)
-            # Not made at all, a saved view frees its storage from the storage's last read (no view of it
-            # is needed any longer: the item stands for every saved value sharing it).
-            start = min(last_fw, max(storage_read[m] for m in ms))
-            options += [Option(RECOMPUTE, start, end, time_s=seconds) for end in ends]
+            # Ops outside every layer (the causal mask every layer's attention reads) are re-run once in
+            # the backward for all the layers that recompute through them: a layer's value is charged
+            # for its layers' ops only (Note [Freed windows]).
+            in_layers = layer_of(joint_nodes[name])[0] is not None
+            seconds = sum(float(n.meta["memopt_cost"].time_s) for n in ops if "memopt_cost" in n.meta
+                          and not (in_layers and layer_of(n)[0] is None))
+            # Not made at all, a saved value frees its storage after the storage's last read (no view of
+            # it is needed any longer: the item stands for every saved value sharing it).
+            options += [Option(RECOMPUTE, storage_last, end, time_s=seconds) for end in ends]
         if transfer_time_s is not None and len(ms) == 1:
             one_way = transfer_time_s(c.nbytes)
             for end in ends:
                 due = bw_order.get(events[end].node) if events[end].phase == "backward" else None
                 start_at = prefetch_point(due, one_way) if due is not None else None
                 reload_at = index.get(("backward", start_at.name), end) if start_at is not None else end
-                options.append(Option(OFFLOAD, last_fw, min(reload_at, end), out_s=one_way, in_s=one_way))
+                options.append(Option(OFFLOAD, copied, min(reload_at, end), out_s=one_way, in_s=one_way))
         packed = _compressed_bytes(fw_nodes[name]) if compress_time_s is not None and len(ms) == 1 else None
         if packed is not None and compress_time_s is not None:
-            options += [Option(COMPRESS, last_fw, end, time_s=compress_time_s(c.nbytes, packed),
+            options += [Option(COMPRESS, copied, end, time_s=compress_time_s(c.nbytes, packed),
                                freed=c.nbytes - packed) for end in ends]
         options = list(dict.fromkeys(o for o in options if o.end - o.start > 1))
         layer, pattern = layer_of(joint_nodes[name])

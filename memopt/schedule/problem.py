@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.fx
@@ -34,6 +34,7 @@ from memopt.cost_model.bytes import storage_nbytes
 from memopt.passes.base import call_argument
 from memopt.schedule.simulate import storage_root
 
+HELD = "returned by the forward as well: the caller holds it through the backward"
 # The meta key memopt writes its decision into, beside torch's own "recompute" tag, so that memopt's
 # tags can be told apart from (and never overwrite) a user's selective-checkpointing tags.
 DECISION_KEY = "memopt_schedule"
@@ -47,6 +48,7 @@ class Candidate:
     recomputable: bool
     why_not: str | None = None  # why it cannot be recomputed, when it cannot
     offload_time_s: float = float("inf")   # predicted host-device time, out and back (inf: not allowed)
+    held: bool = False          # the forward returns it too: alive whatever the plan (nothing to free)
 
     def choice(self) -> tuple[str, float] | None:
         """The cheaper way to free this value, with its predicted cost; None if there is none."""
@@ -132,11 +134,22 @@ def saved_values(fw_gm: torch.fx.GraphModule, num_user_outputs: int) -> list[str
             if isinstance(v, torch.fx.Node) and isinstance(v.meta.get("val"), torch.Tensor)]
 
 
+def returned_values(fw_gm: torch.fx.GraphModule, num_user_outputs: int) -> list[str]:
+    """Names of the values the forward returns to the caller (not saved for the backward)."""
+    outputs = fw_gm.graph.output_node().args[0]
+    values = list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
+    return [v.name for v in values[:num_user_outputs] if isinstance(v, torch.fx.Node)]
+
+
 def candidates(joint_gm: torch.fx.GraphModule, saved: list[str],
-               transfer_time_s: Callable[[int], float] | None = None) -> list[Candidate]:
+               transfer_time_s: Callable[[int], float] | None = None,
+               returned: Iterable[str] = ()) -> list[Candidate]:
     """The saved values of a partition, as scheduling candidates (graph inputs and their views excluded:
-    they cost no activation memory). ``transfer_time_s`` (bytes -> seconds one way) allows offload."""
+    they cost no activation memory). ``transfer_time_s`` (bytes -> seconds one way) allows offload.
+    ``returned``: the values the forward also returns to the caller, who holds them through the
+    backward: a saved value sharing their storage is neither recomputed nor offloaded (it frees nothing)."""
     nodes = {n.name: n for n in joint_gm.graph.nodes}
+    held = {storage_root(nodes[name]) for name in returned if name in nodes}
     out: list[Candidate] = []
     seen: set[str] = set()
     for name in saved:
@@ -149,6 +162,10 @@ def candidates(joint_gm: torch.fx.GraphModule, saved: list[str],
         val = node.meta["val"]
         cost = node.meta.get("memopt_cost")
         nbytes = storage_nbytes(val)
+        if storage_root(node) in held:
+            out.append(Candidate(name=name, nbytes=nbytes, recompute_time_s=0.0, recomputable=False,
+                                 why_not=HELD, held=True))
+            continue
         out.append(Candidate(
             name=name,
             nbytes=nbytes,

@@ -8,7 +8,8 @@ Pure like the rest of the schedule room: partitioning and simulating a plan is t
 2. The solver's plan and the greedy hint are each realised and simulated. The model does not see
    everything (the partitioner adjusting its cut around the tags, a recomputation's temporaries, reloads
    delayed on a busy copy stream); when the measured peak is over the budget, the model is solved again
-   with its budget lowered by the overshoot, up to :data:`MAX_ROUNDS` times, and when no plan with
+   with its budget lowered by the overshoot, or by what it missed of that plan's peak when that is
+   more, up to :data:`MAX_ROUNDS` times, and when no plan with
    offloads verifies, once more with recomputation alone.
 3. When no plan so far meets the budget, on graphs small enough that a partition is cheap, the
    partition-verified greedy (:func:`memopt.schedule.greedy.schedule_greedy`) runs: it sees what the
@@ -107,7 +108,11 @@ def search_plan(evaluate: Evaluate, build: Callable[[Evaluation], ScheduleProble
                 verify(f"{name}: {solved.stats.hint_source} hint", solved.hint)
             if found.peak_bytes <= budget_bytes or solved.stats.status not in ("OPTIMAL", "FEASIBLE"):
                 break
-            target -= found.peak_bytes - budget_bytes
+            # Lower the model's budget by the overshoot, and at least by what the model missed of this
+            # plan's peak: lowering by the overshoot alone can return the same plan when the model
+            # already placed it that far below (GPT-2 XL with offloads: reloads the model starts later).
+            missed = found.peak_bytes - model.peak_bytes(solved.plan)
+            target = min(target - (found.peak_bytes - budget_bytes), budget_bytes - missed)
             if target <= 0:
                 break
 
