@@ -112,3 +112,44 @@ def test_layer_fronts_reach_the_monolithic_lowest_peak_of_a_qlora_llama(monkeypa
     print("lowest peak: monolithic", lowest, "decomposed", problem.peak_bytes(decomposed.plan))
     assert lowest < max(problem.base)
     assert problem.peak_bytes(decomposed.plan) <= lowest * 1.005
+
+
+def test_refining_the_outer_plan_a_few_layers_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Note [Refining the decomposed plan]: the outer model picks each layer's plan from its class's
+    front, coarse and alike across layers; deciding a few layers' values again at a time, everything
+    else fixed, finds cheaper plans. On an 8-layer GPT-2 (fake tensors, 1 x 512, budget 0.5 of the
+    activations, h100 profile) it takes 12% off the outer model's added time. The refined plan meets
+    the budget in the model, takes no two choices that exclude each other, offloads nothing the outer
+    plan did not, and costs less in the monolithic model."""
+    from transformers import GPT2Config
+
+    from memopt.plan import plan
+    from memopt.schedule import search
+    from memopt.schedule.cpsat import _refine, added_time_s
+
+    captured: list[tuple[ScheduleProblem, int]] = []
+
+    def capture(problem: ScheduleProblem, budget: int, **kwargs: object) -> None:
+        captured.append((problem, budget))
+        raise _Captured
+
+    monkeypatch.setattr(search, "solve_schedule", capture)
+    config = GPT2Config(vocab_size=1024, n_embd=256, n_layer=8, n_head=8, n_positions=1024,
+                        attn_implementation="sdpa")
+    with pytest.raises(_Captured):
+        plan(config, options={"memory_budget": 0.5}, device="h100", batch=1, seq=512)
+    (problem, budget), = captured
+    outer = solve_schedule(problem, budget, time_limit_s=10, workers=2, refine=False)
+    assert outer.stats.layers == 8 and outer.stats.objective_s is not None
+    refined, gained = _refine(problem, budget, outer.plan, time_limit_s=30, workers=2,
+                              progress=lambda message: None)
+    assert gained >= 0.05 * outer.stats.objective_s, (gained, outer.stats)
+    assert problem.peak_bytes(refined) <= budget
+    for w, a, u, b in problem.conflicts():
+        assert not (refined.get(w) == a and refined.get(u) == b), (w, a, u, b)
+    assert problem.offloaded(refined) <= problem.offloaded(outer.plan)
+    before, after = added_time_s(problem, outer.plan), added_time_s(problem, refined)
+    print("added time: outer", before, "refined", after, "gained", gained)
+    # Most of what the steps claimed: their models also price transfer volume a little (the tie-break
+    # that keeps needless offloads out), which dropping an offload saves too (here 84%).
+    assert before - after >= 0.75 * gained, (before, after, gained)

@@ -29,7 +29,12 @@ set reads must be available when it runs, so a value another recomputation reads
 that recomputation's time (its window ends at the earliest such ``f``), whether or not the reader is
 recomputed: conservative, and exact when nothing reads it. The backward has a value anyway when a
 saved value shares its storage (a softmax output the partitioner saves ``detach``-ed): a recompute set
-reads it through that saved alias rather than re-running the ops that made it. A recompute set of a
+reads it through that saved alias rather than re-running the ops that made it. The partitioner may then
+save the alias it reads beside the saved value (one storage), and an offload or compression of the saved
+value frees nothing while the reader is recomputed: the model does not see this, the verification does
+(excluding those pairs outright cost more than it saved: on GPT-2 XL at the knapsack-0.5 peak the outer
+model's best plan went from 3.71 to 4.30 ms, and no plan it had verified over the budget). A recompute
+set of a
 value in a repeated layer may reach ops outside every layer (the causal mask that every layer's
 attention reads, ~25 ops from positions): the backward runs such an op once for all the recomputations
 that need it, so a layer's value is charged for the ops of layers only (the one re-run it leaves out,
