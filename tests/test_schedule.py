@@ -13,6 +13,7 @@ import gc
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -96,6 +97,19 @@ def _smallest_peak(case: str, offload: object = "auto", codegen: str = "eager") 
     assert isinstance(err, memopt.MemoptInfeasibleBudget), info.value
     assert err.min_peak_bytes is not None and err.breakdown
     return err.min_peak_bytes
+
+
+def _recording(monkeypatch: pytest.MonkeyPatch, module: object, name: str) -> list[Any]:
+    """Wrap ``module.name`` so that what it returns is also appended to the list returned here."""
+    results: list[Any] = []
+    real = getattr(module, name)
+
+    def wrapper(*args: object, **kwargs: object) -> object:
+        results.append(real(*args, **kwargs))
+        return results[-1]
+
+    monkeypatch.setattr(module, name, wrapper)
+    return results
 
 
 def _check(case: str, budget: object) -> tuple[int, int, int, int]:
@@ -311,14 +325,7 @@ def test_a_value_a_recomputation_reads_may_stay_freed_until_that_reader_runs(mon
     import memopt.compiler.capture as capture
     from memopt.schedule.model import RECOMPUTE
 
-    problems = []
-    real = capture.build_problem
-
-    def keep(*args: object, **kwargs: object) -> object:
-        problems.append(real(*args, **kwargs))        # type: ignore[arg-type]
-        return problems[-1]
-
-    monkeypatch.setattr(capture, "build_problem", keep)
+    problems = _recording(monkeypatch, capture, "build_problem")
     _run("llama4", 0.5, codegen="eager", offload=False)
     problem = problems[0]
     items = {item.name: item for item in problem.items}
@@ -629,22 +636,8 @@ def test_values_the_forward_also_returns_are_not_freed(monkeypatch: pytest.Monke
     import memopt.compiler.capture as capture
     from memopt.schedule import search
 
-    problems = []
-    real = capture.build_problem
-
-    def keep(*args: object, **kwargs: object) -> object:
-        problems.append(real(*args, **kwargs))        # type: ignore[arg-type]
-        return problems[-1]
-
-    monkeypatch.setattr(capture, "build_problem", keep)
-    solved = []
-    real_solve = search.solve_schedule
-
-    def solve(*args: object, **kwargs: object) -> object:
-        solved.append(real_solve(*args, **kwargs))    # type: ignore[arg-type]
-        return solved[-1]
-
-    monkeypatch.setattr(search, "solve_schedule", solve)
+    problems = _recording(monkeypatch, capture, "build_problem")
+    solved = _recording(monkeypatch, search, "solve_schedule")
     torch._dynamo.reset()
     torch.manual_seed(0)
     model, x = _DropoutMLP(), torch.randn(256, 128)
