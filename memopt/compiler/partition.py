@@ -52,7 +52,8 @@ def _hoist_saved_views(fw_gm: torch.fx.GraphModule) -> None:
     memory and its base is alive from its making anyway, so where it is made changes no live byte; but
     an offload copies a saved value where it is made, and made at the forward's end, every layer's
     copies queue there, behind no compute, instead of running beside the layer's forward (on GPT-2 XL
-    at the knapsack's peak, memopt chose 2 offloads of 591 choices). Made right after its base, the
+    at the knapsack's peak, memopt's plan offloaded 2 values; with the views made early, 170). Made
+    right after its base, the
     copy can start as soon as the base exists (the scheduler still frees the storage only after its
     last read: Note [Freed windows]).
     """

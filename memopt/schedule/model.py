@@ -34,13 +34,11 @@ save the alias it reads beside the saved value (one storage), and an offload or 
 value frees nothing while the reader is recomputed: the model does not see this, the verification does
 (excluding those pairs outright cost more than it saved: on GPT-2 XL at the knapsack-0.5 peak the outer
 model's best plan went from 3.71 to 4.30 ms, and no plan it had verified over the budget). A recompute
-set of a
-value in a repeated layer may reach ops outside every layer (the causal mask that every layer's
+set of a value in a repeated layer may reach ops outside every layer (the causal mask that every layer's
 attention reads, ~25 ops from positions): the backward runs such an op once for all the recomputations
 that need it, so a layer's value is charged for the ops of layers only (the one re-run it leaves out,
-the verification counts). What the model cannot see (the partitioner
-changing the rest of its cut around a tag, a recomputation's own temporaries) the verification
-measures.
+the verification counts). What the model cannot see (the partitioner changing the rest of its cut
+around a tag, a recomputation's own temporaries) the verification measures.
 """
 
 from __future__ import annotations
