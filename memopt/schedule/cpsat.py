@@ -382,7 +382,7 @@ def _build_outer(problem: ScheduleProblem, budget: int, workers: int, decompose:
     classes: dict[tuple[Any, ...], list[str]] = {}
     for name, items in groups.items():
         classes.setdefault(_signature(items), []).append(name)
-    all_conflicts = problem.conflicts()
+    all_conflicts = problem.conflicts(through_alias=problem.alias_conflicts)
     points: dict[str, list[_Point]] = {}
     for members in classes.values():
         start = time.perf_counter()
@@ -885,7 +885,8 @@ def _refine(problem: ScheduleProblem, budget: int, plan: dict[str, Option], *, t
     (:data:`REFINE_LAYERS`, with the values outside layers): their values are decided again in a
     monolithic model with every other choice fixed; the offloads outside the block stay in that model
     with their one option (the copy stream is shared), choices that would clash with a fixed choice
-    (Note [Freed windows]: a recomputation reading a value away at that time) are left out, and the
+    (Note [Freed windows]: a recomputation reading a value away at that time, or reading through
+    another alias a value offloaded or compressed) are left out, and the
     step starts from the current plan, so it never makes the plan worse. A step adds no offload: the
     model's copy stream is optimistic when it is full (it lets reloads queue further ahead of their
     use than the runtime starts them, Note [Exposed transfer time]), and the outer model's plan
@@ -899,7 +900,7 @@ def _refine(problem: ScheduleProblem, budget: int, plan: dict[str, Option], *, t
         if item.group is not None:
             order[item.group] = min(order.get(item.group, item.made), item.made)
     layers = sorted(order, key=order.__getitem__)
-    conflicts = problem.conflicts()
+    conflicts = problem.conflicts(through_alias=True)
     gained = 0.0                   # seconds of added time the steps took off, in their models
     for round_ in range(REFINE_ROUNDS):
         gained_before = gained
@@ -936,7 +937,7 @@ def _refine_step(problem: ScheduleProblem, budget: int, plan: dict[str, Option],
              if item.name in free else dataclasses.replace(item, options=(fixed[item.name],))
              for item in problem.items if item.name in free or item.name in shared]
     held = {name: option for name, option in fixed.items() if name not in shared}
-    sub = dataclasses.replace(problem, items=items, memo={}, base=problem.live_bytes(held))
+    sub = dataclasses.replace(problem, items=items, memo={}, base=problem.live_bytes(held), alias_conflicts=True)
     current = {name: option for name, option in plan.items() if name in free or name in shared}
     solved = solve_schedule(sub, budget, time_limit_s=REFINE_STEP_S, workers=workers, decompose=False,
                             refine=False, start_from=current)

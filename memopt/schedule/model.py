@@ -33,7 +33,9 @@ reads it through that saved alias rather than re-running the ops that made it. T
 save the alias it reads beside the saved value (one storage), and an offload or compression of the saved
 value frees nothing while the reader is recomputed: the model does not see this, the verification does
 (excluding those pairs outright cost more than it saved: on GPT-2 XL at the knapsack-0.5 peak the outer
-model's best plan went from 3.71 to 4.30 ms, and no plan it had verified over the budget). A recompute
+model's best plan went from 3.71 to 4.30 ms, and no plan it had verified over the budget); the
+refinement, whose small models it does not slow, excludes them (Note [Refining the decomposed plan]:
+without, a refined GPT-2 XL plan measured 208 MB over the budget). A recompute
 set of a value in a repeated layer may reach ops outside every layer (the causal mask that every layer's
 attention reads, ~25 ops from positions): the backward runs such an op once for all the recomputations
 that need it, so a layer's value is charged for the ops of layers only (the one re-run it leaves out,
@@ -97,6 +99,7 @@ class Item:
     options: tuple[Option, ...]
     recompute_set: tuple[str, ...] = ()  # joint-graph nodes recomputing it re-runs, itself last
     reads: tuple[str, ...] = ()          # saved values (items) that recompute set reads
+    reads_alias: tuple[str, ...] = ()    # of those, the ones it reads through another alias of them
     members: tuple[str, ...] = ()        # the saved values sharing its storage (itself included)
 
     def freed_by(self, option: Option) -> int:
@@ -114,6 +117,8 @@ class ScheduleProblem:
     items: list[Item]
     forward_end: int                     # index of the last forward event
     point_group: list[str | None]        # the repeated layer each event's node belongs to
+    # Whether conflicts() also excludes reads through an alias of an offloaded or compressed value.
+    alias_conflicts: bool = False
     # The solver's work that does not depend on the budget (layer fronts), kept between its solves.
     memo: dict[object, object] = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
@@ -144,9 +149,11 @@ class ScheduleProblem:
     def compressed(self, plan: Mapping[str, Option]) -> frozenset[str]:
         return frozenset(name for name, option in plan.items() if option.kind == COMPRESS)
 
-    def conflicts(self) -> list[tuple[str, Option, str, Option]]:
+    def conflicts(self, through_alias: bool = False) -> list[tuple[str, Option, str, Option]]:
         """Pairs of choices that cannot go together: recomputing ``w`` (option ``a``) reads ``u``, and
-        ``u``'s option ``b`` brings it back only after that recomputation runs."""
+        ``u``'s option ``b`` brings it back only after that recomputation runs; ``through_alias``: also
+        when ``b`` offloads or compresses ``u`` and ``w`` reads it through another alias (Note [Freed
+        windows])."""
         by_name = {item.name: item for item in self.items}
         out = []
         for w in self.items:
@@ -157,7 +164,9 @@ class ScheduleProblem:
                     u = by_name.get(name)
                     if u is None or u is w:
                         continue
-                    out += [(w.name, a, u.name, b) for b in u.options if b.end > a.end]
+                    through = through_alias and name in w.reads_alias
+                    out += [(w.name, a, u.name, b) for b in u.options
+                            if b.end > a.end or (through and b.kind != RECOMPUTE)]
         return out
 
 
@@ -205,13 +214,14 @@ def _can_rerun(node: torch.fx.Node) -> bool:
 
 
 def _recompute_set(node: torch.fx.Node, available: Mapping[str, str], order: Mapping[torch.fx.Node, int],
-                   ) -> tuple[list[torch.fx.Node], set[str]] | None:
-    """The joint nodes recomputing ``node`` re-runs (in graph order) and the available values they
-    read; None when it cannot be recomputed within :data:`MAX_RECOMPUTE_OPS` ops. ``available`` maps
-    a node to the available value it can be read from (itself, or a saved value sharing its storage:
-    Note [Freed windows])."""
+                   ) -> tuple[list[torch.fx.Node], set[str], set[str]] | None:
+    """The joint nodes recomputing ``node`` re-runs (in graph order), the available values they read,
+    and those of them read through another alias; None when it cannot be recomputed within
+    :data:`MAX_RECOMPUTE_OPS` ops. ``available`` maps a node to the available value it can be read from
+    (itself, or a saved value sharing its storage: Note [Freed windows])."""
     chosen: dict[torch.fx.Node, None] = {}
     reads: set[str] = set()
+    aliased: set[str] = set()
     root = storage_root(node)
     stack = [node]
     while stack:
@@ -230,9 +240,11 @@ def _recompute_set(node: torch.fx.Node, available: Mapping[str, str], order: Map
             # A value sharing the recomputed value's own storage is not there to read from.
             if source is not None and arg is not node and (source == arg.name or storage_root(arg) is not root):
                 reads.add(source)
+                if source != arg.name:
+                    aliased.add(source)
             else:
                 stack.append(arg)
-    return sorted(chosen, key=lambda n: order[n]), reads
+    return sorted(chosen, key=lambda n: order[n]), reads, aliased
 
 
 def _compressed_bytes(node: torch.fx.Node) -> int | None:
@@ -288,7 +300,7 @@ def build_problem(joint_gm: torch.fx.GraphModule, fw_gm: torch.fx.GraphModule, b
 
     spans: dict[str, tuple[int, int, int]] = {}        # name -> (made, last forward use, first bw use)
     storage_read: dict[str, int] = {}                  # name -> its storage's last forward read (not a view)
-    recompute: dict[str, tuple[list[torch.fx.Node], set[str]]] = {}
+    recompute: dict[str, tuple[list[torch.fx.Node], set[str], set[str]]] = {}
     for c in found:
         fw_node, placeholder = fw_nodes.get(c.name), bw_nodes.get(c.name)
         if fw_node is None or placeholder is None or c.held:
@@ -323,11 +335,13 @@ def build_problem(joint_gm: torch.fx.GraphModule, fw_gm: torch.fx.GraphModule, b
     item_span = {name: (min(spans[m][0] for m in ms), max(spans[m][1] for m in ms),
                         min(spans[m][2] for m in ms)) for name, ms in members_of.items()}
     item_recompute: dict[str, tuple[list[torch.fx.Node], set[str]]] = {}
+    item_aliased: dict[str, set[str]] = {}
     for name, ms in members_of.items():
         if all(m in recompute for m in ms):
             ops = sorted({n for m in ms for n in recompute[m][0]}, key=lambda n: joint_order[n])
             reads = {item_of[r] for m in ms for r in recompute[m][1] if r in item_of} - {name}
             item_recompute[name] = (ops, reads)
+            item_aliased[name] = {item_of[r] for m in ms for r in recompute[m][2] if r in item_of} - {name}
     # A value a recomputation reads must be back by the time that recomputation runs, and that is as
     # early as the recomputations that read *its* result: a chain (a residual stream) is recomputed
     # all at once where its last link is first needed.
@@ -394,6 +408,7 @@ def build_problem(joint_gm: torch.fx.GraphModule, fw_gm: torch.fx.GraphModule, b
             pattern=f"{pattern}:{getattr(target, '__name__', target)}", options=tuple(options),
             recompute_set=tuple(n.name for n in item_recompute[name][0]) if name in item_recompute else (),
             reads=tuple(sorted(item_recompute[name][1])) if name in item_recompute else (),
+            reads_alias=tuple(sorted(item_aliased.get(name, ()))),
             members=tuple(ms)))
     return ScheduleProblem(events=events, base=[e.live_bytes for e in events], compute_s=compute_s,
                            items=items, forward_end=forward_end, point_group=point_group)
