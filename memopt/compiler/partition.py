@@ -18,8 +18,8 @@ from torch._functorch.partitioners import min_cut_rematerialization_partition
 from memopt.cost_model.bytes import storage_nbytes
 from memopt.errors import MemoptError
 from memopt.schedule.problem import protect_random, redrawn_random
-from memopt.schedule.streams import reload_points
 from memopt.schedule.simulate import PACKED_SUFFIX, aliased_argument
+from memopt.schedule.streams import reload_points
 
 
 def partition_joint(joint_gm: torch.fx.GraphModule, joint_inputs: Sequence[object], *, num_fwd_outputs: int,
