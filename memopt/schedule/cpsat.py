@@ -790,8 +790,8 @@ def solve_schedule(problem: ScheduleProblem, budget: int, *, time_limit_s: float
     """Choose keep / recompute / offload per value to minimise the added time with the model's peak
     within ``budget`` bytes (``minimise_peak``: the lowest peak instead, for infeasible budgets).
     ``refine``: refine a decomposed model's plan a few layers at a time (Note [Refining the decomposed
-    plan]). ``start_from``: a plan to start from instead of the greedy one, when it meets the budget and
-    costs less (monolithic models only: a decomposed model may not hold it)."""
+    plan]). ``start_from``: a plan to start from instead of the greedy one, when it meets the budget
+    (monolithic models only: a decomposed model may not hold it)."""
     start = time.perf_counter()
     workers = workers or max(1, min(8, os.cpu_count() or 1))
     outer = _build_outer(problem, budget if not minimise_peak else -1, workers, decompose, progress)
@@ -810,7 +810,7 @@ def solve_schedule(problem: ScheduleProblem, budget: int, *, time_limit_s: float
         hint_source = "greedy"
     hint_cost = arrays.cost_of(hint)
     progress(f"CP-SAT: {len(outer.variables)} choices, {len(outer.const)} peak rows, {len(outer.groups)} "
-             f"layers in {outer.classes} classes, {len(outer.individual)} other values; greedy hint "
+             f"layers in {outer.classes} classes, {len(outer.individual)} other values; {hint_source} hint "
              f"{'meets' if hint_feasible else 'misses'} the budget ({hint_cost / NS:.6g} s); limit "
              f"{time_limit_s:g} s, {workers} workers")
     if not minimise_peak and not hint_feasible:
