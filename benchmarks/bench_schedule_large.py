@@ -49,14 +49,14 @@ import torch
 # bench_memory by the name bench_schedule imports it under (this script's folder is on the path)
 from bench_memory import choose_names
 
-from benchmarks.bench_schedule import forward_region, recompute_stats
+from benchmarks.bench_schedule import recompute_stats
 from memopt.compiler.backend import MemoptBackend
 from memopt.compiler.pipeline import PIPELINE
 from memopt.cost_model.estimate import transfer_time_s
 from memopt.cost_model.profile import load_profile
 from memopt.passes.base import Pass
 from memopt.plan import fake_causal_lm, load_hf_config
-from memopt.schedule.problem import draws_random
+from memopt.schedule.problem import draws_random, forward_region
 from memopt.schedule.streams import exposed_transfer_s
 
 PROFILE = "h100"

@@ -37,6 +37,7 @@ from memopt.schedule.model import ScheduleProblem, build_problem
 from memopt.schedule.problem import (
     apply_recompute_tags,
     candidates,
+    forward_region,
     rerun_forward_ops,
     returned_values,
     saved_values,
@@ -44,7 +45,6 @@ from memopt.schedule.problem import (
 from memopt.schedule.search import search_plan
 from memopt.schedule.simulate import (
     MemoryTimeline,
-    backward_nodes,
     simulate_joint,
     simulate_step,
 )
@@ -152,8 +152,7 @@ class JointStage(CustomPartitionerFn):
                   static: list[int] | None, budget: MemoryBudget,
                   ) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
         """Recompute or offload saved values until the step's simulated peak meets the memory budget."""
-        fw_region = {n.name for n in gm.graph.nodes if n.op == "call_function"} - {
-            n.name for n in backward_nodes(gm.graph)}
+        fw_region = forward_region(gm)
         cost = {n.name: n.meta["memopt_cost"].time_s for n in gm.graph.nodes if "memopt_cost" in n.meta}
         cache: dict[tuple[Plan, float], Evaluation] = {}
         def one_way(nbytes: int) -> float:

@@ -32,7 +32,7 @@ from torch.utils.checkpoint import CheckpointPolicy
 
 from memopt.cost_model.bytes import storage_nbytes
 from memopt.passes.base import call_argument
-from memopt.schedule.simulate import storage_root
+from memopt.schedule.simulate import backward_nodes, storage_root
 
 HELD = "returned by the forward as well: the caller holds it through the backward"
 # The meta key memopt writes its decision into, beside torch's own "recompute" tag, so that memopt's
@@ -92,6 +92,17 @@ def redrawn_random(fw_gm: torch.fx.GraphModule, bw_gm: torch.fx.GraphModule) -> 
     """Random ops of the forward that the backward runs again, drawing new numbers (names)."""
     forward = {n.name for n in fw_gm.graph.nodes if draws_random(n)}
     return [n.name for n in bw_gm.graph.nodes if n.name in forward and draws_random(n)]
+
+
+def forward_region(joint_gm: torch.fx.GraphModule) -> frozenset[str]:
+    """Names of the joint graph's ops that eager PyTorch runs in the forward: not those AOTAutograd
+    traced while running the backward (``partitioner_tag`` ``"is_backward"``), nor any op that depends on
+    a tangent. A derivative's ops that read forward values only (GELU's ``3 * x ** 2``, the transposes of
+    weights) depend on no tangent, yet eager runs them in the backward: the backward running them is no
+    recomputation (Note [Counting recomputation] in benchmarks/bench_schedule.py)."""
+    backward = backward_nodes(joint_gm.graph)
+    return frozenset(n.name for n in joint_gm.graph.nodes if n.op == "call_function" and n not in backward
+                     and n.meta.get("partitioner_tag") != "is_backward")
 
 
 def rerun_forward_ops(bw_gm: torch.fx.GraphModule, forward_names: set[str] | frozenset[str],
