@@ -60,11 +60,14 @@ TRANSFER_TIE_BREAK = 0.01      # cost per second of transfer volume, so unneeded
 MIN_LAYERS_TO_DECOMPOSE = 4
 FRONT_LEVELS = 10
 SPAN_LEVELS = 2               # levels of bytes freed up to a horizon (fewer: they add outer choices)
-REFINE_LAYERS = 3             # layers whose values one refinement step decides again (Note [Refining ...])
+REFINE_LAYERS = 12            # layers whose values one refinement step decides again (Note [Refining ...])
 REFINE_ROUNDS = 3             # passes over the layers, while a pass still gains
-# The share of the time limit the refinement takes from the outer model's solve (in wall-clock seconds;
-# the solve's limit is deterministic time, which runs about half as fast as the clock here).
-REFINE_SHARE = 0.25
+# The refinement's time, a share of the solve's time limit on top of it (CP-SAT's deterministic time, as
+# the limit is). Taken from the outer model's limit instead, it left GPT-2 XL's outer solve a far weaker
+# plan (4.57 ms against 3.71).
+REFINE_SHARE = 1.0
+# A pass that takes off less than this share of the plan's added time is the last one.
+REFINE_MIN_GAIN = 0.005
 # One step's limit: most steps are settled by the single-worker probe (10% of it: Note [A crash in
 # CP-SAT's interleaved search]), which solves these small models faster than the interleaved search.
 REFINE_STEP_S = 4.0
@@ -132,6 +135,7 @@ class SolveStats:
     # transfer volume a little (TRANSFER_TIE_BREAK; Note [Refining the decomposed plan]); objective,
     # bound and gap are the outer model's.
     refined_s: float = 0.0
+    deterministic_s: float = 0.0      # CP-SAT's deterministic time spent on the model (refinement not included)
 
     def to_json(self) -> dict[str, Any]:
         def short(x: float | None) -> float | None:
@@ -211,19 +215,22 @@ PROBE_SHARE = 0.1              # of a solve's deterministic time limit, at most 
 PROBE_MAX_S = 1.0
 
 
-def _solve(model: Any, workers: int, seconds: float, callback: Any = None) -> tuple[Any, int]:
-    """(solver, status) of ``model``: the probe of Note [A crash in CP-SAT's interleaved search], then,
-    when it settles nothing, the deterministic interleaved search with ``workers``."""
+def _solve(model: Any, workers: int, seconds: float, callback: Any = None) -> tuple[Any, int, float]:
+    """(solver, status, deterministic seconds spent) of ``model``: the probe of Note [A crash in CP-SAT's
+    interleaved search], then, when it settles nothing, the deterministic interleaved search with
+    ``workers``."""
     cp_model = _cp_model()
     probe = cp_model.CpSolver()
     _deterministic(probe, 1, min(PROBE_MAX_S, PROBE_SHARE * seconds))
     probe.parameters.interleave_search = False
     status = probe.Solve(model, callback) if callback is not None else probe.Solve(model)
+    spent = float(probe.response_proto.deterministic_time)
     if status in (cp_model.INFEASIBLE, cp_model.MODEL_INVALID, cp_model.OPTIMAL):
-        return probe, status
+        return probe, status, spent
     solver = cp_model.CpSolver()
     _deterministic(solver, workers, seconds)
-    return solver, solver.Solve(model, callback) if callback is not None else solver.Solve(model)
+    status = solver.Solve(model, callback) if callback is not None else solver.Solve(model)
+    return solver, status, spent + float(solver.response_proto.deterministic_time)
 
 
 def _undominated(items: Sequence[Item], points: Sequence[_Point],
@@ -327,7 +334,7 @@ def _front(problem: ScheduleProblem, items: Sequence[Item], conflicts: Sequence[
         # Levels up to the most this kind of plan can free, so that the most is on the front.
         model, _, freed, _ = build(allowed, span)
         model.Maximize(freed)
-        solver, status = _solve(model, workers, 2.0)
+        solver, status, _ = _solve(model, workers, 2.0)
         if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE) or solver.Value(freed) == 0:
             continue
         most = int(solver.Value(freed))
@@ -345,13 +352,13 @@ def _front(problem: ScheduleProblem, items: Sequence[Item], conflicts: Sequence[
                 model.Minimize(rec * 1000 + vol)
             else:
                 model.Minimize(peak)
-            solver, status = _solve(model, workers, 2.0)
+            solver, status, _ = _solve(model, workers, 2.0)
             if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
                 continue
             if objective == "peak":      # the lowest local peak, at the lowest time for it
                 model.Add(peak <= int(solver.Value(peak)))
                 model.Minimize(rec + vol)
-                solver, status = _solve(model, workers, 2.0)
+                solver, status, _ = _solve(model, workers, 2.0)
                 if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
                     continue
             choices = tuple(next((j for j in range(len(item.options)) if solver.Value(x[i, j])), -1)
@@ -706,8 +713,9 @@ class _Progress:
 
 def _cp_solve(outer: _Outer, arrays: _Arrays, hint: np.ndarray, budget: int, *, minimise_peak: bool,
               time_limit_s: float, workers: int, progress: Callable[[str], None],
-              stop_at: int | None = None) -> tuple[str, np.ndarray, float, float, bool]:
-    """Build and solve the outer model's CP-SAT: (status, assignment, objective, bound, peak mode)."""
+              stop_at: int | None = None) -> tuple[str, np.ndarray, float, float, bool, float]:
+    """Build and solve the outer model's CP-SAT: (status, assignment, objective, bound, peak mode,
+    deterministic seconds spent)."""
     cp_model = _cp_model()
     model = cp_model.CpModel()
     n = len(outer.variables)
@@ -772,7 +780,7 @@ def _cp_solve(outer: _Outer, arrays: _Arrays, hint: np.ndarray, budget: int, *, 
             if stop_at is not None and self.ObjectiveValue() <= stop_at:
                 self.StopSearch()     # a plan within the budget is all this search is for
 
-    solver, status = _solve(model, workers, time_limit_s, _Callback())
+    solver, status, spent = _solve(model, workers, time_limit_s, _Callback())
     name = solver.StatusName(status)
     if status in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         chosen = np.array([int(solver.Value(v)) for v in y])
@@ -780,7 +788,7 @@ def _cp_solve(outer: _Outer, arrays: _Arrays, hint: np.ndarray, budget: int, *, 
         reporter.report(objective, bound, force=True)
     else:
         chosen, objective, bound = hint, math.nan, math.nan
-    return name, chosen, objective, bound, peak is not None
+    return name, chosen, objective, bound, peak is not None, spent
 
 
 def solve_schedule(problem: ScheduleProblem, budget: int, *, time_limit_s: float = 15.0,
@@ -790,7 +798,7 @@ def solve_schedule(problem: ScheduleProblem, budget: int, *, time_limit_s: float
     """Choose keep / recompute / offload per value to minimise the added time with the model's peak
     within ``budget`` bytes (``minimise_peak``: the lowest peak instead, for infeasible budgets).
     ``refine``: refine a decomposed model's plan a few layers at a time (Note [Refining the decomposed
-    plan]). ``start_from``: a plan to start from instead of the greedy one, when it meets the budget
+    plan]), for up to :data:`REFINE_SHARE` of ``time_limit_s`` more. ``start_from``: a plan to start from instead of the greedy one, when it meets the budget
     (monolithic models only: a decomposed model may not hold it)."""
     start = time.perf_counter()
     workers = workers or max(1, min(8, os.cpu_count() or 1))
@@ -813,6 +821,7 @@ def solve_schedule(problem: ScheduleProblem, budget: int, *, time_limit_s: float
              f"layers in {outer.classes} classes, {len(outer.individual)} other values; {hint_source} hint "
              f"{'meets' if hint_feasible else 'misses'} the budget ({hint_cost / NS:.6g} s); limit "
              f"{time_limit_s:g} s, {workers} workers")
+    found = None
     if not minimise_peak and not hint_feasible:
         # Note [A feasible hint]: without one, CP-SAT can spend its whole limit looking for any plan.
         # Ask it for the lowest peak first, stopping at the first plan within the budget.
@@ -825,10 +834,9 @@ def solve_schedule(problem: ScheduleProblem, budget: int, *, time_limit_s: float
             hint, hint_feasible, hint_cost = y_found, True, arrays.cost_of(y_found)
             hint_source = "lowest-peak search"
     refining = refine and bool(outer.groups) and not minimise_peak
-    name, chosen, objective, bound, peak_mode = _cp_solve(
+    name, chosen, objective, bound, peak_mode, spent = _cp_solve(
         outer, arrays, hint, budget, minimise_peak=minimise_peak,
-        time_limit_s=time_limit_s * (1 - REFINE_SHARE) if refining else time_limit_s,
-        workers=workers, progress=progress)
+        time_limit_s=time_limit_s, workers=workers, progress=progress)
     n = len(outer.variables)
     if hint_feasible and not peak_mode and (name not in ("OPTIMAL", "FEASIBLE")
                                             or arrays.cost_of(chosen) > hint_cost):
@@ -845,14 +853,15 @@ def solve_schedule(problem: ScheduleProblem, budget: int, *, time_limit_s: float
     stats = SolveStats(name, objective_s, bound_s, gap, hint_cost / NS if hint_feasible else None, seconds,
                        len(outer.groups), outer.classes,
                        sum(len(p) for p in outer.points.values()), n, len(outer.const),
-                       "peak" if peak_mode else "time", hint_source)
+                       "peak" if peak_mode else "time", hint_source,
+                       deterministic_s=spent + (found[5] if found is not None else 0.0))
     progress(f"CP-SAT {name.lower()} in {seconds:.1f} s" + (
         f": added time {objective_s:.6g} s, bound {bound_s:.6g} s, gap {gap:.1%}"
         if objective_s is not None and gap is not None and bound_s is not None else ""))
     plan = unrefined = _plan_of(outer, chosen.tolist())
     if refining and not peak_mode and name in ("OPTIMAL", "FEASIBLE"):
         plan, refined_s = _refine(problem, budget, plan, time_limit_s=time_limit_s * REFINE_SHARE,
-                                  workers=workers, progress=progress)
+                                  workers=workers, progress=progress, added_s=objective_s or 0.0)
         stats = dataclasses.replace(stats, seconds=time.perf_counter() - start, refined_s=refined_s)
     return Solved(plan, _plan_of(outer, hint.tolist()), hint_feasible, stats,
                   unrefined if plan != unrefined else None)
@@ -875,7 +884,8 @@ def added_time_s(problem: ScheduleProblem, plan: Mapping[str, Option]) -> float:
 
 
 def _refine(problem: ScheduleProblem, budget: int, plan: dict[str, Option], *, time_limit_s: float,
-            workers: int, progress: Callable[[str], None]) -> tuple[dict[str, Option], float]:
+            workers: int, progress: Callable[[str], None], added_s: float = 0.0,
+            ) -> tuple[dict[str, Option], float]:
     """Note [Refining the decomposed plan]
     The outer model chooses each layer's plan from its class's front: a few dozen plans per layer, so
     the plans it reaches are coarse, and alike across the layers of a class. The best plans are not: on
@@ -891,10 +901,14 @@ def _refine(problem: ScheduleProblem, budget: int, plan: dict[str, Option], *, t
     model's copy stream is optimistic when it is full (it lets reloads queue further ahead of their
     use than the runtime starts them, Note [Exposed transfer time]), and the outer model's plan
     usually fills it already; refined with new offloads, that GPT-2 XL plan predicted no exposed
-    transfer time and measured 5 ms of it. The passes stop when one gains nothing, or at
-    ``time_limit_s`` (a share of the solve's limit, :data:`REFINE_SHARE`, taken from the outer model's).
+    transfer time and measured 5 ms of it. The passes stop when one takes off less than
+    :data:`REFINE_MIN_GAIN` of ``added_s`` (the plan's added time), or when the steps have spent
+    ``time_limit_s`` of CP-SAT's deterministic time (a share of the solve's limit, :data:`REFINE_SHARE`,
+    on top of it: the outer model needs its whole limit). Deterministic, so that the plan does not
+    depend on the machine's load (Note [Deterministic solves]).
     """
     started = time.perf_counter()
+    spent = 0.0                    # CP-SAT's deterministic seconds, over the steps
     order: dict[str, int] = {}
     for item in problem.items:
         if item.group is not None:
@@ -905,25 +919,28 @@ def _refine(problem: ScheduleProblem, budget: int, plan: dict[str, Option], *, t
     for round_ in range(REFINE_ROUNDS):
         gained_before = gained
         for first in range(0, len(layers), REFINE_LAYERS):
-            if time.perf_counter() - started > time_limit_s:
+            if spent >= time_limit_s:
                 progress(f"refining: stopped at the time limit, in pass {round_ + 1} at layer {first} of "
                          f"{len(layers)}")
                 break
-            plan, step = _refine_step(problem, budget, plan, set(layers[first:first + REFINE_LAYERS]),
-                                      conflicts, workers)
+            plan, step, seconds = _refine_step(problem, budget, plan, set(layers[first:first + REFINE_LAYERS]),
+                                               conflicts, workers, min(REFINE_STEP_S, time_limit_s - spent))
             gained += step
-        if gained == gained_before or time.perf_counter() - started > time_limit_s:
+            spent += seconds
+        progress(f"refining: pass {round_ + 1} took off {gained - gained_before:.6g} s")
+        if gained - gained_before <= REFINE_MIN_GAIN * added_s or spent >= time_limit_s:
             break
     progress(f"refined {REFINE_LAYERS} layers at a time: {gained:.6g} s less added time "
-             f"({time.perf_counter() - started:.1f} s)")
+             f"({time.perf_counter() - started:.1f} s; {spent:.1f} s of CP-SAT's deterministic time)")
     return plan, gained
 
 
 def _refine_step(problem: ScheduleProblem, budget: int, plan: dict[str, Option], block: set[str],
                  conflicts: Sequence[tuple[str, Option, str, Option]], workers: int,
-                 ) -> tuple[dict[str, Option], float]:
+                 seconds: float = REFINE_STEP_S) -> tuple[dict[str, Option], float, float]:
     """One step of Note [Refining the decomposed plan]: the values of the layers in ``block`` and those
-    outside layers decided again, everything else fixed. Returns the plan and the time it took off."""
+    outside layers decided again, everything else fixed, in at most ``seconds`` of CP-SAT's deterministic
+    time. Returns the plan, the added time it took off and the deterministic time it spent."""
     free = {item.name for item in problem.items if item.group in block or item.group is None}
     fixed = {name: option for name, option in plan.items() if name not in free}
     shared = {name for name, option in fixed.items() if option.kind == OFFLOAD}
@@ -939,7 +956,7 @@ def _refine_step(problem: ScheduleProblem, budget: int, plan: dict[str, Option],
     held = {name: option for name, option in fixed.items() if name not in shared}
     sub = dataclasses.replace(problem, items=items, memo={}, base=problem.live_bytes(held), alias_conflicts=True)
     current = {name: option for name, option in plan.items() if name in free or name in shared}
-    solved = solve_schedule(sub, budget, time_limit_s=REFINE_STEP_S, workers=workers, decompose=False,
+    solved = solve_schedule(sub, budget, time_limit_s=seconds, workers=workers, decompose=False,
                             refine=False, start_from=current)
     # The step's model holds every cost the block and the copy stream add (the fixed values'
     # recomputation is a constant), and its answer is never dearer than the plan it started from; when
@@ -948,5 +965,5 @@ def _refine_step(problem: ScheduleProblem, budget: int, plan: dict[str, Option],
     candidate = {**held, **solved.plan}
     if solved.stats.hint_source != "given plan" or objective is None or hint is None or objective >= hint \
             or problem.peak_bytes(candidate) > budget:
-        return plan, 0.0
-    return candidate, hint - objective
+        return plan, 0.0, solved.stats.deterministic_s
+    return candidate, hint - objective, solved.stats.deterministic_s
