@@ -56,7 +56,12 @@ from collections.abc import Callable, Mapping
 import torch
 import torch.fx
 
-from memopt.schedule.problem import Candidate, _unrecomputable_reason, forward_region, rerun_forward_ops
+from memopt.schedule.problem import (
+    Candidate,
+    _unrecomputable_reason,
+    forward_region,
+    rerun_forward_ops,
+)
 from memopt.schedule.simulate import (
     MemoryEvent,
     MemoryTimeline,
