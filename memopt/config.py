@@ -129,7 +129,7 @@ class MemoptConfig:
     quantize: QuantizeConfig | None = None      # quantized frozen base weights (needs memopt.prepare)
     offload: str | bool = "auto"                # "auto": the scheduler may offload; False forbids it
     compress_activations: str | None = None     # None | int8 | fp8 (lossy, only when asked)
-    solver_time_limit_s: float = 15.0           # CP-SAT's deterministic time per solve (a budget may take a few)
+    solver_time_limit_s: float = 15.0           # CP-SAT's deterministic time per solve, and as much for refining
     sparse_backprop: Mapping[str, Any] | None = None    # per-parameter policy (its own issue)
     token_elimination: Mapping[str, Any] | None = None  # LeMo settings (its own issue)
     strict: bool = False                        # a failing pass raises instead of falling back

@@ -29,7 +29,7 @@ window covers it. The model is decomposed along the repeated layers the module s
 3. *Transfers.* One copy stream serves every offload: forward copies released after an event must fit
    in the forward compute after it, reloads due before an event in the backward compute before it; the
    excess is exposed time (Note [Exposed transfer time] in :mod:`memopt.schedule.streams`).
-4. *Refinement.* The outer model's plan is then decided again a few layers at a time, everything else
+4. *Refinement.* The outer model's plan is then decided again several layers at a time, everything else
    fixed (Note [Refining the decomposed plan]): the fronts are coarse, the best plans are not alike
    across layers.
 
@@ -60,12 +60,15 @@ TRANSFER_TIE_BREAK = 0.01      # cost per second of transfer volume, so unneeded
 MIN_LAYERS_TO_DECOMPOSE = 4
 FRONT_LEVELS = 10
 SPAN_LEVELS = 2               # levels of bytes freed up to a horizon (fewer: they add outer choices)
-REFINE_LAYERS = 12            # layers whose values one refinement step decides again (Note [Refining ...])
+# Layers whose values one refinement step decides again (Note [Refining the decomposed plan]). On GPT-2
+# XL's model at the knapsack-0.5 peak, from the outer plan's 2.94 ms: 2.85 ms with 3 layers a step, 2.77
+# with 12, 2.75 with 24 (slower steps; each ran to the refinement's end).
+REFINE_LAYERS = 12
 REFINE_ROUNDS = 3             # passes over the layers, while a pass still gains
 # The refinement's time, a share of the solve's time limit on top of it (CP-SAT's deterministic time, as
 # the limit is). Taken from the outer model's limit instead, it left GPT-2 XL's outer solve a far weaker
 # plan (4.57 ms against 3.71).
-REFINE_SHARE = 1.0
+REFINE_SHARE = 0.75
 # A pass that takes off less than this share of the plan's added time is the last one.
 REFINE_MIN_GAIN = 0.005
 # One step's limit: most steps are settled by the single-worker probe (10% of it: Note [A crash in
@@ -797,8 +800,9 @@ def solve_schedule(problem: ScheduleProblem, budget: int, *, time_limit_s: float
                    progress: Callable[[str], None] = lambda message: None) -> Solved:
     """Choose keep / recompute / offload per value to minimise the added time with the model's peak
     within ``budget`` bytes (``minimise_peak``: the lowest peak instead, for infeasible budgets).
-    ``refine``: refine a decomposed model's plan a few layers at a time (Note [Refining the decomposed
-    plan]), for up to :data:`REFINE_SHARE` of ``time_limit_s`` more. ``start_from``: a plan to start from instead of the greedy one, when it meets the budget
+    ``refine``: refine a decomposed model's plan several layers at a time (Note [Refining the decomposed
+    plan]), for up to :data:`REFINE_SHARE` of ``time_limit_s`` more. ``start_from``: a plan to start
+    from instead of the greedy one, when it meets the budget
     (monolithic models only: a decomposed model may not hold it)."""
     start = time.perf_counter()
     workers = workers or max(1, min(8, os.cpu_count() or 1))
@@ -890,8 +894,8 @@ def _refine(problem: ScheduleProblem, budget: int, plan: dict[str, Option], *, t
     The outer model chooses each layer's plan from its class's front: a few dozen plans per layer, so
     the plans it reaches are coarse, and alike across the layers of a class. The best plans are not: on
     GPT-2 XL at PyTorch's knapsack-0.5 peak (48 layers, offload allowed) the monolithic model (4,815
-    choices, minutes to solve) finds 3.25 ms of added time, with 29 different layer plans, where the
-    outer model's best is 3.71 ms with 5. So the outer model's plan is refined a few layers at a time
+    choices, minutes to solve) found plans with 29 different layer plans, where the outer model's best
+    had 5, and 12% cheaper. So the outer model's plan is refined several layers at a time
     (:data:`REFINE_LAYERS`, with the values outside layers): their values are decided again in a
     monolithic model with every other choice fixed; the offloads outside the block stay in that model
     with their one option (the copy stream is shared), choices that would clash with a fixed choice
@@ -916,9 +920,13 @@ def _refine(problem: ScheduleProblem, budget: int, plan: dict[str, Option], *, t
     layers = sorted(order, key=order.__getitem__)
     conflicts = problem.conflicts(through_alias=True)
     gained = 0.0                   # seconds of added time the steps took off, in their models
+    changes = 0                    # steps that changed the plan so far
+    seen: dict[int, int] = {}      # block -> changes when it was last decided
     for round_ in range(REFINE_ROUNDS):
         gained_before = gained
         for first in range(0, len(layers), REFINE_LAYERS):
+            if seen.get(first) == changes:
+                continue           # nothing changed since it was last decided: the same model
             if spent >= time_limit_s:
                 progress(f"refining: stopped at the time limit, in pass {round_ + 1} at layer {first} of "
                          f"{len(layers)}")
@@ -927,6 +935,8 @@ def _refine(problem: ScheduleProblem, budget: int, plan: dict[str, Option], *, t
                                                conflicts, workers, min(REFINE_STEP_S, time_limit_s - spent))
             gained += step
             spent += seconds
+            changes += step > 0
+            seen[first] = changes
         progress(f"refining: pass {round_ + 1} took off {gained - gained_before:.6g} s")
         if gained - gained_before <= REFINE_MIN_GAIN * added_s or spent >= time_limit_s:
             break
