@@ -970,10 +970,11 @@ def _refine_step(problem: ScheduleProblem, budget: int, plan: dict[str, Option],
                             refine=False, start_from=current)
     # The step's model holds every cost the block and the copy stream add (the fixed values'
     # recomputation is a constant), and its answer is never dearer than the plan it started from; when
-    # the current plan does not fit that model (it should), the block is left as it is.
+    # the current plan does not fit that model (it should), the block is left as it is. A gain under a
+    # nanosecond is rounding (the two costs are summed differently), not a better plan.
     objective, hint = solved.stats.objective_s, solved.stats.hint_objective_s
     candidate = {**held, **solved.plan}
-    if solved.stats.hint_source != "given plan" or objective is None or hint is None or objective >= hint \
+    if solved.stats.hint_source != "given plan" or objective is None or hint is None or objective > hint - 1e-9 \
             or problem.peak_bytes(candidate) > budget:
         return plan, 0.0, solved.stats.deterministic_s
     return candidate, hint - objective, solved.stats.deterministic_s
