@@ -61,8 +61,8 @@ MIN_LAYERS_TO_DECOMPOSE = 4
 FRONT_LEVELS = 10
 SPAN_LEVELS = 2               # levels of bytes freed up to a horizon (fewer: they add outer choices)
 # Layers whose values one refinement step decides again (Note [Refining the decomposed plan]). On GPT-2
-# XL's model at the knapsack-0.5 peak, from the outer plan's 2.94 ms: 2.85 ms with 3 layers a step, 2.77
-# with 12, 2.75 with 24 (slower steps; each ran to the refinement's end).
+# XL's model at the knapsack-0.5 peak, from the outer plan's 2.94 ms, with 15 s to refine: 2.85 ms with 3
+# layers a step, 2.81 with 6, 2.77 with 12, 2.75 with 24 (in 21 s: its steps overran the limit).
 REFINE_LAYERS = 12
 REFINE_ROUNDS = 3             # passes over the layers, while a pass still gains
 # The refinement's time, a share of the solve's time limit on top of it (CP-SAT's deterministic time, as
@@ -148,7 +148,7 @@ class SolveStats:
                 "hint_objective_s": short(self.hint_objective_s), "seconds": short(self.seconds),
                 "layers": self.layers, "classes": self.classes, "front_points": self.front_points,
                 "variables": self.variables, "rows": self.rows, "hint_source": self.hint_source,
-                "refined_s": short(self.refined_s)}
+                "refined_s": short(self.refined_s), "deterministic_s": short(self.deterministic_s)}
 
 
 @dataclasses.dataclass

@@ -42,8 +42,9 @@ that need it, so a layer's value is charged for the ops of layers only (the one 
 the verification counts). Nor is it charged for ops the modelled cut's backward runs again anyway:
 torch's min-cut recomputes cheap pointwise ops around what it saves (tanh-GELU's ``0.5 * x`` and
 ``1 + tanh(...)``), and the backward runs each once; charged again, GPT-2's GELU output cost twice what
-recomputing it adds, and refined plans verified up to 0.25 ms dearer than the model said. What the model cannot see (the partitioner changing the rest of its cut
-around a tag, a recomputation's own temporaries) the verification measures.
+recomputing it adds, and refined plans verified up to 0.25 ms dearer than the model said. What the
+model cannot see (the partitioner changing the rest of its cut around a tag, a recomputation's own
+temporaries) the verification measures.
 """
 
 from __future__ import annotations
@@ -300,13 +301,13 @@ def build_problem(joint_gm: torch.fx.GraphModule, fw_gm: torch.fx.GraphModule, b
         for alias in _alias_closure(storage_root(joint_nodes[c.name])):
             available.setdefault(alias.name, c.name)
     available.update((c.name, c.name) for c in found)
-    # Values sharing a storage (views of one base the backward reads several of) are freed together
-    # or not at all: one item, recomputed together, never offloaded (each view would copy the storage).
-    bases: dict[str, list[str]] = {}
     # Forward ops the modelled cut's backward runs again already (torch's min-cut recomputes cheap
     # pointwise ops, tanh-GELU's 0.5 * x and 1 + tanh(...)): a recomputation that needs them too adds
     # nothing for them, the backward runs each once (Note [Freed windows]).
     rerun_already = {n.name for n in rerun_forward_ops(bw_gm, forward_region(joint_gm))}
+    # Values sharing a storage (views of one base the backward reads several of) are freed together
+    # or not at all: one item, recomputed together, never offloaded (each view would copy the storage).
+    bases: dict[str, list[str]] = {}
     for c in found:
         bases.setdefault(storage_root(joint_nodes[c.name]).name, []).append(c.name)
 
