@@ -392,7 +392,7 @@ def _build_outer(problem: ScheduleProblem, budget: int, workers: int, decompose:
     classes: dict[tuple[Any, ...], list[str]] = {}
     for name, items in groups.items():
         classes.setdefault(_signature(items), []).append(name)
-    all_conflicts = problem.conflicts(through_alias=problem.alias_conflicts)
+    all_conflicts = problem.conflicts()
     points: dict[str, list[_Point]] = {}
     for members in classes.values():
         start = time.perf_counter()
@@ -918,7 +918,7 @@ def _refine(problem: ScheduleProblem, budget: int, plan: dict[str, Option], *, t
         if item.group is not None:
             order[item.group] = min(order.get(item.group, item.made), item.made)
     layers = sorted(order, key=order.__getitem__)
-    conflicts = problem.conflicts(through_alias=True)
+    conflicts = dataclasses.replace(problem, alias_conflicts=True, memo={}).conflicts()
     gained = 0.0                   # seconds of added time the steps took off, in their models
     changes = 0                    # steps that changed the plan so far
     seen: dict[int, int] = {}      # block -> changes when it was last decided

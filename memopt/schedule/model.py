@@ -158,11 +158,11 @@ class ScheduleProblem:
     def compressed(self, plan: Mapping[str, Option]) -> frozenset[str]:
         return frozenset(name for name, option in plan.items() if option.kind == COMPRESS)
 
-    def conflicts(self, through_alias: bool = False) -> list[tuple[str, Option, str, Option]]:
+    def conflicts(self) -> list[tuple[str, Option, str, Option]]:
         """Pairs of choices that cannot go together: recomputing ``w`` (option ``a``) reads ``u``, and
-        ``u``'s option ``b`` brings it back only after that recomputation runs; ``through_alias``: also
-        when ``b`` offloads or compresses ``u`` and ``w`` reads it through another alias (Note [Freed
-        windows])."""
+        ``u``'s option ``b`` brings it back only after that recomputation runs; with
+        :attr:`alias_conflicts`, also when ``b`` offloads or compresses ``u`` and ``w`` reads it through
+        another alias (Note [Freed windows])."""
         by_name = {item.name: item for item in self.items}
         out = []
         for w in self.items:
@@ -173,7 +173,7 @@ class ScheduleProblem:
                     u = by_name.get(name)
                     if u is None or u is w:
                         continue
-                    through = through_alias and name in w.reads_alias
+                    through = self.alias_conflicts and name in w.reads_alias
                     out += [(w.name, a, u.name, b) for b in u.options
                             if b.end > a.end or (through and b.kind != RECOMPUTE)]
         return out
