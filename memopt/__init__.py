@@ -38,6 +38,9 @@ def __getattr__(name: str) -> Any:
     if name in ("save_adapters", "load_adapters"):
         from memopt import adapter_files
         return getattr(adapter_files, name)
+    if name in ("merge_sparse", "LayerSampler"):
+        from memopt import sparse
+        return getattr(sparse, name)
     if name == "plan":
         from memopt.plan import plan
         return plan
@@ -45,7 +48,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "MemoptBackend", "MemoptConfig", "MemoptConfigError", "MemoptError", "MemoptInfeasibleBudget",
-    "MemoptPassError", "MemoptProfileError", "MemoptUnsupportedError", "load_adapters", "parse_options", "plan",
+    "LayerSampler", "MemoptBackend", "MemoptConfig", "MemoptConfigError", "MemoptError", "MemoptInfeasibleBudget",
+    "MemoptPassError", "MemoptProfileError", "MemoptUnsupportedError", "load_adapters", "merge_sparse", "parse_options", "plan",
     "prepare", "save_adapters", "track_memory", "__version__",
 ]

@@ -13,12 +13,10 @@ Environment overrides (read when the options are parsed, never at import time):
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import difflib
 import os
 import re
-import types
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -117,6 +115,75 @@ class QuantizeConfig:
     double_quant: bool = True            # quantize the per-block absmax too (QLoRA)
 
 
+SPARSE_KINDS: tuple[str, ...] = ("full", "frozen", "bias", "columns", "rows")
+SLICE_SELECTIONS: tuple[str, ...] = ("norm", "random")
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSelection:
+    """Which repeated blocks a sparse-backprop rule applies to (by index within their stack, e.g. the
+    3 of ``model.layers.3``). Exactly one way is set."""
+
+    first: int | None = None                 # "first:N": the first N blocks
+    last: int | None = None                  # "last:N": the last N blocks
+    indices: tuple[int, ...] | None = None   # [i, j, ...]; negative counts from the end
+    sample: int | None = None                # {"sample": N, ...}: N blocks drawn at a time (LISA)
+    every: int = 50                          # redraw every this many steps (memopt.LayerSampler)
+    seed: int = 0                            # the draws' seed
+
+    def to_option(self) -> Any:
+        if self.first is not None:
+            return f"first:{self.first}"
+        if self.last is not None:
+            return f"last:{self.last}"
+        if self.indices is not None:
+            return list(self.indices)
+        return {"sample": self.sample, "every": self.every, "seed": self.seed}
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamPolicy:
+    """What one rule trains of the parameters it matches."""
+
+    kind: str                                # full | frozen | bias | columns | rows
+    amount: float | int | None = None        # columns/rows: a ratio in (0, 1] (float) or a count (int)
+    select: str = "norm"                     # columns/rows: "norm" (largest L2 norm) or "random"
+    seed: int = 0                            # the "random" selection's seed
+    layers: LayerSelection | None = None     # only the parameters of these blocks; None: all
+
+    def to_option(self) -> Any:
+        if self.kind in ("full", "frozen", "bias") and self.layers is None:
+            return self.kind
+        out: dict[str, Any] = ({self.kind: self.amount} if self.kind in ("columns", "rows") else {"train": self.kind})
+        if self.kind in ("columns", "rows") and (self.select, self.seed) != ("norm", 0):
+            out.update(select=self.select, seed=self.seed)
+        if self.layers is not None:
+            out["layers"] = self.layers.to_option()
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseBackpropConfig:
+    """Which slices of which parameters train (Note [Sparse backprop] in :mod:`memopt.sparse`): ordered
+    (glob pattern over qualified parameter names, policy) rules, the first that matches wins; a parameter
+    no rule matches is frozen. ``auto``: memopt chooses, within the memory budget."""
+
+    rules: tuple[tuple[str, ParamPolicy], ...] = ()
+    auto: bool = False
+
+    def to_option(self) -> Any:
+        return "auto" if self.auto else {pattern: policy.to_option() for pattern, policy in self.rules}
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenEliminationConfig:
+    """LeMo-style token elimination (its own issue): which tokens each late layer's attention keeps."""
+
+    keep_ratio: float = 0.4                  # share of token blocks each selected layer keeps, in (0, 1]
+    start_layer: int | None = None           # first layer that eliminates; None: half the layers
+    block_size: int = 64                     # tokens per scored block
+
+
 @dataclasses.dataclass(frozen=True)
 class MemoptConfig:
     """Validated options. Build it with :func:`parse_options`, not directly."""
@@ -130,8 +197,8 @@ class MemoptConfig:
     offload: str | bool = "auto"                # "auto": the scheduler may offload; False forbids it
     compress_activations: str | None = None     # None | int8 | fp8 (lossy, only when asked)
     solver_time_limit_s: float = 15.0           # CP-SAT's deterministic time per solve, and as much for refining
-    sparse_backprop: Mapping[str, Any] | None = None    # per-parameter policy (its own issue)
-    token_elimination: Mapping[str, Any] | None = None  # LeMo settings (its own issue)
+    sparse_backprop: SparseBackpropConfig | None = None     # which parameter slices train (memopt.sparse)
+    token_elimination: TokenEliminationConfig | None = None  # LeMo settings (lossy; its own issue)
     strict: bool = False                        # a failing pass raises instead of falling back
     disable_passes: tuple[str, ...] = ()        # pass names to skip (plus MEMOPT_DISABLE_PASSES)
 
@@ -142,12 +209,12 @@ class MemoptConfig:
             value = getattr(self, field.name)
             if isinstance(value, MemoryBudget):
                 value = value.nbytes if value.nbytes is not None else value.fraction
-            elif isinstance(value, (AdapterConfig, QuantizeConfig)):
+            elif isinstance(value, SparseBackpropConfig):
+                value = value.to_option()
+            elif isinstance(value, (AdapterConfig, QuantizeConfig, TokenEliminationConfig)):
                 value = dataclasses.asdict(value)
                 if isinstance(value.get("targets"), tuple):
                     value["targets"] = list(value["targets"])
-            elif isinstance(value, Mapping):
-                value = copy.deepcopy(dict(value))
             elif isinstance(value, tuple):
                 value = list(value)
             out[field.name] = value
@@ -243,6 +310,108 @@ def _parse_quantize(value: object) -> QuantizeConfig | None:
     return QuantizeConfig(**value)
 
 
+_SPARSE_FORM = ("a dict of {glob pattern: policy} (first match wins), e.g. {'*.mlp.down_proj.weight': "
+                "{'columns': 0.25}, '*.bias': 'full', '*': 'frozen'}, or 'auto'")
+
+
+def _parse_layers(key: str, value: object) -> LayerSelection:
+    if isinstance(value, str):
+        head, _, count = value.partition(":")
+        if head in ("first", "last") and count.isdigit() and int(count) > 0:
+            return LayerSelection(**{head: int(count)})
+    elif isinstance(value, (list, tuple)) and value and all(isinstance(i, int) and not isinstance(i, bool)
+                                                            for i in value):
+        return LayerSelection(indices=tuple(value))
+    elif isinstance(value, dict):
+        _check_keys(key + ".", value, ("sample", "every", "seed"))
+        for name in value:
+            _expect(f"{key}.{name}", value[name], (int,), "an int")
+        if not isinstance(value.get("sample"), int) or value["sample"] <= 0 or value.get("every", 50) <= 0:
+            raise MemoptConfigError(f"option {key!r}: got {value!r}; a sampled selection needs 'sample' (blocks "
+                                    "at a time, > 0) and optionally 'every' (steps, > 0) and 'seed'")
+        return LayerSelection(sample=value["sample"], every=value.get("every", 50), seed=value.get("seed", 0))
+    raise MemoptConfigError(
+        f"option {key!r}: got {value!r}; expected 'first:N', 'last:N', a list of block indices, or "
+        "{'sample': N, 'every': STEPS, 'seed': S}")
+
+
+def _parse_policy(key: str, value: object) -> ParamPolicy:
+    if isinstance(value, str):
+        if value not in ("full", "frozen", "bias"):
+            raise MemoptConfigError(
+                f"option {key!r}: unknown policy {value!r}; allowed: 'full', 'frozen', 'bias', "
+                f"{{'columns': r}} or {{'rows': r}}.{closest(value, SPARSE_KINDS)}")
+        return ParamPolicy(value)
+    if not isinstance(value, dict):
+        raise MemoptConfigError(f"option {key!r}: got {type(value).__name__} {value!r}; expected a policy name "
+                                "('full', 'frozen', 'bias') or a dict like {'columns': 0.25}")
+    _check_keys(key + ".", value, ("train", "columns", "rows", "select", "seed", "layers"))
+    kinds = [k for k in ("train", "columns", "rows") if k in value]
+    if len(kinds) != 1:
+        raise MemoptConfigError(f"option {key!r}: got {value!r}; give exactly one of 'train' (full, frozen, "
+                                "bias), 'columns' or 'rows'")
+    layers = _parse_layers(key + ".layers", value["layers"]) if "layers" in value else None
+    if kinds[0] == "train":
+        if not isinstance(value["train"], str):
+            raise MemoptConfigError(f"option {key + '.train'!r}: got {value['train']!r}; expected 'full', "
+                                    "'frozen' or 'bias'")
+        policy = _parse_policy(key, value["train"])
+        if value.keys() - {"train", "layers"}:
+            raise MemoptConfigError(f"option {key!r}: 'select' and 'seed' apply to 'columns' and 'rows' only")
+        return dataclasses.replace(policy, layers=layers)
+    amount = value[kinds[0]]
+    if isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount <= 0 or (
+            isinstance(amount, float) and amount > 1):
+        raise MemoptConfigError(
+            f"option {key + '.' + kinds[0]!r}: got {amount!r}; expected a ratio in (0, 1] (a float) or a "
+            "positive count of channels (an int)")
+    select = _choice(key + ".select", value.get("select", "norm"), SLICE_SELECTIONS)
+    seed = value.get("seed", 0)
+    _expect(key + ".seed", seed, (int,), "an int")
+    return ParamPolicy(kinds[0], amount, select, seed, layers)
+
+
+def _parse_sparse_backprop(value: object) -> SparseBackpropConfig | None:
+    if value is None:
+        return None
+    if value == "auto":
+        return SparseBackpropConfig(auto=True)
+    if not isinstance(value, dict) or not value:
+        raise MemoptConfigError(f"option 'sparse_backprop': got {value!r}; expected {_SPARSE_FORM}")
+    rules = []
+    for pattern, policy in value.items():
+        if not isinstance(pattern, str) or not pattern:
+            raise MemoptConfigError(f"option 'sparse_backprop': pattern {pattern!r} is not a non-empty string; "
+                                    f"expected {_SPARSE_FORM}")
+        rules.append((pattern, _parse_policy(f"sparse_backprop[{pattern}]", policy)))
+    return SparseBackpropConfig(tuple(rules))
+
+
+def _parse_token_elimination(value: object) -> TokenEliminationConfig | None:
+    if value is None:
+        return None
+    value = _expect_dict("token_elimination", value, "a dict like {'keep_ratio': 0.4, 'block_size': 64}")
+    _check_keys("token_elimination.", value, tuple(f.name for f in dataclasses.fields(TokenEliminationConfig)))
+    cfg = dict(value)
+    if "keep_ratio" in cfg:
+        _expect("token_elimination.keep_ratio", cfg["keep_ratio"], (int, float), "a ratio in (0, 1]")
+        if not 0 < cfg["keep_ratio"] <= 1:
+            raise MemoptConfigError(f"option 'token_elimination.keep_ratio': got {cfg['keep_ratio']}; expected a "
+                                    "ratio in (0, 1]")
+        cfg["keep_ratio"] = float(cfg["keep_ratio"])
+    if cfg.get("start_layer") is not None:
+        _expect("token_elimination.start_layer", cfg["start_layer"], (int,), "a layer index or None")
+        if cfg["start_layer"] < 0:
+            raise MemoptConfigError(f"option 'token_elimination.start_layer': got {cfg['start_layer']}; expected "
+                                    "a layer index >= 0 or None (half the layers)")
+    if "block_size" in cfg:
+        _expect("token_elimination.block_size", cfg["block_size"], (int,), "a positive int")
+        if cfg["block_size"] <= 0:
+            raise MemoptConfigError(f"option 'token_elimination.block_size': got {cfg['block_size']}; expected a "
+                                    "positive int")
+    return TokenEliminationConfig(**cfg)
+
+
 def parse_options(options: Mapping[str, Any] | MemoptConfig | None = None,
                   environ: Mapping[str, str] | None = None) -> MemoptConfig:
     """Validate user ``options`` (plus the documented environment overrides) into a :class:`MemoptConfig`."""
@@ -286,12 +455,8 @@ def parse_options(options: Mapping[str, Any] | MemoptConfig | None = None,
                 raise MemoptConfigError(
                     f"option 'solver_time_limit_s': got {limit}; expected seconds in (0, 3600]")
             kwargs["solver_time_limit_s"] = float(limit)
-        for key in ("sparse_backprop", "token_elimination"):
-            if opts.get(key) is not None:
-                _expect(key, opts[key], (dict,), "a dict of settings or None")
-                # A snapshot: later changes to the user's (nested) dict must not reach the config.
-                # Read-only: one backend compiles many graphs, and none may change what the next sees.
-                kwargs[key] = types.MappingProxyType(copy.deepcopy(dict(opts[key])))
+        kwargs["sparse_backprop"] = _parse_sparse_backprop(opts.get("sparse_backprop"))
+        kwargs["token_elimination"] = _parse_token_elimination(opts.get("token_elimination"))
         if "strict" in opts:
             _expect("strict", opts["strict"], (bool,), "True or False")
             kwargs["strict"] = opts["strict"]

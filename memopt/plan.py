@@ -413,7 +413,7 @@ def plan(model_or_config: nn.Module | str | Any, example_inputs: Mapping[str, An
 
 def _schedule_summary(reports: Sequence[Any]) -> dict[str, Any] | None:
     """Per block (repeated layer, or "other"): bytes the chosen plan keeps, recomputes and offloads."""
-    from memopt.schedule.model import layer_of
+    from memopt.names import layer_of
 
     scheduled = [r for r in reports if r.schedule is not None and r.joint is not None]
     if not scheduled:

@@ -1,5 +1,8 @@
 """``memopt.prepare``: the module state a compile cannot create, made before the optimizer exists.
 
+Sparse backprop (``options["sparse_backprop"]``): what the policy does not train is frozen and each
+trained slice becomes a small parameter (Note [Sparse backprop] in :mod:`memopt.sparse`).
+
 Adapters (``options["adapters"]``): every base parameter is frozen, and each targeted linear gets an
 :class:`memopt.runtime.adapters.Adapter` child holding its trainable parameters, initialised as PEFT
 initialises them, plus a forward hook that adds the adapter's output (Note [Adapters as a composite op]).
@@ -44,6 +47,14 @@ QUANTIZED_ATTR = "_memopt_quantize"
 def prepare(model: nn.Module, options: Mapping[str, Any] | MemoptConfig | None) -> nn.Module:
     """Freeze the base and create the adapters that ``options`` ask for (see the module docstring)."""
     config = parse_options(options)
+    if config.sparse_backprop is not None:
+        if config.adapters is not None or config.quantize is not None:
+            raise MemoptUnsupportedError(
+                "options['sparse_backprop'] with options['adapters'] or ['quantize']: memopt trains either "
+                "adapters or slices of the model's own weights, not both in one model yet; drop one of them")
+        from memopt.sparse import prepare_sparse
+
+        return prepare_sparse(model, config)
     if config.adapters is None:
         if config.quantize is not None:
             raise MemoptConfigError(

@@ -12,7 +12,15 @@ import pytest
 import torch
 
 import memopt
-from memopt.config import MemoptConfig, MemoryBudget, parse_budget, parse_options
+from memopt.config import (
+    LayerSelection,
+    MemoptConfig,
+    MemoryBudget,
+    ParamPolicy,
+    TokenEliminationConfig,
+    parse_budget,
+    parse_options,
+)
 from memopt.errors import MemoptConfigError
 from tests.errors import raises_memopt
 
@@ -94,6 +102,18 @@ def test_options_must_be_a_dict() -> None:
     ({"disable_passes": "prune_backprop"}, "disable_passes", "'prune_backprop'", "list of pass names"),
     ({"dump_dir": 5}, "dump_dir", "5", "directory path"),
     ({"token_elimination": 0.4}, "token_elimination", "0.4", "dict"),
+    ({"token_elimination": {"keep_ratio": 1.5}}, "token_elimination.keep_ratio", "1.5", "(0, 1]"),
+    ({"token_elimination": {"block_size": 0}}, "token_elimination.block_size", "0", "positive int"),
+    ({"sparse_backprop": {"*.weight": {"columns": 1.5}}}, "sparse_backprop[*.weight].columns", "1.5", "(0, 1]"),
+    ({"sparse_backprop": {"*.weight": {"rows": 0}}}, "sparse_backprop[*.weight].rows", "0", "positive count"),
+    ({"sparse_backprop": {"*.weight": "frozn"}}, "sparse_backprop[*.weight]", "'frozn'", "'frozen'"),
+    ({"sparse_backprop": {"*.weight": {"columns": 0.5, "rows": 0.5}}}, "sparse_backprop[*.weight]",
+     "'rows': 0.5", "exactly one of"),
+    ({"sparse_backprop": {"*": {"train": "full", "layers": "middle:2"}}}, "sparse_backprop[*].layers",
+     "'middle:2'", "'last:N'"),
+    ({"sparse_backprop": {"*": {"columns": 0.5, "select": "largest"}}}, "sparse_backprop[*].select",
+     "'largest'", "'norm', 'random'"),
+    ({"sparse_backprop": []}, "sparse_backprop", "[]", "'auto'"),
     ({"solver_time_limit_s": 0}, "solver_time_limit_s", "0", "(0, 3600]"),
     ({"solver_time_limit_s": "fast"}, "solver_time_limit_s", "'fast'", "number of seconds"),
     ({"solver_time_limit_s": True}, "solver_time_limit_s", "True", "number of seconds"),
@@ -103,6 +123,21 @@ def test_wrong_type_or_value_is_explained(options: dict[str, Any], key: str, giv
     assert f"'{key}'" in message, f"key {key!r} not named: {message}"
     assert given in message, f"given value {given} not shown: {message}"
     assert allowed in message, f"allowed values {allowed!r} not shown: {message}"
+
+
+def test_sparse_backprop_policies_parse_in_order_and_round_trip() -> None:
+    options = {"sparse_backprop": {
+        "*.mlp.down_proj.weight": {"columns": 0.25, "layers": "last:4"},
+        "*.mlp.up_proj.weight": {"rows": 32, "select": "random", "seed": 3, "layers": [0, -1]},
+        "*.self_attn.*": {"train": "full", "layers": {"sample": 2, "every": 10}},
+        "*.bias": "full", "*": "frozen"}}
+    config = parse(options).sparse_backprop
+    assert config is not None and [pattern for pattern, _ in config.rules] == list(options["sparse_backprop"])
+    assert config.rules[0][1] == ParamPolicy("columns", 0.25, layers=LayerSelection(last=4))
+    assert config.rules[1][1] == ParamPolicy("rows", 32, "random", 3, LayerSelection(indices=(0, -1)))
+    assert config.rules[2][1].layers == LayerSelection(sample=2, every=10, seed=0)
+    assert parse(json.loads(json.dumps(parse(options).to_dict()))) == parse(options)
+    assert parse({"sparse_backprop": "auto"}).sparse_backprop.auto  # type: ignore[union-attr]
 
 
 def test_wrong_value_suggests_the_closest_choice() -> None:
@@ -166,7 +201,8 @@ FULL = {
     "quantize": {"weights": "int8", "double_quant": False},
     "offload": False,
     "compress_activations": "fp8",
-    "sparse_backprop": {"freeze": ["embed"]},
+    "sparse_backprop": {"*.mlp.down_proj.weight": {"columns": 0.25, "layers": "last:2"}, "*.bias": "full",
+                        "*": "frozen"},
     "token_elimination": {"keep_ratio": 0.4, "block_size": 64},
     "strict": True,
     "disable_passes": ["a", "b"],
@@ -210,17 +246,19 @@ def test_config_does_not_alias_the_users_dicts() -> None:
     options = json.loads(json.dumps(FULL))
     config = parse(options)
     options["adapters"]["targets"].append("o_proj")
-    options["sparse_backprop"]["freeze"].append("lm_head")
+    options["sparse_backprop"]["*.bias"] = "frozen"
     options["token_elimination"]["keep_ratio"] = 0.9
     assert config.adapters.targets == ("q_proj", "v_proj")  # type: ignore[union-attr]
-    assert config.sparse_backprop == {"freeze": ["embed"]}
-    assert config.token_elimination == {"keep_ratio": 0.4, "block_size": 64}
+    assert config.sparse_backprop is not None and config.sparse_backprop.rules[1] == ("*.bias", ParamPolicy("full"))
+    assert config.token_elimination == TokenEliminationConfig(keep_ratio=0.4, block_size=64)
 
 
 def test_nested_settings_are_read_only() -> None:
     config = parse(FULL)
-    with pytest.raises(TypeError):
-        config.token_elimination["keep_ratio"] = 1.0  # type: ignore[index]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.token_elimination.keep_ratio = 1.0  # type: ignore[misc,union-attr]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.sparse_backprop.rules[0][1].amount = 1.0  # type: ignore[misc,union-attr]
 
 
 @pytest.mark.parametrize("value, strict", [("1", True), ("true", True), ("ON", True), ("0", False),

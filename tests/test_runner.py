@@ -330,6 +330,50 @@ def test_raising_pass_is_undone_with_a_warning(stage: Stage) -> None:
     assert record(backend, "after_explode").status == "unchanged"
 
 
+def drop_conv_weight_gradient(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+    """Joint graph: the first convolution's weight gradient becomes None (a pruning pass's change)."""
+    from memopt.names import gradient_outputs
+    from memopt.passes.rewrite import eliminate_dead_code
+
+    weight = next(i for i, g in enumerate(ctx.inputs) if g.name == "conv1.weight")
+    position = next(out for out, primal in gradient_outputs(gm).items() if primal == weight)
+    removed = eliminate_dead_code(gm, drop_outputs=[position])
+    return PassResult(gm, True, {"removed": len(removed)})
+
+
+def test_a_pass_that_changes_the_graphs_outputs_is_undone() -> None:
+    # Undeclared, turning a gradient into None is a failure: the graph is restored with a warning.
+    backend = MemoptBackend({"codegen": "eager"}, passes=(Pass("drop", "joint", drop_conv_weight_gradient),))
+    with pytest.warns(MemoptPassWarning, match=r"output \d+ was \('gradient', '\(8, 3, 3, 3\)'.* is now None"):
+        train_step_matches_eager(backend)
+    assert record(backend, "drop").status == "failed"
+
+
+def test_a_pass_that_declares_it_drops_gradients_may() -> None:
+    backend = MemoptBackend({"codegen": "eager"}, passes=(
+        Pass("drop", "joint", drop_conv_weight_gradient, drops_gradients=True),))
+    model, x, y = cnn_case()
+    loss, _ = torch.compile(model, backend=backend)(x, y)
+    loss.backward()
+    assert record(backend, "drop").status == "changed" and record(backend, "drop").stats["pass_stats"]["removed"] > 0
+    assert model.conv1.weight.grad is None and model.conv1.bias.grad is not None
+
+
+def test_a_pass_that_changes_an_output_shape_is_undone() -> None:
+    def widen(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+        output = gm.graph.output_node()
+        logits = output.args[0][1]
+        with gm.graph.inserting_before(output):
+            wide = gm.graph.call_function(aten.cat.default, ([logits, logits], 1))
+        wide.meta["example_value"] = torch.cat([logits.meta["example_value"]] * 2, 1)
+        output.args = ((output.args[0][0], wide),)
+        return PassResult(gm, True)
+
+    backend = MemoptBackend({"codegen": "eager"}, passes=(Pass("widen", "model", widen, drops_gradients=True),))
+    with pytest.warns(MemoptPassWarning, match=r"output 1 was \('output', '\(2, 10\)'"):
+        train_step_matches_eager(backend)
+
+
 @pytest.mark.parametrize("stage", ["model", "joint"])
 def test_new_node_without_metadata_is_a_failure(stage: Stage) -> None:
     key = "example_value" if stage == "model" else "val"
@@ -470,7 +514,9 @@ def test_check_order_accepts_a_valid_pipeline() -> None:
     ((_noop("m", "model", after=("n",)), _noop("n", "model")), r"pass 'm' must run after 'n'"),
     ((_noop("twice"), _noop("other"), _noop("twice")), r"\['twice'\] more than once"),
     ((_noop("odd", "backward"),), r"stage 'backward'"),
-], ids=["model-after-joint", "after-violated", "after-violated-model", "duplicate", "bad-stage"])
+    ((Pass("guess", "joint", lambda gm, ctx: PassResult(gm, False), lossy=True),),
+     r"pass 'guess' is lossy but runs under the default options"),
+], ids=["model-after-joint", "after-violated", "after-violated-model", "duplicate", "bad-stage", "lossy-by-default"])
 def test_check_order_rejects(passes: tuple[Pass, ...], match: str) -> None:
     with pytest.raises(MemoptConfigError, match=match):
         check_order(passes)

@@ -22,27 +22,9 @@ from memopt.compiler.runner import check_order, run_passes
 from memopt.config import MemoptConfig, parse_options
 from memopt.cost_model.profile import DeviceProfile, load_profile
 from memopt.errors import MemoptConfigError, MemoptUnsupportedError
+from memopt.names import dynamo_inputs
 from memopt.passes.base import Pass, PassContext
 from memopt.passes.inject_adapters import is_adapter_node
-
-
-def input_kinds(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> tuple[str, ...]:
-    """"parameter", "buffer", "input" or "symint" for each input of a Dynamo graph."""
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    kinds = []
-    for index, value in enumerate(example_inputs):
-        if isinstance(value, torch.nn.Parameter):
-            kinds.append("parameter")
-        elif isinstance(value, (torch.SymInt, int)):
-            kinds.append("symint")
-        else:
-            source = ""
-            if index < len(placeholders):
-                grapharg = placeholders[index].meta.get("grapharg")
-                source = grapharg.source.name if grapharg is not None and hasattr(grapharg, "source") else ""
-                source = source() if callable(source) else str(source)
-            kinds.append("buffer" if "_buffers[" in source or ".buffers" in source else "input")
-    return tuple(kinds)
 
 
 def _compile_id() -> str:
@@ -87,7 +69,7 @@ class MemoptBackend:
                 f"memopt takes its settings through options=..., not {sorted(kwargs)}; e.g. "
                 "torch.compile(model, backend='memopt', options={'memory_budget': '12GiB'})")
         config = self.config
-        kinds = input_kinds(gm, example_inputs)
+        inputs = dynamo_inputs(gm, example_inputs)
         training = torch.is_grad_enabled() and any(
             isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs)
         if config.memory_budget is not None and torch.is_grad_enabled() and not training:
@@ -107,13 +89,14 @@ class MemoptBackend:
                 "options['quantize'] is set, but this graph's adapters sit on full-precision weights: the "
                 "model was prepared without 'quantize'. Call memopt.prepare on a fresh model with the same "
                 "options you compile with, or drop 'quantize' from the options")
-        report = GraphReport(graph_id=graph_id(_compile_id(), gm), codegen=config.codegen, input_kinds=kinds)
+        report = GraphReport(graph_id=graph_id(_compile_id(), gm), codegen=config.codegen, inputs=inputs)
         self.reports.append(report)
         dumper = Dumper(config.dump_dir, report.graph_id)
         dumper.meta = {"options": {k: v for k, v in config.to_dict().items() if k != "dump_dir"},
-                       "codegen": config.codegen, "profile": self.profile.name, "input_kinds": list(kinds)}
+                       "codegen": config.codegen, "profile": self.profile.name, "input_kinds": list(report.input_kinds),
+                       "input_names": [i.name for i in inputs]}
         dumper.stage("captured", gm, kind="model", status="captured", stats={"nodes": len(gm.graph.nodes)})
-        ctx = PassContext(config=config, stage="model", profile=self.profile, input_kinds=kinds)
+        ctx = PassContext(config=config, stage="model", profile=self.profile, inputs=inputs)
         self.progress(f"model-graph passes on {report.graph_id} ({len(gm.graph.nodes)} nodes)")
         start = time.perf_counter()
         gm, records = run_passes(gm, self.passes, ctx, dumper)

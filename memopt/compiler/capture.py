@@ -30,6 +30,7 @@ from memopt.config import MemoptConfig, MemoryBudget
 from memopt.cost_model.estimate import annotate_costs, estimate_node, transfer_time_s
 from memopt.cost_model.profile import DeviceProfile
 from memopt.errors import MemoptPassError
+from memopt.names import GraphInput, joint_graph_inputs
 from memopt.passes.base import Pass, PassContext
 from memopt.schedule.budget import budget_bytes, check_budget
 from memopt.schedule.greedy import NOTHING, Evaluation, Plan, ScheduleResult
@@ -59,7 +60,7 @@ class GraphReport:
 
     graph_id: str
     codegen: str
-    input_kinds: tuple[str, ...]                       # per Dynamo graph input
+    inputs: tuple[GraphInput, ...]                     # per Dynamo graph input: kind, qualified name
     passes: list[PassRecord] = dataclasses.field(default_factory=list)
     joint: torch.fx.GraphModule | None = None          # after the joint passes
     forward: torch.fx.GraphModule | None = None        # partitioned (or the inference graph)
@@ -71,6 +72,10 @@ class GraphReport:
     budget_bytes: int | None = None                    # the memory budget resolved to bytes
     schedule: ScheduleResult | None = None             # what the scheduler chose, with a budget
     seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    @property
+    def input_kinds(self) -> tuple[str, ...]:
+        return tuple(i.kind for i in self.inputs)
 
     def simulate(self, extra_resident: dict[str, int] | None = None) -> MemoryTimeline:
         """Simulate this graph's step again with bytes held outside it (optimizer states, ...)."""
@@ -114,17 +119,13 @@ class JointStage(CustomPartitionerFn):
         num_fwd_outputs = int(kwargs["num_fwd_outputs"])
         static = kwargs.get("static_lifetime_input_indices")
         primals = joint_inputs[0] if joint_inputs and isinstance(joint_inputs[0], (list, tuple)) else []
-        kinds = self.report.input_kinds
-        if len(primals) != len(kinds):
-            # AOTAutograd deduplicated or added inputs: classify by what the values say.
-            kinds = tuple("parameter" if isinstance(p, torch.Tensor) and p.requires_grad else "input"
-                          for p in primals)
-        self.primal_kinds = kinds
+        inputs = joint_graph_inputs(gm, self.report.inputs, primals)
+        self.primal_kinds = tuple(i.kind for i in inputs)
         self.progress(f"joint graph captured ({len(gm.graph.nodes)} nodes); running joint-graph passes")
         if self.dumper.enabled:
             self.dumper.stage("joint", gm, kind="joint", status="captured",
                               stats={"nodes": len(gm.graph.nodes), "predicted": _measure(gm)})
-        ctx = PassContext(config=self.config, stage="joint", profile=self.profile, input_kinds=kinds)
+        ctx = PassContext(config=self.config, stage="joint", profile=self.profile, inputs=inputs)
         start = time.perf_counter()
         gm, records = run_passes(gm, self.passes, ctx, self.dumper, measure=_measure)
         self.report.passes.extend(records)

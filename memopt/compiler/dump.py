@@ -150,9 +150,12 @@ class Dumper:
 
     def stage(self, name: str, gm: torch.fx.GraphModule | None, *, kind: str, status: str,
               stats: dict[str, Any] | None = None, seconds: float | None = None,
-              reason: str | None = None) -> None:
-        """Record one stage; write its code and stats when it produced a graph."""
+              reason: str | None = None, lossy: bool = False) -> None:
+        """Record one stage; write its code and stats when it produced a graph. ``lossy``: a pass that
+        changes values (the index says so)."""
         entry: dict[str, Any] = {"name": name, "kind": kind, "status": status}
+        if lossy:
+            entry["lossy"] = True
         if reason is not None:
             entry["reason"] = reason
         if gm is not None and self.folder is not None:

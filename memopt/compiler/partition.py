@@ -17,6 +17,7 @@ from torch._functorch.partitioners import min_cut_rematerialization_partition
 
 from memopt.cost_model.bytes import storage_nbytes
 from memopt.errors import MemoptError
+from memopt.passes.rewrite import fake_call, fake_result
 from memopt.schedule.problem import protect_random, redrawn_random
 from memopt.schedule.simulate import PACKED_SUFFIX, aliased_argument
 from memopt.schedule.streams import reload_points
@@ -91,8 +92,6 @@ def _fill_rng_values(*graphs: torch.fx.GraphModule) -> None:
     """torch's RNG functionalization (an op tagged ``nondeterministic_seeded`` that a cut recomputes, e.g.
     attention without dropout) wraps it in ``run_and_save_rng_state`` / ``run_with_rng_state`` nodes
     without fake values; memopt's simulator and cost model size every node from its ``meta["val"]``."""
-    from memopt.passes.base import fake_result
-
     wrappers = (torch._prims.rng_prims.run_and_save_rng_state, torch._prims.rng_prims.run_with_rng_state)
     for gm in graphs:
         for node in gm.graph.nodes:
@@ -120,7 +119,7 @@ def _replace_saved(fw_gm: torch.fx.GraphModule, bw_gm: torch.fx.GraphModule, nam
                 # Saved values pair with the backward's inputs by name: both sides use <name><suffix>.
                 node = fw_gm.graph.create_node("call_function", op, (value, *args),
                                                name=f"{value.name}{suffix}")
-            node.meta["val"] = _fake_call(op, value.meta["val"], *args)
+            node.meta["val"] = fake_call(op, value.meta["val"], *args)
             node.meta["memopt_pass"] = tag
             made[value.name] = node
         values[index] = made[value.name]
@@ -164,7 +163,7 @@ def apply_offload(fw_gm: torch.fx.GraphModule, bw_gm: torch.fx.GraphModule, name
             reloaded = bw_gm.graph.call_function(reload_op, (placeholder, device_val.device))
         with bw_gm.graph.inserting_before(first):
             waited = bw_gm.graph.call_function(wait_op, (reloaded,))
-        reloaded.meta["val"] = _fake_call(reload_op, placeholder.meta["val"], device_val.device)
+        reloaded.meta["val"] = fake_call(reload_op, placeholder.meta["val"], device_val.device)
         waited.meta["val"] = None
         for node in (reloaded, waited):
             node.meta["memopt_pass"] = "schedule:offload"
@@ -189,19 +188,8 @@ def apply_compress(fw_gm: torch.fx.GraphModule, bw_gm: torch.fx.GraphModule, nam
         args = (list(val.shape), list(val.stride()), val.dtype, fmt)
         with bw_gm.graph.inserting_before(first):
             unpacked = bw_gm.graph.call_function(decompress_op, (placeholder, *args))
-        unpacked.meta["val"] = _fake_call(decompress_op, placeholder.meta["val"], *args)
+        unpacked.meta["val"] = fake_call(decompress_op, placeholder.meta["val"], *args)
         unpacked.meta["memopt_pass"] = "schedule:compress"
         placeholder.replace_all_uses_with(unpacked, delete_user_cb=lambda n: n is not unpacked)
     bw_gm.graph.lint()
     bw_gm.recompile()
-
-
-def _fake_call(op: object, *args: object) -> object:
-    """Run ``op`` on the fake values of its arguments, in their fake mode, for ``meta["val"]``."""
-    from torch._subclasses.fake_tensor import FakeTensor
-
-    fake = next((a for a in args if isinstance(a, FakeTensor)), None)
-    if fake is None:
-        return None
-    with fake.fake_mode:
-        return op(*args)  # type: ignore[operator]

@@ -1,7 +1,9 @@
 """The one runner every pass goes through.
 
 For each pass it: skips it when disabled by name (option ``disable_passes`` or ``MEMOPT_DISABLE_PASSES``)
-or not asked for by the options; lints the graph and checks node metadata before and after; times it;
+or not asked for by the options; lints the graph and checks node metadata before and after; checks that
+the graph's outputs are what they were (count, shapes, dtypes, which ones are gradients: Note [What a
+pass must keep]); times it;
 tags the nodes it made with ``meta["memopt_pass"]``; records stats (nodes added/removed, the pass's own
 counts, and for joint graphs the predicted saved-activation bytes and peak before/after); and dumps the
 result. A pass that raises, or leaves a graph that fails the checks, is undone (the graph it was given is
@@ -20,7 +22,9 @@ from typing import Any
 import torch.fx
 
 from memopt.compiler.dump import Dumper
+from memopt.config import MemoptConfig
 from memopt.errors import MemoptConfigError, MemoptPassError
+from memopt.names import gradient_outputs
 from memopt.passes.base import Pass, PassContext, PassResult, Stage
 
 
@@ -39,7 +43,8 @@ class PassRecord:
 
 
 def check_order(passes: Sequence[Pass]) -> None:
-    """Model passes before joint passes; every ``after`` constraint met; names unique."""
+    """Model passes before joint passes; every ``after`` constraint met; names unique; no lossy pass
+    runs unless an option asks for it."""
     names = [p.name for p in passes]
     if len(set(names)) != len(names):
         dup = sorted({n for n in names if names.count(n) > 1})
@@ -54,6 +59,10 @@ def check_order(passes: Sequence[Pass]) -> None:
             raise MemoptConfigError(
                 f"model-graph pass {p.name!r} is listed after a joint-graph pass; model passes run "
                 "before AOTAutograd, so list them first")
+        if p.lossy and p.wanted(MemoptConfig()):
+            raise MemoptConfigError(
+                f"pass {p.name!r} is lossy but runs under the default options; a lossy pass must run only "
+                "when its option asks for it (give it a `wanted` that reads that option)")
         for before in p.after:
             if before in names and names.index(before) > index:
                 raise MemoptConfigError(
@@ -80,6 +89,46 @@ def check_graph(gm: torch.fx.GraphModule, stage: Stage, *, where: str,
                 f"{where}: node {node.name!r} ({node.op} {node.target}) has no meta[{key!r}]; every pass "
                 f"must set it on the nodes it creates (copy it from the node it replaces, or run the op on "
                 "fake tensors)")
+
+
+# Note [What a pass must keep]
+# A pass rewrites how a graph computes its outputs, never what they are: AOTAutograd and Dynamo hold the
+# count, shapes and dtypes they expect, and a joint graph's outputs pair with the inputs whose gradients
+# they are. A changed output would surface later as a shape error inside torch, or as a gradient given
+# to the wrong parameter. The runner compares each output before and after; a pass that turns gradients
+# into None on purpose (backprop pruning) says so with ``drops_gradients``, and only that change passes.
+
+def output_signature(gm: torch.fx.GraphModule, stage: Stage) -> list[tuple[str, str, str] | None]:
+    """Per output of ``gm``: ("gradient" or "output", shape, dtype), None for a None output."""
+    key = _meta_key(stage)
+    outputs = gm.graph.output_node().args[0]
+    values = list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
+    gradients = gradient_outputs(gm) if stage == "joint" else {}
+    signature: list[tuple[str, str, str] | None] = []
+    for index, value in enumerate(values):
+        if value is None:
+            signature.append(None)
+            continue
+        val = value.meta.get(key) if isinstance(value, torch.fx.Node) else value
+        shape = tuple(val.shape) if isinstance(val, torch.Tensor) else type(val).__name__
+        dtype = str(val.dtype) if isinstance(val, torch.Tensor) else ""
+        signature.append(("gradient" if index in gradients else "output", str(shape), dtype))
+    return signature
+
+
+def check_outputs(before: list[tuple[str, str, str] | None], after: list[tuple[str, str, str] | None],
+                  p: Pass) -> None:
+    """Note [What a pass must keep]."""
+    if len(before) != len(after):
+        raise MemoptPassError(f"the graph returned {len(before)} values and now returns {len(after)}; a pass "
+                              "must keep the graph's outputs")
+    for index, (old, new) in enumerate(zip(before, after)):
+        if old == new or (p.drops_gradients and new is None and old is not None and old[0] == "gradient"):
+            continue
+        raise MemoptPassError(
+            f"output {index} was {old} and is now {new}; a pass must keep the graph's outputs (count, shapes, "
+            "dtypes, which are gradients)" + ("" if p.drops_gradients else
+                                             ", unless it declares drops_gradients=True to turn gradients into None"))
 
 
 def _copy_graph(gm: torch.fx.GraphModule) -> torch.fx.Graph:
@@ -122,6 +171,7 @@ def run_passes(gm: torch.fx.GraphModule, passes: Sequence[Pass], ctx: PassContex
             dumper.stage(p.name, None, kind=p.stage, status="not requested")
             continue
         backup = _copy_graph(gm)
+        signature = output_signature(gm, ctx.stage)
         nodes_before = set(gm.graph.nodes)
         count_before = len(gm.graph.nodes)
         start = time.perf_counter()
@@ -133,6 +183,7 @@ def run_passes(gm: torch.fx.GraphModule, passes: Sequence[Pass], ctx: PassContex
             new_gm.recompile()
             added = [n for n in new_gm.graph.nodes if n not in nodes_before]
             check_graph(new_gm, ctx.stage, where=f"after pass {p.name!r}", new_nodes=added)
+            check_outputs(signature, output_signature(new_gm, ctx.stage), p)
         except Exception as err:  # noqa: BLE001 - the documented fallback; the cause is reported
             seconds = time.perf_counter() - start
             reason = f"{type(err).__name__}: {err}"
@@ -145,7 +196,8 @@ def run_passes(gm: torch.fx.GraphModule, passes: Sequence[Pass], ctx: PassContex
             gm.graph = backup
             gm.recompile()
             records.append(PassRecord(p.name, p.stage, "failed", seconds, reason=reason))
-            dumper.stage(p.name, None, kind=p.stage, status="failed", seconds=seconds, reason=reason)
+            dumper.stage(p.name, None, kind=p.stage, status="failed", seconds=seconds, reason=reason,
+                         lossy=p.lossy)
             continue
         seconds = time.perf_counter() - start
         for node in added:
@@ -166,6 +218,6 @@ def run_passes(gm: torch.fx.GraphModule, passes: Sequence[Pass], ctx: PassContex
             before_measure = after_measure
         status = "changed" if result.changed else "unchanged"
         records.append(PassRecord(p.name, p.stage, status, seconds, stats))
-        dumper.stage(p.name, new_gm, kind=p.stage, status=status, stats=stats, seconds=seconds)
+        dumper.stage(p.name, new_gm, kind=p.stage, status=status, stats=stats, seconds=seconds, lossy=p.lossy)
         gm = new_gm
     return gm, records

@@ -3,7 +3,9 @@
 A pass is a module ``memopt/passes/<verb>_<object>.py`` with ``run(gm, ctx) -> PassResult``. It rewrites
 the graph (in place or into a new one), says whether anything changed, and returns counts in ``stats``
 (pattern hits under the pattern's name). It never writes files, calls the solver or imports codegen: the
-runner (``memopt/compiler/runner.py``) times it, lints it, tags its nodes and dumps it.
+runner (``memopt/compiler/runner.py``) times it, lints it, checks what it must keep, tags its nodes and
+dumps it. Graph helpers (make or replace a node with its metadata and fake value, dead-code
+elimination) are in :mod:`memopt.passes.rewrite`.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch.fx
 if TYPE_CHECKING:
     from memopt.config import MemoptConfig
     from memopt.cost_model.profile import DeviceProfile
+    from memopt.names import GraphInput
 
 Stage = Literal["model", "joint"]
 
@@ -35,8 +38,20 @@ class PassContext:
     config: MemoptConfig
     stage: Stage
     profile: DeviceProfile
-    # Per input of the graph: "parameter", "buffer", "input" or "symint" (model graph and joint primals).
-    input_kinds: tuple[str, ...] = ()
+    # Per input of the graph (the model graph's placeholders; the joint graph's ``primals_*``): its kind
+    # and, for parameters and buffers, its qualified name in the model (:mod:`memopt.names`).
+    inputs: tuple[GraphInput, ...] = ()
+
+    @property
+    def input_kinds(self) -> tuple[str, ...]:
+        return tuple(i.kind for i in self.inputs)
+
+    def input_of(self, placeholder: torch.fx.Node) -> GraphInput | None:
+        """The graph input ``placeholder`` stands for (None for a joint graph's tangents)."""
+        placeholders = [n for n in placeholder.graph.nodes if n.op == "placeholder"
+                        and not n.name.startswith("tangents")]
+        index = placeholders.index(placeholder) if placeholder in placeholders else -1
+        return self.inputs[index] if 0 <= index < len(self.inputs) else None
 
 
 PassFn = Callable[[torch.fx.GraphModule, PassContext], PassResult]
@@ -53,6 +68,12 @@ class Pass:
     wanted: Callable[[MemoptConfig], bool] = lambda config: True
     # Passes that must come before this one when both are in the pipeline; checked by the runner.
     after: tuple[str, ...] = ()
+    # Lossy: changes values (token elimination, compression). Runs only when its option asks for it
+    # (``wanted``), and the dumps' index says so.
+    lossy: bool = False
+    # A joint pass that turns gradient outputs into None on purpose (backprop pruning of parameters the
+    # policy freezes). Every other change to the joint graph's outputs fails the runner's check.
+    drops_gradients: bool = False
 
 
 def call_argument(node: torch.fx.Node, name: str) -> Any:
@@ -62,23 +83,3 @@ def call_argument(node: torch.fx.Node, name: str) -> Any:
         if argument.name == name:
             return node.args[index] if index < len(node.args) else node.kwargs.get(name, argument.default_value)
     raise KeyError(f"{node.target} has no argument {name!r}")
-
-
-def fake_result(node: torch.fx.Node, key: str) -> Any:
-    """What ``node`` computes on its inputs' fake values (``meta[key]``: ``"example_value"`` in Dynamo's
-    graph, ``"val"`` in the joint graph): the value a pass gives a node it creates."""
-    from torch._subclasses.fake_tensor import FakeTensor
-
-    def value(a: Any) -> Any:
-        return a.meta[key] if isinstance(a, torch.fx.Node) else a
-
-    args = torch.fx.node.map_aggregate(node.args, value)
-    kwargs = torch.fx.node.map_aggregate(node.kwargs, value)
-    fakes: list[FakeTensor] = []
-    torch.fx.node.map_aggregate((args, kwargs), lambda v: fakes.append(v) if isinstance(v, FakeTensor) else None)
-    if not fakes:
-        raise ValueError(f"no fake tensor among the inputs of {node.format_node()}")
-    with fakes[0].fake_mode:
-        if node.op == "call_method":
-            return getattr(args[0], node.target)(*args[1:], **kwargs)          # type: ignore[arg-type]
-        return node.target(*args, **kwargs)                                     # type: ignore[operator]

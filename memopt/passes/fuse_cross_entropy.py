@@ -20,7 +20,8 @@ import torch
 import torch.fx
 
 import memopt.runtime.cross_entropy  # noqa: F401  (registers memopt::cross_entropy_backward)
-from memopt.passes.base import Pass, PassContext, PassResult, call_argument, fake_result
+from memopt.passes.base import Pass, PassContext, PassResult, call_argument
+from memopt.passes.rewrite import replace_node
 
 _aten = torch.ops.aten
 
@@ -50,13 +51,8 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         if _undetached(nll_log_probs) is not _undetached(log_probs) or weight is not None or val.dim() not in (1, 2) \
                 or dim not in (val.dim() - 1, -1):
             continue
-        with graph.inserting_before(node):
-            fused_node = graph.call_function(torch.ops.memopt.cross_entropy_backward.default,
-                                             (g, log_probs, target, reduction, ignore_index, total_weight, dtype))
-        fused_node.meta.update({k: v for k, v in node.meta.items() if k != "val"})
-        fused_node.meta["val"] = fake_result(fused_node, "val")
-        node.replace_all_uses_with(fused_node)
-        graph.erase_node(node)
+        replace_node(node, torch.ops.memopt.cross_entropy_backward.default,
+                     (g, log_probs, target, reduction, ignore_index, total_weight, dtype))
         graph.erase_node(grad)
         fused += 1
     if fused:

@@ -28,7 +28,8 @@ from typing import Any
 import torch
 import torch.fx
 
-from memopt.passes.base import Pass, PassContext, PassResult, fake_result
+from memopt.passes.base import Pass, PassContext, PassResult
+from memopt.passes.rewrite import make_node
 
 _aten = torch.ops.aten
 
@@ -99,13 +100,9 @@ def _fuse_lora_epilogue(graph: torch.fx.Graph, fused: torch.fx.Node) -> bool:
     if len(shapes) != 3 or not shapes[0] == shapes[1] == shapes[2]:
         return False
     with graph.inserting_before(add):
-        new = graph.call_function(torch.ops.memopt.nf4_mm_lora.default,
-                                  (*fused.args[:-1], xa, b_t.args[0], float(scale)))
-        new.meta.update({k: v for k, v in fused.meta.items() if k != "val"})
-        new.meta["val"] = fake_result(new, "val")
-        out = graph.call_function(base.target, (new, *base.args[1:]))       # type: ignore[arg-type]
-        out.meta.update({k: v for k, v in add.meta.items() if k != "val"})
-        out.meta["val"] = fake_result(out, "val")
+        new = make_node(graph, torch.ops.memopt.nf4_mm_lora.default,
+                        (*fused.args[:-1], xa, b_t.args[0], float(scale)), like=fused)
+        out = make_node(graph, base.target, (new, *base.args[1:]), like=add)
     add.replace_all_uses_with(out)
     for node in (add, lora, up, mm, base, fused):
         graph.erase_node(node)
@@ -145,14 +142,8 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
                 continue
             with graph.inserting_before(user):
                 # mm(x, W.T) is x @ W.T: transposed=False; mm(x, W) is x @ W: transposed=True.
-                fused = graph.call_function(fused_op, (x, *storage, not flipped))
-                fused.meta.update({k: v for k, v in user.meta.items() if k != "val"})
-                fused.meta["val"] = fake_result(fused, "val")
-                out = fused
-                if bias is not None:
-                    out = graph.call_function(_aten.add.Tensor, (fused, bias))
-                    out.meta.update({k: v for k, v in user.meta.items() if k != "val"})
-                    out.meta["val"] = fake_result(out, "val")
+                fused = make_node(graph, fused_op, (x, *storage, not flipped), like=user)
+                out = fused if bias is None else make_node(graph, _aten.add.Tensor, (fused, bias), like=user)
             user.replace_all_uses_with(out)
             graph.erase_node(user)
             stats["fused_matmuls"] += 1

@@ -17,7 +17,8 @@ from typing import Any
 import torch
 import torch.fx
 
-from memopt.passes.base import Pass, PassContext, PassResult, fake_result
+from memopt.passes.base import Pass, PassContext, PassResult
+from memopt.passes.rewrite import fake_result
 from memopt.runtime.adapters import METHOD_CODES, _adapter_delta
 
 _METHODS = {code: name for name, code in METHOD_CODES.items()}

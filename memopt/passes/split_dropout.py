@@ -26,7 +26,8 @@ import operator
 import torch
 import torch.fx
 
-from memopt.passes.base import Pass, PassContext, PassResult, fake_result
+from memopt.passes.base import Pass, PassContext, PassResult
+from memopt.passes.rewrite import make_node
 
 _aten = torch.ops.aten
 
@@ -64,11 +65,9 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
             mask.meta["val"] = node.meta["val"][1]
             stats["masks_made"] += 1
         with graph.inserting_after(max(y, mask, key=lambda n: order.get(n, order[y] + 1))):
-            applied = graph.call_function(_aten.native_dropout_backward.default,
-                                          (x, mask, dropout_scale(p, val.dtype, val.device)))
-        # The dropout's place in the model (module stack, seq_nr) for the layer classes of the schedule.
-        applied.meta.update({k: v for k, v in y.meta.items() if k != "val"})
-        applied.meta["val"] = fake_result(applied, "val")
+            # The dropout's place in the model (module stack, seq_nr) for the layer classes of the schedule.
+            applied = make_node(graph, _aten.native_dropout_backward.default,
+                                (x, mask, dropout_scale(p, val.dtype, val.device)), like=y)
         y.replace_all_uses_with(applied)
         graph.erase_node(y)
         stats["dropouts"] += 1

@@ -7,7 +7,7 @@ Note [Layer classes and fronts]
 A monolithic model (one boolean per value and choice, one constraint per event) does not scale: a
 32-layer model has hundreds of values and thousands of events, each constraint over every value whose
 window covers it. The model is decomposed along the repeated layers the module stack shows
-(:func:`memopt.schedule.model.layer_of`):
+(:func:`memopt.names.layer_of`):
 
 1. *Classes.* Layers whose values match one for one (place in the layer, bytes, choices and costs) form
    a class. For one layer of each class a small CP-SAT model finds its front: plans of that layer that

@@ -51,12 +51,12 @@ from __future__ import annotations
 
 import dataclasses
 import operator
-import re
 from collections.abc import Callable, Mapping
 
 import torch
 import torch.fx
 
+from memopt.names import layer_of
 from memopt.schedule.problem import (
     Candidate,
     _unrecomputable_reason,
@@ -177,24 +177,6 @@ class ScheduleProblem:
                     out += [(w.name, a, u.name, b) for b in u.options
                             if b.end > a.end or (through and b.kind != RECOMPUTE)]
         return out
-
-
-_LAYER = re.compile(r"^(.*?\.)(\d+)(?=\.|$)")
-
-
-def layer_of(node: torch.fx.Node) -> tuple[str | None, str]:
-    """(layer id, path with the layer index stripped) from a node's module stack: the first path
-    segment that is an integer marks a repeated layer (``model.layers.3.mlp`` -> ``model.layers.3``)."""
-    stack = node.meta.get("nn_module_stack") or node.meta.get("fwd_nn_module_stack") or {}
-    paths = [str(v[0]) for v in stack.values() if isinstance(v, tuple) and v]
-    if not paths:
-        return None, ""
-    innermost = paths[-1]
-    match = _LAYER.match(innermost)
-    if match is None:
-        return None, innermost
-    layer = match.group(1) + match.group(2)
-    return layer, match.group(1) + "*" + innermost[match.end():]
 
 
 def _alias_closure(node: torch.fx.Node) -> list[torch.fx.Node]:
