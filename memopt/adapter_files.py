@@ -9,6 +9,14 @@ loads them and memopt loads what PEFT wrote:
 - ``adapter_model.safetensors``: ``base_model.model.<linear>.lora_A.weight`` ``(r, in)``,
   ``...lora_B.weight`` ``(out, r)`` and, for DoRA, ``...lora_magnitude_vector`` ``(out,)``.
 
+Sparse backprop (``options["sparse_backprop"]``, :mod:`memopt.sparse`) writes only what trains, in the
+same two files with a format of memopt's own: ``adapter_config.json`` has ``"peft_type":
+"MEMOPT_SPARSE"``, ``"memopt_format": 1``, ``sparse_backprop`` (the policy, as given) and ``trained``
+(per trained parameter: ``kind`` full/columns/rows and, for slices, ``dim``); the tensors are
+``<param>`` for a parameter trained whole, and ``<param>.values`` (the slice) with ``<param>.index``
+(int64, the channels along ``dim``) for a slice. Loading prepares a fresh model with the stored policy
+and the stored indices, so the slices land where they were trained.
+
 PaCA, which PEFT does not have, uses the same two files with a format of memopt's own:
 ``adapter_config.json`` has ``"peft_type": "MEMOPT_PACA"``, ``"memopt_format": 1``, ``r``, ``seed`` and
 ``target_modules``; the tensors are ``<linear>.paca.columns`` ``(out, r)``, the change to the chosen
@@ -27,18 +35,22 @@ from torch import nn
 from memopt.errors import MemoptConfigError, MemoptUnsupportedError
 from memopt.prepare import adapter_modules, prepare, prepared_adapters
 from memopt.runtime.adapters import Adapter
+from memopt.sparse import Decision, prepare_sparse, sparse_decisions, trained_parameters
 
 __all__ = ["load_adapters", "save_adapters"]
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 PACA_TYPE, PACA_FORMAT = "MEMOPT_PACA", 1
+SPARSE_TYPE, SPARSE_FORMAT = "MEMOPT_SPARSE", 1
 
 
 def save_adapters(model: nn.Module, directory: str | Path) -> Path:
     """Write ``model``'s adapters to ``directory`` (created if needed); returns it."""
     from safetensors.torch import save_file
 
+    if sparse_decisions(model) is not None:
+        return _save_sparse(model, Path(directory))
     config = prepared_adapters(model)
     if config is None:
         raise MemoptConfigError("this model has no memopt adapters to save; call memopt.prepare(model, options) "
@@ -93,6 +105,8 @@ def load_adapters(model: nn.Module, directory: str | Path) -> nn.Module:
                                 "(written by memopt.save_adapters or PEFT's save_pretrained)")
     meta = json.loads((folder / CONFIG_FILE).read_text())
     kind = meta.get("peft_type")
+    if kind == SPARSE_TYPE:
+        return _load_sparse(model, folder, meta)
     if kind == PACA_TYPE:
         if meta.get("memopt_format") != PACA_FORMAT:
             raise MemoptUnsupportedError(f"{folder}: PaCA format {meta.get('memopt_format')!r}; this memopt "
@@ -135,4 +149,64 @@ def load_adapters(model: nn.Module, directory: str | Path) -> nn.Module:
                 raise MemoptConfigError(f"{folder}: {key} has shape {tuple(value.shape)}, the model's adapter "
                                         f"{tuple(target.shape)}")
             target.copy_(value.to(device=target.device, dtype=target.dtype))
+    return model
+
+
+def _sparse_tensors(model: nn.Module, decisions: list[Decision]) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for decision in decisions:
+        (parameter,) = trained_parameters(model, decision)
+        if decision.kind == "full":
+            out[decision.name] = parameter
+        else:
+            out[f"{decision.name}.values"] = parameter
+            out[f"{decision.name}.index"] = torch.tensor(decision.index, dtype=torch.int64)
+    return out
+
+
+def _save_sparse(model: nn.Module, out: Path) -> Path:
+    from safetensors.torch import save_file
+
+    plan = sparse_decisions(model)
+    assert plan is not None
+    trained = [d for d in plan.decisions.values() if d.kind != "frozen"]
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu().clone() for k, v in _sparse_tensors(model, trained).items()}
+    save_file(tensors, str(out / WEIGHTS_FILE))
+    meta = {"peft_type": SPARSE_TYPE, "memopt_format": SPARSE_FORMAT,
+            "sparse_backprop": plan.config.to_option(),
+            "trained": {d.name: {"kind": d.kind, **({"dim": d.dim} if d.dim is not None else {})} for d in trained}}
+    (out / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return out
+
+
+def _load_sparse(model: nn.Module, folder: Path, meta: dict[str, Any]) -> nn.Module:
+    from safetensors.torch import load_file
+
+    from memopt.config import parse_options
+
+    if meta.get("memopt_format") != SPARSE_FORMAT:
+        raise MemoptUnsupportedError(f"{folder}: sparse format {meta.get('memopt_format')!r}; this memopt reads "
+                                     f"format {SPARSE_FORMAT}")
+    tensors = load_file(str(folder / WEIGHTS_FILE))
+    indices = {name[:-len(".index")]: tuple(t.tolist()) for name, t in tensors.items() if name.endswith(".index")}
+    config = parse_options({"sparse_backprop": meta["sparse_backprop"]}).sparse_backprop
+    assert config is not None
+    if sparse_decisions(model) is None:
+        prepare_sparse(model, config, indices=indices)
+    plan = sparse_decisions(model)
+    assert plan is not None
+    trained = [d for d in plan.decisions.values() if d.kind != "frozen"]
+    if plan.config != config or any(d.index != indices.get(d.name, ()) for d in trained):
+        raise MemoptConfigError(f"{folder} holds slices of another policy or other channels than this model was "
+                                "prepared with; load them onto a fresh model instead")
+    expected = _sparse_tensors(model, trained)
+    if expected.keys() != tensors.keys():
+        raise MemoptConfigError(f"{folder} does not fit this model: missing "
+                                f"{sorted(expected.keys() - tensors.keys())[:5]}, unexpected "
+                                f"{sorted(tensors.keys() - expected.keys())[:5]}")
+    with torch.no_grad():
+        for key, target in expected.items():
+            if not key.endswith(".index"):
+                target.copy_(tensors[key].to(device=target.device, dtype=target.dtype))
     return model

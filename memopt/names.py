@@ -54,14 +54,18 @@ def qualified_name(source: str) -> str | None:
     root = _ROOT.match(source)
     if root is None:
         return None
-    parts, at = [], root.end()
+    parts, first_module_step, at = [], None, root.end()
     while at < len(source):
         step = _STEP.match(source, at)
         if step is None:
             return None
+        if step.group(1) is not None and first_module_step is None:
+            first_module_step = len(parts)
         parts.append(next(g for g in step.groups() if g is not None))
         at = step.end()
-    return ".".join(parts) or None
+    # The path to the root module itself (``L['args'][0]`` when a wrapper passes it on) is not part of
+    # the name: it starts at the first ``_modules`` / ``_parameters`` / ``_buffers`` step.
+    return ".".join(parts[first_module_step or 0:]) or None
 
 
 def _source_name(node: torch.fx.Node) -> str:

@@ -133,6 +133,16 @@ def frozen_by_policy(names: Sequence[str], config: SparseBackpropConfig) -> set[
     return out
 
 
+def unprepared_slices(names: Sequence[str], config: SparseBackpropConfig) -> list[str]:
+    """Of a graph's parameter ``names``, the weights the policy slices that were not prepared (no slice
+    parameter among the names): compiled so, they would train dense."""
+    prepared = {canonical_name(n) for n in names if n.endswith(".0.values")}
+    plain = [n for n in names if canonical_name(n) == n]
+    stacks = _stacks(plain)
+    return [n for n in plain if n not in prepared and (rule := rule_of(n, config, stacks)) is not None
+            and rule[1].kind in ("columns", "rows")]
+
+
 # --------------------------------------------------------------------------------------------------------
 # Resolving the policy on a model
 # --------------------------------------------------------------------------------------------------------
@@ -221,7 +231,22 @@ def resolve(model: nn.Module, config: SparseBackpropConfig) -> dict[str, Decisio
         elif name not in decisions:                                 # a "bias" rule may have decided it
             decisions[name] = Decision(name, "frozen" if policy.kind == "frozen" else "full", pattern,
                                        sampled=sampled)
+    _check_tied(model, decisions)
     return decisions
+
+
+def _check_tied(model: nn.Module, decisions: dict[str, Decision]) -> None:
+    """A tensor the model holds under several names (tied embeddings) gets one policy: the compiled
+    graph sees it under one name only."""
+    names: dict[int, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(parameter), []).append(canonical_name(name))
+    for group in names.values():
+        kinds = {decisions[n].kind for n in group if n in decisions}
+        if len(kinds) > 1:
+            raise MemoptConfigError(
+                f"sparse_backprop: {' and '.join(map(repr, group))} are one tensor (tied), but the rules give "
+                f"them {' and '.join(sorted(kinds))}; give every name of a tied tensor the same policy")
 
 
 def _full_weight(module: nn.Module, fallback: torch.Tensor) -> torch.Tensor:
@@ -268,8 +293,10 @@ def sparse_decisions(model: nn.Module) -> SparsePlan | None:
     return plan if isinstance(plan, SparsePlan) else None
 
 
-def prepare_sparse(model: nn.Module, options: SparseBackpropConfig | MemoptConfig) -> nn.Module:
-    """Freeze what the policy does not train and make each trained slice a small parameter (in place)."""
+def prepare_sparse(model: nn.Module, options: SparseBackpropConfig | MemoptConfig, *,
+                   indices: dict[str, tuple[int, ...]] | None = None) -> nn.Module:
+    """Freeze what the policy does not train and make each trained slice a small parameter (in place).
+    ``indices``: slices' channels by parameter name, instead of choosing them (loading saved slices)."""
     config = options.sparse_backprop if isinstance(options, MemoptConfig) else options
     assert config is not None
     done = sparse_decisions(model)
@@ -280,6 +307,9 @@ def prepare_sparse(model: nn.Module, options: SparseBackpropConfig | MemoptConfi
             f"this model was prepared with sparse_backprop {done.config.to_option()}; it cannot be prepared again "
             f"with {config.to_option()}. Merge it (memopt.merge_sparse) or build a fresh model to change it")
     decisions = resolve(model, config)
+    for name, index in (indices or {}).items():
+        if name in decisions:
+            decisions[name] = dataclasses.replace(decisions[name], index=index)
     from torch.nn.utils import parametrize
 
     from memopt.runtime.sparse_update import SliceUpdate

@@ -15,6 +15,7 @@ from tests.models import MLP
 @pytest.mark.parametrize(("source", "name"), [
     ("L['self']._modules['model']._modules['layers']._modules['3']._parameters['weight']", "model.layers.3.weight"),
     ("L['self']._modules['bn']._buffers['running_mean']", "bn.running_mean"),
+    ("L['args'][0]._modules['model']._modules['embed_tokens']._parameters['weight']", "model.embed_tokens.weight"),
     ("L['self'].model.layers[3].mlp.up_proj.weight", "model.layers.3.mlp.up_proj.weight"),
     ("L['fn']._modules['2']._modules['parametrizations']._modules['weight']._parameters['original']",
      "2.parametrizations.weight.original"),

@@ -22,9 +22,23 @@ from memopt.compiler.runner import check_order, run_passes
 from memopt.config import MemoptConfig, parse_options
 from memopt.cost_model.profile import DeviceProfile, load_profile
 from memopt.errors import MemoptConfigError, MemoptUnsupportedError
-from memopt.names import dynamo_inputs
+from memopt.names import GraphInput, dynamo_inputs
 from memopt.passes.base import Pass, PassContext
 from memopt.passes.inject_adapters import is_adapter_node
+
+
+def _check_sparse_prepared(config: MemoptConfig, inputs: Sequence[GraphInput]) -> None:
+    from memopt.sparse import unprepared_slices
+
+    assert config.sparse_backprop is not None
+    if config.sparse_backprop.auto:
+        raise MemoptUnsupportedError("sparse_backprop 'auto' is not built yet; give the policy as rules")
+    missing = unprepared_slices([i.name for i in inputs if i.kind == "parameter" and i.name], config.sparse_backprop)
+    if missing:
+        raise MemoptConfigError(
+            f"options['sparse_backprop'] trains slices of {len(missing)} weights ({', '.join(missing[:3])}"
+            f"{' ...' if len(missing) > 3 else ''}), but the model was not prepared: call memopt.prepare(model, "
+            "options) before torch.compile (it makes each slice a small parameter for the optimizer)")
 
 
 def _compile_id() -> str:
@@ -83,6 +97,8 @@ class MemoptBackend:
                 "call memopt.prepare(model, options) before torch.compile (it freezes the base weights and "
                 "creates the adapters, so that the optimizer can be built on them), or drop 'adapters' "
                 "from the options to train the model as it is")
+        if config.sparse_backprop is not None and training:
+            _check_sparse_prepared(config, inputs)
         if config.quantize is not None and any(is_adapter_node(n) for n in gm.graph.nodes) and not any(
                 "dequantize_" in str(n.target) for n in gm.graph.nodes):
             raise MemoptConfigError(

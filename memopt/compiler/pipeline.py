@@ -4,8 +4,7 @@ One tuple, one line per pass, each with why it sits where it does. Model-graph p
 torch-level graph before AOTAutograd; joint-graph passes run on the aten-level joint forward+backward
 graph after it. The runner checks the order (``stage`` and each pass's ``after``) before anything runs.
 
-The rewriting passes arrive with their issues (token elimination and backprop pruning are still to
-come). Tests add passes of their own through
+The rewriting passes arrive with their issues (token elimination is still to come). Tests add passes of their own through
 ``MemoptBackend(passes=...)``, never by mutating this tuple.
 """
 
@@ -15,11 +14,15 @@ from memopt.passes.base import Pass
 from memopt.passes.fuse_cross_entropy import FUSE_CROSS_ENTROPY
 from memopt.passes.fuse_dequant import FUSE_DEQUANT
 from memopt.passes.inject_adapters import INJECT_ADAPTERS
+from memopt.passes.prune_backprop import PRUNE_BACKPROP
 from memopt.passes.split_dropout import SPLIT_DROPOUT
 
 PIPELINE: tuple[Pass, ...] = (
     # Model graph, first: the adapters are part of the model every later pass and the schedule see.
     INJECT_ADAPTERS,
+    # Joint graph, first: gradients nobody trains and the nodes and saved activations only they needed
+    # go before any other pass or the schedule spends work on them.
+    PRUNE_BACKPROP,
     # Joint graph: a dropout's output becomes a pointwise multiply by its saved mask, which the schedule
     # may recompute (the dropout itself draws random numbers: it is never run again).
     SPLIT_DROPOUT,

@@ -29,7 +29,7 @@ import torch
 import torch.fx
 
 from memopt.passes.base import Pass, PassContext, PassResult
-from memopt.passes.rewrite import make_node
+from memopt.passes.rewrite import is_transpose, make_node
 
 _aten = torch.ops.aten
 
@@ -40,18 +40,6 @@ def _dequant_ops() -> dict[Any, Any]:
 
     ops = torch.ops.memopt
     return {ops.dequantize_nf4.default: ops.nf4_mm.default, ops.dequantize_int8.default: ops.int8_mm.default}
-
-
-def _is_transpose(node: torch.fx.Node) -> bool:
-    if node.op != "call_function":
-        return False
-    if node.target in (_aten.t.default, _aten.numpy_T.default):
-        return True
-    if node.target is _aten.permute.default:
-        return list(node.args[1]) in ([1, 0], [-1, -2], [1, -2], [-1, 0])       # type: ignore[arg-type]
-    if node.target is _aten.transpose.int:
-        return {int(node.args[1]) % 2, int(node.args[2]) % 2} == {0, 1}          # type: ignore[arg-type]
-    return False
 
 
 def _storage_args(dequant: torch.fx.Node) -> tuple[Any, ...]:
@@ -93,7 +81,7 @@ def _fuse_lora_epilogue(graph: torch.fx.Graph, fused: torch.fx.Node) -> bool:
     if not (isinstance(mm, torch.fx.Node) and mm.target is _aten.mm.default and len(mm.users) == 1):
         return False
     xa, b_t = mm.args
-    if not (isinstance(b_t, torch.fx.Node) and _is_transpose(b_t)):
+    if not (isinstance(b_t, torch.fx.Node) and is_transpose(b_t)):
         return False
     vals = [n.meta.get("val") for n in (base, up, add)]
     shapes = [v.shape for v in vals if isinstance(v, torch.Tensor)]
@@ -126,7 +114,7 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         while stack:
             value, flipped = stack.pop()
             for user in value.users:
-                if _is_transpose(user):
+                if is_transpose(user):
                     stack.append((user, not flipped))
                     transposes.append(user)
                 else:

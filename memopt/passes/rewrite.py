@@ -15,7 +15,23 @@ from typing import Any
 import torch
 import torch.fx
 
-__all__ = ["eliminate_dead_code", "fake_call", "fake_result", "make_node", "replace_node", "value_key"]
+__all__ = ["eliminate_dead_code", "fake_call", "fake_result", "is_transpose", "make_node", "replace_node",
+           "value_key"]
+
+_aten = torch.ops.aten
+
+
+def is_transpose(node: Any) -> bool:
+    """Whether ``node`` swaps the two dimensions of a matrix (``t``, ``permute [1, 0]``, ``transpose``)."""
+    if not isinstance(node, torch.fx.Node) or node.op != "call_function":
+        return False
+    if node.target in (_aten.t.default, _aten.numpy_T.default):
+        return True
+    if node.target is _aten.permute.default:
+        return list(node.args[1]) in ([1, 0], [-1, -2], [1, -2], [-1, 0])       # type: ignore[arg-type]
+    if node.target is _aten.transpose.int:
+        return {int(node.args[1]) % 2, int(node.args[2]) % 2} == {0, 1}          # type: ignore[arg-type]
+    return False
 
 
 def value_key(gm: torch.fx.GraphModule) -> str:
