@@ -219,16 +219,17 @@ def test_dump_dir_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     loss, _ = compiled(x, y)
     loss.backward()
     folder = graph_folder(root)
-    # The default pipeline's split_dropout and fuse_cross_entropy run on every graph (the CNN's loss is
-    # a cross-entropy; it has no dropout); its passes that were not requested are listed without files;
-    # passes=() has none.
-    ran = ["split_dropout", "fuse_cross_entropy"] if how == "backend_name" else []
+    # The default pipeline's prune_backprop, split_dropout and fuse_cross_entropy run on every graph (the
+    # CNN's loss is a cross-entropy; it has no dropout); its passes that were not requested are listed
+    # without files; passes=() has none.
+    ran = ["prune_backprop", "split_dropout", "fuse_cross_entropy"] if how == "backend_name" else []
     stages = ["captured", "joint", *ran, "forward", "backward"]
     assert sorted(p.name for p in folder.iterdir()) == sorted(
         [f"{i:02d}_{name}.{ext}" for i, name in enumerate(stages) for ext in ("json", "py")]
         + ["index.json", "timings.json"])
     index = json.loads((folder / "index.json").read_text())
-    model_passes, joint_passes = (["inject_adapters"], ["split_dropout", "fuse_cross_entropy", "fuse_dequant"]) \
+    model_passes, joint_passes = (["inject_adapters"], ["prune_backprop", "split_dropout", "fuse_cross_entropy",
+                                                        "fuse_dequant"]) \
         if how == "backend_name" else ([], [])
     unrequested = ["inject_adapters", "fuse_dequant"] if how == "backend_name" else []
     assert [s["name"] for s in index["stages"]] == ["captured", *model_passes, "joint", *joint_passes,

@@ -79,13 +79,30 @@ def _read_in_backward(node: torch.fx.Node, backward: set[torch.fx.Node], besides
     return any(u in backward and u is not besides and u not in aliases for a in aliases for u in a.users)
 
 
+def _selection(node: torch.fx.Node) -> tuple[Any, int, Any] | None:
+    """(source, dim, index) of a selection along one dimension of a matrix: ``index_select(x, d, idx)``,
+    or ``x[:, idx]`` as Inductor's decompositions write it (``index.Tensor(x, [None, idx])``)."""
+    if node.target is _aten.index_select.default:
+        source, dim, index = node.args
+        return (source, dim % 2, index) if isinstance(dim, int) else None
+    if node.target is _aten.index.Tensor:
+        source, indices = node.args
+        given = [i for i, x in enumerate(indices) if x is not None]           # type: ignore[arg-type]
+        if len(indices) <= 2 and len(given) == 1:                            # type: ignore[arg-type]
+            return source, given[0], indices[given[0]]                       # type: ignore[index]
+    return None
+
+
 def _push_selection(select: torch.fx.Node, backward: set[torch.fx.Node]) -> bool:
     """``index_select(transposes(mm(A, B)), d, idx)`` -> ``transposes(mm(A[idx], B))`` or
     ``transposes(mm(A, B[:, idx]))``."""
-    source, dim, index = select.args
-    if not isinstance(source, torch.fx.Node) or not isinstance(dim, int):
+    found = _selection(select)
+    if found is None or not isinstance(found[0], torch.fx.Node):
         return False
-    dim %= 2
+    source, dim, index = found
+    val = source.meta.get("val")
+    if not isinstance(val, torch.Tensor) or val.dim() != 2:
+        return False
     flips, matmul = 0, source
     while is_transpose(matmul) and len(matmul.users) == 1:
         flips, matmul = flips ^ 1, matmul.args[0]                          # type: ignore[assignment]
@@ -98,7 +115,10 @@ def _push_selection(select: torch.fx.Node, backward: set[torch.fx.Node]) -> bool
     early = operand not in backward and not _read_in_backward(operand, backward, matmul)
     at = operand if operand.op != "placeholder" else next(n for n in graph.nodes if n.op != "placeholder").prev
     with graph.inserting_after(at) if early else graph.inserting_before(matmul):
-        picked = make_node(graph, _aten.index_select.default, (operand, side, index), like=operand)
+        # The selection in the op the graph already uses (Inductor lowers ``index``, not ``index_select``).
+        picked = make_node(graph, _aten.index_select.default, (operand, side, index), like=operand) \
+            if select.target is _aten.index_select.default else \
+            make_node(graph, _aten.index.Tensor, (operand, [None, index] if side else [index]), like=operand)
     with graph.inserting_before(select):
         args = (picked, matmul.args[1]) if side == 0 else (matmul.args[0], picked)
         out = make_node(graph, _aten.mm.default, args, like=matmul)
@@ -109,11 +129,15 @@ def _push_selection(select: torch.fx.Node, backward: set[torch.fx.Node]) -> bool
     return True
 
 
+# A slice written into a weight: ``index_copy``, or ``index_put`` as Inductor's decompositions write it.
+_WRITES = (_aten.index_copy.default, _aten.index_put.default)
+
+
 def _tag_reformed_weights(graph: torch.fx.Graph, backward: set[torch.fx.Node]) -> int:
-    """Tag ``index_copy`` of a parameter that the backward reads MUST_RECOMPUTE."""
+    """Tag a slice written into a parameter (:data:`_WRITES`) that the backward reads MUST_RECOMPUTE."""
     count = 0
     for node in graph.nodes:
-        if node.target is not _aten.index_copy.default or node in backward or node.meta.get("recompute"):
+        if node.target not in _WRITES or node in backward or node.meta.get("recompute"):
             continue
         if node.args[0].op == "placeholder" and _read_in_backward(node, backward, node):  # type: ignore[union-attr]
             node.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
@@ -148,7 +172,7 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     stats["frozen_gradients"] = len(dropped)
     stats["nodes_removed"] += len(eliminate_dead_code(gm, drop_outputs=dropped))
     backward = backward_nodes(graph)
-    for node in [n for n in graph.nodes if n.target is _aten.index_select.default and n in backward]:
+    for node in [n for n in graph.nodes if _selection(n) is not None and n in backward]:
         stats["slice_of_matmul"] += _push_selection(node, backward)
     stats["nodes_removed"] += len(eliminate_dead_code(gm))
     backward = backward_nodes(graph)
