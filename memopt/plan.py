@@ -293,6 +293,19 @@ def plan(model_or_config: nn.Module | str | Any, example_inputs: Mapping[str, An
                 prepared["quantize"] = dataclasses.asdict(config.quantize)
             with mode if mode is not None else contextlib.nullcontext():
                 prepare(model, prepared)
+    if config.sparse_backprop is not None:
+        from memopt.sparse import prepare_sparse, sparse_decisions
+
+        if sparse_decisions(model) is None:
+            # On a fake model the slices are the first channels: their sizes are what the plan needs.
+            with mode if mode is not None else contextlib.nullcontext():
+                prepare_sparse(model, config)
+        plan_of = sparse_decisions(model)
+        assert plan_of is not None
+        kinds = [d.kind for d in plan_of.decisions.values()]
+        notes.append("sparse_backprop: " + ", ".join(f"{kinds.count(k)} {k}" for k in
+                                                     ("full", "columns", "rows", "frozen") if k in kinds)
+                     + " parameters (memopt.sparse)")
     if example_inputs is None:
         if mode is None:
             raise MemoptConfigError("plan() needs example_inputs when given a module")

@@ -163,6 +163,10 @@ def _slice_index(weight: torch.Tensor, dim: int, policy: ParamPolicy, name: str)
         raise MemoptConfigError(
             f"sparse_backprop: {policy.kind} {amount} of {name!r} asks for {count} {policy.kind}, but it has "
             f"{size}; give a count up to {size} or a ratio in (0, 1]")
+    from torch._subclasses.fake_tensor import is_fake
+
+    if is_fake(weight) or weight.is_meta:
+        return tuple(range(count))                 # planning on fake tensors: only the sizes matter
     if policy.select == "random":
         chosen = torch.randperm(size, generator=torch.Generator().manual_seed(policy.seed))[:count]
     else:

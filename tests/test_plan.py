@@ -193,6 +193,33 @@ def test_a_plan_with_adapter_options_prepares_the_fake_model() -> None:
     assert report.breakdown["optimizer_states"] == 2 * 4 * report.trainable_parameters
 
 
+def test_a_plan_with_sparse_backprop_options_counts_the_slices_and_matches_a_real_step() -> None:
+    """memopt plan with a sparse_backprop policy: the fake model is prepared as memopt.prepare prepares
+    the real one; trainable values are exactly the slices' (a quarter of each down_proj's input columns,
+    plus the final norm), the optimizer states are theirs, and the saved activations are those of the
+    real model compiled with the same policy."""
+    from memopt.compiler.backend import MemoptBackend
+
+    options = {"sparse_backprop": {"*.mlp.down_proj.weight": {"columns": 0.25}, "model.norm.weight": "full"}}
+    _, config = load_hf_config("llama-tiny")
+    report = plan("llama-tiny", None, options, device="cpu", batch=1, seq=32, dtype="fp32")
+    h, i = config.hidden_size, config.intermediate_size
+    assert report.trainable_parameters == config.num_hidden_layers * h * (i // 4) + h
+    assert report.breakdown["optimizer_states"] == 2 * 4 * report.trainable_parameters
+    assert any(note.startswith("sparse_backprop: 1 full, 2 columns") for note in report.notes), report.notes
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = memopt.prepare(LlamaForCausalLM(config), options)
+    backend = MemoptBackend({**options, "codegen": "eager"})
+    ids = torch.randint(0, config.vocab_size, (1, 32))
+    torch._dynamo.reset()
+    torch.compile(model, backend=backend)(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    (real,) = backend.reports
+    assert real.memory is not None
+    assert report.totals["saved_activations"] == real.memory.saved_activation_bytes
+
+
 def test_a_qlora_plan_matches_a_real_tracked_qlora_step() -> None:
     """memopt plan with quantize options stores the fake model's targets quantized: the plan's weights are
     the real prepared model's bytes exactly (NF4 storage plus the unquantized embedding, head and norms),
