@@ -408,3 +408,42 @@ def test_bad_policies_are_refused_before_anything_changes(policy: dict[str, Any]
     with pytest.raises(MemoptConfigError, match=match):
         memopt.prepare(model, {"sparse_backprop": policy})
     assert {n: p.requires_grad for n, p in model.named_parameters()} == before
+
+
+# --------------------------------------------------------------------------------------------------------
+# LISA: blocks drawn at a time
+# --------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_lisa_sampling_compiles_once_per_distinct_set_of_blocks() -> None:
+    """Two of four blocks at a time, redrawn every step for 10 steps: only the drawn blocks' parameters get
+    gradients, and the step compiles once per distinct set of blocks drawn (Dynamo guards on
+    requires_grad; a set drawn again reuses its graph), never more than C(4, 2) = 6."""
+    torch.manual_seed(0)
+    model = tiny_llama(layers=4)
+    policy = {"model.layers.*": {"train": "full", "layers": {"sample": 2, "every": 1, "seed": 0}},
+              "lm_head.weight": "full"}
+    memopt.prepare(model, {"sparse_backprop": policy})
+    sampler = memopt.LayerSampler(model)
+    backend = MemoptBackend({"sparse_backprop": policy, "codegen": "eager"})
+    step = torch.compile(model, backend=backend)
+    seen = set()
+    batch = token_batch(1, 8)
+    for _ in range(10):
+        (active,) = sampler.active.values()
+        seen.add(active)
+        hf_loss(step, batch)[0].backward()
+        graded = {int(n.split(".")[2]) for n, p in model.named_parameters()
+                  if p.grad is not None and n.startswith("model.layers.")}
+        assert graded == set(active)
+        model.zero_grad(set_to_none=True)
+        sampler.step()
+    assert 1 < len(seen) <= 6
+    assert len(backend.reports) == len(seen)
+
+
+def test_a_sampler_needs_a_sampled_rule() -> None:
+    model, _ = _prepared(lambda: tiny_llama(), S2FT)
+    with pytest.raises(MemoptConfigError, match="needs a model prepared with a sampled sparse_backprop rule"):
+        memopt.LayerSampler(model)

@@ -1,0 +1,225 @@
+"""Sparse backprop: tracked peak, saved activation bytes and CPU step time of fine-tuning a tiny Llama
+five ways, side by side in one process.
+
+    python benchmarks/bench_sparse.py                 # seq 128 and 512, a few minutes on a 2-core CPU
+    python benchmarks/bench_sparse.py --quick         # seq 128 only, 3 timed steps
+
+Variants (the tiny Llama of bench_memory.py: 4 layers, hidden 128, MLP 256, vocabulary 256; batch 4;
+AdamW over the trainable parameters; every variant compiled with ``backend=MemoptBackend(options)``,
+Inductor code generation, no budget):
+
+- ``full_ft``: every parameter trains;
+- ``lora_r16``: LoRA rank 16, alpha 32, on every linear but the head (``memopt.prepare``);
+- ``bias_only``: the same model built with biases on its linears (``attention_bias``, ``mlp_bias``),
+  every linear training its bias only (``{"*_proj.weight": "bias"}``), everything else frozen: TTE's
+  bias-only update (Llama has no ReLU, so no activation becomes a mask);
+- ``s2ft_columns``: a quarter of each MLP down projection's input columns, everything else frozen
+  (S2FT's and PaCA's idea, as ``{"*.mlp.down_proj.weight": {"columns": 0.25}}``);
+- ``lisa``: two of the four blocks trained whole at a time (``{"layers": {"sample": 2, "every": 50}}``),
+  embeddings and head always, as LISA does; no redraw happens within the measured steps.
+
+``sparse_backprop: "auto"`` is not built yet and has no row.
+
+Each variant: a fresh model from seed 0, two warm-up steps (the first compiles; recompiling later is an
+error), one tracked forward + backward under ``memopt.track_memory("cpu")``, then timed steps. Results go
+to ``<out>/bench_sparse.json``, ``.csv`` and ``.svg`` (a bar chart of saved activations and tracked peak
+increase per variant). Step times on a shared 2-core machine are noisy: quote ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import gc
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_memory import MODEL, REPO_ROOT, SEED, MiB, add_ratios, choose_names, run_metadata, track_and_time
+
+import memopt
+from memopt.compiler.backend import MemoptBackend
+from tests.models import token_batch
+
+BENCHMARK = "bench_sparse"
+OPTIONS: dict[str, dict[str, Any]] = {
+    "full_ft": {},
+    "lora_r16": {"adapters": {"method": "lora", "rank": 16, "alpha": 32, "targets": "all-linear"}},
+    "bias_only": {"sparse_backprop": {"*_proj.weight": "bias"}},
+    "s2ft_columns": {"sparse_backprop": {"*.mlp.down_proj.weight": {"columns": 0.25}}},
+    "lisa": {"sparse_backprop": {"model.layers.*": {"train": "full", "layers": {"sample": 2, "every": 50}},
+                                 "model.embed_tokens.weight": "full", "lm_head.weight": "full"}},
+}
+VARIANTS = tuple(OPTIONS)
+SEQ_LENS, QUICK_SEQ_LENS = (128, 512), (128,)
+BATCH, STEPS, QUICK_STEPS, WARMUP_STEPS, LR = 4, 10, 3, 2, 1e-3
+
+
+def _model(variant: str) -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hidden = MODEL["hidden"]
+    config = LlamaConfig(vocab_size=MODEL["vocab"], hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=MODEL["layers"], num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=512, attn_implementation="sdpa",
+                         attention_bias=variant == "bias_only", mlp_bias=variant == "bias_only")
+    torch.manual_seed(SEED)
+    return LlamaForCausalLM(config).train()
+
+
+def _step(step_model: nn.Module, batch: dict[str, Any], opt: torch.optim.Optimizer) -> None:
+    step_model(**batch).loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def run_one(variant: str, seq: int, batch_size: int, steps: int, log: Callable[[str], None]) -> dict[str, Any]:
+    torch._dynamo.reset()
+    gc.collect()
+    model = _model(variant)
+    options = OPTIONS[variant]
+    if options:
+        memopt.prepare(model, options)
+    backend = MemoptBackend({**options, "codegen": "inductor"})
+    step_model = cast(nn.Module, torch.compile(model, backend=backend))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=LR, foreach=True)
+    batch: dict[str, Any] = token_batch(batch_size, seq, vocab=MODEL["vocab"])
+    record: dict[str, Any] = {"variant": variant, "seq_len": seq, "batch": batch_size,
+                              "trainable_parameters": sum(p.numel() for p in params)}
+    log("warming up")
+    start = time.perf_counter()
+    _step(step_model, batch, opt)
+    record["first_step_s"] = time.perf_counter() - start
+    for _ in range(WARMUP_STEPS - 1):
+        _step(step_model, batch, opt)
+
+    def tracked() -> None:
+        step_model(**batch).loss.backward()
+
+    record.update(track_and_time(model, batch, opt, steps, log, tracked=tracked,
+                                 train_step=lambda: _step(step_model, batch, opt)))
+    memory = backend.reports[-1].memory
+    record["saved_activation_bytes"] = memory.saved_activation_bytes if memory is not None else None
+    return record
+
+
+def format_table(records: list[dict[str, Any]]) -> str:
+    header = ("seq", "variant", "trainable", "saved MiB", "peak MiB", "+step MiB", "step ms",
+              "saved/full", "peak/full", "time/full", "time/lora")
+    rows = [header]
+    for r in records:
+        if "error" in r:
+            rows.append((str(r["seq_len"]), r["variant"], "FAILED: " + r["error"].splitlines()[0][:60],
+                         *[""] * (len(header) - 3)))
+            continue
+
+        def ratio(key: str, r: dict[str, Any] = r) -> str:
+            return "" if r.get(key) is None else f"{r[key]:.3f}"
+
+        rows.append((str(r["seq_len"]), r["variant"], f"{r['trainable_parameters']:,}",
+                     f"{r['saved_activation_bytes'] / MiB:.2f}", f"{r['tracked_peak_bytes'] / MiB:.2f}",
+                     f"{r['tracked_peak_increase_bytes'] / MiB:.2f}", f"{r['median_step_s'] * 1e3:.1f}",
+                     ratio("saved_vs_full_ft"), ratio("peak_vs_full_ft"), ratio("time_vs_full_ft"),
+                     ratio("time_vs_lora_r16")))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+             for row in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def bar_chart(records: list[dict[str, Any]]) -> str:
+    """SVG: per sequence length, saved activations and tracked peak increase (MiB) per variant."""
+    good = [r for r in records if "error" not in r]
+    seqs = sorted({r["seq_len"] for r in good})
+    metrics = (("saved_activation_bytes", "saved activations", "#4c72b0"),
+               ("tracked_peak_increase_bytes", "tracked peak increase", "#dd8452"))
+    top = max((r[m] for r in good for m, _, _ in metrics), default=1) / MiB
+    width, panel, bar, left = 760, 230, 14, 120
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{40 + panel * len(seqs)}" '
+           'font-family="sans-serif" font-size="11">',
+           '<text x="10" y="18" font-size="13">bench_sparse: tiny Llama, batch 4, MiB (CPU, tracked)</text>']
+    for (i, (_, label, color)) in enumerate(metrics):
+        out.append(f'<rect x="{430 + 170 * i}" y="8" width="10" height="10" fill="{color}"/>'
+                   f'<text x="{444 + 170 * i}" y="17">{label}</text>')
+    for p, seq in enumerate(seqs):
+        y0 = 40 + p * panel
+        out.append(f'<text x="10" y="{y0 + 12}" font-weight="bold">seq {seq}</text>')
+        for v, r in enumerate(r for r in good if r["seq_len"] == seq):
+            y = y0 + 22 + v * 2 * (bar + 6)
+            out.append(f'<text x="10" y="{y + bar + 4}">{r["variant"]}</text>')
+            for m, (key, _, color) in enumerate(metrics):
+                length = (width - left - 90) * r[key] / MiB / top
+                yy = y + m * (bar + 1)
+                out.append(f'<rect x="{left}" y="{yy}" width="{length:.1f}" height="{bar}" fill="{color}"/>'
+                           f'<text x="{left + length + 4:.1f}" y="{yy + 11}">{r[key] / MiB:.2f}</text>')
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--seq-lens", default=None)
+    parser.add_argument("--batch", type=int, default=BATCH)
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results")
+    args = parser.parse_args(argv)
+    variants = choose_names(parser, args.variants, VARIANTS, "variant")
+    seq_lens = ([int(s) for s in args.seq_lens.split(",")] if args.seq_lens
+                else list(QUICK_SEQ_LENS if args.quick else SEQ_LENS))
+    steps = args.steps or (QUICK_STEPS if args.quick else STEPS)
+    meta = run_metadata(args, seq_lens, steps)
+    meta.update(benchmark=BENCHMARK, variants=variants, options={v: OPTIONS[v] for v in variants},
+                optimizer="AdamW(foreach=True) over the trainable parameters")
+    started = time.perf_counter()
+    records: list[dict[str, Any]] = []
+    with torch._inductor.config.patch(fx_graph_cache=False), \
+            torch._functorch.config.patch(enable_autograd_cache=False):
+        for seq in seq_lens:
+            for variant in variants:
+                def log(message: str, prefix: str = f"{variant} seq={seq}") -> None:
+                    print(f"[{time.perf_counter() - started:6.0f} s] {prefix}: {message}", flush=True)
+                try:
+                    records.append(run_one(variant, seq, args.batch, steps, log))
+                except Exception as exc:  # noqa: BLE001 - reported in the row and the exit status
+                    import traceback
+
+                    traceback.print_exc()
+                    records.append({"variant": variant, "seq_len": seq, "batch": args.batch,
+                                    "error": f"{type(exc).__name__}: {exc}"})
+    add_ratios(records, ("full_ft", "lora_r16"), (("peak", "tracked_peak_bytes"), ("time", "median_step_s"),
+                                                  ("saved", "saved_activation_bytes")))
+    meta["wall_s"] = round(time.perf_counter() - started, 1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{BENCHMARK}.json").write_text(json.dumps({"meta": meta, "results": records}, indent=2) + "\n")
+    with (args.out / f"{BENCHMARK}.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["benchmark", "variant", "seq_len", "batch", "metric", "value", "torch_version", "date"])
+        for r in records:
+            for key, value in r.items():
+                if key not in ("variant", "seq_len", "batch") and not isinstance(value, (list, dict)):
+                    writer.writerow([BENCHMARK, r["variant"], r["seq_len"], r["batch"], key, value,
+                                     meta["torch"], meta["date"]])
+    (args.out / f"{BENCHMARK}.svg").write_text(bar_chart(records))
+    print()
+    print(format_table(records))
+    print("\nsaved = activation bytes the forward leaves for the backward (memopt's simulation); peak = tracked "
+          "peak of forward + backward with parameters, optimizer states and the batch live; +step = that minus "
+          "what was live at entry; x/full, x/lora = ratios to full fine-tuning and to LoRA r16.")
+    print(f"wrote {args.out / (BENCHMARK + '.json')}, .csv and .svg ({meta['wall_s']:.0f} s)")
+    return 0 if all("error" not in r for r in records) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
