@@ -318,7 +318,7 @@ def _parse_layers(key: str, value: object) -> LayerSelection:
     if isinstance(value, str):
         head, _, count = value.partition(":")
         if head in ("first", "last") and count.isdigit() and int(count) > 0:
-            return LayerSelection(**{head: int(count)})
+            return LayerSelection(first=int(count)) if head == "first" else LayerSelection(last=int(count))
     elif isinstance(value, (list, tuple)) and value and all(isinstance(i, int) and not isinstance(i, bool)
                                                             for i in value):
         return LayerSelection(indices=tuple(value))

@@ -54,7 +54,9 @@ def qualified_name(source: str) -> str | None:
     root = _ROOT.match(source)
     if root is None:
         return None
-    parts, first_module_step, at = [], None, root.end()
+    parts: list[str] = []
+    first_module_step: int | None = None
+    at = root.end()
     while at < len(source):
         step = _STEP.match(source, at)
         if step is None:

@@ -32,6 +32,7 @@ import fnmatch
 import random
 import re
 from collections.abc import Iterable, Sequence
+from typing import cast
 
 import torch
 from torch import nn
@@ -340,7 +341,8 @@ def trained_parameters(model: nn.Module, decision: Decision) -> list[nn.Paramete
     module_name, _, leaf = decision.name.rpartition(".")
     module = model.get_submodule(module_name)
     if decision.kind in ("columns", "rows"):
-        return [module.parametrizations[leaf][0].values]             # type: ignore[index,union-attr]
+        update = module.parametrizations[leaf][0]                      # type: ignore[index]
+        return [cast(nn.Parameter, update.values)]
     if decision.kind == "full":
         return [getattr(module, leaf)]
     return []

@@ -105,7 +105,7 @@ def _push_selection(select: torch.fx.Node, backward: set[torch.fx.Node]) -> bool
         return False
     flips, matmul = 0, source
     while is_transpose(matmul) and len(matmul.users) == 1:
-        flips, matmul = flips ^ 1, matmul.args[0]                          # type: ignore[assignment]
+        flips, matmul = flips ^ 1, matmul.args[0]
     if not (isinstance(matmul, torch.fx.Node) and matmul.target is _aten.mm.default and len(matmul.users) == 1):
         return False
     side = dim ^ flips                                  # 0: rows of the product (of A); 1: columns (of B)
@@ -139,7 +139,8 @@ def _tag_reformed_weights(graph: torch.fx.Graph, backward: set[torch.fx.Node]) -
     for node in graph.nodes:
         if node.target not in _WRITES or node in backward or node.meta.get("recompute"):
             continue
-        if node.args[0].op == "placeholder" and _read_in_backward(node, backward, node):  # type: ignore[union-attr]
+        base = node.args[0]
+        if isinstance(base, torch.fx.Node) and base.op == "placeholder" and _read_in_backward(node, backward, node):
             node.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
             count += 1
     return count
