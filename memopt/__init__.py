@@ -41,6 +41,9 @@ def __getattr__(name: str) -> Any:
     if name in ("merge_sparse", "LayerSampler"):
         from memopt import sparse
         return getattr(sparse, name)
+    if name == "compile_blocks":
+        from memopt.compiler.regional import compile_blocks
+        return compile_blocks
     if name == "plan":
         from memopt.plan import plan
         return plan
@@ -49,6 +52,6 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "LayerSampler", "MemoptBackend", "MemoptConfig", "MemoptConfigError", "MemoptError", "MemoptInfeasibleBudget",
-    "MemoptPassError", "MemoptProfileError", "MemoptUnsupportedError", "load_adapters", "merge_sparse", "parse_options", "plan",
+    "MemoptPassError", "MemoptProfileError", "MemoptUnsupportedError", "compile_blocks", "load_adapters", "merge_sparse", "parse_options", "plan",
     "prepare", "save_adapters", "track_memory", "__version__",
 ]

@@ -31,6 +31,7 @@ import dataclasses
 import fnmatch
 import random
 import re
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import cast
 
@@ -394,8 +395,9 @@ class LayerSampler:
     """LISA's layer sampling: call :meth:`step` once per optimizer step; every ``every`` steps (of each
     sampled rule) it draws ``sample`` blocks anew and sets ``requires_grad`` so that only they train.
 
-    A redraw changes which parameters require gradients, which torch.compile guards on: the compiled
-    step is recompiled for each new set of blocks (at most once per set; README: bound).
+    A redraw changes which parameters require gradients, which torch.compile guards on: a model compiled
+    whole is compiled again for each new set of blocks, one compiled with :func:`memopt.compile_blocks`
+    at most 4 times per block class (Note [Block-wise compilation]).
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -405,6 +407,8 @@ class LayerSampler:
                 "memopt.LayerSampler needs a model prepared with a sampled sparse_backprop rule, e.g. "
                 "{'*.layers.*': {'train': 'full', 'layers': {'sample': 2, 'every': 50}}, '*': 'frozen'}")
         self.model, self.plan = model, plan
+        self._seen = {tuple(sorted(plan.active.items()))}
+        self._warned = False
 
     @property
     def active(self) -> dict[str, tuple[int, ...]]:
@@ -416,4 +420,21 @@ class LayerSampler:
         before = dict(self.plan.active)
         self.plan.steps += 1
         _draw(self.model, self.plan)
+        self._seen.add(tuple(sorted(self.plan.active.items())))
+        self._warn_recompiles()
         return self.plan.active != before
+
+    def _warn_recompiles(self) -> None:
+        import torch._dynamo
+
+        from memopt.compiler.regional import BLOCKWISE_ATTR
+
+        limit = torch._dynamo.config.recompile_limit
+        if self._warned or hasattr(self.model, BLOCKWISE_ATTR) or len(self._seen) <= limit:
+            return
+        self._warned = True
+        warnings.warn(
+            f"memopt.LayerSampler has drawn {len(self._seen)} distinct sets of blocks; a model compiled whole "
+            f"is compiled once per set, and past torch._dynamo.config.recompile_limit ({limit}) Dynamo runs "
+            "it eagerly, without memopt. Compile it with memopt.compile_blocks(model, options) instead "
+            "(at most 4 graphs per block class, whatever the draws)", stacklevel=2)
