@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import time
+import types
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -105,6 +107,7 @@ class PlanReport:
     planner_peak_rss_bytes: int              # this process's peak resident memory (what planning cost)
     notes: list[str]
     schedule: dict[str, Any] | None = None  # with a budget: the plan per block, the solver's figures
+    sparse_auto: dict[str, Any] | None = None  # sparse_backprop "auto": the choice and what it weighed
 
     def to_json(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -144,8 +147,24 @@ class PlanReport:
             for row in self.schedule["blocks"]:
                 lines.append(f"    {row['block'][-28:]:<28} {format_bytes(row['keep']):>11} "
                              f"{format_bytes(row['recompute']):>11} {format_bytes(row['offload']):>11}")
+        if self.sparse_auto is not None:
+            lines += _auto_table(self.sparse_auto)
         lines += [f"  note: {note}" for note in self.notes]
         return "\n".join(lines)
+
+
+def _auto_table(choice: Mapping[str, Any]) -> list[str]:
+    """The candidates ``sparse_backprop: "auto"`` measured, the chosen one marked."""
+    chosen = choice["chosen"]
+    lines = [f"  sparse_backprop auto over the last blocks of {choice['stack']} (score: blocks x sqrt(share "
+             f"of columns)), budget {format_bytes(choice['budget_bytes'])}:",
+             f"    {'blocks':>6} {'columns':>8} {'trained':>12} {'step peak':>11} {'score':>6}"]
+    for row in choice["candidates"]:
+        mark = "  <- chosen" if (row["depth"], row["ratio"]) == (chosen["depth"], chosen["ratio"]) else (
+            "" if row["peak_bytes"] <= choice["budget_bytes"] else "  over")
+        lines.append(f"    {row['depth']:>6} {row['ratio']:>8g} {row['trainable']:>12,} "
+                     f"{format_bytes(row['peak_bytes']):>11} {row['score']:>6.2f}{mark}")
+    return lines
 
 
 def load_hf_config(model: str) -> tuple[str, Any]:
@@ -206,6 +225,48 @@ def fake_causal_lm(config: Any, dtype: torch.dtype) -> tuple[nn.Module, Any]:
         # name (GPT2LMHeadModel), which breaks the Dynamo graph in two.
         model.loss_type = "ForCausalLM"
     return model, mode
+
+
+def _trace(model: nn.Module, backend: Any, example_inputs: Mapping[str, Any]) -> None:
+    """Run ``model`` once, compiled with ``backend``, and leave no compiled code behind.
+
+    Dynamo keeps compiled graphs on the code object it starts from, and counts them against
+    ``recompile_limit``. Compiling the model itself would leave each plan's graph on the model's
+    ``forward``, where a real compile of the same class later finds them (``sparse_backprop: "auto"``
+    plans many fake copies). So the trace starts from a function made for this plan, whose code object,
+    and the graphs on it, go when it does; code compiled at graph breaks is dropped the same way.
+    """
+    from torch._dynamo import convert_frame
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list, reset_code
+
+    def compiled_codes() -> dict[int, Any]:
+        return {id(code): code for ref in convert_frame.input_codes.seen
+                if (code := ref()) is not None and _debug_get_cache_entry_list(code)}
+
+    def step(model: nn.Module, inputs: Mapping[str, Any]) -> Any:
+        return model(**inputs)
+
+    own = types.FunctionType(step.__code__.replace(co_name=f"memopt_plan_{next(_TRACES)}"), step.__globals__)
+    before = compiled_codes()
+    try:
+        with warnings.catch_warnings():
+            # The step is only traced; autograd's warnings about fake-tensor kernels do not concern a plan.
+            warnings.simplefilter("ignore")
+            torch.compile(own, backend=backend, fullgraph=False)(model, example_inputs)
+    except Exception as err:  # Dynamo wraps memopt's errors: give the user memopt's own
+        cause: BaseException | None = err
+        while cause is not None and not isinstance(cause, MemoptError):
+            cause = cause.__cause__ or getattr(cause, "inner_exception", None)
+        if cause is None:
+            raise
+        raise cause from None
+    finally:
+        for key, code in compiled_codes().items():
+            if key not in before:
+                reset_code(code)
+
+
+_TRACES = itertools.count()
 
 
 def _parameter_bytes(model: nn.Module) -> tuple[int, int, int, int]:
@@ -293,25 +354,15 @@ def plan(model_or_config: nn.Module | str | Any, example_inputs: Mapping[str, An
                 prepared["quantize"] = dataclasses.asdict(config.quantize)
             with mode if mode is not None else contextlib.nullcontext():
                 prepare(model, prepared)
-    if config.sparse_backprop is not None:
-        from memopt.sparse import prepare_sparse, sparse_decisions
-
-        if sparse_decisions(model) is None:
-            # On a fake model the slices are the first channels: their sizes are what the plan needs.
-            with mode if mode is not None else contextlib.nullcontext():
-                prepare_sparse(model, config)
-        plan_of = sparse_decisions(model)
-        assert plan_of is not None
-        kinds = [d.kind for d in plan_of.decisions.values()]
-        notes.append("sparse_backprop: " + ", ".join(f"{kinds.count(k)} {k}" for k in
-                                                     ("full", "columns", "rows", "frozen") if k in kinds)
-                     + " parameters (memopt.sparse)")
     if example_inputs is None:
         if mode is None:
             raise MemoptConfigError("plan() needs example_inputs when given a module")
         with mode:
             ids = torch.zeros(batch, seq, dtype=torch.long)
         example_inputs = {"input_ids": ids, "labels": ids, "use_cache": False}
+    sparse_auto = None
+    if config.sparse_backprop is not None:
+        sparse_auto = _prepare_sparse(model, config, mode, example_inputs, optimizer, say, notes)
     if loss_chunks is not None:
         from memopt.losses import ChunkedLossLM
 
@@ -355,19 +406,7 @@ def plan(model_or_config: nn.Module | str | Any, example_inputs: Mapping[str, An
     stage_started = time.perf_counter()
     backend = MemoptBackend(dataclasses.replace(config, memory_budget=graph_budget),
                             progress=lambda message: say(f"      {message}"), fused_costs=fused_costs)
-    compiled = torch.compile(model, backend=backend, fullgraph=False)
-    with warnings.catch_warnings():
-        # The step is only traced; autograd's warnings about fake-tensor kernels do not concern a plan.
-        warnings.simplefilter("ignore")
-        try:
-            compiled(**example_inputs)
-        except Exception as err:  # Dynamo wraps memopt's errors: give the user memopt's own
-            cause: BaseException | None = err
-            while cause is not None and not isinstance(cause, MemoptError):
-                cause = cause.__cause__ or getattr(cause, "inner_exception", None)
-            if cause is None:
-                raise
-            raise cause from None
+    _trace(model, backend, example_inputs)
     seconds["capture_and_pipeline"] = time.perf_counter() - stage_started
     reports = [r for r in backend.reports if r.memory is not None]
     if not reports:
@@ -421,7 +460,35 @@ def plan(model_or_config: nn.Module | str | Any, example_inputs: Mapping[str, An
         budget_bytes=budget_bytes, fits_device=peak <= profile.memory_bytes, fits_budget=fits_budget,
         step_time_s=fw_bw + update, step_time_parts={"forward+backward": fw_bw, "optimizer": update},
         graphs=len(reports), stage_seconds={k: round(v, 3) for k, v in seconds.items()},
-        planner_peak_rss_bytes=_peak_rss_bytes(), notes=notes, schedule=_schedule_summary(reports))
+        planner_peak_rss_bytes=_peak_rss_bytes(), notes=notes, schedule=_schedule_summary(reports),
+        sparse_auto=sparse_auto)
+
+
+def _prepare_sparse(model: nn.Module, config: MemoptConfig, mode: Any, example_inputs: Mapping[str, Any],
+                    optimizer: str, say: Callable[[str], None], notes: list[str]) -> dict[str, Any] | None:
+    """Prepare the (fake) model with the sparse_backprop policy, choosing it first under "auto"; notes
+    what trains. Returns the auto choice, as JSON."""
+    from memopt.sparse import prepare_sparse, sparse_decisions
+    from memopt.sparse_auto import prepare_auto
+
+    if config.sparse_backprop is not None and config.sparse_backprop.auto:
+        # The search plans fake copies of the model itself; outside the fake mode, as any plan.
+        prepare_auto(model, config, example_inputs, optimizer=optimizer,
+                     progress=lambda message: say(f"      {message}"))
+    elif sparse_decisions(model) is None:
+        # On a fake model the slices are the first channels: their sizes are what the plan needs.
+        with mode if mode is not None else contextlib.nullcontext():
+            prepare_sparse(model, config)
+    plan_of = sparse_decisions(model)
+    assert plan_of is not None
+    kinds = [d.kind for d in plan_of.decisions.values()]
+    notes.append("sparse_backprop: " + ", ".join(f"{kinds.count(k)} {k}" for k in
+                                                 ("full", "columns", "rows", "frozen") if k in kinds)
+                 + " parameters (memopt.sparse)")
+    if plan_of.auto is None:
+        return None
+    notes.append(plan_of.auto.summary())
+    return cast(dict[str, Any], plan_of.auto.to_json())
 
 
 def _schedule_summary(reports: Sequence[Any]) -> dict[str, Any] | None:

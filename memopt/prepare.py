@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, cast
 
 import torch
@@ -44,8 +44,13 @@ PREPARED_ATTR = "_memopt_adapters"
 QUANTIZED_ATTR = "_memopt_quantize"
 
 
-def prepare(model: nn.Module, options: Mapping[str, Any] | MemoptConfig | None) -> nn.Module:
-    """Freeze the base and create the adapters that ``options`` ask for (see the module docstring)."""
+def prepare(model: nn.Module, options: Mapping[str, Any] | MemoptConfig | None, *,
+            example_inputs: Mapping[str, Any] | None = None, optimizer: str = "adamw",
+            progress: Callable[[str], None] | None = None) -> nn.Module:
+    """Freeze the base and create the adapters or slices that ``options`` ask for (see the module
+    docstring). ``sparse_backprop: "auto"`` chooses what trains for ``example_inputs`` (a batch of the
+    shape trained on), ``optimizer``'s states and ``options["memory_budget"]``, reporting to ``progress``
+    (Note [Automatic sparse update])."""
     config = parse_options(options)
     if config.sparse_backprop is not None:
         if config.adapters is not None or config.quantize is not None:
@@ -53,7 +58,10 @@ def prepare(model: nn.Module, options: Mapping[str, Any] | MemoptConfig | None) 
                 "options['sparse_backprop'] with options['adapters'] or ['quantize']: memopt trains either "
                 "adapters or slices of the model's own weights, not both in one model yet; drop one of them")
         from memopt.sparse import prepare_sparse
+        from memopt.sparse_auto import prepare_auto
 
+        if config.sparse_backprop.auto:
+            return prepare_auto(model, config, example_inputs, optimizer=optimizer, progress=progress)
         return prepare_sparse(model, config)
     if config.adapters is None:
         if config.quantize is not None:

@@ -33,13 +33,13 @@ import random
 import re
 import warnings
 from collections.abc import Iterable, Sequence
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch import nn
 
 from memopt.config import MemoptConfig, ParamPolicy, SparseBackpropConfig, parse_options
-from memopt.errors import MemoptConfigError, MemoptUnsupportedError
+from memopt.errors import MemoptConfigError
 from memopt.names import layer_of_name
 
 __all__ = ["Decision", "LayerSampler", "canonical_name", "merge_sparse", "prepare_sparse", "resolve",
@@ -210,9 +210,9 @@ def _check_kind(name: str, module: nn.Module, policy: ParamPolicy, pattern: str)
 def resolve(model: nn.Module, config: SparseBackpropConfig) -> dict[str, Decision]:
     """One :class:`Decision` per parameter of ``model`` (by canonical name), checked against the model."""
     if config.auto:
-        raise MemoptUnsupportedError(
-            "sparse_backprop 'auto' (memopt choosing what trains within the memory budget) is not built yet; "
-            "give the policy as rules, e.g. {'*.mlp.down_proj.weight': {'columns': 0.25}, '*': 'frozen'}")
+        raise MemoptConfigError(
+            "sparse_backprop 'auto' is chosen by memopt.prepare(model, options, example_inputs=batch), which "
+            "measures the step on that batch's shapes; call it before anything else prepares the model")
     owners = _owners(model)
     weights = {canonical_name(n): p for n, p in model.named_parameters()}
     stacks = _stacks(owners)
@@ -291,6 +291,7 @@ class SparsePlan:
     decisions: dict[str, Decision]
     active: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)   # sampled stack -> blocks
     steps: int = 0                                                                  # LayerSampler.step calls
+    auto: Any = None                # memopt.sparse_auto.AutoChoice when "auto" chose ``config``
 
 
 def sparse_decisions(model: nn.Module) -> SparsePlan | None:
@@ -307,7 +308,7 @@ def prepare_sparse(model: nn.Module, options: SparseBackpropConfig | MemoptConfi
     assert config is not None
     done = sparse_decisions(model)
     if done is not None:
-        if done.config == config:
+        if done.config == config or (config.auto and done.auto is not None):
             return model
         raise MemoptConfigError(
             f"this model was prepared with sparse_backprop {done.config.to_option()}; it cannot be prepared again "

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.fx
@@ -26,19 +26,32 @@ from memopt.names import GraphInput, dynamo_inputs
 from memopt.passes.base import Pass, PassContext
 from memopt.passes.inject_adapters import is_adapter_node
 
+if TYPE_CHECKING:
+    from memopt.sparse_auto import AutoChoice
 
-def _check_sparse_prepared(config: MemoptConfig, inputs: Sequence[GraphInput]) -> None:
+
+def _check_sparse_prepared(config: MemoptConfig, inputs: Sequence[GraphInput], example_inputs: Sequence[Any],
+                           ) -> AutoChoice | None:
+    """Refuses a policy the model was not prepared with; returns the choice of ``"auto"``."""
     from memopt.sparse import unprepared_slices
+    from memopt.sparse_auto import choice_of
 
     assert config.sparse_backprop is not None
     if config.sparse_backprop.auto:
-        raise MemoptUnsupportedError("sparse_backprop 'auto' is not built yet; give the policy as rules")
+        choice = choice_of(example_inputs)
+        if choice is None:
+            raise MemoptConfigError(
+                "options['sparse_backprop'] is 'auto', but the model was not prepared with it: call "
+                "memopt.prepare(model, options, example_inputs=batch) before torch.compile (it chooses what "
+                "trains within the memory budget and makes the slices)")
+        return choice
     missing = unprepared_slices([i.name for i in inputs if i.kind == "parameter" and i.name], config.sparse_backprop)
     if missing:
         raise MemoptConfigError(
             f"options['sparse_backprop'] trains slices of {len(missing)} weights ({', '.join(missing[:3])}"
             f"{' ...' if len(missing) > 3 else ''}), but the model was not prepared: call memopt.prepare(model, "
             "options) before torch.compile (it makes each slice a small parameter for the optimizer)")
+    return None
 
 
 def _compile_id() -> str:
@@ -97,8 +110,8 @@ class MemoptBackend:
                 "call memopt.prepare(model, options) before torch.compile (it freezes the base weights and "
                 "creates the adapters, so that the optimizer can be built on them), or drop 'adapters' "
                 "from the options to train the model as it is")
-        if config.sparse_backprop is not None and training:
-            _check_sparse_prepared(config, inputs)
+        choice = _check_sparse_prepared(config, inputs, example_inputs) if (
+            config.sparse_backprop is not None and training) else None
         if config.quantize is not None and any(is_adapter_node(n) for n in gm.graph.nodes) and not any(
                 "dequantize_" in str(n.target) for n in gm.graph.nodes):
             raise MemoptConfigError(
@@ -112,6 +125,9 @@ class MemoptBackend:
                        "codegen": config.codegen, "profile": self.profile.name, "input_kinds": list(report.input_kinds),
                        "input_names": [i.name for i in inputs]}
         dumper.stage("captured", gm, kind="model", status="captured", stats={"nodes": len(gm.graph.nodes)})
+        if choice is not None:
+            dumper.meta["sparse_backprop_auto"] = choice.summary()
+            dumper.write_json("sparse_auto.json", choice.to_json())
         ctx = PassContext(config=config, stage="model", profile=self.profile, inputs=inputs)
         self.progress(f"model-graph passes on {report.graph_id} ({len(gm.graph.nodes)} nodes)")
         start = time.perf_counter()
