@@ -24,9 +24,7 @@ median step time, and their ratios to full fine-tuning and to PEFT's eager LoRA.
 from __future__ import annotations
 
 import argparse
-import csv
 import gc
-import json
 import sys
 import time
 import warnings
@@ -46,9 +44,12 @@ from bench_memory import (
     SEED,
     MiB,
     add_ratios,
+    align,
     choose_names,
+    run_grid,
     run_metadata,
     track_and_time,
+    write_scalars,
 )
 
 import memopt
@@ -132,11 +133,7 @@ def format_table(records: list[dict[str, Any]]) -> str:
                      f"{r['median_step_s'] * 1e3:.1f}", f"{r['min_step_s'] * 1e3:.1f}", f"{r['first_step_s']:.1f}",
                      ratio("peak_vs_full_ft"), ratio("peak_increase_vs_peft_lora_eager"),
                      ratio("time_vs_full_ft"), ratio("time_vs_peft_lora_eager")))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
-             for row in rows]
-    lines.insert(1, "-" * len(lines[0]))
-    return "\n".join(lines)
+    return align(rows)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -158,34 +155,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     meta.update(benchmark=BENCHMARK, variants=variants, adapters={"rank": RANK, "alpha": ALPHA, "targets": TARGETS},
                 optimizer="AdamW(foreach=True) over the trainable parameters")
     started = time.perf_counter()
-    records: list[dict[str, Any]] = []
-    with torch._inductor.config.patch(fx_graph_cache=False), \
-            torch._functorch.config.patch(enable_autograd_cache=False):
-        for seq in seq_lens:
-            for variant in variants:
-                def log(message: str, prefix: str = f"{variant} seq={seq}") -> None:
-                    print(f"[{time.perf_counter() - started:6.0f} s] {prefix}: {message}", flush=True)
-                try:
-                    records.append(run_one(variant, seq, args.batch, steps, log))
-                except Exception as exc:  # noqa: BLE001 - reported in the row and the exit status
-                    import traceback
-
-                    traceback.print_exc()
-                    records.append({"variant": variant, "seq_len": seq, "batch": args.batch,
-                                    "error": f"{type(exc).__name__}: {exc}"})
+    records = run_grid(seq_lens, variants, args.batch,
+                       lambda variant, seq, log: run_one(variant, seq, args.batch, steps, log))
     add_ratios(records, ("full_ft", "peft_lora_eager"),
                (*RATIO_METRICS, ("peak_increase", "tracked_peak_increase_bytes")))
     meta["wall_s"] = round(time.perf_counter() - started, 1)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{BENCHMARK}.json").write_text(json.dumps({"meta": meta, "results": records}, indent=2) + "\n")
-    with (args.out / f"{BENCHMARK}.csv").open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["benchmark", "variant", "seq_len", "batch", "metric", "value", "torch_version", "date"])
-        for r in records:
-            for key, value in r.items():
-                if key not in ("variant", "seq_len", "batch") and not isinstance(value, (list, dict)):
-                    writer.writerow([BENCHMARK, r["variant"], r["seq_len"], r["batch"], key, value,
-                                     meta["torch"], meta["date"]])
+    write_scalars(args.out, BENCHMARK, meta, records)
     print()
     print(format_table(records))
     print("\npeak = tracked peak of forward + backward with parameters, optimizer states and the batch live; "

@@ -327,7 +327,8 @@ def add_ratios(records: list[dict[str, Any]], refs: Sequence[str] = ("eager", "i
             if base is None:
                 continue
             for name, key in metrics:
-                r[f"{name}_vs_{ref}"] = r[key] / base[key]
+                if r.get(key) is not None and base.get(key):
+                    r[f"{name}_vs_{ref}"] = r[key] / base[key]
 
 
 def run_metadata(args: argparse.Namespace, seq_lens: Sequence[int], steps: int) -> dict[str, Any]:
@@ -421,6 +422,54 @@ peak = tracked peak tensor bytes of forward+backward (params, optimizer states, 
 saved = bytes the forward keeps for the backward; pk/ratios and t/ratios are against eager and
 plain Inductor at the same length; step/min = median/fastest of forward+backward+AdamW step
 (t/ ratios use the median); 1st = first step wall time, compilation included (graph caches off)."""
+
+
+def run_grid(seq_lens: Sequence[int], variants: Sequence[str], batch: int,
+             run: Callable[[str, int, Callable[[str], None]], dict[str, Any]]) -> list[dict[str, Any]]:
+    """``run(variant, seq, log)`` for every sequence length and variant, caches off (Note [Isolating the
+    variants]); a variant that raises gets a row with its error, and the others still run."""
+    started = time.perf_counter()
+    records: list[dict[str, Any]] = []
+    with torch._inductor.config.patch(fx_graph_cache=False), \
+            torch._functorch.config.patch(enable_autograd_cache=False):
+        for seq in seq_lens:
+            for variant in variants:
+                def log(message: str, prefix: str = f"{variant} seq={seq}") -> None:
+                    print(f"[{time.perf_counter() - started:6.0f} s] {prefix}: {message}", flush=True)
+                try:
+                    records.append(run(variant, seq, log))
+                except Exception as exc:  # noqa: BLE001 - reported in the row and the exit status
+                    traceback.print_exc()
+                    records.append({"variant": variant, "seq_len": seq, "batch": batch,
+                                    "error": f"{type(exc).__name__}: {exc}"})
+                    torch._dynamo.reset()
+                    gc.collect()
+    return records
+
+
+def write_scalars(out: Path, benchmark: str, meta: dict[str, Any], records: list[dict[str, Any]]) -> Path:
+    """``<benchmark>.json`` (meta and rows) and ``<benchmark>.csv`` (one row per scalar figure)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{benchmark}.json").write_text(json.dumps({"meta": meta, "results": records}, indent=2) + "\n")
+    with (out / f"{benchmark}.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["benchmark", "variant", "seq_len", "batch", "metric", "value", "torch_version", "date"])
+        for r in records:
+            for key, value in r.items():
+                if key not in ("variant", "seq_len", "batch") and not isinstance(value, (list, dict)):
+                    writer.writerow([benchmark, r["variant"], r["seq_len"], r["batch"], key, value,
+                                     meta["torch"], meta["date"]])
+    return out / f"{benchmark}.json"
+
+
+def align(rows: Sequence[Sequence[str]], text_columns: int = 2) -> str:
+    """Rows as a table: the first ``text_columns`` left-aligned, the rest right-aligned, a rule under the
+    header."""
+    widths = [max(len(row[i]) for row in rows if i < len(row)) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i < text_columns else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+             for row in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """Sparse backprop: tracked peak, saved activation bytes and CPU step time of fine-tuning a tiny Llama
-five ways, side by side in one process.
+seven ways, side by side in one process.
 
     python benchmarks/bench_sparse.py                 # seq 128 and 512, a few minutes on a 2-core CPU
     python benchmarks/bench_sparse.py --quick         # seq 128 only, 3 timed steps
@@ -16,9 +16,11 @@ Inductor code generation, no budget):
 - ``s2ft_columns``: a quarter of each MLP down projection's input columns, everything else frozen
   (S2FT's and PaCA's idea, as ``{"*.mlp.down_proj.weight": {"columns": 0.25}}``);
 - ``lisa``: two of the four blocks trained whole at a time (``{"layers": {"sample": 2, "every": 50}}``),
-  embeddings and head always, as LISA does; no redraw happens within the measured steps.
-
-``sparse_backprop: "auto"`` is not built yet and has no row.
+  embeddings and head always, as LISA does; no redraw happens within the measured steps;
+- ``lisa_blocks``: the same, compiled block by block (``memopt.compile_blocks``, the bounded-recompile way
+  to run LISA; embeddings, head and loss eager). Its saved bytes are not one graph's and are left out;
+- ``auto``: ``sparse_backprop: "auto"`` under half of full fine-tuning's planned step peak (AdamW states
+  included), chosen by ``memopt.prepare(..., example_inputs=batch)``.
 
 Each variant: a fresh model from seed 0, two warm-up steps (the first compiles; recompiling later is an
 error), one tracked forward + backward under ``memopt.track_memory("cpu")``, then timed steps. Results go
@@ -29,9 +31,7 @@ increase per variant). Step times on a shared 2-core machine are noisy: quote ra
 from __future__ import annotations
 
 import argparse
-import csv
 import gc
-import json
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -43,10 +43,23 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_memory import MODEL, REPO_ROOT, SEED, MiB, add_ratios, choose_names, run_metadata, track_and_time
+from bench_memory import (
+    MODEL,
+    REPO_ROOT,
+    SEED,
+    MiB,
+    add_ratios,
+    align,
+    choose_names,
+    run_grid,
+    run_metadata,
+    track_and_time,
+    write_scalars,
+)
 
 import memopt
 from memopt.compiler.backend import MemoptBackend
+from memopt.sparse import sparse_decisions
 from tests.models import token_batch
 
 BENCHMARK = "bench_sparse"
@@ -58,6 +71,9 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "lisa": {"sparse_backprop": {"model.layers.*": {"train": "full", "layers": {"sample": 2, "every": 50}},
                                  "model.embed_tokens.weight": "full", "lm_head.weight": "full"}},
 }
+OPTIONS["lisa_blocks"] = OPTIONS["lisa"]
+OPTIONS["auto"] = {"sparse_backprop": "auto"}
+AUTO_SHARE = 0.5                # auto's budget: this share of full fine-tuning's planned step peak
 VARIANTS = tuple(OPTIONS)
 SEQ_LENS, QUICK_SEQ_LENS = (128, 512), (128,)
 BATCH, STEPS, QUICK_STEPS, WARMUP_STEPS, LR = 4, 10, 3, 2, 1e-3
@@ -81,20 +97,44 @@ def _step(step_model: nn.Module, batch: dict[str, Any], opt: torch.optim.Optimiz
     opt.zero_grad(set_to_none=True)
 
 
+def _auto_budget(variant: str, batch: dict[str, Any]) -> int:
+    """Half of full fine-tuning's step peak, as ``memopt plan`` measures it on a fake copy."""
+    from memopt.plan import plan
+    from memopt.sparse_auto import fake_copy
+
+    fake, inputs = fake_copy(_model(variant), batch)
+    return int(AUTO_SHARE * plan(fake, inputs, {"codegen": "inductor"}).peak_bytes)
+
+
+def _compiled(variant: str, model: nn.Module, batch: dict[str, Any], log: Callable[[str], None],
+              ) -> tuple[nn.Module, MemoptBackend, dict[str, Any]]:
+    """The prepared, compiled model, its backend, and what the row records of the preparation."""
+    options, extra = OPTIONS[variant], {}
+    if variant == "auto":
+        extra["auto_budget_bytes"] = budget = _auto_budget(variant, batch)
+        memopt.prepare(model, {**options, "memory_budget": budget}, example_inputs=batch, progress=log)
+        choice = sparse_decisions(model).auto                                    # type: ignore[union-attr]
+        extra.update(auto_choice=choice.policy, auto_planned_peak_bytes=choice.chosen.peak_bytes)
+        log(choice.summary())
+    elif options:
+        memopt.prepare(model, options)
+    if variant == "lisa_blocks":
+        memopt.compile_blocks(model, {"codegen": "inductor"})
+        return model, model._memopt_blockwise, extra                         # type: ignore[return-value]
+    backend = MemoptBackend({**options, "codegen": "inductor"})
+    return cast(nn.Module, torch.compile(model, backend=backend)), backend, extra
+
+
 def run_one(variant: str, seq: int, batch_size: int, steps: int, log: Callable[[str], None]) -> dict[str, Any]:
     torch._dynamo.reset()
     gc.collect()
     model = _model(variant)
-    options = OPTIONS[variant]
-    if options:
-        memopt.prepare(model, options)
-    backend = MemoptBackend({**options, "codegen": "inductor"})
-    step_model = cast(nn.Module, torch.compile(model, backend=backend))
+    batch: dict[str, Any] = token_batch(batch_size, seq, vocab=MODEL["vocab"])
+    step_model, backend, extra = _compiled(variant, model, batch, log)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=LR, foreach=True)
-    batch: dict[str, Any] = token_batch(batch_size, seq, vocab=MODEL["vocab"])
     record: dict[str, Any] = {"variant": variant, "seq_len": seq, "batch": batch_size,
-                              "trainable_parameters": sum(p.numel() for p in params)}
+                              "trainable_parameters": sum(p.numel() for p in params), **extra}
     log("warming up")
     start = time.perf_counter()
     _step(step_model, batch, opt)
@@ -107,8 +147,9 @@ def run_one(variant: str, seq: int, batch_size: int, steps: int, log: Callable[[
 
     record.update(track_and_time(model, batch, opt, steps, log, tracked=tracked,
                                  train_step=lambda: _step(step_model, batch, opt)))
-    memory = backend.reports[-1].memory
+    memory = backend.reports[-1].memory if variant != "lisa_blocks" else None
     record["saved_activation_bytes"] = memory.saved_activation_bytes if memory is not None else None
+    record["compiled_graphs"] = len(backend.reports)
     return record
 
 
@@ -125,16 +166,13 @@ def format_table(records: list[dict[str, Any]]) -> str:
         def ratio(key: str, r: dict[str, Any] = r) -> str:
             return "" if r.get(key) is None else f"{r[key]:.3f}"
 
+        saved = r["saved_activation_bytes"]
         rows.append((str(r["seq_len"]), r["variant"], f"{r['trainable_parameters']:,}",
-                     f"{r['saved_activation_bytes'] / MiB:.2f}", f"{r['tracked_peak_bytes'] / MiB:.2f}",
+                     "" if saved is None else f"{saved / MiB:.2f}", f"{r['tracked_peak_bytes'] / MiB:.2f}",
                      f"{r['tracked_peak_increase_bytes'] / MiB:.2f}", f"{r['median_step_s'] * 1e3:.1f}",
                      ratio("saved_vs_full_ft"), ratio("peak_vs_full_ft"), ratio("time_vs_full_ft"),
                      ratio("time_vs_lora_r16")))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
-             for row in rows]
-    lines.insert(1, "-" * len(lines[0]))
-    return "\n".join(lines)
+    return align(rows)
 
 
 def bar_chart(records: list[dict[str, Any]]) -> str:
@@ -143,7 +181,7 @@ def bar_chart(records: list[dict[str, Any]]) -> str:
     seqs = sorted({r["seq_len"] for r in good})
     metrics = (("saved_activation_bytes", "saved activations", "#4c72b0"),
                ("tracked_peak_increase_bytes", "tracked peak increase", "#dd8452"))
-    top = max((r[m] for r in good for m, _, _ in metrics), default=1) / MiB
+    top = max((r[m] or 0 for r in good for m, _, _ in metrics), default=1) / MiB
     width, panel, bar, left = 760, 230, 14, 120
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{40 + panel * len(seqs)}" '
            'font-family="sans-serif" font-size="11">',
@@ -158,6 +196,8 @@ def bar_chart(records: list[dict[str, Any]]) -> str:
             y = y0 + 22 + v * 2 * (bar + 6)
             out.append(f'<text x="10" y="{y + bar + 4}">{r["variant"]}</text>')
             for m, (key, _, color) in enumerate(metrics):
+                if r[key] is None:
+                    continue
                 length = (width - left - 90) * r[key] / MiB / top
                 yy = y + m * (bar + 1)
                 out.append(f'<rect x="{left}" y="{yy}" width="{length:.1f}" height="{bar}" fill="{color}"/>'
@@ -183,34 +223,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     meta.update(benchmark=BENCHMARK, variants=variants, options={v: OPTIONS[v] for v in variants},
                 optimizer="AdamW(foreach=True) over the trainable parameters")
     started = time.perf_counter()
-    records: list[dict[str, Any]] = []
-    with torch._inductor.config.patch(fx_graph_cache=False), \
-            torch._functorch.config.patch(enable_autograd_cache=False):
-        for seq in seq_lens:
-            for variant in variants:
-                def log(message: str, prefix: str = f"{variant} seq={seq}") -> None:
-                    print(f"[{time.perf_counter() - started:6.0f} s] {prefix}: {message}", flush=True)
-                try:
-                    records.append(run_one(variant, seq, args.batch, steps, log))
-                except Exception as exc:  # noqa: BLE001 - reported in the row and the exit status
-                    import traceback
-
-                    traceback.print_exc()
-                    records.append({"variant": variant, "seq_len": seq, "batch": args.batch,
-                                    "error": f"{type(exc).__name__}: {exc}"})
+    records = run_grid(seq_lens, variants, args.batch,
+                       lambda variant, seq, log: run_one(variant, seq, args.batch, steps, log))
     add_ratios(records, ("full_ft", "lora_r16"), (("peak", "tracked_peak_bytes"), ("time", "median_step_s"),
                                                   ("saved", "saved_activation_bytes")))
     meta["wall_s"] = round(time.perf_counter() - started, 1)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{BENCHMARK}.json").write_text(json.dumps({"meta": meta, "results": records}, indent=2) + "\n")
-    with (args.out / f"{BENCHMARK}.csv").open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["benchmark", "variant", "seq_len", "batch", "metric", "value", "torch_version", "date"])
-        for r in records:
-            for key, value in r.items():
-                if key not in ("variant", "seq_len", "batch") and not isinstance(value, (list, dict)):
-                    writer.writerow([BENCHMARK, r["variant"], r["seq_len"], r["batch"], key, value,
-                                     meta["torch"], meta["date"]])
+    write_scalars(args.out, BENCHMARK, meta, records)
     (args.out / f"{BENCHMARK}.svg").write_text(bar_chart(records))
     print()
     print(format_table(records))

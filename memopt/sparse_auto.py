@@ -42,7 +42,7 @@ from memopt.config import MemoptConfig, parse_options
 from memopt.errors import MemoptConfigError, MemoptInfeasibleBudget, MemoptUnsupportedError
 from memopt.units import format_bytes
 
-__all__ = ["AutoChoice", "Candidate", "RATIOS", "choose_sparse_policy"]
+__all__ = ["AutoChoice", "Candidate", "RATIOS", "choose_sparse_policy", "fake_copy", "prepare_auto"]
 
 RATIOS = (1.0, 0.5, 0.25, 0.125)
 
@@ -89,7 +89,7 @@ class AutoChoice:
         return out
 
 
-def _fake_copy(model: nn.Module, inputs: Mapping[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
+def fake_copy(model: nn.Module, inputs: Mapping[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
     """A copy of ``model`` and ``inputs`` on fake tensors (no storage is copied), with fresh parameter
     objects, so that preparing the copy leaves ``model`` as it was."""
     from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
@@ -157,7 +157,7 @@ class _Search:
         if (depth, ratio) not in self.measured:
             from memopt.plan import plan
 
-            clone, inputs = _fake_copy(self.model, self.inputs)
+            clone, inputs = fake_copy(self.model, self.inputs)
             options = dataclasses.replace(self.config, sparse_backprop=parse_options(
                 {"sparse_backprop": self.policy(depth, ratio)}).sparse_backprop)
             self.say(f"measuring the last {depth} blocks at {ratio:g} of their columns")
