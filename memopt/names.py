@@ -150,6 +150,8 @@ def gradient_outputs(joint_gm: torch.fx.GraphModule) -> dict[int, int]:
 # --------------------------------------------------------------------------------------------------------
 
 _LAYER = re.compile(r"^(.*?\.)(\d+)(?=\.|$)")
+# Dynamo's name for the compiled root module (``L['self'].``, ``L['args'][0].``): not part of a layer's name.
+_SOURCE_ROOT = re.compile(r"^[LG](?:\[[^\]]*\])+\.")
 
 
 def layer_of_name(path: str) -> str | None:
@@ -166,7 +168,7 @@ def layer_of(node: torch.fx.Node) -> tuple[str | None, str]:
     paths = [str(v[0]) for v in stack.values() if isinstance(v, tuple) and v]
     if not paths:
         return None, ""
-    innermost = paths[-1]
+    innermost = _SOURCE_ROOT.sub("", paths[-1])
     match = _LAYER.match(innermost)
     if match is None:
         return None, innermost

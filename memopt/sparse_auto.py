@@ -19,9 +19,9 @@ Cost: the peak of the whole step, optimizer states and the optimizer update incl
 ``memopt plan`` measures it — the model's fake copy prepared with the candidate rules and compiled through
 the real pipeline — with no recomputation, so that what fits is bought by training less, not by a slower
 step (a ``memory_budget`` still schedules the compiled step as usual). Ratios are tried from the largest;
-at each, the deepest d that fits is found by measuring d = 1 and 2 and extrapolating the peak linearly in
-d (the blocks of a stack are alike), measuring the guess, and so on, stepping back when a guess is over.
-A ratio whose best possible score (every block) cannot beat the best found ends the search.
+at each, the deepest d that fits is found from d = 1 and 2 by regula falsi on the peak, which grows with d
+about linearly (the blocks of a stack are alike). A ratio whose best possible score (every block) cannot
+beat the best found ends the search.
 """
 
 from __future__ import annotations
@@ -167,19 +167,26 @@ class _Search:
         return self.measured[(depth, ratio)]
 
     def fit(self, ratio: float, budget: int) -> Candidate | None:
-        """The deepest candidate at ``ratio`` whose measured peak fits ``budget``, or None. The depth is
-        extrapolated from the last two measured depths, then measured; ``peak`` grows with depth."""
+        """The deepest candidate at ``ratio`` whose measured peak fits ``budget``, or None. The peak grows
+        with depth, about linearly (the blocks of a stack are alike): each guess is the line through the
+        deepest fitting depth and the last other measurement, kept strictly between the deepest depth
+        that fits and the shallowest that does not (regula falsi)."""
         low = self.measure(1, ratio)
         if low.peak_bytes > budget:
             return None
-        high = self.measure(min(2, self.blocks), ratio)
-        while high.depth > low.depth and high.peak_bytes <= budget and high.depth < self.blocks:
-            slope = (high.peak_bytes - low.peak_bytes) / (high.depth - low.depth)
-            guess = min(self.blocks, high.depth + max(1, int((budget - high.peak_bytes) // max(slope, 1))))
-            low, high = high, self.measure(guess, ratio)
-        while high.peak_bytes > budget:          # overshot: step back towards the last depth that fit
-            high = self.measure(high.depth - 1, ratio) if high.depth - 1 > low.depth else low
-        return high
+        top = self.blocks + 1                        # the shallowest depth known not to fit
+        last, probe = low, self.measure(min(2, self.blocks), ratio)
+        while True:
+            if probe.peak_bytes <= budget:
+                low = max(low, probe, key=lambda c: c.depth)
+            else:
+                top = min(top, probe.depth)
+            if top - low.depth <= 1:
+                return low
+            ref = probe if probe.depth != low.depth else last
+            slope = max((ref.peak_bytes - low.peak_bytes) / (ref.depth - low.depth), 1.0)
+            guess = min(max(low.depth + int((budget - low.peak_bytes) // slope), low.depth + 1), top - 1)
+            last, probe = probe, self.measure(guess, ratio)
 
 
 def _key(candidate: Candidate) -> tuple[float, int]:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from memopt.compiler.backend import MemoptBackend
-from memopt.names import GraphInput, layer_of_name, qualified_name
+from memopt.names import GraphInput, layer_of, layer_of_name, qualified_name
 from memopt.passes.base import Pass, PassContext, PassResult
 from tests.models import MLP
 
@@ -31,6 +31,16 @@ def test_layers_are_the_path_up_to_the_first_index() -> None:
     assert layer_of_name("body.0.weight") == "body.0"
     assert layer_of_name("lm_head.weight") is None
     assert GraphInput("parameter", "transformer.h.11.attn.c_attn.bias").layer == "transformer.h.11"
+
+
+@pytest.mark.parametrize("path", ["L['self'].model.layers.3.mlp", "L['args'][0].model.layers.3.mlp",
+                                  "L['model'].model.layers.3.mlp", "model.layers.3.mlp"])
+def test_a_nodes_layer_is_named_as_the_model_names_it(path: str) -> None:
+    """However Dynamo names the compiled root (an argument, ``self``), the layer is the model's own path."""
+    graph = torch.fx.Graph()
+    node = graph.placeholder("x")
+    node.meta["nn_module_stack"] = {"a": (path, object)}
+    assert layer_of(node) == ("model.layers.3", "model.layers.*.mlp")
 
 
 def test_passes_see_each_inputs_name_in_both_stages() -> None:
