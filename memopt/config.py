@@ -194,7 +194,8 @@ class MemoptConfig:
     cost_profile: str | None = None             # built-in device name or a profile JSON path; None = cpu
     adapters: AdapterConfig | None = None       # adapter injection (needs memopt.prepare)
     quantize: QuantizeConfig | None = None      # quantized frozen base weights (needs memopt.prepare)
-    offload: str | bool = "auto"                # "auto": the scheduler may offload; False forbids it
+    offload: str | bool = "auto"                # "auto": the scheduler may offload; False forbids it; "all":
+                                                # every saved activation is offloaded (a runtime check)
     compress_activations: str | None = None     # None | int8 | fp8 (lossy, only when asked)
     solver_time_limit_s: float = 15.0           # CP-SAT's deterministic time per solve, and as much for refining
     sparse_backprop: SparseBackpropConfig | None = None     # which parameter slices train (memopt.sparse)
@@ -441,9 +442,9 @@ def parse_options(options: Mapping[str, Any] | MemoptConfig | None = None,
         kwargs["adapters"] = _parse_adapters(opts.get("adapters"))
         kwargs["quantize"] = _parse_quantize(opts.get("quantize"))
         if "offload" in opts:
-            if opts["offload"] not in ("auto", False):
+            if opts["offload"] not in ("auto", False, "all"):
                 raise MemoptConfigError(
-                    f"option 'offload': got {opts['offload']!r}; allowed values are 'auto' and False")
+                    f"option 'offload': got {opts['offload']!r}; allowed values are 'auto', False and 'all'")
             kwargs["offload"] = opts["offload"]
         if opts.get("compress_activations") is not None:
             kwargs["compress_activations"] = _choice(

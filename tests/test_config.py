@@ -97,7 +97,7 @@ def test_options_must_be_a_dict() -> None:
     ({"adapters": "lora"}, "adapters", "'lora'", "dict"),
     ({"quantize": {"weights": "nf3"}}, "quantize.weights", "'nf3'", "'nf4', 'int8'"),
     ({"quantize": {"double_quant": "yes"}}, "quantize.double_quant", "'yes'", "True or False"),
-    ({"offload": "always"}, "offload", "'always'", "'auto' and False"),
+    ({"offload": "always"}, "offload", "'always'", "'auto', False and 'all'"),
     ({"compress_activations": "int4"}, "compress_activations", "'int4'", "'int8', 'fp8'"),
     ({"disable_passes": "prune_backprop"}, "disable_passes", "'prune_backprop'", "list of pass names"),
     ({"dump_dir": 5}, "dump_dir", "5", "directory path"),

@@ -455,22 +455,24 @@ def test_lisa_compiled_block_by_block_compiles_a_bounded_number_of_graphs() -> N
     assert 2 <= len(backend.reports) <= 4
 
 
-def test_a_sampler_warns_before_a_whole_model_compile_would_stop_compiling(monkeypatch: Any) -> None:
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
-    model = tiny_llama(layers=6)
-    memopt.prepare(model, {"sparse_backprop": LISA})
-    sampler = memopt.LayerSampler(model)
-    with pytest.warns(UserWarning, match="compile_blocks"):
-        for _ in range(10):
-            sampler.step()
-    blockwise = tiny_llama(layers=6)
-    memopt.prepare(blockwise, {"sparse_backprop": LISA})
-    sampler = memopt.LayerSampler(blockwise)
-    memopt.compile_blocks(blockwise, {"codegen": "eager"})
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        for _ in range(10):
-            sampler.step()
+def test_a_sampler_warns_before_a_whole_model_compile_would_stop_compiling() -> None:
+    # config.patch, not monkeypatch: undoing a monkeypatch of a config module deletes the entry.
+    with torch._dynamo.config.patch(recompile_limit=2):
+        model = tiny_llama(layers=6)
+        memopt.prepare(model, {"sparse_backprop": LISA})
+        sampler = memopt.LayerSampler(model)
+        with pytest.warns(UserWarning, match="compile_blocks"):
+            for _ in range(10):
+                sampler.step()
+        blockwise = tiny_llama(layers=6)
+        memopt.prepare(blockwise, {"sparse_backprop": LISA})
+        sampler = memopt.LayerSampler(blockwise)
+        memopt.compile_blocks(blockwise, {"codegen": "eager"})
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            for _ in range(10):
+                sampler.step()
+    assert torch._dynamo.config.recompile_limit == 8
 
 
 def test_compile_blocks_refuses_a_budget_in_bytes_and_a_model_without_blocks() -> None:

@@ -103,6 +103,18 @@ def _primal_kinds(fw_gm: torch.fx.GraphModule, primal_kinds: Sequence[str]) -> t
     return tuple(kinds)
 
 
+def _offload_all(evaluate: Callable[[Plan], Evaluation], baseline: Evaluation, limit: int | None,
+                 ) -> ScheduleResult:
+    """``offload: "all"``: every saved activation that can go to the host does, whatever it costs; a
+    check of the offload runtime (streams, events, host pool), not a schedule. ``limit``: the budget's
+    bytes, if one was given."""
+    offloadable = frozenset(c.name for c in baseline.candidates
+                            if c.offload_time_s != float("inf") and not c.held)
+    chosen = evaluate((frozenset(), offloadable, frozenset()))
+    return ScheduleResult(chosen, baseline, chosen, chosen.peak_bytes if limit is None else limit,
+                          feasible=limit is None or chosen.peak_bytes <= limit, evaluations=2, method="offload-all")
+
+
 class JointStage(CustomPartitionerFn):
     """The partition hook: joint passes, cost annotation, partition, simulation and dumps."""
 
@@ -138,7 +150,7 @@ class JointStage(CustomPartitionerFn):
 
         self.progress("partitioning into forward and backward graphs")
         start = time.perf_counter()
-        if self.config.memory_budget is None:
+        if self.config.memory_budget is None and self.config.offload != "all":
             fw_gm, bw_gm = partition_joint(gm, joint_inputs, num_fwd_outputs=num_fwd_outputs,
                                            static_lifetime_input_indices=static)
         else:
@@ -150,7 +162,7 @@ class JointStage(CustomPartitionerFn):
         return fw_gm, bw_gm
 
     def _schedule(self, gm: torch.fx.GraphModule, joint_inputs: Sequence[object], num_fwd_outputs: int,
-                  static: list[int] | None, budget: MemoryBudget,
+                  static: list[int] | None, budget: MemoryBudget | None,
                   ) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
         """Recompute or offload saved values until the step's simulated peak meets the memory budget."""
         fw_region = forward_region(gm)
@@ -207,11 +219,14 @@ class JointStage(CustomPartitionerFn):
                                  compression)
 
         baseline = evaluate(NOTHING)
-        limit = budget_bytes(budget, baseline.timeline)
+        limit = baseline.peak_bytes if budget is None else budget_bytes(budget, baseline.timeline)
         self.progress(f"scheduling: baseline peak {baseline.peak_bytes} B, budget {limit} B")
-        result = search_plan(evaluate, problem_of, baseline, limit, graph_nodes=len(gm.graph.nodes),
-                             time_limit_s=self.config.solver_time_limit_s, progress=self.progress,
-                             knapsack=True)
+        if self.config.offload == "all":
+            result = _offload_all(evaluate, baseline, None if budget is None else limit)
+        else:
+            result = search_plan(evaluate, problem_of, baseline, limit, graph_nodes=len(gm.graph.nodes),
+                                 time_limit_s=self.config.solver_time_limit_s, progress=self.progress,
+                                 knapsack=True)
         apply_recompute_tags(gm, result.chosen.recompute)   # the joint graph shows the chosen plan
         self.report.schedule = result
         self.dumper.write_json("schedule.json", {
@@ -228,11 +243,12 @@ class JointStage(CustomPartitionerFn):
             limit, f"{self.report.graph_id}: live bytes of one step (budget {budget})"))
         if not result.feasible:
             self.dumper.finish()
+            assert budget is not None
             check_budget(limit, budget, result.lowest.timeline,
                          f"recomputing {len(result.lowest.recompute)}, offloading "
                          f"{len(result.lowest.offload)} and compressing {len(result.lowest.compress)} values",
                          offload_allowed=transfer is not None, compress_allowed=compression is not None)
-        self.report.budget_bytes = limit
+        self.report.budget_bytes = None if budget is None else limit
         return result.chosen.forward, result.chosen.backward
 
     def _finish(self, fw_gm: torch.fx.GraphModule, bw_gm: torch.fx.GraphModule | None,
