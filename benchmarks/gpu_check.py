@@ -158,8 +158,12 @@ def batch_of(vocab: int, shape: tuple[int, int], device: Any) -> dict[str, Any]:
 
 
 def fwd_bwd(model: Any, batch: dict[str, Any]) -> Callable[[], None]:
+    """Forward and backward, the output held through the backward (as a training loop that logs the
+    logits does, and as memopt's simulation assumes), gradients dropped after."""
     def step() -> None:
-        model(**batch).loss.backward()
+        out = model(**batch)
+        out.loss.backward()
+        del out
         for p in model.parameters():
             p.grad = None
     return step
