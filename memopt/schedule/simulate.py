@@ -45,6 +45,10 @@ import torch.fx
 from memopt.cost_model.bytes import hint_int, shape_env_of, storage_nbytes
 
 PACKED_SUFFIX = "_packed"   # the name of a compressed activation's packed copy: ``<value>_packed``
+# Before torch 2.13 the compiled backward's caller keeps the tangents (its ``*flat_args``) until the
+# backward returns (measured on 2.11: a logits-sized zero tangent outlived its last reader, and the tracked
+# peak exceeded the simulated one by it); 2.13 frees each at its last use. 2.12 is assumed to be as 2.11.
+TANGENTS_HELD = tuple(int(p) for p in torch.__version__.split(".")[:2]) < (2, 13)
 
 # The offload host pool (memopt::offload's outputs): counted apart from device memory.
 HOST = "host"
@@ -478,8 +482,10 @@ def _simulate_backward(bw_gm: torch.fx.GraphModule, live: _Live, rec: _Recorder,
     # activations are the exception: something in torch's runtime keeps one more reference to each until
     # the backward returns (measured with the tracker and sys.getrefcount: every other saved value goes
     # at its last use; no Python object refers to them, so the holder is in C++; not traced further).
-    # They are counted alive until then, so that a plan with compression is simulated as it runs.
-    kept = [node.name.endswith(PACKED_SUFFIX) for node in bw_placeholders]
+    # They are counted alive until then, so that a plan with compression is simulated as it runs; so are
+    # the tangents where the torch release holds them (TANGENTS_HELD).
+    kept = [node.name.endswith(PACKED_SUFFIX) or (TANGENTS_HELD and node.name.startswith("tangents_"))
+            for node in bw_placeholders]
     outs = _replay(bw_gm, "backward", live, rec, inputs, [not k for k in kept], bw_category)
     live.release(s for sids, k in zip(inputs, kept) if k for s in sids)
     # AccumulateGrad: keep each parameter gradient, or copy it into the parameter's layout.
