@@ -344,7 +344,7 @@ def _memopt_row(check: Check, model: Any, batch: dict[str, Any], budget: Any) ->
     import torch
 
     from memopt.compiler.backend import MemoptBackend
-    from memopt.errors import MemoptInfeasibleBudget
+    from memopt.errors import MemoptInfeasibleBudget, memopt_cause
 
     torch._dynamo.reset()
     profile = "cpu" if check.dry_run else "h200"
@@ -352,9 +352,7 @@ def _memopt_row(check: Check, model: Any, batch: dict[str, Any], budget: Any) ->
     try:
         peak, step_s = check.step_peak_and_time(fwd_bwd(torch.compile(model, backend=backend), batch))
     except Exception as err:  # noqa: BLE001 - Dynamo wraps the backend's error
-        cause: BaseException | None = err
-        while cause is not None and not isinstance(cause, MemoptInfeasibleBudget):
-            cause = cause.__cause__ or getattr(cause, "inner_exception", None)
+        cause = memopt_cause(err, MemoptInfeasibleBudget)
         if cause is None:
             raise
         return {"budget": budget, "infeasible": True, "smallest_peak": cause.min_peak_bytes}

@@ -6,6 +6,10 @@ bare ``AssertionError``.
 
 from __future__ import annotations
 
+from typing import TypeVar
+
+E = TypeVar("E", bound=BaseException)
+
 
 class MemoptError(Exception):
     """Base class of every error memopt raises on purpose."""
@@ -35,3 +39,12 @@ class MemoptInfeasibleBudget(MemoptError):
         super().__init__(message)
         self.min_peak_bytes = min_peak_bytes
         self.breakdown = dict(breakdown or {})
+
+
+def memopt_cause(err: BaseException, cls: type[E]) -> E | None:
+    """The ``cls`` error behind ``err``: Dynamo wraps an error raised in a backend (``BackendCompilerFailed``,
+    with the original as ``__cause__`` or ``inner_exception``); None when there is none."""
+    cause: BaseException | None = err
+    while cause is not None and not isinstance(cause, cls):
+        cause = cause.__cause__ or getattr(cause, "inner_exception", None)
+    return cause

@@ -34,6 +34,7 @@ from memopt.errors import (
     MemoptError,
     MemoptInfeasibleBudget,
     MemoptUnsupportedError,
+    memopt_cause,
 )
 from memopt.units import format_bytes
 
@@ -254,9 +255,7 @@ def _trace(model: nn.Module, backend: Any, example_inputs: Mapping[str, Any]) ->
             warnings.simplefilter("ignore")
             torch.compile(own, backend=backend, fullgraph=False)(model, example_inputs)
     except Exception as err:  # Dynamo wraps memopt's errors: give the user memopt's own
-        cause: BaseException | None = err
-        while cause is not None and not isinstance(cause, MemoptError):
-            cause = cause.__cause__ or getattr(cause, "inner_exception", None)
+        cause = memopt_cause(err, MemoptError)
         if cause is None:
             raise
         raise cause from None

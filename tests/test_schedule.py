@@ -21,6 +21,7 @@ from torch import nn
 
 import memopt
 from memopt.compiler.backend import MemoptBackend
+from memopt.errors import memopt_cause
 from memopt.runtime.tracker import MemoryTracker, track_memory
 from tests.errors import raises_memopt
 from tests.models import MLP, hf_loss, tiny_gpt2, tiny_llama, token_batch
@@ -91,10 +92,8 @@ def _smallest_peak(case: str, offload: object = "auto", codegen: str = "eager") 
         {"codegen": codegen, "memory_budget": 1, "offload": offload}))
     with pytest.raises(BaseException) as info:
         loss_of(compiled)
-    err: BaseException | None = info.value
-    while err is not None and not isinstance(err, memopt.MemoptInfeasibleBudget):
-        err = err.__cause__ or getattr(err, "inner_exception", None)
-    assert isinstance(err, memopt.MemoptInfeasibleBudget), info.value
+    err = memopt_cause(info.value, memopt.MemoptInfeasibleBudget)
+    assert err is not None, info.value
     assert err.min_peak_bytes is not None and err.breakdown
     return err.min_peak_bytes
 
@@ -192,10 +191,8 @@ def test_smallest_budget_with_inductor_codegen() -> None:
     model, loss_of = CASES["llama"]()
     with pytest.raises(BaseException) as info:
         loss_of(torch.compile(model, backend=MemoptBackend({"codegen": "inductor", "memory_budget": 1})))
-    err: BaseException | None = info.value
-    while err is not None and not isinstance(err, memopt.MemoptInfeasibleBudget):
-        err = err.__cause__ or getattr(err, "inner_exception", None)
-    assert isinstance(err, memopt.MemoptInfeasibleBudget) and err.min_peak_bytes
+    err = memopt_cause(info.value, memopt.MemoptInfeasibleBudget)
+    assert err is not None and err.min_peak_bytes
     backend, _ = _run("llama", err.min_peak_bytes, codegen="inductor")
     schedule = backend.reports[-1].schedule
     # The smallest peak is reached with offloads (and recomputation where the solver prefers it).

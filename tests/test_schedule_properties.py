@@ -19,6 +19,7 @@ from torch import nn
 
 import memopt
 from memopt.compiler.backend import MemoptBackend
+from memopt.errors import memopt_cause
 from tests.tolerances import assert_close
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "none": nn.Identity}
@@ -58,10 +59,8 @@ def _smallest_peak(model: nn.Module, x: torch.Tensor) -> int:
     try:
         _compile_step(model, x, 1)
     except Exception as err:  # noqa: BLE001 - Dynamo wraps the memopt error; find it
-        cause: BaseException | None = err
-        while cause is not None and not isinstance(cause, memopt.MemoptInfeasibleBudget):
-            cause = cause.__cause__ or getattr(cause, "inner_exception", None)
-        assert isinstance(cause, memopt.MemoptInfeasibleBudget), err
+        cause = memopt_cause(err, memopt.MemoptInfeasibleBudget)
+        assert cause is not None, err
         assert cause.min_peak_bytes is not None
         return cause.min_peak_bytes
     raise AssertionError("a 1-byte budget was accepted")
@@ -112,10 +111,8 @@ def test_any_reachable_budget_gives_a_valid_plan_within_it(net: tuple, share: fl
     try:
         backend, _ = _compile_step(model, x, below)
     except Exception as err:  # noqa: BLE001 - Dynamo wraps the memopt error; find it
-        cause: BaseException | None = err
-        while cause is not None and not isinstance(cause, memopt.MemoptInfeasibleBudget):
-            cause = cause.__cause__ or getattr(cause, "inner_exception", None)
-        assert isinstance(cause, memopt.MemoptInfeasibleBudget), err
+        cause = memopt_cause(err, memopt.MemoptInfeasibleBudget)
+        assert cause is not None, err
         assert cause.min_peak_bytes is not None and cause.min_peak_bytes > below
     else:
         memory = backend.reports[-1].memory
