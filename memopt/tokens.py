@@ -1,0 +1,107 @@
+"""Token elimination (LeMo): which blocks of tokens a layer's attention keeps.
+
+Note [Contextual token sparsity]
+~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+In long contexts many tokens receive little attention in a given layer; LeMo drops them from that layer's
+attention sublayer (they pass through on the residual stream), so their activations there are never
+stored. What to keep is decided per step and layer, without gradients, by a scorer cheap beside attention:
+
+- tokens are grouped in blocks of ``block_size`` (the last block may be partial); queries and keys are
+  mean-pooled per block, per head;
+- a query block's affinity to a key block is the pooled product ``q̄ · k̄ * scale``, its positive part
+  only, over causal pairs (key block ≤ query block); a key block's score is the affinity it receives,
+  summed over query blocks and heads;
+- the top ``ceil(keep_ratio * blocks)`` blocks are kept, always with the first (attention sinks) and the
+  last (the newest tokens, and the partial block, so the kept count is static), sorted so that the kept
+  tokens stay in order and a causal mask among them is the original one restricted to them.
+
+:func:`attention_mass` is the exact quantity the scorer stands for (softmax attention received per key
+block), for measuring the scorer's recall.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["attention_mass", "block_recall", "block_scores", "kept_blocks", "kept_count", "kept_positions"]
+
+
+def _blocks(seq: int, block_size: int) -> int:
+    return -(-seq // block_size)
+
+
+def _pooled(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """(B, H, S, D) -> (B, H, blocks, D): the mean over each block's tokens (the last block's own count)."""
+    seq = x.shape[2]
+    blocks = _blocks(seq, block_size)
+    padded = torch.nn.functional.pad(x.float(), (0, 0, 0, blocks * block_size - seq))
+    sums = padded.unflatten(2, (blocks, block_size)).sum(3)
+    counts = torch.full((blocks,), float(block_size), device=x.device)
+    counts[-1] = seq - (blocks - 1) * block_size
+    return sums / counts[:, None]
+
+
+def _grouped(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """``k`` with its heads repeated to ``q``'s (grouped-query attention)."""
+    if k.shape[1] == q.shape[1]:
+        return k
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"query heads {q.shape[1]} are not a multiple of key heads {k.shape[1]}")
+    return k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+
+
+@torch.no_grad()
+def block_scores(q: torch.Tensor, k: torch.Tensor, block_size: int, scale: float | None = None) -> torch.Tensor:
+    """(B, blocks): the positive pooled affinity each key block receives (Note [Contextual token sparsity]).
+    ``q`` (B, Hq, S, D), ``k`` (B, Hk, S, D)."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    qb, kb = _pooled(q, block_size), _pooled(_grouped(q, k), block_size)
+    affinity = (qb @ kb.transpose(-1, -2) * scale).clamp_min(0)          # (B, H, query block, key block)
+    blocks = qb.shape[2]
+    causal = torch.ones(blocks, blocks, dtype=torch.bool, device=q.device).tril()
+    return affinity.masked_fill(~causal, 0).sum(dim=(1, 2))
+
+
+def kept_count(blocks: int, keep_ratio: float) -> int:
+    """Blocks kept of ``blocks``: ``ceil(keep_ratio * blocks)``, at least the first and the last."""
+    return min(blocks, max(2, math.ceil(keep_ratio * blocks)))
+
+
+@torch.no_grad()
+def kept_blocks(scores: torch.Tensor, keep_ratio: float) -> torch.Tensor:
+    """(B, kept) block indices, sorted: the best-scored blocks, the first and the last always among them."""
+    blocks = scores.shape[1]
+    count = kept_count(blocks, keep_ratio)
+    forced = scores.clone()
+    forced[:, 0] = forced[:, -1] = float("inf")
+    return forced.topk(count, dim=1).indices.sort(dim=1).values
+
+
+def kept_positions(blocks: torch.Tensor, block_size: int, seq: int) -> torch.Tensor:
+    """(B, tokens) token positions of the kept blocks, in order; the last block may be partial."""
+    offsets = torch.arange(block_size, device=blocks.device)
+    positions = (blocks[..., None] * block_size + offsets).flatten(1)
+    tail = _blocks(seq, block_size) * block_size - seq          # positions past the sequence, all at the end
+    return positions[:, :positions.shape[1] - tail] if tail else positions
+
+
+@torch.no_grad()
+def attention_mass(q: torch.Tensor, k: torch.Tensor, block_size: int, scale: float | None = None) -> torch.Tensor:
+    """(B, blocks): causal softmax attention received by each key block, summed over queries and heads."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    logits = q.float() @ _grouped(q, k).float().transpose(-1, -2) * scale
+    seq = q.shape[2]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=q.device).tril()
+    probs = logits.masked_fill(~causal, float("-inf")).softmax(-1).sum(dim=(1, 2))     # (B, S) per key
+    blocks = _blocks(seq, block_size)
+    return torch.nn.functional.pad(probs, (0, blocks * block_size - seq)).unflatten(1, (blocks, block_size)).sum(2)
+
+
+def block_recall(scores: torch.Tensor, exact: torch.Tensor, keep_ratio: float) -> float:
+    """Share of the blocks the exact attention mass would keep that ``scores`` keeps too (mean over the
+    batch), both with the first and last block forced in."""
+    chosen, truth = kept_blocks(scores, keep_ratio), kept_blocks(exact, keep_ratio)
+    hits = [len(set(a.tolist()) & set(b.tolist())) / b.numel() for a, b in zip(chosen, truth)]
+    return sum(hits) / len(hits)
