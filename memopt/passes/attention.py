@@ -24,7 +24,7 @@ import dataclasses
 import math
 import operator
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.fx
@@ -206,10 +206,10 @@ def _rule(node: torch.fx.Node, dims: dict[torch.fx.Node, int], outside: dict[tor
     if method in ("view", "reshape"):
         return _view_dim(shape, dim, out)
     if method == "transpose":
-        a, b = (_normal(int(x), len(shape)) for x in node.args[1:3])
+        a, b = (_normal(int(cast(int, x)), len(shape)) for x in node.args[1:3])
         return b if dim == a else a if dim == b else dim
     if method == "unsqueeze":
-        at = _normal(int(node.args[1]), len(out))
+        at = _normal(int(cast(int, node.args[1])), len(out))
         return dim + 1 if at <= dim else dim
     if method == "expand":
         return dim + len(out) - len(shape)
@@ -222,7 +222,8 @@ def _rule(node: torch.fx.Node, dims: dict[torch.fx.Node, int], outside: dict[tor
         if isinstance(mask, torch.fx.Node) and mask not in dims:
             rank = len(_shape(mask) or ())
             outside[mask] = tuple(d for d in (rank - 2, rank - 1) if (_shape(mask) or ())[d] == out[dim])
-        return dims[node.args[0]] if node.args[0] in dims else dim
+        query = node.args[0]
+        return dims[query] if isinstance(query, torch.fx.Node) and query in dims else dim
     if node.op == "call_function" and node.target in _ELEMENTWISE:
         result = dim + len(out) - len(shape)
         for operand in node.all_input_nodes:
