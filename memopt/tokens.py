@@ -25,7 +25,8 @@ import math
 
 import torch
 
-__all__ = ["attention_mass", "block_recall", "block_scores", "kept_blocks", "kept_count", "kept_positions"]
+__all__ = ["attention_mass", "block_recall", "block_scores", "gather_tokens", "kept_blocks", "kept_count",
+           "kept_positions", "scatter_tokens", "select_tokens"]
 
 
 def _blocks(seq: int, block_size: int) -> int:
@@ -105,3 +106,47 @@ def block_recall(scores: torch.Tensor, exact: torch.Tensor, keep_ratio: float) -
     chosen, truth = kept_blocks(scores, keep_ratio), kept_blocks(exact, keep_ratio)
     hits = [len(set(a.tolist()) & set(b.tolist())) / b.numel() for a, b in zip(chosen, truth)]
     return sum(hits) / len(hits)
+
+
+# --------------------------------------------------------------------------------------------------------
+# In the graph: what the eliminate_tokens pass calls (traced by AOTAutograd like any other function)
+# --------------------------------------------------------------------------------------------------------
+
+
+def select_tokens(hidden: torch.Tensor, wq: torch.Tensor, bq: torch.Tensor | None, wk: torch.Tensor,
+                  bk: torch.Tensor | None, heads: int, kv_heads: int, block_size: int, keep_ratio: float,
+                  ) -> torch.Tensor:
+    """(B, K) positions of the tokens a sublayer keeps, scored from ``hidden`` (B, S, H) with the
+    sublayer's own query and key projections, without gradients: blocks are mean-pooled before the
+    projections (a linear commutes with the mean), rotary positions are left out, the scorer is
+    :func:`block_scores` (Note [Contextual token sparsity]). K is static: ``kept_count`` blocks, the last
+    one partial."""
+    batch, seq, width = hidden.shape
+    blocks = _blocks(seq, block_size)
+    padded = torch.nn.functional.pad(hidden.detach(), (0, 0, 0, blocks * block_size - seq))
+    pooled = padded.view(batch, blocks, block_size, width).mean(2)
+    q = torch.nn.functional.linear(pooled, wq.detach(), None if bq is None else bq.detach())
+    k = torch.nn.functional.linear(pooled, wk.detach(), None if bk is None else bk.detach())
+    q = q.view(batch, blocks, heads, -1).transpose(1, 2)
+    k = k.view(batch, blocks, kv_heads, -1).transpose(1, 2)
+    affinity = (q @ _grouped(q, k).transpose(-1, -2) * (1.0 / math.sqrt(q.shape[-1]))).clamp_min(0)
+    causal = torch.ones(blocks, blocks, dtype=affinity.dtype, device=affinity.device).tril()
+    scores = (affinity * causal).sum(dim=(1, 2))
+    return kept_positions(kept_blocks(scores, keep_ratio), block_size, seq)
+
+
+def gather_tokens(x: torch.Tensor, positions: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """``x`` at ``positions`` (B, K) along each of ``dims`` (x's batch dimension 0 is 1 or B)."""
+    batch = positions.shape[0]
+    x = x.expand(batch, *x.shape[1:])
+    for dim in dims:
+        shape = [1] * x.dim()
+        shape[0], shape[dim] = batch, positions.shape[1]
+        index = positions.view(shape).expand(*[positions.shape[1] if d == dim else s for d, s in enumerate(x.shape)])
+        x = torch.gather(x, dim, index)
+    return x
+
+
+def scatter_tokens(residual: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``residual`` (B, S, H) with ``rows`` (B, K, H) added at ``positions``; the other tokens unchanged."""
+    return residual.scatter_add(1, positions[..., None].expand(-1, -1, residual.shape[2]), rows)

@@ -228,10 +228,9 @@ def test_dump_dir_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         [f"{i:02d}_{name}.{ext}" for i, name in enumerate(stages) for ext in ("json", "py")]
         + ["index.json", "timings.json"])
     index = json.loads((folder / "index.json").read_text())
-    model_passes, joint_passes = (["inject_adapters"], ["prune_backprop", "split_dropout", "fuse_cross_entropy",
-                                                        "fuse_dequant"]) \
-        if how == "backend_name" else ([], [])
-    unrequested = ["inject_adapters", "fuse_dequant"] if how == "backend_name" else []
+    model_passes, joint_passes = (["inject_adapters", "eliminate_tokens"], [
+        "prune_backprop", "split_dropout", "fuse_cross_entropy", "fuse_dequant"]) if how == "backend_name" else ([], [])
+    unrequested = ["inject_adapters", "eliminate_tokens", "fuse_dequant"] if how == "backend_name" else []
     assert [s["name"] for s in index["stages"]] == ["captured", *model_passes, "joint", *joint_passes,
                                                     "forward", "backward"]
     assert all(s["status"] == "not requested" for s in index["stages"] if s["name"] in unrequested)

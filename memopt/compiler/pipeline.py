@@ -4,13 +4,14 @@ One tuple, one line per pass, each with why it sits where it does. Model-graph p
 torch-level graph before AOTAutograd; joint-graph passes run on the aten-level joint forward+backward
 graph after it. The runner checks the order (``stage`` and each pass's ``after``) before anything runs.
 
-The rewriting passes arrive with their issues (token elimination is still to come). Tests add passes of their own through
+The rewriting passes arrive with their issues. Tests add passes of their own through
 ``MemoptBackend(passes=...)``, never by mutating this tuple.
 """
 
 from __future__ import annotations
 
 from memopt.passes.base import Pass
+from memopt.passes.eliminate_tokens import ELIMINATE_TOKENS
 from memopt.passes.fuse_cross_entropy import FUSE_CROSS_ENTROPY
 from memopt.passes.fuse_dequant import FUSE_DEQUANT
 from memopt.passes.inject_adapters import INJECT_ADAPTERS
@@ -20,6 +21,9 @@ from memopt.passes.split_dropout import SPLIT_DROPOUT
 PIPELINE: tuple[Pass, ...] = (
     # Model graph, first: the adapters are part of the model every later pass and the schedule see.
     INJECT_ADAPTERS,
+    # Model graph (lossy, only when asked): late layers' attention on the kept tokens, while the graph still
+    # has one node per torch call and the sublayer can be recognised.
+    ELIMINATE_TOKENS,
     # Joint graph, first: gradients nobody trains and the nodes and saved activations only they needed
     # go before any other pass or the schedule spends work on them.
     PRUNE_BACKPROP,

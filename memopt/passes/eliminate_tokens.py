@@ -1,0 +1,128 @@
+"""eliminate_tokens (model graph, lossy): late layers' attention runs on the tokens that matter only.
+
+LeMo's token elimination (Note [Contextual token sparsity] in :mod:`memopt.tokens`) as a rewrite of an
+unchanged model's graph. In each attention sublayer from ``start_layer`` on (found and followed as Note
+[Following the token dimension] in :mod:`memopt.passes.attention` says):
+
+- ``select_tokens`` scores blocks of the sublayer's input, without gradients, and returns the kept
+  positions (B, K): K is static, so every new shape is a constant;
+- the input is gathered at those positions before the q/k/v projections, and so are the tokens of the
+  rotary ``cos``/``sin`` and of the mask (both of its last dimensions);
+- every ``view``/``reshape``/``expand`` of the sublayer gets K where it had the sequence length, in the
+  dimension that holds the tokens (never by matching sizes);
+- ``residual + o_proj(...)`` becomes ``scatter_tokens(residual, positions, o_proj(...))``: eliminated
+  tokens pass through on the residual stream.
+
+The sublayer's saved activations shrink with K / S, and the schedule sees the smaller step. With
+``keep_ratio=1`` every token is kept and the values are those of the model (the test holds them to it).
+A model whose attention is not recognised is left as it is, with a warning naming what was not found; a
+sequence shorter than two blocks is left as it is, with a note in the stats.
+
+Stats: ``sublayers``, ``eliminated``, ``kept_tokens``, ``tokens``, ``missed`` / ``skipped``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+import torch.fx
+
+from memopt.passes.attention import Sublayer, find_sublayers
+from memopt.passes.base import Pass, PassContext, PassResult
+from memopt.passes.rewrite import fake_result
+from memopt.tokens import gather_tokens, kept_count, scatter_tokens, select_tokens
+
+_SHAPED = ("view", "reshape", "expand")
+
+
+def _shape(node: torch.fx.Node) -> tuple[int, ...]:
+    return tuple(node.meta["example_value"].shape)
+
+
+def _heads(sublayer: Sublayer) -> tuple[int, int]:
+    """Query and key heads, from the shapes the attention call reads: (B, heads, S, head_dim)."""
+    q, k = sublayer.attention.args[0], sublayer.projections[1]
+    assert isinstance(q, torch.fx.Node)
+    heads, head_dim = _shape(q)[1], _shape(q)[3]
+    return heads, _shape(k)[-1] // head_dim
+
+
+def _call(graph: torch.fx.Graph, target: Any, args: tuple[Any, ...], like: torch.fx.Node) -> torch.fx.Node:
+    node = graph.call_function(target, args)
+    node.meta.update({k: v for k, v in like.meta.items() if k not in ("example_value", "val")})
+    node.meta["example_value"] = fake_result(node, "example_value")
+    return node
+
+
+def _with_kept(node: torch.fx.Node, dim: int, seq: int, kept: int) -> None:
+    """Put ``kept`` for ``seq`` in the size argument of a view/reshape/expand at the token dimension."""
+    sizes = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) else node.args[1:]
+    sizes = list(sizes)
+    if sizes[dim] == seq:
+        sizes[dim] = kept
+    node.args = (node.args[0], tuple(sizes)) if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) \
+        else (node.args[0], *sizes)
+
+
+def _eliminate(gm: torch.fx.GraphModule, sublayer: Sublayer, ratio: float, block: int) -> int:
+    """Rewrite one sublayer; returns the tokens it keeps."""
+    graph = gm.graph
+    hidden, (q, k, _) = sublayer.hidden, sublayer.projections
+    seq = _shape(hidden)[1]
+    heads, kv_heads = _heads(sublayer)
+    bias = lambda linear: linear.args[2] if len(linear.args) > 2 else linear.kwargs.get("bias")  # noqa: E731
+    with graph.inserting_before(sublayer.region[0]):
+        positions = _call(graph, select_tokens, (hidden, q.args[1], bias(q), k.args[1], bias(k), heads, kv_heads,
+                                                 block, ratio), hidden)
+        kept_hidden = _call(graph, gather_tokens, (hidden, positions, (1,)), hidden)
+    kept_outside = {}
+    for node, dims in sublayer.outside.items():
+        # Right before its first reader in the sublayer: after the positions and after the node itself.
+        with graph.inserting_before(next(n for n in sublayer.region if node in n.all_input_nodes)):
+            kept_outside[node] = _call(graph, gather_tokens, (node, positions, dims), hidden)
+    kept = _shape(positions)[1]
+    for node in sublayer.region:
+        node.args = torch.fx.node.map_arg(node.args, lambda a: kept_hidden if a is hidden else kept_outside.get(a, a))
+        node.kwargs = torch.fx.node.map_arg(node.kwargs, lambda a: kept_hidden if a is hidden else
+                                            kept_outside.get(a, a))
+        if node.op == "call_method" and node.target in _SHAPED:
+            _with_kept(node, sublayer.dims[node], seq, kept)
+        node.meta["example_value"] = fake_result(node, "example_value")
+    add = sublayer.residual_add
+    residual = next(a for a in add.args if a is not sublayer.output)
+    with graph.inserting_before(add):
+        scattered = _call(graph, scatter_tokens, (residual, positions, sublayer.output), add)
+    add.replace_all_uses_with(scattered)
+    graph.erase_node(add)
+    return kept
+
+
+def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+    config = ctx.config.token_elimination
+    assert config is not None
+    sublayers, missed = find_sublayers(gm)
+    if not sublayers:
+        warnings.warn("token_elimination: no attention sublayer recognised in this graph, so nothing is "
+                      "eliminated" + (f" ({'; '.join(missed)})" if missed else " (no attention call)"), stacklevel=2)
+        return PassResult(gm, False, {"sublayers": 0, "missed": missed})
+    start = config.start_layer if config.start_layer is not None else len(sublayers) // 2
+    seq = _shape(sublayers[0].hidden)[1]
+    blocks = -(-seq // config.block_size)
+    stats: dict[str, Any] = {"sublayers": len(sublayers), "tokens": seq, "missed": missed}
+    if blocks < 2:
+        stats["skipped"] = f"{seq} tokens are fewer than two blocks of {config.block_size}"
+        return PassResult(gm, False, stats)
+    chosen = sublayers[start:]
+    for sublayer in chosen:
+        stats["kept_tokens"] = _eliminate(gm, sublayer, config.keep_ratio, config.block_size)
+    stats["eliminated"] = len(chosen)
+    stats["kept_blocks"] = kept_count(blocks, config.keep_ratio)
+    gm.graph.lint()
+    gm.recompile()
+    return PassResult(gm, bool(chosen), stats)
+
+
+ELIMINATE_TOKENS = Pass("eliminate_tokens", "model", run, lossy=True,
+                        wanted=lambda config: config.token_elimination is not None)

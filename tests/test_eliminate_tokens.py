@@ -1,0 +1,86 @@
+"""The eliminate_tokens pass (issue 17, first cut): exact at keep_ratio 1, fewer saved bytes below it, and
+models it cannot follow are left alone with a warning."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import torch
+
+from memopt.compiler.backend import MemoptBackend
+from tests.models import hf_loss, tiny_llama, token_batch
+from tests.test_token_sublayers import Odd, _hf
+from tests.tolerances import assert_close
+
+
+def _step(model: torch.nn.Module, options: dict[str, Any], batch: dict[str, Any]) -> tuple[Any, MemoptBackend]:
+    torch._dynamo.reset()
+    backend = MemoptBackend(options)
+    loss, _ = hf_loss(torch.compile(model, backend=backend), batch)
+    loss.backward()
+    return loss, backend
+
+
+def _stats(backend: MemoptBackend) -> dict[str, Any]:
+    (record,) = [r for r in backend.reports[-1].passes if r.name == "eliminate_tokens"]
+    return record.stats["pass_stats"]
+
+
+@pytest.mark.parametrize("extra", [{"codegen": "eager"}, {"codegen": "inductor"},
+                                   {"codegen": "eager", "memory_budget": 0.5}], ids=["eager", "inductor", "budget"])
+def test_keeping_every_token_changes_no_value(extra: dict[str, Any]) -> None:
+    torch.manual_seed(0)
+    model = tiny_llama(layers=2)
+    reference = copy.deepcopy(model)
+    batch = token_batch(2, 64)
+    options = {"token_elimination": {"keep_ratio": 1.0, "block_size": 16, "start_layer": 0}, **extra}
+    loss, backend = _step(model, options, batch)
+    expected, _ = hf_loss(reference, batch)
+    expected.backward()
+    assert _stats(backend)["eliminated"] == 2 and _stats(backend)["kept_tokens"] == 64
+    assert_close(loss, expected, "loss")
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert_close(p.grad, q.grad, name)
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2"])
+def test_fewer_tokens_fewer_saved_bytes(kind: str) -> None:
+    """Keeping a quarter and a half of 8 blocks: the attention sublayers save less, every parameter still
+    gets a gradient, and the loss moves (the pass is lossy) but stays finite."""
+    batch = token_batch(2, 128)
+    saved = {}
+    for ratio in (1.0, 0.5, 0.25):
+        torch.manual_seed(0)
+        model = _hf(kind)
+        options = {"token_elimination": {"keep_ratio": ratio, "block_size": 16, "start_layer": 0}, "codegen": "eager"}
+        loss, backend = _step(model, options, batch)
+        assert torch.isfinite(loss)
+        assert _stats(backend)["kept_tokens"] == int(128 * ratio)
+        assert all(p.grad is not None for p in model.parameters())
+        memory = backend.reports[-1].memory
+        assert memory is not None
+        saved[ratio] = memory.saved_activation_bytes
+    assert saved[1.0] > saved[0.5] > saved[0.25], saved
+
+
+def test_a_model_it_cannot_follow_is_left_alone_with_a_warning() -> None:
+    model = Odd()
+    x, k = torch.randn(1, 8, 16), torch.randn(1, 2, 8, 8)
+    torch._dynamo.reset()
+    backend = MemoptBackend({"token_elimination": {"block_size": 2}, "codegen": "eager"})
+    with pytest.warns(UserWarning, match="no attention sublayer recognised.*three linears of one input"):
+        out = torch.compile(model, backend=backend)(x, k)
+    torch.testing.assert_close(out, model(x, k))
+
+
+def test_a_sequence_shorter_than_two_blocks_is_left_alone() -> None:
+    torch.manual_seed(0)
+    model = tiny_llama(layers=2)
+    reference = copy.deepcopy(model)
+    batch = token_batch(1, 48)
+    loss, backend = _step(model, {"token_elimination": {"keep_ratio": 0.25, "block_size": 64}, "codegen": "eager"},
+                          batch)
+    assert "fewer than two blocks" in _stats(backend)["skipped"]
+    assert_close(loss, hf_loss(reference, batch)[0], "loss")
