@@ -406,10 +406,10 @@ def _parse_token_elimination(value: object) -> TokenEliminationConfig | None:
             raise MemoptConfigError(f"option 'token_elimination.start_layer': got {cfg['start_layer']}; expected "
                                     "a layer index >= 0 or None (half the layers)")
     if "block_size" in cfg:
-        _expect("token_elimination.block_size", cfg["block_size"], (int,), "a positive int")
-        if cfg["block_size"] <= 0:
+        _expect("token_elimination.block_size", cfg["block_size"], (int,), "a positive power of two")
+        if cfg["block_size"] <= 0 or cfg["block_size"] & (cfg["block_size"] - 1):
             raise MemoptConfigError(f"option 'token_elimination.block_size': got {cfg['block_size']}; expected a "
-                                    "positive int")
+                                    "positive power of two (tokens per scored block, e.g. 64)")
     return TokenEliminationConfig(**cfg)
 
 

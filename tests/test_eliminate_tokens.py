@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from memopt.compiler.backend import MemoptBackend
+from memopt.errors import MemoptConfigError, MemoptPassError
+from tests.errors import raises_memopt
 from tests.models import hf_loss, tiny_llama, token_batch
 from tests.test_token_sublayers import Odd, _hf
 from tests.tolerances import assert_close
@@ -84,3 +86,16 @@ def test_a_sequence_shorter_than_two_blocks_is_left_alone() -> None:
                           batch)
     assert "fewer than two blocks" in _stats(backend)["skipped"]
     assert_close(loss, hf_loss(reference, batch)[0], "loss")
+
+
+def test_a_start_layer_past_the_last_is_an_error_and_strict_refuses_an_unfollowed_model() -> None:
+    torch._dynamo.reset()
+    step = torch.compile(tiny_llama(layers=2), backend=MemoptBackend(
+        {"token_elimination": {"start_layer": 2, "block_size": 16}, "codegen": "eager"}))
+    with raises_memopt(MemoptConfigError, r"start_layer': got 2, but this graph has 2 attention layers"):
+        hf_loss(step, token_batch(1, 64))
+    torch._dynamo.reset()
+    strict = torch.compile(Odd(), backend=MemoptBackend({"token_elimination": {"block_size": 2}, "strict": True,
+                                                         "codegen": "eager"}))
+    with raises_memopt(MemoptPassError, "no attention sublayer recognised"):
+        strict(torch.randn(1, 8, 16), torch.randn(1, 2, 8, 8))

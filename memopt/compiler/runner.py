@@ -184,6 +184,8 @@ def run_passes(gm: torch.fx.GraphModule, passes: Sequence[Pass], ctx: PassContex
             added = [n for n in new_gm.graph.nodes if n not in nodes_before]
             check_graph(new_gm, ctx.stage, where=f"after pass {p.name!r}", new_nodes=added)
             check_outputs(signature, output_signature(new_gm, ctx.stage), p)
+        except MemoptConfigError:
+            raise          # the options are wrong for this model: the user's to fix, not a pass failing
         except Exception as err:  # noqa: BLE001 - the documented fallback; the cause is reported
             seconds = time.perf_counter() - start
             reason = f"{type(err).__name__}: {err}"

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 import torch.fx
 
+from memopt.errors import MemoptConfigError, MemoptUnsupportedError
 from memopt.passes.attention import Sublayer, find_sublayers
 from memopt.passes.base import Pass, PassContext, PassResult
 from memopt.passes.rewrite import fake_result
@@ -104,10 +105,17 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     assert config is not None
     sublayers, missed = find_sublayers(gm)
     if not sublayers:
-        warnings.warn("token_elimination: no attention sublayer recognised in this graph, so nothing is "
-                      "eliminated" + (f" ({'; '.join(missed)})" if missed else " (no attention call)"), stacklevel=2)
+        message = ("token_elimination: no attention sublayer recognised in this graph, so nothing is eliminated"
+                   + (f" ({'; '.join(missed)})" if missed else " (no attention call)"))
+        if ctx.config.strict:
+            raise MemoptUnsupportedError(message)
+        warnings.warn(message, stacklevel=2)
         return PassResult(gm, False, {"sublayers": 0, "missed": missed})
     start = config.start_layer if config.start_layer is not None else len(sublayers) // 2
+    if start >= len(sublayers):
+        raise MemoptConfigError(
+            f"option 'token_elimination.start_layer': got {start}, but this graph has {len(sublayers)} attention "
+            f"layers (0 to {len(sublayers) - 1}); give a smaller index, or None for half the layers")
     seq = _shape(sublayers[0].hidden)[1]
     blocks = -(-seq // config.block_size)
     stats: dict[str, Any] = {"sublayers": len(sublayers), "tokens": seq, "missed": missed}
