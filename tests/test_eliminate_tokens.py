@@ -99,3 +99,36 @@ def test_a_start_layer_past_the_last_is_an_error_and_strict_refuses_an_unfollowe
                                                          "codegen": "eager"}))
     with raises_memopt(MemoptPassError, "no attention sublayer recognised"):
         strict(torch.randn(1, 8, 16), torch.randn(1, 2, 8, 8))
+
+
+def _attention_saved_bytes(ratio: float, seq: int, kept: int, batch: int = 2) -> dict[int, int]:
+    """Bytes the forward saves inside attention sublayers, by how many dimensions hold tokens (sizes S or
+    B*S, flattened; the tiny Llama's other sizes, 64/32/16/4, never equal them)."""
+    from memopt.schedule.problem import saved_values
+
+    torch.manual_seed(0)
+    options = {"token_elimination": {"keep_ratio": ratio, "block_size": 16, "start_layer": 0}, "codegen": "eager"}
+    _, backend = _step(tiny_llama(layers=2), options, token_batch(batch, seq))
+    report = backend.reports[-1]
+    assert report.forward is not None
+    nodes = {n.name: n for n in report.forward.graph.nodes}
+    groups: dict[int, int] = {}
+    for name in saved_values(report.forward, report.num_user_outputs):
+        node = nodes[name]
+        paths = [str(v[0]) for v in node.meta.get("nn_module_stack", {}).values()]
+        if not paths or "self_attn" not in paths[-1]:
+            continue
+        value = node.meta["val"]
+        tokens = sum(1 for size in value.shape if size in (kept, batch * kept))
+        groups[tokens] = groups.get(tokens, 0) + value.numel() * value.element_size()
+    return groups
+
+
+def test_saved_attention_bytes_scale_exactly_with_the_kept_tokens() -> None:
+    """192 tokens in 12 blocks of 16; a quarter kept is 3 blocks, 48 tokens. What the attention sublayers
+    save with one token dimension (q/k/v, the attention output and its log-sum-exp, the output
+    projection's input) is exactly 4x smaller; the additive mask, with two, 16x."""
+    dense, kept = _attention_saved_bytes(1.0, 192, 192), _attention_saved_bytes(0.25, 192, 48)
+    print("attention sublayers' saved bytes by token dimensions, dense:", dense, "a quarter kept:", kept)
+    assert set(dense) == set(kept) == {1, 2}
+    assert dense[1] == 4 * kept[1] and dense[2] == 16 * kept[2]
