@@ -132,3 +132,36 @@ def test_saved_attention_bytes_scale_exactly_with_the_kept_tokens() -> None:
     print("attention sublayers' saved bytes by token dimensions, dense:", dense, "a quarter kept:", kept)
     assert set(dense) == set(kept) == {1, 2}
     assert dense[1] == 4 * kept[1] and dense[2] == 16 * kept[2]
+
+
+def test_with_lora_adapters_every_token_kept_changes_no_value_and_fewer_save_less() -> None:
+    """LeMo's setting: LoRA on every linear. The adapters' matmuls read the same input and add to the same
+    projections; the sublayer is still found, keep_ratio 1 equals the eager prepared model (every adapter
+    gradient included), and a quarter kept saves less."""
+    import memopt
+
+    lora = {"adapters": {"method": "lora", "rank": 4, "alpha": 8, "targets": "all-linear"}}
+    batch = token_batch(2, 128)
+    saved = {}
+    for ratio in (1.0, 0.25):
+        torch.manual_seed(0)
+        model = memopt.prepare(tiny_llama(layers=2), lora)
+        for p in model.parameters():          # B starts at zero; give the adapters something to add
+            if p.requires_grad:
+                torch.nn.init.normal_(p, std=0.05)
+        reference = copy.deepcopy(model)
+        options = {**lora, "token_elimination": {"keep_ratio": ratio, "block_size": 16, "start_layer": 0},
+                   "codegen": "eager"}
+        loss, backend = _step(model, options, batch)
+        assert _stats(backend)["eliminated"] == 2
+        memory = backend.reports[-1].memory
+        assert memory is not None
+        saved[ratio] = memory.saved_activation_bytes
+        if ratio == 1.0:
+            expected, _ = hf_loss(reference, batch)
+            expected.backward()
+            assert_close(loss, expected, "loss")
+            for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+                if p.requires_grad:
+                    assert_close(p.grad, q.grad, name)
+    assert saved[0.25] < saved[1.0]

@@ -13,9 +13,10 @@ an elementwise op aligns its operands from the right, which also says where an o
 sublayer (rotary ``cos``/``sin``) holds tokens; ``scaled_dot_product_attention`` keeps the query's, and
 its mask holds tokens in its last two dimensions. An op without a rule makes the sublayer unrecognised.
 
-A sublayer is recognised from its attention call: the query, key and value trace back to three linears
-reading one tensor (the normed hidden state), and the output, through views, reaches one linear (the
-output projection) whose result is added to the residual stream.
+A sublayer is recognised from its attention call: the query, key and value each trace back (nearest
+first) to a linear, the three reading one tensor (the normed hidden state), and the first add after the
+call whose other operand is the residual stream that tensor was normed from closes it; the operand from
+the attention side is the sublayer's output (the output projection, with its adapter when there is one).
 """
 
 from __future__ import annotations
@@ -36,8 +37,6 @@ _SDPA = {torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_d
 _ELEMENTWISE = {operator.mul, operator.add, operator.sub, operator.truediv, operator.neg, torch.mul, torch.add,
                 torch.sub, torch.neg}
 _SAME = {"contiguous", "to", "float", "type_as", "clone", "neg"}
-# Views between the attention call and the output projection.
-_VIEWS = {"view", "reshape", "transpose", "contiguous"}
 
 
 @dataclasses.dataclass
@@ -71,85 +70,89 @@ def _producers(node: torch.fx.Node) -> list[torch.fx.Node]:
     return [a for a in node.all_input_nodes]
 
 
-def _projections(attention: torch.fx.Node) -> list[torch.fx.Node]:
-    """The linears the query, key and value come from (walking back, not past a linear)."""
-    found: list[torch.fx.Node] = []
-    stack, seen = list(attention.args[:3]), set()
-    while stack:
-        node = stack.pop()
+def _first_linear(start: Any) -> torch.fx.Node | None:
+    """The nearest linear ``start`` comes from, walking back breadth-first (an adapter's matmuls reach
+    further back through the sublayer's input, so the projection itself is met first)."""
+    queue, seen = [start], set()
+    while queue:
+        node = queue.pop(0)
         if not isinstance(node, torch.fx.Node) or node in seen or node.op == "placeholder":
             continue
         seen.add(node)
         if _is_linear(node):
-            found.append(node)
-        else:
-            stack.extend(_producers(node))
-    return found
-
-
-def _output_projection(attention: torch.fx.Node) -> torch.fx.Node | None:
-    node = attention
-    while len(node.users) == 1:
-        (node,) = node.users
-        if _is_linear(node):
             return node
-        if _method(node) not in _VIEWS:
-            return None
+        queue.extend(_producers(node))
     return None
 
 
-def _residual_add(output: torch.fx.Node) -> torch.fx.Node | None:
-    if len(output.users) != 1:
-        return None
-    (add,) = output.users
-    return add if add.op == "call_function" and add.target in (operator.add, torch.add) else None
+def _ancestors(node: torch.fx.Node) -> set[torch.fx.Node]:
+    out: set[torch.fx.Node] = set()
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if n not in out:
+            out.add(n)
+            stack.extend(_producers(n))
+    return out
+
+
+def _descendants(node: torch.fx.Node) -> set[torch.fx.Node]:
+    out: set[torch.fx.Node] = set()
+    stack = list(node.users)
+    while stack:
+        n = stack.pop()
+        if n not in out:
+            out.add(n)
+            stack.extend(n.users)
+    return out
+
+
+def _residual_add(attention: torch.fx.Node, hidden: torch.fx.Node, order: dict[torch.fx.Node, int],
+                  ) -> torch.fx.Node | None:
+    """The first add after the attention call whose other operand is the residual stream: a tensor the
+    sublayer's input was normed from (an adapter on the output projection adds before it)."""
+    after, before = _descendants(attention), _ancestors(hidden)
+    for node in sorted(after, key=order.__getitem__):
+        if node.op == "call_function" and node.target in (operator.add, torch.add) and len(node.args) == 2:
+            a, b = node.args
+            if (a in after) != (b in after) and (a if b in after else b) in before:
+                return node
+    return None
 
 
 def _region(gm: torch.fx.GraphModule, hidden: torch.fx.Node, output: torch.fx.Node) -> list[torch.fx.Node]:
     """Nodes that depend on ``hidden`` and that ``output`` depends on, in graph order."""
-    below: set[torch.fx.Node] = set()
-    stack = [output]
-    while stack:
-        node = stack.pop()
-        if node not in below:
-            below.add(node)
-            stack.extend(_producers(node))
-    above: set[torch.fx.Node] = set()
-    stack = list(hidden.users)
-    while stack:
-        node = stack.pop()
-        if node not in above:
-            above.add(node)
-            stack.extend(node.users)
-    return [n for n in gm.graph.nodes if n in below and n in above]
+    inside = _ancestors(output) & _descendants(hidden)
+    return [n for n in gm.graph.nodes if n in inside]
 
 
 def find_sublayers(gm: torch.fx.GraphModule) -> tuple[list[Sublayer], list[str]]:
     """The attention sublayers of ``gm`` this module recognises, and why each other attention call was
     not recognised."""
     found, missed = [], []
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target not in _SDPA:
             continue
-        projections = _projections(node)
-        inputs = {p.args[0] for p in projections}
-        output = _output_projection(node)
-        add = _residual_add(output) if output is not None else None
-        if len(projections) != 3 or len(inputs) != 1:
+        projections = [_first_linear(a) for a in node.args[:3]]
+        inputs = {p.args[0] for p in projections if p is not None}
+        if None in projections or len(inputs) != 1:
             missed.append(f"{node.name}: query, key and value do not come from three linears of one input")
-            continue
-        if output is None or add is None:
-            missed.append(f"{node.name}: its output does not reach one linear added to the residual stream")
             continue
         (hidden,) = inputs
         assert isinstance(hidden, torch.fx.Node)
+        add = _residual_add(node, hidden, order)
+        if add is None:
+            missed.append(f"{node.name}: its output is not added to the residual stream the input was normed from")
+            continue
+        output = next(a for a in add.args if isinstance(a, torch.fx.Node) and a not in _ancestors(hidden))
         region = _region(gm, hidden, output)
         try:
             dims, outside = token_dims(hidden, 1, region)
         except ValueError as why:
             missed.append(f"{node.name}: {why}")
             continue
-        found.append(Sublayer(hidden, tuple(sorted(projections, key=region.index)), node, output, add, region,
+        found.append(Sublayer(hidden, tuple(p for p in projections if p is not None), node, output, add, region,
                               dims, outside))
     return found, missed
 
@@ -203,6 +206,9 @@ def _rule(node: torch.fx.Node, dims: dict[torch.fx.Node, int], outside: dict[tor
     method = _method(node)
     if (node.op == "call_function" and node.target in _LINEAR) or method in _SAME:
         return dim
+    if node.op == "call_function" and node.target in (torch.matmul, operator.matmul) and node.args[0] is first \
+            and dim < len(shape) - 1 and node.args[1] not in dims:
+        return dim + len(out) - len(shape)      # x @ w: the tokens stay in x's leading dimensions
     if method in ("view", "reshape"):
         return _view_dim(shape, dim, out)
     if method == "transpose":
