@@ -42,6 +42,7 @@ def test_keeping_every_token_changes_no_value(extra: dict[str, Any]) -> None:
     expected, _ = hf_loss(reference, batch)
     expected.backward()
     assert _stats(backend)["eliminated"] == 2 and _stats(backend)["kept_tokens"] == 64
+    assert _stats(backend)["causal_masks"] == 2          # the plain causal mask became is_causal
     assert_close(loss, expected, "loss")
     for (name, p), q in zip(model.named_parameters(), reference.parameters()):
         assert_close(p.grad, q.grad, name)
@@ -127,11 +128,13 @@ def _attention_saved_bytes(ratio: float, seq: int, kept: int, batch: int = 2) ->
 def test_saved_attention_bytes_scale_exactly_with_the_kept_tokens() -> None:
     """192 tokens in 12 blocks of 16; a quarter kept is 3 blocks, 48 tokens. What the attention sublayers
     save with one token dimension (q/k/v, the attention output and its log-sum-exp, the output
-    projection's input) is exactly 4x smaller; the additive mask, with two, 16x."""
+    projection's input) is exactly 4x smaller. The model's mask is the plain causal one, so the rewritten
+    sublayers attend with is_causal and save no mask at all (without the pass, each layer saves an
+    additive S x S one)."""
     dense, kept = _attention_saved_bytes(1.0, 192, 192), _attention_saved_bytes(0.25, 192, 48)
-    print("attention sublayers' saved bytes by token dimensions, dense:", dense, "a quarter kept:", kept)
-    assert set(dense) == set(kept) == {1, 2}
-    assert dense[1] == 4 * kept[1] and dense[2] == 16 * kept[2]
+    print("attention sublayers' saved bytes by token dimensions, all kept:", dense, "a quarter kept:", kept)
+    assert set(dense) == set(kept) == {1}
+    assert dense[1] == 4 * kept[1]
 
 
 def test_with_lora_adapters_every_token_kept_changes_no_value_and_fewer_save_less() -> None:
@@ -165,3 +168,23 @@ def test_with_lora_adapters_every_token_kept_changes_no_value_and_fewer_save_les
                 if p.requires_grad:
                     assert_close(p.grad, q.grad, name)
     assert saved[0.25] < saved[1.0]
+
+
+def test_a_padding_mask_is_gathered_not_replaced() -> None:
+    """With an attention_mask input (left padding) the mask is not the plain causal one: it is gathered
+    at the kept positions, and keeping every token still gives the model's own values."""
+    torch.manual_seed(0)
+    model = tiny_llama(layers=2)
+    reference = copy.deepcopy(model)
+    batch = token_batch(2, 64)
+    mask = torch.ones(2, 64, dtype=torch.long)
+    mask[1, :5] = 0
+    batch["attention_mask"] = mask
+    options = {"token_elimination": {"keep_ratio": 1.0, "block_size": 16, "start_layer": 0}, "codegen": "eager"}
+    loss, backend = _step(model, options, batch)
+    expected, _ = hf_loss(reference, batch)
+    expected.backward()
+    assert_close(loss, expected, "loss")
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert_close(p.grad, q.grad, name)
+    assert _stats(backend)["causal_masks"] == 0 and _stats(backend)["eliminated"] == 2

@@ -7,7 +7,8 @@ unchanged model's graph. In each attention sublayer from ``start_layer`` on (fou
 - ``select_tokens`` scores blocks of the sublayer's input, without gradients, and returns the kept
   positions (B, K): K is static, so every new shape is a constant;
 - the input is gathered at those positions before the q/k/v projections, and so are the tokens of the
-  rotary ``cos``/``sin`` and of the mask (both of its last dimensions);
+  rotary ``cos``/``sin`` and of the mask (both of its last dimensions; a plain causal mask becomes
+  ``is_causal``, below);
 - every ``view``/``reshape``/``expand`` of the sublayer gets K where it had the sequence length, in the
   dimension that holds the tokens (never by matching sizes);
 - ``residual + o_proj(...)`` becomes ``scatter_tokens(residual, positions, o_proj(...))``: eliminated
@@ -18,7 +19,12 @@ The sublayer's saved activations shrink with K / S, and the schedule sees the sm
 A model whose attention is not recognised is left as it is, with a warning naming what was not found; a
 sequence shorter than two blocks is left as it is, with a note in the stats.
 
-Stats: ``sublayers``, ``eliminated``, ``kept_tokens``, ``tokens``, ``missed`` / ``skipped``.
+When the mask is the plain causal one (computed from no graph input, and equal to ``tril`` when computed
+at compile time), the rewritten sublayer attends with ``is_causal`` instead: the kept tokens are in order,
+so that is the same mask, and nothing is gathered or saved for it. A padding mask is gathered.
+
+Stats: ``sublayers``, ``eliminated``, ``kept_tokens``, ``tokens``, ``causal_masks``, ``missed`` /
+``skipped``.
 """
 
 from __future__ import annotations
@@ -67,8 +73,36 @@ def _with_kept(node: torch.fx.Node, dim: int, seq: int, kept: int) -> None:
         else (node.args[0], *sizes)
 
 
-def _eliminate(gm: torch.fx.GraphModule, sublayer: Sublayer, ratio: float, block: int) -> int:
-    """Rewrite one sublayer; returns the tokens it keeps."""
+def _is_causal(gm: torch.fx.GraphModule, mask: torch.fx.Node) -> bool:
+    """Whether ``mask`` is the plain causal mask: computed from no graph input (so the same at every
+    call), and equal to ``tril`` when computed here."""
+    ancestors: list[torch.fx.Node] = []
+    stack, seen = [mask], set()
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node.op != "call_function" and node.op != "call_method":
+            return False                  # a placeholder (a padding mask) or a module attribute
+        ancestors.append(node)
+        stack.extend(node.all_input_nodes)
+    graph = torch.fx.Graph()
+    copied: dict[torch.fx.Node, torch.fx.Node] = {}
+    for node in sorted(ancestors, key=list(gm.graph.nodes).index):
+        copied[node] = graph.node_copy(node, lambda n: copied[n])
+    graph.output(copied[mask])
+    try:
+        value = torch.fx.GraphModule(gm, graph)()
+    except Exception:  # noqa: BLE001 - a mask that cannot be computed alone is not known to be causal
+        return False
+    if not isinstance(value, torch.Tensor) or value.dtype != torch.bool or value.shape[-1] != value.shape[-2]:
+        return False
+    return bool((value == torch.ones(value.shape[-2:], dtype=torch.bool).tril()).all())
+
+
+def _eliminate(gm: torch.fx.GraphModule, sublayer: Sublayer, ratio: float, block: int) -> tuple[int, bool]:
+    """Rewrite one sublayer; returns the tokens it keeps and whether its mask became ``is_causal``."""
     graph = gm.graph
     hidden, (q, k, _) = sublayer.hidden, sublayer.projections
     seq = _shape(hidden)[1]
@@ -78,8 +112,16 @@ def _eliminate(gm: torch.fx.GraphModule, sublayer: Sublayer, ratio: float, block
         positions = _call(graph, select_tokens, (hidden, q.args[1], bias(q), k.args[1], bias(k), heads, kv_heads,
                                                  block, ratio), hidden)
         kept_hidden = _call(graph, gather_tokens, (hidden, positions, (1,)), hidden)
-    kept_outside = {}
+    kept_outside: dict[torch.fx.Node, Any] = {}
+    attention = sublayer.attention
+    mask = attention.kwargs.get("attn_mask")
+    if isinstance(mask, torch.fx.Node) and mask in sublayer.outside and _is_causal(gm, mask):
+        # Kept tokens stay in order, so the causal mask among them is causal: no mask to gather or save.
+        attention.kwargs = {**attention.kwargs, "attn_mask": None, "is_causal": True}
+        kept_outside[mask] = None
     for node, dims in sublayer.outside.items():
+        if node in kept_outside:
+            continue
         # Right before its first reader in the sublayer: after the positions and after the node itself.
         with graph.inserting_before(next(n for n in sublayer.region if node in n.all_input_nodes)):
             kept_outside[node] = _call(graph, gather_tokens, (node, positions, dims), hidden)
@@ -97,7 +139,7 @@ def _eliminate(gm: torch.fx.GraphModule, sublayer: Sublayer, ratio: float, block
         scattered = _call(graph, scatter_tokens, (residual, positions, sublayer.output), add)
     add.replace_all_uses_with(scattered)
     graph.erase_node(add)
-    return kept
+    return kept, isinstance(mask, torch.fx.Node) and mask in kept_outside and kept_outside[mask] is None
 
 
 def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
@@ -123,8 +165,10 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         stats["skipped"] = f"{seq} tokens are fewer than two blocks of {config.block_size}"
         return PassResult(gm, False, stats)
     chosen = sublayers[start:]
+    stats["causal_masks"] = 0
     for sublayer in chosen:
-        stats["kept_tokens"] = _eliminate(gm, sublayer, config.keep_ratio, config.block_size)
+        stats["kept_tokens"], causal = _eliminate(gm, sublayer, config.keep_ratio, config.block_size)
+        stats["causal_masks"] += causal
     stats["eliminated"] = len(chosen)
     stats["kept_blocks"] = kept_count(blocks, config.keep_ratio)
     gm.graph.lint()
