@@ -73,9 +73,17 @@ def _with_kept(node: torch.fx.Node, dim: int, seq: int, kept: int) -> None:
         else (node.args[0], *sizes)
 
 
-def _is_causal(gm: torch.fx.GraphModule, mask: torch.fx.Node) -> bool:
+# Deciding that a mask is causal computes it at compile time; past this many elements (16K tokens) the
+# mask is gathered instead, as any other.
+_CAUSAL_CHECK_ELEMENTS = 1 << 28
+
+
+def _is_causal(gm: torch.fx.GraphModule, mask: torch.fx.Node, order: dict[torch.fx.Node, int]) -> bool:
     """Whether ``mask`` is the plain causal mask: computed from no graph input (so the same at every
     call), and equal to ``tril`` when computed here."""
+    shape = _shape(mask)
+    if len(shape) < 2 or shape[-1] * shape[-2] > _CAUSAL_CHECK_ELEMENTS:
+        return False
     ancestors: list[torch.fx.Node] = []
     stack, seen = [mask], set()
     while stack:
@@ -89,7 +97,7 @@ def _is_causal(gm: torch.fx.GraphModule, mask: torch.fx.Node) -> bool:
         stack.extend(node.all_input_nodes)
     graph = torch.fx.Graph()
     copied: dict[torch.fx.Node, torch.fx.Node] = {}
-    for node in sorted(ancestors, key=list(gm.graph.nodes).index):
+    for node in sorted(ancestors, key=order.__getitem__):
         copied[node] = graph.node_copy(node, lambda n: copied[n])
     graph.output(copied[mask])
     try:
@@ -101,45 +109,49 @@ def _is_causal(gm: torch.fx.GraphModule, mask: torch.fx.Node) -> bool:
     return bool((value == torch.ones(value.shape[-2:], dtype=torch.bool).tril()).all())
 
 
-def _eliminate(gm: torch.fx.GraphModule, sublayer: Sublayer, ratio: float, block: int) -> tuple[int, bool]:
-    """Rewrite one sublayer; returns the tokens it keeps and whether its mask became ``is_causal``."""
-    graph = gm.graph
-    hidden, (q, k, _) = sublayer.hidden, sublayer.projections
-    seq = _shape(hidden)[1]
+def _gathered_inputs(gm: torch.fx.GraphModule, sublayer: Sublayer, ratio: float, block: int,
+                     causal: set[torch.fx.Node]) -> tuple[torch.fx.Node, dict[torch.fx.Node, Any]]:
+    """The kept positions, and what each of the sublayer's token-holding inputs becomes: gathered at
+    them, or None for a causal mask (the attention call then takes ``is_causal``)."""
+    graph, hidden, (q, k, _) = gm.graph, sublayer.hidden, sublayer.projections
     heads, kv_heads = _heads(sublayer)
     bias = lambda linear: linear.args[2] if len(linear.args) > 2 else linear.kwargs.get("bias")  # noqa: E731
     with graph.inserting_before(sublayer.region[0]):
         positions = _call(graph, select_tokens, (hidden, q.args[1], bias(q), k.args[1], bias(k), heads, kv_heads,
                                                  block, ratio), hidden)
-        kept_hidden = _call(graph, gather_tokens, (hidden, positions, (1,)), hidden)
-    kept_outside: dict[torch.fx.Node, Any] = {}
-    attention = sublayer.attention
-    mask = attention.kwargs.get("attn_mask")
-    if isinstance(mask, torch.fx.Node) and mask in sublayer.outside and _is_causal(gm, mask):
+        replaced: dict[torch.fx.Node, Any] = {hidden: _call(graph, gather_tokens, (hidden, positions, (1,)), hidden)}
+    mask = sublayer.attention.kwargs.get("attn_mask")
+    if isinstance(mask, torch.fx.Node) and mask in causal:
         # Kept tokens stay in order, so the causal mask among them is causal: no mask to gather or save.
-        attention.kwargs = {**attention.kwargs, "attn_mask": None, "is_causal": True}
-        kept_outside[mask] = None
+        sublayer.attention.kwargs = {**sublayer.attention.kwargs, "attn_mask": None, "is_causal": True}
+        replaced[mask] = None
     for node, dims in sublayer.outside.items():
-        if node in kept_outside:
-            continue
-        # Right before its first reader in the sublayer: after the positions and after the node itself.
-        with graph.inserting_before(next(n for n in sublayer.region if node in n.all_input_nodes)):
-            kept_outside[node] = _call(graph, gather_tokens, (node, positions, dims), hidden)
+        if node not in replaced:
+            # Right before its first reader in the sublayer: after the positions and after the node itself.
+            with graph.inserting_before(next(n for n in sublayer.region if node in n.all_input_nodes)):
+                replaced[node] = _call(graph, gather_tokens, (node, positions, dims), hidden)
+    return positions, replaced
+
+
+def _eliminate(gm: torch.fx.GraphModule, sublayer: Sublayer, ratio: float, block: int,
+               causal: set[torch.fx.Node]) -> int:
+    """Rewrite one sublayer to run on the kept tokens; returns how many it keeps."""
+    seq = _shape(sublayer.hidden)[1]
+    positions, replaced = _gathered_inputs(gm, sublayer, ratio, block, causal)
     kept = _shape(positions)[1]
     for node in sublayer.region:
-        node.args = torch.fx.node.map_arg(node.args, lambda a: kept_hidden if a is hidden else kept_outside.get(a, a))
-        node.kwargs = torch.fx.node.map_arg(node.kwargs, lambda a: kept_hidden if a is hidden else
-                                            kept_outside.get(a, a))
+        node.args = torch.fx.node.map_arg(node.args, lambda a: replaced.get(a, a))
+        node.kwargs = torch.fx.node.map_arg(node.kwargs, lambda a: replaced.get(a, a))
         if node.op == "call_method" and node.target in _SHAPED:
             _with_kept(node, sublayer.dims[node], seq, kept)
         node.meta["example_value"] = fake_result(node, "example_value")
     add = sublayer.residual_add
     residual = next(a for a in add.args if a is not sublayer.output)
-    with graph.inserting_before(add):
-        scattered = _call(graph, scatter_tokens, (residual, positions, sublayer.output), add)
+    with gm.graph.inserting_before(add):
+        scattered = _call(gm.graph, scatter_tokens, (residual, positions, sublayer.output), add)
     add.replace_all_uses_with(scattered)
-    graph.erase_node(add)
-    return kept, isinstance(mask, torch.fx.Node) and mask in kept_outside and kept_outside[mask] is None
+    gm.graph.erase_node(add)
+    return kept
 
 
 def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
@@ -165,10 +177,13 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         stats["skipped"] = f"{seq} tokens are fewer than two blocks of {config.block_size}"
         return PassResult(gm, False, stats)
     chosen = sublayers[start:]
-    stats["causal_masks"] = 0
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    masks = {m for s in chosen if isinstance(m := s.attention.kwargs.get("attn_mask"), torch.fx.Node)
+             and m in s.outside}
+    causal = {m for m in masks if _is_causal(gm, m, order)}
+    stats["causal_masks"] = sum(s.attention.kwargs.get("attn_mask") in causal for s in chosen)
     for sublayer in chosen:
-        stats["kept_tokens"], causal = _eliminate(gm, sublayer, config.keep_ratio, config.block_size)
-        stats["causal_masks"] += causal
+        stats["kept_tokens"] = _eliminate(gm, sublayer, config.keep_ratio, config.block_size, causal)
     stats["eliminated"] = len(chosen)
     stats["kept_blocks"] = kept_count(blocks, config.keep_ratio)
     gm.graph.lint()
