@@ -23,7 +23,6 @@ median step time, and their ratios to full fine-tuning and to PEFT's eager LoRA.
 
 from __future__ import annotations
 
-import argparse
 import gc
 import sys
 import time
@@ -40,11 +39,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_memory import (
     MODEL,
     RATIO_METRICS,
-    REPO_ROOT,
     SEED,
     MiB,
     add_ratios,
     align,
+    bench_parser,
     choose_names,
     run_grid,
     run_metadata,
@@ -137,13 +136,7 @@ def format_table(records: list[dict[str, Any]]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--variants", default=",".join(VARIANTS))
-    parser.add_argument("--seq-lens", default=None)
-    parser.add_argument("--batch", type=int, default=BATCH)
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results")
+    parser = bench_parser(__doc__, VARIANTS, batch=BATCH)
     args = parser.parse_args(argv)
     variants = choose_names(parser, args.variants, VARIANTS, "variant")
     seq_lens = ([int(s) for s in args.seq_lens.split(",")] if args.seq_lens

@@ -462,6 +462,20 @@ def write_scalars(out: Path, benchmark: str, meta: dict[str, Any], records: list
     return out / f"{benchmark}.json"
 
 
+def bench_parser(doc: str | None, variants: Iterable[str], batch: int | None = None) -> argparse.ArgumentParser:
+    """The command line the side-by-side benchmarks share: --quick, --steps, --variants, --seq-lens,
+    --batch (when the benchmark has one) and --out."""
+    parser = argparse.ArgumentParser(description=(doc or "").split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--variants", default=",".join(variants))
+    parser.add_argument("--seq-lens", default=None)
+    if batch is not None:
+        parser.add_argument("--batch", type=int, default=batch)
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results")
+    return parser
+
+
 def align(rows: Sequence[Sequence[str]], text_columns: int = 2) -> str:
     """Rows as a table: the first ``text_columns`` left-aligned, the rest right-aligned, a rule under the
     header."""

@@ -30,7 +30,6 @@ increase per variant). Step times on a shared 2-core machine are noisy: quote ra
 
 from __future__ import annotations
 
-import argparse
 import gc
 import sys
 import time
@@ -45,11 +44,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_memory import (
     MODEL,
-    REPO_ROOT,
     SEED,
     MiB,
     add_ratios,
     align,
+    bench_parser,
     choose_names,
     run_grid,
     run_metadata,
@@ -207,13 +206,7 @@ def bar_chart(records: list[dict[str, Any]]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--variants", default=",".join(VARIANTS))
-    parser.add_argument("--seq-lens", default=None)
-    parser.add_argument("--batch", type=int, default=BATCH)
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results")
+    parser = bench_parser(__doc__, VARIANTS, batch=BATCH)
     args = parser.parse_args(argv)
     variants = choose_names(parser, args.variants, VARIANTS, "variant")
     seq_lens = ([int(s) for s in args.seq_lens.split(",")] if args.seq_lens

@@ -20,7 +20,6 @@ are noisy: quote ratios.
 
 from __future__ import annotations
 
-import argparse
 import gc
 import sys
 import time
@@ -33,8 +32,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_memory import REPO_ROOT, SEED, MiB, add_ratios, align, choose_names, run_grid, run_metadata, \
-    track_and_time, write_scalars
+from bench_memory import SEED, MiB, add_ratios, align, bench_parser, choose_names, run_grid, \
+    run_metadata, track_and_time, write_scalars
 
 from memopt.compiler.backend import MemoptBackend
 from tests.models import token_batch
@@ -141,12 +140,7 @@ def line_chart(records: list[dict[str, Any]]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--variants", default=",".join(VARIANTS))
-    parser.add_argument("--seq-lens", default=None)
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results")
+    parser = bench_parser(__doc__, VARIANTS)
     args = parser.parse_args(argv)
     variants = choose_names(parser, args.variants, VARIANTS, "variant")
     seq_lens = ([int(s) for s in args.seq_lens.split(",")] if args.seq_lens
