@@ -47,7 +47,7 @@ from bench_memory import (
     choose_names,
     run_grid,
     run_metadata,
-    track_and_time,
+    warm_track_and_time,
     write_scalars,
 )
 
@@ -58,7 +58,7 @@ from tests.models import tiny_llama, token_batch
 BENCHMARK = "bench_adapters"
 VARIANTS = ("full_ft", "peft_lora_eager", "peft_lora_inductor", "memopt_lora", "memopt_dora", "memopt_paca")
 SEQ_LENS, QUICK_SEQ_LENS = (128, 512), (128,)
-BATCH, STEPS, QUICK_STEPS, WARMUP_STEPS, LR = 4, 10, 3, 2, 1e-3
+BATCH, STEPS, QUICK_STEPS, LR = 4, 10, 3, 1e-3
 RANK, ALPHA, TARGETS = 16, 32, "all-linear"
 
 
@@ -81,12 +81,6 @@ def _build(variant: str) -> tuple[nn.Module, nn.Module]:
     return cast(nn.Module, torch.compile(model, backend=MemoptBackend({**options, "codegen": "inductor"}))), model
 
 
-def _step(step_model: nn.Module, batch: dict[str, Any], opt: torch.optim.Optimizer) -> None:
-    step_model(**batch).loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-
-
 def run_one(variant: str, seq: int, batch_size: int, steps: int, log: Callable[[str], None]) -> dict[str, Any]:
     torch._dynamo.reset()
     gc.collect()
@@ -96,19 +90,12 @@ def run_one(variant: str, seq: int, batch_size: int, steps: int, log: Callable[[
     batch: dict[str, Any] = token_batch(batch_size, seq, vocab=MODEL["vocab"])
     record: dict[str, Any] = {"variant": variant, "seq_len": seq, "batch": batch_size,
                               "trainable_parameters": sum(p.numel() for p in params)}
-    log("warming up")
-    start = time.perf_counter()
-    _step(step_model, batch, opt)
-    record["first_step_s"] = time.perf_counter() - start
-    for _ in range(WARMUP_STEPS - 1):
-        _step(step_model, batch, opt)
 
     def tracked() -> None:
         out = step_model(**batch)                        # the output held through the backward
         out.loss.backward()
 
-    measured = track_and_time(model, batch, opt, steps, log, tracked=tracked,
-                              train_step=lambda: _step(step_model, batch, opt))
+    measured = warm_track_and_time(model, step_model, batch, opt, steps, log, tracked=tracked)
     measured.pop("optimizer_state_bytes")
     record.update(measured)
     return record                       # the model goes with this frame; the next run collects it

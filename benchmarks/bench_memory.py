@@ -248,6 +248,28 @@ def track_and_time(model: nn.Module, batch: dict[str, Any], opt: torch.optim.Opt
             "min_step_s": min(times), "step_times_s": times}
 
 
+def train_step(step_model: nn.Module, batch: dict[str, Any], opt: torch.optim.Optimizer) -> None:
+    """Forward, backward and the optimizer's update of a model that returns ``.loss``."""
+    step_model(**batch).loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def warm_track_and_time(model: nn.Module, step_model: nn.Module, batch: dict[str, Any], opt: torch.optim.Optimizer,
+                        steps: int, log: Callable[[str], None], *, tracked: Callable[[], None]) -> dict[str, Any]:
+    """``WARMUP_STEPS`` training steps (the first, timed, compiles), then :func:`track_and_time`; the
+    record's ``first_step_s`` and memory and time fields."""
+    log("warming up")
+    start = time.perf_counter()
+    train_step(step_model, batch, opt)
+    record: dict[str, Any] = {"first_step_s": time.perf_counter() - start}
+    for _ in range(WARMUP_STEPS - 1):
+        train_step(step_model, batch, opt)
+    record.update(track_and_time(model, batch, opt, steps, log, tracked=tracked,
+                                 train_step=lambda: train_step(step_model, batch, opt)))
+    return record
+
+
 def run_one(variant: Variant, seq: int, batch_size: int, steps: int,
             log: Callable[[str], None]) -> dict[str, Any]:
     """Measure one variant at one sequence length; returns its record (metrics in bytes and seconds)."""

@@ -52,7 +52,7 @@ from bench_memory import (
     choose_names,
     run_grid,
     run_metadata,
-    track_and_time,
+    warm_track_and_time,
     write_scalars,
 )
 
@@ -75,7 +75,7 @@ OPTIONS["auto"] = {"sparse_backprop": "auto"}
 AUTO_SHARE = 0.5                # auto's budget: this share of full fine-tuning's planned step peak
 VARIANTS = tuple(OPTIONS)
 SEQ_LENS, QUICK_SEQ_LENS = (128, 512), (128,)
-BATCH, STEPS, QUICK_STEPS, WARMUP_STEPS, LR = 4, 10, 3, 2, 1e-3
+BATCH, STEPS, QUICK_STEPS, LR = 4, 10, 3, 1e-3
 
 
 def _model(variant: str) -> nn.Module:
@@ -88,12 +88,6 @@ def _model(variant: str) -> nn.Module:
                          attention_bias=variant == "bias_only", mlp_bias=variant == "bias_only")
     torch.manual_seed(SEED)
     return LlamaForCausalLM(config).train()
-
-
-def _step(step_model: nn.Module, batch: dict[str, Any], opt: torch.optim.Optimizer) -> None:
-    step_model(**batch).loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
 
 
 def _auto_budget(variant: str, batch: dict[str, Any]) -> int:
@@ -134,18 +128,11 @@ def run_one(variant: str, seq: int, batch_size: int, steps: int, log: Callable[[
     opt = torch.optim.AdamW(params, lr=LR, foreach=True)
     record: dict[str, Any] = {"variant": variant, "seq_len": seq, "batch": batch_size,
                               "trainable_parameters": sum(p.numel() for p in params), **extra}
-    log("warming up")
-    start = time.perf_counter()
-    _step(step_model, batch, opt)
-    record["first_step_s"] = time.perf_counter() - start
-    for _ in range(WARMUP_STEPS - 1):
-        _step(step_model, batch, opt)
 
     def tracked() -> None:
         step_model(**batch).loss.backward()
 
-    record.update(track_and_time(model, batch, opt, steps, log, tracked=tracked,
-                                 train_step=lambda: _step(step_model, batch, opt)))
+    record.update(warm_track_and_time(model, step_model, batch, opt, steps, log, tracked=tracked))
     memory = backend.reports[-1].memory if variant != "lisa_blocks" else None
     record["saved_activation_bytes"] = memory.saved_activation_bytes if memory is not None else None
     record["compiled_graphs"] = len(backend.reports)

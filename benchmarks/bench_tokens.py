@@ -33,7 +33,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_memory import SEED, MiB, add_ratios, align, bench_parser, choose_names, run_grid, \
-    run_metadata, track_and_time, write_scalars
+    run_metadata, warm_track_and_time, write_scalars
 
 from memopt.compiler.backend import MemoptBackend
 from tests.models import token_batch
@@ -41,7 +41,7 @@ from tests.models import token_batch
 BENCHMARK = "bench_tokens"
 VARIANTS = {"dense": None, "keep_0.4": 0.4, "keep_0.25": 0.25}
 SEQ_LENS, QUICK_SEQ_LENS = (1024, 2048, 4096, 8192), (1024, 2048)
-STEPS, QUICK_STEPS, WARMUP_STEPS, LR, BLOCK = 3, 2, 2, 1e-3, 64
+STEPS, QUICK_STEPS, LR, BLOCK = 3, 2, 1e-3, 64
 
 
 def _model() -> nn.Module:
@@ -52,12 +52,6 @@ def _model() -> nn.Module:
     config._attn_implementation = "sdpa"
     torch.manual_seed(SEED)
     return LlamaForCausalLM(config).train()
-
-
-def _step(model: nn.Module, batch: dict[str, Any], opt: torch.optim.Optimizer) -> None:
-    model(**batch).loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
 
 
 def run_one(variant: str, seq: int, steps: int, log: Callable[[str], None]) -> dict[str, Any]:
@@ -73,19 +67,12 @@ def run_one(variant: str, seq: int, steps: int, log: Callable[[str], None]) -> d
     opt = torch.optim.AdamW(model.parameters(), lr=LR, foreach=True)
     batch: dict[str, Any] = token_batch(1, seq, vocab=256)
     record: dict[str, Any] = {"variant": variant, "seq_len": seq, "batch": 1}
-    log("warming up")
-    start = time.perf_counter()
-    _step(step_model, batch, opt)
-    record["first_step_s"] = time.perf_counter() - start
-    for _ in range(WARMUP_STEPS - 1):
-        _step(step_model, batch, opt)
 
     def tracked() -> None:
         out = step_model(**batch)
         out.loss.backward()
 
-    record.update(track_and_time(model, batch, opt, steps, log, tracked=tracked,
-                                 train_step=lambda: _step(step_model, batch, opt)))
+    record.update(warm_track_and_time(model, step_model, batch, opt, steps, log, tracked=tracked))
     report = backend.reports[-1]
     record["saved_activation_bytes"] = report.memory.saved_activation_bytes if report.memory else None
     eliminated = [r.stats.get("pass_stats", {}) for r in report.passes if r.name == "eliminate_tokens"]
