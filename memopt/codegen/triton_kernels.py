@@ -128,6 +128,8 @@ KERNELS: dict[str, str] = {
     "memopt.int8_mm": "memopt.codegen.int8_matmul",
     "memopt.compress": "memopt.codegen.compress_rows",
     "memopt.decompress": "memopt.codegen.compress_rows",
+    "memopt.gather_rows": "memopt.codegen.token_rows",
+    "memopt.scatter_add_rows": "memopt.codegen.token_rows",
 }
 
 

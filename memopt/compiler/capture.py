@@ -350,7 +350,8 @@ def compile_joint(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], stage
         return aot_autograd(fw_compiler=fw_compiler, bw_compiler=fw_compiler,
                             inference_compiler=inference_compiler, partition_fn=stage,
                             keep_inference_input_mutations=True)(gm, example_inputs)
-    # "inductor", and "triton" until memopt's own kernels land: Inductor generates the code.
+    # "inductor" and "triton": Inductor generates the code; under "triton" the passes emit memopt's ops
+    # where memopt has its own kernels (token elimination's gather and scatter-add).
     from memopt.codegen.inductor import compile_with_inductor
 
     return compile_with_inductor(gm, example_inputs, stage, keep_plan=stage.config.memory_budget is not None)

@@ -14,6 +14,10 @@ unchanged model's graph. In each attention sublayer from ``start_layer`` on (fou
 - ``residual + o_proj(...)`` becomes ``scatter_tokens(residual, positions, o_proj(...))``: eliminated
   tokens pass through on the residual stream.
 
+Under ``codegen="triton"`` the input's gather and the residual's scatter-add are memopt's ops
+(:mod:`memopt.runtime.token_rows`), which run memopt's Triton kernels; otherwise they are PyTorch's
+``gather`` / ``scatter_add``, which Inductor fuses with their neighbours.
+
 The sublayer's saved activations shrink with K / S, and the schedule sees the smaller step. With
 ``keep_ratio=1`` every token is kept and the values are those of the model (the test holds them to it).
 A model whose attention is not recognised is left as it is, with a warning naming what was not found; a
@@ -39,6 +43,7 @@ from memopt.errors import MemoptConfigError, MemoptUnsupportedError
 from memopt.passes.attention import Sublayer, find_sublayers
 from memopt.passes.base import Pass, PassContext, PassResult
 from memopt.passes.rewrite import fake_result
+import memopt.runtime.token_rows  # noqa: F401 - registers memopt::gather_rows and memopt::scatter_add_rows
 from memopt.tokens import gather_tokens, kept_count, scatter_tokens, select_tokens
 
 _SHAPED = ("view", "reshape", "expand")
@@ -110,7 +115,7 @@ def _is_causal(gm: torch.fx.GraphModule, mask: torch.fx.Node, order: dict[torch.
 
 
 def _gathered_inputs(gm: torch.fx.GraphModule, sublayer: Sublayer, ratio: float, block: int,
-                     causal: set[torch.fx.Node]) -> tuple[torch.fx.Node, dict[torch.fx.Node, Any]]:
+                     causal: set[torch.fx.Node], kernels: bool) -> tuple[torch.fx.Node, dict[torch.fx.Node, Any]]:
     """The kept positions, and what each of the sublayer's token-holding inputs becomes: gathered at
     them, or None for a causal mask (the attention call then takes ``is_causal``)."""
     graph, hidden, (q, k, _) = gm.graph, sublayer.hidden, sublayer.projections
@@ -119,7 +124,9 @@ def _gathered_inputs(gm: torch.fx.GraphModule, sublayer: Sublayer, ratio: float,
     with graph.inserting_before(sublayer.region[0]):
         positions = _call(graph, select_tokens, (hidden, q.args[1], bias(q), k.args[1], bias(k), heads, kv_heads,
                                                  block, ratio), hidden)
-        replaced: dict[torch.fx.Node, Any] = {hidden: _call(graph, gather_tokens, (hidden, positions, (1,)), hidden)}
+        gathered = _call(graph, torch.ops.memopt.gather_rows.default, (hidden, positions), hidden) if kernels \
+            else _call(graph, gather_tokens, (hidden, positions, (1,)), hidden)
+        replaced: dict[torch.fx.Node, Any] = {hidden: gathered}
     mask = sublayer.attention.kwargs.get("attn_mask")
     if isinstance(mask, torch.fx.Node) and mask in causal:
         # Kept tokens stay in order, so the causal mask among them is causal: no mask to gather or save.
@@ -134,10 +141,11 @@ def _gathered_inputs(gm: torch.fx.GraphModule, sublayer: Sublayer, ratio: float,
 
 
 def _eliminate(gm: torch.fx.GraphModule, sublayer: Sublayer, ratio: float, block: int,
-               causal: set[torch.fx.Node]) -> int:
-    """Rewrite one sublayer to run on the kept tokens; returns how many it keeps."""
+               causal: set[torch.fx.Node], kernels: bool) -> int:
+    """Rewrite one sublayer to run on the kept tokens (through memopt's kernels if ``kernels``);
+    returns how many it keeps."""
     seq = _shape(sublayer.hidden)[1]
-    positions, replaced = _gathered_inputs(gm, sublayer, ratio, block, causal)
+    positions, replaced = _gathered_inputs(gm, sublayer, ratio, block, causal, kernels)
     kept = _shape(positions)[1]
     for node in sublayer.region:
         node.args = torch.fx.node.map_arg(node.args, lambda a: replaced.get(a, a))
@@ -148,7 +156,9 @@ def _eliminate(gm: torch.fx.GraphModule, sublayer: Sublayer, ratio: float, block
     add = sublayer.residual_add
     residual = next(a for a in add.args if a is not sublayer.output)
     with gm.graph.inserting_before(add):
-        scattered = _call(gm.graph, scatter_tokens, (residual, positions, sublayer.output), add)
+        scattered = _call(gm.graph, torch.ops.memopt.scatter_add_rows.default,
+                          (residual, positions, sublayer.output, seq), add) if kernels \
+            else _call(gm.graph, scatter_tokens, (residual, positions, sublayer.output), add)
     add.replace_all_uses_with(scattered)
     gm.graph.erase_node(add)
     return kept
@@ -182,8 +192,9 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
              and m in s.outside}
     causal = {m for m in masks if _is_causal(gm, m, order)}
     stats["causal_masks"] = sum(s.attention.kwargs.get("attn_mask") in causal for s in chosen)
+    kernels = ctx.config.codegen == "triton"
     for sublayer in chosen:
-        stats["kept_tokens"] = _eliminate(gm, sublayer, config.keep_ratio, config.block_size, causal)
+        stats["kept_tokens"] = _eliminate(gm, sublayer, config.keep_ratio, config.block_size, causal, kernels)
     stats["eliminated"] = len(chosen)
     stats["kept_blocks"] = kept_count(blocks, config.keep_ratio)
     gm.graph.lint()
