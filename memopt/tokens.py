@@ -26,7 +26,7 @@ import math
 import torch
 
 __all__ = ["attention_mass", "block_recall", "block_scores", "gather_tokens", "kept_blocks", "kept_count",
-           "kept_positions", "scatter_tokens", "select_tokens"]
+           "kept_positions", "mass_coverage", "pooled_scores", "scatter_tokens", "select_tokens"]
 
 
 def _blocks(seq: int, block_size: int) -> int:
@@ -108,31 +108,46 @@ def block_recall(scores: torch.Tensor, exact: torch.Tensor, keep_ratio: float) -
     return sum(hits) / len(hits)
 
 
+def mass_coverage(scores: torch.Tensor, exact: torch.Tensor, keep_ratio: float) -> float:
+    """The attention mass the blocks ``scores`` keeps receive, over the most any choice of as many blocks
+    (the first and last among them) could receive (mean over the batch). Unlike :func:`block_recall` it
+    does not count a swap between blocks of nearly equal mass as a miss."""
+    chosen, truth = kept_blocks(scores, keep_ratio), kept_blocks(exact, keep_ratio)
+    shares = exact.gather(1, chosen).sum(1) / exact.gather(1, truth).sum(1)
+    return float(shares.mean())
+
+
 # --------------------------------------------------------------------------------------------------------
 # In the graph: what the eliminate_tokens pass calls (traced by AOTAutograd like any other function)
 # --------------------------------------------------------------------------------------------------------
 
 
-def select_tokens(hidden: torch.Tensor, wq: torch.Tensor, bq: torch.Tensor | None, wk: torch.Tensor,
-                  bk: torch.Tensor | None, heads: int, kv_heads: int, block_size: int, keep_ratio: float,
-                  ) -> torch.Tensor:
-    """(B, K) positions of the tokens a sublayer keeps, scored from ``hidden`` (B, S, H) with the
-    sublayer's own query and key projections, without gradients: blocks are mean-pooled before the
-    projections (a linear commutes with the mean), rotary positions are left out, the scorer is
-    :func:`block_scores` (Note [Contextual token sparsity]). K is static: ``kept_count`` blocks, the last
-    one partial."""
+def pooled_scores(hidden: torch.Tensor, wq: torch.Tensor, bq: torch.Tensor | None, wk: torch.Tensor,
+                  bk: torch.Tensor | None, heads: int, kv_heads: int, block_size: int) -> torch.Tensor:
+    """(B, blocks): :func:`block_scores` of a sublayer's input ``hidden`` (B, S, H), without gradients,
+    through the sublayer's own query and key projections: blocks are mean-pooled before the projections
+    (a linear commutes with the mean), and rotary positions are left out."""
     batch, seq, width = hidden.shape
     blocks = _blocks(seq, block_size)
     padded = torch.nn.functional.pad(hidden.detach(), (0, 0, 0, blocks * block_size - seq))
-    pooled = padded.view(batch, blocks, block_size, width).mean(2)
+    sums = padded.view(batch, blocks, block_size, width).sum(2)
+    pooled = torch.cat([sums[:, :-1] / block_size, sums[:, -1:] / (seq - (blocks - 1) * block_size)], 1)
     q = torch.nn.functional.linear(pooled, wq.detach(), None if bq is None else bq.detach())
     k = torch.nn.functional.linear(pooled, wk.detach(), None if bk is None else bk.detach())
     q = q.view(batch, blocks, heads, -1).transpose(1, 2)
     k = k.view(batch, blocks, kv_heads, -1).transpose(1, 2)
     affinity = (q @ _grouped(q, k).transpose(-1, -2) * (1.0 / math.sqrt(q.shape[-1]))).clamp_min(0)
     causal = torch.ones(blocks, blocks, dtype=affinity.dtype, device=affinity.device).tril()
-    scores = (affinity * causal).sum(dim=(1, 2))
-    return kept_positions(kept_blocks(scores, keep_ratio), block_size, seq)
+    return (affinity * causal).sum(dim=(1, 2))
+
+
+def select_tokens(hidden: torch.Tensor, wq: torch.Tensor, bq: torch.Tensor | None, wk: torch.Tensor,
+                  bk: torch.Tensor | None, heads: int, kv_heads: int, block_size: int, keep_ratio: float,
+                  ) -> torch.Tensor:
+    """(B, K) positions of the tokens a sublayer keeps, by :func:`pooled_scores` (Note [Contextual token
+    sparsity]). K is static: ``kept_count`` blocks, the last one partial."""
+    scores = pooled_scores(hidden, wq, bq, wk, bk, heads, kv_heads, block_size)
+    return kept_positions(kept_blocks(scores, keep_ratio), block_size, hidden.shape[1])
 
 
 def gather_tokens(x: torch.Tensor, positions: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:

@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 import torch
 
-from memopt.tokens import attention_mass, block_recall, block_scores, kept_blocks, kept_count, kept_positions
+from memopt.tokens import attention_mass, block_recall, block_scores, kept_blocks, kept_count, kept_positions, \
+    mass_coverage
 
 
 @pytest.mark.parametrize("seq,block,ratio", [(256, 64, 0.4), (250, 64, 0.4), (64, 16, 0.25), (100, 32, 1.0)])
@@ -42,6 +43,17 @@ def test_the_scorer_finds_the_block_that_receives_the_attention() -> None:
     assert exact[0, 2] == exact[0, 1:].max()
     torch.testing.assert_close(exact.sum(), torch.tensor(2.0 * seq))
     assert block_recall(scores, exact, keep_ratio=0.5) == 1.0
+
+
+def test_recall_counts_blocks_and_coverage_counts_mass() -> None:
+    """Exact masses of 6 blocks, 4 kept (first and last forced): the best two of the middle are 1 and 2.
+    A scorer that picks 1 and 3 misses one block of two (recall 3/4) but block 3's mass is almost
+    block 2's, so it covers (10 + 5 + 3.9 + 1) / (10 + 5 + 4 + 1) of the best mass."""
+    exact = torch.tensor([[10.0, 5.0, 4.0, 3.9, 0.5, 1.0]])
+    scores = torch.tensor([[0.0, 9.0, 1.0, 8.0, 0.0, 0.0]])
+    assert block_recall(scores, exact, keep_ratio=4 / 6) == 0.75
+    assert mass_coverage(scores, exact, keep_ratio=4 / 6) == pytest.approx(19.9 / 20.0)
+    assert mass_coverage(exact, exact, keep_ratio=4 / 6) == 1.0
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -1,0 +1,35 @@
+"""Token elimination's quality on real text (issue 17): LeMo's setting in small, as
+:mod:`tests.token_quality` describes. A tiny Llama (8 layers) pretrained on docstrings at 256 tokens is
+fine-tuned with LoRA for 200 steps at 1024 tokens, densely and keeping 40% of the tokens (blocks of 64)
+from the middle layer on."""
+
+from __future__ import annotations
+
+from tests.token_quality import Setting, run
+
+
+def test_lora_fine_tuning_with_token_elimination_ends_near_dense() -> None:
+    """The fine-tuned models' held-out loss (both evaluated densely, as LeMo's perplexities are) within
+    3% of each other, and both better than the base. The training losses differ more, and are only
+    reported: the eliminated run's is computed by a forward in which 60% of the tokens skip the later
+    layers' attention.
+
+    The scorer is held to its block recall against the exact softmax attention mass (the blocks the
+    exact mass would keep that the scorer keeps too) and to its mass coverage (the mass its blocks
+    receive over the best possible). On this model attention is diffuse: middle blocks receive
+    nearly equal mass (5-7% each), the ranking is mostly set by how many queries see a block, and the
+    exact top-k swaps near-ties from batch to batch, so recall sits near 0.9 for the scorer and for a
+    rule that keeps the earliest blocks alike, while coverage is above 0.98 (measured: recall 0.88,
+    coverage 0.986). Recall is asserted at 0.85 and coverage at 0.97 for that reason."""
+    result = run(Setting())
+    dense, eliminated, scorer = result["dense"], result["eliminated"], result["scorer"]
+    print(f"base held-out {result['base_held_out']:.4f}; dense: final {dense['final']:.4f}, held-out "
+          f"{dense['held_out']:.4f}; eliminated: final {eliminated['final']:.4f}, held-out "
+          f"{eliminated['held_out']:.4f}; ratios: final {result['final_ratio']:.4f}, held-out "
+          f"{result['held_out_ratio']:.4f}")
+    print(f"scorer per layer {scorer['layers']}: recall {scorer['recall']}, coverage {scorer['coverage']}; "
+          f"earliest blocks: recall {scorer['earliest_recall']}, coverage {scorer['earliest_coverage']}")
+    assert result["held_out_ratio"] <= 1.03, result["held_out_ratio"]
+    assert max(dense["held_out"], eliminated["held_out"]) < result["base_held_out"] - 0.1
+    assert eliminated["losses"][-1] < eliminated["losses"][0]
+    assert scorer["mean_recall"] >= 0.85 and scorer["mean_coverage"] >= 0.97, scorer
