@@ -92,7 +92,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(align(rows, text_columns=1))
     print(f"base held-out loss {result['base_held_out']:.4f}; scorer on layers {scorer['layers']}: recall "
-          f"{scorer['mean_recall']:.3f}, coverage {scorer['mean_coverage']:.4f} (earliest blocks: "
+          f"{scorer['mean_recall']:.3f}, coverage {scorer['mean_coverage']:.4f} (LeMo's block scores from the "
+          f"full q and k: {scorer['mean_lemo_recall']:.3f}, {scorer['mean_lemo_coverage']:.4f}; earliest blocks: "
           f"{scorer['mean_earliest_recall']:.3f}, {scorer['mean_earliest_coverage']:.4f})")
     print(f"wrote {args.out / BENCHMARK}.json, .csv and .svg ({result['wall_s']:.0f} s); "
           f"setting {dataclasses.asdict(setting)}")

@@ -340,7 +340,9 @@ def plan(model_or_config: nn.Module | str | Any, example_inputs: Mapping[str, An
         max_pos = getattr(hf_config, "max_position_embeddings", getattr(hf_config, "n_positions", None))
         if max_pos is not None and seq > max_pos:
             raise MemoptConfigError(
-                f"seq {seq} is longer than {name}'s max_position_embeddings ({max_pos})")
+                f"seq {seq} is longer than {name}'s max_position_embeddings ({max_pos}); for a model whose "
+                f"context was extended, pass its config.json (with its max_position_embeddings and "
+                f"rope_scaling) as the model")
     model.train()
     if config.adapters is not None:
         from memopt.prepare import prepare, prepared_adapters

@@ -27,8 +27,9 @@ def test_lora_fine_tuning_with_token_elimination_ends_near_dense() -> None:
           f"{dense['held_out']:.4f}; eliminated: final {eliminated['final']:.4f}, held-out "
           f"{eliminated['held_out']:.4f}; ratios: final {result['final_ratio']:.4f}, held-out "
           f"{result['held_out_ratio']:.4f}")
-    print(f"scorer per layer {scorer['layers']}: recall {scorer['recall']}, coverage {scorer['coverage']}; "
-          f"earliest blocks: recall {scorer['earliest_recall']}, coverage {scorer['earliest_coverage']}")
+    for rule in ("", "lemo_", "earliest_"):
+        print(f"{rule or 'scorer_'}: per layer {scorer['layers']}: recall {scorer[rule + 'recall']}, coverage "
+              f"{scorer[rule + 'coverage']}")
     assert result["held_out_ratio"] <= 1.03, result["held_out_ratio"]
     assert max(dense["held_out"], eliminated["held_out"]) < result["base_held_out"] - 0.1
     assert eliminated["losses"][-1] < eliminated["losses"][0]

@@ -7,8 +7,9 @@ a short sequence; it is then fine-tuned at a long sequence on the second half, d
 elimination, from the same weights and batches. Measured: both runs' final training loss (the mean over
 the last steps), both fine-tuned models' held-out loss (evaluated densely, as they would be used), and on
 the eliminated model's layers, held-out, how well the pass's scorer picks blocks against the exact
-softmax attention mass: top-k block recall, mass coverage, and the same for a rule that keeps the
-earliest blocks (a baseline that knows only positions: earlier key blocks are seen by more queries).
+softmax attention mass: top-k block recall and mass coverage, and the same for LeMo's own block scores
+from the full queries and keys and for a rule that keeps the earliest blocks (a baseline that knows
+only positions: earlier key blocks are seen by more queries).
 """
 
 from __future__ import annotations
@@ -134,10 +135,23 @@ def _captured_sublayers(model: nn.Module, batch: dict[str, object], start: int,
     return captured
 
 
+def lemo_block_scores(q: torch.Tensor, k: torch.Tensor, block_size: int) -> torch.Tensor:
+    """(B, blocks): LeMo's own block scores from the full rotated queries and keys (its predictors'
+    training target): per token pair the positive part of ``q . k * scale`` summed over heads, the maximum
+    over each causal block pair, summed over query blocks. ``S`` a multiple of ``block_size``."""
+    heads = q.shape[1]
+    k = k.repeat_interleave(heads // k.shape[1], dim=1)
+    pairs = (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).clamp_min(0).sum(1)          # (B, S, S)
+    seq, blocks = pairs.shape[-1], pairs.shape[-1] // block_size
+    pairs = pairs * torch.ones(seq, seq, dtype=pairs.dtype).tril()
+    return pairs.view(-1, blocks, block_size, blocks, block_size).amax(dim=(2, 4)).sum(1)
+
+
 @torch.no_grad()
 def scorer_quality(model: nn.Module, batches: list[dict[str, object]], setting: Setting) -> dict[str, Any]:
     """Per layer from the middle on (the eliminated ones), averaged over ``batches``: the pass's scorer
-    (:func:`pooled_scores` of the sublayer's input) and the earliest-blocks rule against the exact
+    (:func:`pooled_scores` of the sublayer's input), LeMo's block scores from the full queries and keys
+    (:func:`lemo_block_scores`, what its predictors learn) and the earliest-blocks rule, against the exact
     attention mass of the layer's rotated queries and keys, as top-k block recall and mass coverage."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
@@ -150,12 +164,14 @@ def scorer_quality(model: nn.Module, batches: list[dict[str, object]], setting: 
             heads, kv_heads, dim = attn.config.num_attention_heads, attn.config.num_key_value_heads, attn.head_dim
             q = attn.q_proj(hidden).unflatten(-1, (heads, dim)).transpose(1, 2)
             k = attn.k_proj(hidden).unflatten(-1, (kv_heads, dim)).transpose(1, 2)
-            exact = attention_mass(*apply_rotary_pos_emb(q, k, cos, sin), setting.block_size)
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            exact = attention_mass(q, k, setting.block_size)
             scores = pooled_scores(hidden, attn.q_proj.weight, attn.q_proj.bias, attn.k_proj.weight,
                                    attn.k_proj.bias, heads, kv_heads, setting.block_size)
             earliest = -torch.arange(exact.shape[1], dtype=exact.dtype).expand_as(exact)
             for name, measure in (("recall", block_recall), ("coverage", mass_coverage)):
-                for rule, chosen in (("", scores), ("earliest_", earliest)):
+                for rule, chosen in (("", scores), ("lemo_", lemo_block_scores(q, k, setting.block_size)),
+                                     ("earliest_", earliest)):
                     values = sums.setdefault(f"{rule}{name}", [0.0] * (len(layers) - start))
                     values[index - start] += measure(chosen, exact, setting.keep_ratio) / len(batches)
     return {"layers": list(range(start, len(layers))), **sums,
