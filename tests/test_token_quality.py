@@ -18,9 +18,10 @@ def test_lora_fine_tuning_with_token_elimination_ends_near_dense() -> None:
     exact mass would keep that the scorer keeps too) and to its mass coverage (the mass its blocks
     receive over the best possible). On this model attention is diffuse: middle blocks receive
     nearly equal mass (5-7% each), the ranking is mostly set by how many queries see a block, and the
-    exact top-k swaps near-ties from batch to batch, so recall sits near 0.9 for the scorer and for a
-    rule that keeps the earliest blocks alike, while coverage is above 0.98 (measured: recall 0.88,
-    coverage 0.986). Recall is asserted at 0.85 and coverage at 0.97 for that reason."""
+    exact top-k swaps near-ties from batch to batch, so recall sits near 0.9 whatever picks the blocks,
+    while coverage is above 0.98. Measured: the scorer 0.884 and 0.986, LeMo's own block scores from the
+    full queries and keys 0.897 and 0.992, the earliest blocks 0.893 and 0.991. Recall is asserted at
+    0.85 and within 0.05 of LeMo's block scores, coverage at 0.97."""
     result = run(Setting())
     dense, eliminated, scorer = result["dense"], result["eliminated"], result["scorer"]
     print(f"base held-out {result['base_held_out']:.4f}; dense: final {dense['final']:.4f}, held-out "
@@ -34,3 +35,4 @@ def test_lora_fine_tuning_with_token_elimination_ends_near_dense() -> None:
     assert max(dense["held_out"], eliminated["held_out"]) < result["base_held_out"] - 0.1
     assert eliminated["losses"][-1] < eliminated["losses"][0]
     assert scorer["mean_recall"] >= 0.85 and scorer["mean_coverage"] >= 0.97, scorer
+    assert scorer["mean_recall"] >= scorer["mean_lemo_recall"] - 0.05, scorer
