@@ -45,8 +45,8 @@ def loss_chart(result: dict[str, Any], smooth: int = 10) -> str:
     colors = {"dense": "#4c72b0", "eliminated": "#dd8452"}
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height + 60}" '
            'font-family="sans-serif" font-size="11">',
-           f'<text x="10" y="18" font-size="13">{BENCHMARK}: LoRA fine-tuning loss ({smooth}-step mean), '
-           'dense and keep 0.4 from the middle layer</text>',
+           f'<text x="10" y="18" font-size="13">LoRA fine-tuning loss ({smooth}-step mean): dense and token '
+           'elimination (keep 0.4)</text>',
            f'<text x="{left}" y="{top + height + 15}">step 1</text>',
            f'<text x="{width - 60}" y="{top + height + 15}">step {steps}</text>',
            f'<text x="4" y="{top + 10}">{high:.2f}</text>', f'<text x="4" y="{top + height}">{low:.2f}</text>']

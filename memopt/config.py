@@ -185,6 +185,15 @@ class TokenEliminationConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ChunkSequenceConfig:
+    """Position-wise sublayers (the MLP) run ``chunks`` slices of the sequence at a time, each slice's
+    intermediates recomputed in the backward (exact)."""
+
+    chunks: int = 8                          # slices of the sequence, at least 2
+    min_tokens: int = 1024                   # shorter sequences are left whole (chunking costs a recompute)
+
+
+@dataclasses.dataclass(frozen=True)
 class MemoptConfig:
     """Validated options. Build it with :func:`parse_options`, not directly."""
 
@@ -200,6 +209,7 @@ class MemoptConfig:
     solver_time_limit_s: float = 15.0           # CP-SAT's deterministic time per solve, and as much for refining
     sparse_backprop: SparseBackpropConfig | None = None     # which parameter slices train (memopt.sparse)
     token_elimination: TokenEliminationConfig | None = None  # LeMo settings (lossy; its own issue)
+    chunk_sequence: ChunkSequenceConfig | None = None  # the MLP a slice of the sequence at a time (exact)
     strict: bool = False                        # a failing pass raises instead of falling back
     disable_passes: tuple[str, ...] = ()        # pass names to skip (plus MEMOPT_DISABLE_PASSES)
 
@@ -388,6 +398,20 @@ def _parse_sparse_backprop(value: object) -> SparseBackpropConfig | None:
     return SparseBackpropConfig(tuple(rules))
 
 
+def _parse_chunk_sequence(value: object) -> ChunkSequenceConfig | None:
+    if value is None:
+        return None
+    value = _expect_dict("chunk_sequence", value, "a dict like {'chunks': 8}")
+    _check_keys("chunk_sequence.", value, tuple(f.name for f in dataclasses.fields(ChunkSequenceConfig)))
+    for key, least, what in (("chunks", 2, "slices of the sequence"), ("min_tokens", 1, "tokens")):
+        if key in value:
+            _expect(f"chunk_sequence.{key}", value[key], (int,), f"a whole number of {what}")
+            if value[key] < least:
+                raise MemoptConfigError(f"option 'chunk_sequence.{key}': got {value[key]}; expected at least "
+                                        f"{least} {what}")
+    return ChunkSequenceConfig(**value)
+
+
 def _parse_token_elimination(value: object) -> TokenEliminationConfig | None:
     if value is None:
         return None
@@ -458,6 +482,7 @@ def parse_options(options: Mapping[str, Any] | MemoptConfig | None = None,
             kwargs["solver_time_limit_s"] = float(limit)
         kwargs["sparse_backprop"] = _parse_sparse_backprop(opts.get("sparse_backprop"))
         kwargs["token_elimination"] = _parse_token_elimination(opts.get("token_elimination"))
+        kwargs["chunk_sequence"] = _parse_chunk_sequence(opts.get("chunk_sequence"))
         if "strict" in opts:
             _expect("strict", opts["strict"], (bool,), "True or False")
             kwargs["strict"] = opts["strict"]

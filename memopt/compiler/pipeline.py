@@ -11,6 +11,7 @@ The rewriting passes arrive with their issues. Tests add passes of their own thr
 from __future__ import annotations
 
 from memopt.passes.base import Pass
+from memopt.passes.chunk_sequence import CHUNK_SEQUENCE
 from memopt.passes.eliminate_tokens import ELIMINATE_TOKENS
 from memopt.passes.fuse_cross_entropy import FUSE_CROSS_ENTROPY
 from memopt.passes.fuse_dequant import FUSE_DEQUANT
@@ -24,6 +25,9 @@ PIPELINE: tuple[Pass, ...] = (
     # Model graph (lossy, only when asked): late layers' attention on the kept tokens, while the graph still
     # has one node per torch call and the sublayer can be recognised.
     ELIMINATE_TOKENS,
+    # Model graph (exact, only when asked): the MLPs a slice of the sequence at a time, their slices'
+    # intermediates recomputed in the backward; after the adapters, whose matmuls are part of the MLP.
+    CHUNK_SEQUENCE,
     # Joint graph, first: gradients nobody trains and the nodes and saved activations only they needed
     # go before any other pass or the schedule spends work on them.
     PRUNE_BACKPROP,

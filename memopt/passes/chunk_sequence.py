@@ -1,0 +1,190 @@
+"""chunk_sequence (model graph, exact): position-wise sublayers run a slice of the sequence at a time.
+
+Note [Chunked position-wise sublayers]
+~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+An MLP treats every token alone, and its intermediates are wider than its input (Llama: gate, up, their
+activation and product, each ``tokens x 2.7 hidden``); the backward reads them all, so the whole
+sequence's worth is saved at once. Mini-Sequence Transformer runs the MLP over slices of the sequence
+and recomputes each slice's intermediates in the backward: what is saved is the MLP's input, and only
+one slice's intermediates exist at a time, in the forward and in the backward.
+
+The pass finds the sublayer as a *position-wise region*: from a value ``x`` that a linear reads, the
+nodes that depend on ``x`` through ops that act on each token alone (linears, matmuls by a weight,
+elementwise ops, dtype casts, memopt's quantized matmuls), whose other operands depend on no token
+(weights, scalars), and which keep ``x``'s leading dimensions. The region is chunked when it has one
+output, read outside it, at least two matmuls, and an intermediate wider than its input and output:
+an MLP, with or without adapters. Not attention's q/k/v projections (three outputs), nor the LM head
+(its logits are the step's output), nor an output projection with a LoRA adapter (position-wise, but
+nothing in it is wider than its ends: nothing to gain).
+
+``x`` is split along its token dimension (the one before the last), the region is copied once per
+slice, and the slices' outputs are concatenated. Every copied node is tagged ``MUST_RECOMPUTE`` with one
+``ac_graph_id`` per slice (the tags torch's activation checkpointing writes, which AOTAutograd carries
+onto the joint graph's nodes and its partitioner honours), so the backward recomputes a slice's
+intermediates right before it needs them and saves none. The values are the unchunked graph's: every
+op is per token, so each slice computes exactly the rows it would have.
+
+Stats: ``regions`` (sublayers chunked), ``chunks``, ``tokens``, ``skipped`` (why nothing was chunked).
+"""
+
+from __future__ import annotations
+
+import itertools
+import operator
+from typing import Any
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch.utils.checkpoint import CheckpointPolicy
+
+from memopt.passes.base import Pass, PassContext, PassResult
+from memopt.passes.rewrite import fake_result
+
+_LINEAR = {F.linear, torch._C._nn.linear}
+_MATMUL = {torch.matmul, operator.matmul}
+_ELEMENTWISE = {operator.mul, operator.add, operator.sub, operator.truediv, operator.neg, torch.mul, torch.add,
+                torch.sub, torch.div, torch.neg, torch.sigmoid, torch.tanh, torch.relu, F.silu, F.gelu, F.relu,
+                F.sigmoid, F.tanh}
+_METHODS = {"to", "float", "half", "bfloat16", "type_as", "contiguous", "mul", "add", "sub", "div", "neg",
+            "sigmoid", "tanh", "relu"}
+_QUANTIZED = {"memopt.nf4_mm", "memopt.nf4_mm_lora", "memopt.int8_mm"}
+
+
+def _value(node: Any) -> Any:
+    return node.meta.get("example_value") if isinstance(node, torch.fx.Node) else None
+
+
+def _rowwise(node: torch.fx.Node) -> bool:
+    """Whether ``node``'s op acts on each token (each row of its first operand) alone."""
+    if node.op == "call_method":
+        return node.target in _METHODS
+    if node.op != "call_function":
+        return False
+    target = node.target
+    if target in _LINEAR or target in _MATMUL or target in _ELEMENTWISE:
+        return True
+    return str(target).rsplit(".", 1)[0] in _QUANTIZED if isinstance(target, torch._ops.OpOverload) else False
+
+
+def _static(gm: torch.fx.GraphModule, ctx: PassContext) -> set[torch.fx.Node]:
+    """Nodes that depend on no token: parameters, buffers, module attributes and what is made of them."""
+    static: set[torch.fx.Node] = set()
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            static.add(node)
+        elif node.op == "placeholder":
+            found = ctx.input_of(node)
+            if found is not None and found.kind in ("parameter", "buffer"):
+                static.add(node)
+        elif node.op in ("call_function", "call_method") and node.all_input_nodes \
+                and all(n in static for n in node.all_input_nodes):
+            static.add(node)
+    return static
+
+
+def _joins(node: torch.fx.Node, inside: set[torch.fx.Node], static: set[torch.fx.Node],
+           leading: tuple[int, ...]) -> bool:
+    """Whether ``node`` extends the region: a per-token op on region values and token-free operands (for
+    an elementwise op, ones with no leading extent to broadcast over the tokens) that keeps the region's
+    leading dimensions."""
+    reads = node.all_input_nodes
+    value = _value(node)
+    if not _rowwise(node) or not any(n in inside for n in reads) or not isinstance(value, torch.Tensor) \
+            or tuple(value.shape[:-1]) != leading:
+        return False
+    weights = [n for n in reads if n not in inside]
+    if any(n not in static for n in weights):
+        return False
+    matmul = node.target in _LINEAR or node.target in _MATMUL or isinstance(node.target, torch._ops.OpOverload)
+    return matmul or all(_value(n) is None or all(d == 1 for d in _value(n).shape[:-1]) for n in weights)
+
+
+def _region(x: torch.fx.Node, static: set[torch.fx.Node], claimed: set[torch.fx.Node]) -> list[torch.fx.Node]:
+    """The position-wise region grown from ``x`` (Note [Chunked position-wise sublayers]), in graph order."""
+    leading = tuple(_value(x).shape[:-1])
+    inside: set[torch.fx.Node] = {x}
+    region: list[torch.fx.Node] = []
+    node = x.next
+    while node.op != "output":
+        if node not in claimed and _joins(node, inside, static, leading):
+            inside.add(node)
+            region.append(node)
+        node = node.next
+    return region
+
+
+def _worth_chunking(x: torch.fx.Node, region: list[torch.fx.Node]) -> torch.fx.Node | None:
+    """The region's one output if chunking it saves memory (Note [Chunked position-wise sublayers])."""
+    inside = set(region)
+    outputs = [n for n in region if any(u not in inside for u in n.users)]
+    matmuls = sum(1 for n in region if n.target in _LINEAR or n.target in _MATMUL
+                  or isinstance(n.target, torch._ops.OpOverload))
+    if len(outputs) != 1 or matmuls < 2:
+        return None
+    widest = max(_value(n).shape[-1] for n in region)
+    return outputs[0] if widest > max(_value(x).shape[-1], _value(outputs[0]).shape[-1]) else None
+
+
+def _chunk(gm: torch.fx.GraphModule, x: torch.fx.Node, region: list[torch.fx.Node], out: torch.fx.Node,
+           chunks: int, ids: itertools.count) -> None:
+    """Replace ``region`` by ``chunks`` copies on slices of ``x`` and a concatenation of their outputs."""
+    graph, dim = gm.graph, _value(x).dim() - 2
+    size = -(-_value(x).shape[dim] // chunks)
+    pieces = []
+    with graph.inserting_before(region[-1].next):
+        split = graph.call_function(torch.split, (x, size, dim))
+        split.meta["example_value"] = fake_result(split, "example_value")
+        for k in range(len(split.meta["example_value"])):
+            tag = {"recompute": CheckpointPolicy.MUST_RECOMPUTE, "ac_graph_id": next(ids)}
+            piece = graph.call_function(operator.getitem, (split, k))
+            copies = {x: piece, piece: piece}
+            for node in [piece, *region]:
+                if node is not piece:
+                    copies[node] = graph.node_copy(node, lambda n: copies.get(n, n))
+                copy = copies[node]
+                copy.meta.update(tag)
+                copy.meta["example_value"] = fake_result(copy, "example_value")
+            pieces.append(copies[out])
+        joined = graph.call_function(torch.cat, (pieces, dim))
+        joined.meta.update({k: v for k, v in out.meta.items() if k in ("nn_module_stack", "stack_trace")})
+        joined.meta["example_value"] = fake_result(joined, "example_value")
+    out.replace_all_uses_with(joined)
+    for node in reversed(region):
+        graph.erase_node(node)
+
+
+def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+    config = ctx.config.chunk_sequence
+    assert config is not None
+    static = _static(gm, ctx)
+    claimed: set[torch.fx.Node] = set()
+    found: list[tuple[torch.fx.Node, list[torch.fx.Node], torch.fx.Node]] = []
+    for node in list(gm.graph.nodes):
+        if node.target not in _LINEAR or not isinstance(x := node.args[0], torch.fx.Node) or x in static \
+                or x in claimed or not isinstance(_value(x), torch.Tensor) or _value(x).dim() < 2:
+            continue
+        region = _region(x, static, claimed)
+        out = _worth_chunking(x, region)
+        if out is not None:
+            found.append((x, region, out))
+            claimed.update(region)
+    tokens = max((_value(x).shape[-2] for x, _, _ in found), default=0)
+    stats: dict[str, Any] = {"regions": 0, "chunks": config.chunks, "tokens": tokens}
+    if not found:
+        stats["skipped"] = "no position-wise sublayer (an MLP) found"
+        return PassResult(gm, False, stats)
+    if tokens < config.min_tokens:
+        stats["skipped"] = f"{tokens} tokens are fewer than min_tokens ({config.min_tokens})"
+        return PassResult(gm, False, stats)
+    ids = itertools.count(1)
+    for x, region, out in found:
+        _chunk(gm, x, region, out, config.chunks, ids)
+    stats["regions"] = len(found)
+    gm.graph.lint()
+    gm.recompile()
+    return PassResult(gm, True, stats)
+
+
+CHUNK_SEQUENCE = Pass("chunk_sequence", "model", run, after=("inject_adapters",),
+                      wanted=lambda config: config.chunk_sequence is not None)
