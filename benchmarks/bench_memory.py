@@ -484,6 +484,37 @@ def write_scalars(out: Path, benchmark: str, meta: dict[str, Any], records: list
     return out / f"{benchmark}.json"
 
 
+def seq_chart(records: list[dict[str, Any]], variants: Sequence[str], title: str) -> str:
+    """SVG: tracked peak increase (MiB) and step time (s) against sequence length, one line per variant."""
+    good = [r for r in records if "error" not in r]
+    seqs = sorted({r["seq_len"] for r in good})
+    palette = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860")
+    colors = dict(zip(variants, palette))
+    panels = (("tracked_peak_increase_bytes", "tracked peak increase, MiB", MiB),
+              ("median_step_s", "median step, s", 1.0))
+    width, height, left, top = 360, 240, 60, 40
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{2 * width + 40}" height="{height + 80}" '
+           'font-family="sans-serif" font-size="11">',
+           f'<text x="10" y="18" font-size="13">{title}</text>']
+    for p, (key, label, unit) in enumerate(panels):
+        x0 = p * (width + 20)
+        top_value = max((r[key] / unit for r in good), default=1.0) or 1.0
+        out.append(f'<text x="{x0 + left}" y="{top - 8}">{label}</text>')
+        for i, seq in enumerate(seqs):
+            x = x0 + left + (width - left - 10) * i / max(len(seqs) - 1, 1)
+            out.append(f'<text x="{x - 12:.0f}" y="{top + height - 20}">{seq}</text>')
+        for variant, color in colors.items():
+            points = [(seqs.index(r["seq_len"]), r[key] / unit) for r in good if r["variant"] == variant]
+            xy = [(x0 + left + (width - left - 10) * i / max(len(seqs) - 1, 1),
+                   top + (height - 40) * (1 - v / top_value)) for i, v in sorted(points)]
+            if xy:
+                out.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" points="'
+                           + " ".join(f"{x:.1f},{y:.1f}" for x, y in xy) + '"/>')
+                out.append(f'<text x="{xy[-1][0] - 40:.1f}" y="{xy[-1][1] - 6:.1f}" fill="{color}">{variant}</text>')
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
+
+
 def bench_parser(doc: str | None, variants: Iterable[str], batch: int | None = None) -> argparse.ArgumentParser:
     """The command line the side-by-side benchmarks share: --quick, --steps, --variants, --seq-lens,
     --batch (when the benchmark has one) and --out."""

@@ -33,7 +33,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_memory import SEED, MiB, add_ratios, align, bench_parser, choose_names, run_grid, \
-    run_metadata, warm_track_and_time, write_scalars
+    run_metadata, seq_chart, warm_track_and_time, write_scalars
 
 from memopt.compiler.backend import MemoptBackend
 from tests.models import token_batch
@@ -96,36 +96,6 @@ def format_table(records: list[dict[str, Any]]) -> str:
     return align(rows)
 
 
-def line_chart(records: list[dict[str, Any]]) -> str:
-    """SVG: tracked peak increase (MiB) and step time (s) against sequence length, one line per variant."""
-    good = [r for r in records if "error" not in r]
-    seqs = sorted({r["seq_len"] for r in good})
-    colors = {"dense": "#4c72b0", "keep_0.4": "#dd8452", "keep_0.25": "#55a868"}
-    panels = (("tracked_peak_increase_bytes", "tracked peak increase, MiB", MiB),
-              ("median_step_s", "median step, s", 1.0))
-    width, height, left, top = 360, 240, 60, 40
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{2 * width + 40}" height="{height + 80}" '
-           'font-family="sans-serif" font-size="11">',
-           '<text x="10" y="18" font-size="13">bench_tokens: token elimination on CPU (tracked)</text>']
-    for p, (key, label, unit) in enumerate(panels):
-        x0 = p * (width + 20)
-        top_value = max((r[key] / unit for r in good), default=1.0) or 1.0
-        out.append(f'<text x="{x0 + left}" y="{top - 8}">{label}</text>')
-        for i, seq in enumerate(seqs):
-            x = x0 + left + (width - left - 10) * i / max(len(seqs) - 1, 1)
-            out.append(f'<text x="{x - 12:.0f}" y="{top + height - 20}">{seq}</text>')
-        for variant, color in colors.items():
-            points = [(seqs.index(r["seq_len"]), r[key] / unit) for r in good if r["variant"] == variant]
-            xy = [(x0 + left + (width - left - 10) * i / max(len(seqs) - 1, 1),
-                   top + (height - 40) * (1 - v / top_value)) for i, v in sorted(points)]
-            if xy:
-                out.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" points="'
-                           + " ".join(f"{x:.1f},{y:.1f}" for x, y in xy) + '"/>')
-                out.append(f'<text x="{xy[-1][0] - 40:.1f}" y="{xy[-1][1] - 6:.1f}" fill="{color}">{variant}</text>')
-    out.append("</svg>")
-    return "\n".join(out) + "\n"
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = bench_parser(__doc__, VARIANTS)
     args = parser.parse_args(argv)
@@ -145,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      ("saved", "saved_activation_bytes")))
     meta["wall_s"] = round(time.perf_counter() - started, 1)
     write_scalars(args.out, BENCHMARK, meta, records)
-    (args.out / f"{BENCHMARK}.svg").write_text(line_chart(records))
+    (args.out / f"{BENCHMARK}.svg").write_text(seq_chart(records, list(VARIANTS), "bench_tokens: token elimination on CPU (tracked)"))
     print()
     print(format_table(records))
     print(f"\nwrote {args.out / (BENCHMARK + '.json')}, .csv and .svg ({meta['wall_s']:.0f} s)")

@@ -31,7 +31,9 @@ def _stats(backend: MemoptBackend) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("extra", [{"codegen": "eager"}, {"codegen": "inductor"},
-                                   {"codegen": "eager", "memory_budget": 0.5}], ids=["eager", "inductor", "budget"])
+                                   {"codegen": "eager", "memory_budget": 0.5},
+                                   {"codegen": "eager", "disable_passes": ("drop_causal_masks",)}],
+                         ids=["eager", "inductor", "budget", "own-causal"])
 def test_keeping_every_token_changes_no_value(extra: dict[str, Any]) -> None:
     torch.manual_seed(0)
     model = tiny_llama(layers=2)
@@ -42,7 +44,12 @@ def test_keeping_every_token_changes_no_value(extra: dict[str, Any]) -> None:
     expected, _ = hf_loss(reference, batch)
     expected.backward()
     assert _stats(backend)["eliminated"] == 2 and _stats(backend)["kept_tokens"] == 64
-    assert _stats(backend)["causal_masks"] == 2          # the plain causal mask became is_causal
+    # The plain causal mask becomes is_causal: before the pass (drop_causal_masks), or, with that pass
+    # off, in the rewritten sublayers themselves.
+    dropped = sum(r.stats.get("pass_stats", {}).get("calls", 0) for r in backend.reports[-1].passes
+                  if r.name == "drop_causal_masks")
+    own = _stats(backend)["causal_masks"]
+    assert (dropped, own) == ((0, 2) if "disable_passes" in extra else (2, 0))
     assert_close(loss, expected, "loss")
     for (name, p), q in zip(model.named_parameters(), reference.parameters()):
         assert_close(p.grad, q.grad, name)

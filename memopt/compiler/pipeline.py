@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from memopt.passes.base import Pass
 from memopt.passes.chunk_sequence import CHUNK_SEQUENCE
+from memopt.passes.drop_causal_masks import DROP_CAUSAL_MASKS
 from memopt.passes.eliminate_tokens import ELIMINATE_TOKENS
 from memopt.passes.fuse_cross_entropy import FUSE_CROSS_ENTROPY
 from memopt.passes.fuse_dequant import FUSE_DEQUANT
@@ -22,6 +23,9 @@ from memopt.passes.split_dropout import SPLIT_DROPOUT
 PIPELINE: tuple[Pass, ...] = (
     # Model graph, first: the adapters are part of the model every later pass and the schedule see.
     INJECT_ADAPTERS,
+    # Model graph (exact): a plain causal mask becomes SDPA's is_causal, so no S x S mask is made or saved
+    # (Hugging Face builds one under torch.compile); before the passes that follow attention's inputs.
+    DROP_CAUSAL_MASKS,
     # Model graph (lossy, only when asked): late layers' attention on the kept tokens, while the graph still
     # has one node per torch call and the sublayer can be recognised.
     ELIMINATE_TOKENS,

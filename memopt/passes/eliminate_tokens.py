@@ -23,8 +23,9 @@ The sublayer's saved activations shrink with K / S, and the schedule sees the sm
 A model whose attention is not recognised is left as it is, with a warning naming what was not found; a
 sequence shorter than two blocks is left as it is, with a note in the stats.
 
-When the mask is the plain causal one (computed from no graph input, and equal to ``tril`` when computed
-at compile time), the rewritten sublayer attends with ``is_causal`` instead: the kept tokens are in order,
+When the mask is the plain causal one (Note [Recognising the causal mask] in :mod:`memopt.passes.masks`;
+``drop_causal_masks`` has usually made it ``is_causal`` already), the rewritten sublayer attends with
+``is_causal`` instead: the kept tokens are in order,
 so that is the same mask, and nothing is gathered or saved for it. A padding mask is gathered.
 
 Stats: ``sublayers``, ``eliminated``, ``kept_tokens``, ``tokens``, ``causal_masks``, ``missed`` /
@@ -42,6 +43,7 @@ import torch.fx
 from memopt.errors import MemoptConfigError, MemoptUnsupportedError
 from memopt.passes.attention import Sublayer, find_sublayers
 from memopt.passes.base import Pass, PassContext, PassResult
+from memopt.passes.masks import is_plain_causal
 from memopt.passes.rewrite import fake_result
 import memopt.runtime.token_rows  # noqa: F401 - registers memopt::gather_rows and memopt::scatter_add_rows
 from memopt.tokens import gather_tokens, kept_count, scatter_tokens, select_tokens
@@ -76,42 +78,6 @@ def _with_kept(node: torch.fx.Node, dim: int, seq: int, kept: int) -> None:
         sizes[dim] = kept
     node.args = (node.args[0], tuple(sizes)) if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) \
         else (node.args[0], *sizes)
-
-
-# Deciding that a mask is causal computes it at compile time; past this many elements (16K tokens) the
-# mask is gathered instead, as any other.
-_CAUSAL_CHECK_ELEMENTS = 1 << 28
-
-
-def _is_causal(gm: torch.fx.GraphModule, mask: torch.fx.Node, order: dict[torch.fx.Node, int]) -> bool:
-    """Whether ``mask`` is the plain causal mask: computed from no graph input (so the same at every
-    call), and equal to ``tril`` when computed here."""
-    shape = _shape(mask)
-    if len(shape) < 2 or shape[-1] * shape[-2] > _CAUSAL_CHECK_ELEMENTS:
-        return False
-    ancestors: list[torch.fx.Node] = []
-    stack, seen = [mask], set()
-    while stack:
-        node = stack.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        if node.op != "call_function" and node.op != "call_method":
-            return False                  # a placeholder (a padding mask) or a module attribute
-        ancestors.append(node)
-        stack.extend(node.all_input_nodes)
-    graph = torch.fx.Graph()
-    copied: dict[torch.fx.Node, torch.fx.Node] = {}
-    for node in sorted(ancestors, key=order.__getitem__):
-        copied[node] = graph.node_copy(node, lambda n: copied[n])
-    graph.output(copied[mask])
-    try:
-        value = torch.fx.GraphModule(gm, graph)()
-    except Exception:  # noqa: BLE001 - a mask that cannot be computed alone is not known to be causal
-        return False
-    if not isinstance(value, torch.Tensor) or value.dtype != torch.bool or value.shape[-1] != value.shape[-2]:
-        return False
-    return bool((value == torch.ones(value.shape[-2:], dtype=torch.bool).tril()).all())
 
 
 def _gathered_inputs(gm: torch.fx.GraphModule, sublayer: Sublayer, ratio: float, block: int,
@@ -187,10 +153,9 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         stats["skipped"] = f"{seq} tokens are fewer than two blocks of {config.block_size}"
         return PassResult(gm, False, stats)
     chosen = sublayers[start:]
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
     masks = {m for s in chosen if isinstance(m := s.attention.kwargs.get("attn_mask"), torch.fx.Node)
              and m in s.outside}
-    causal = {m for m in masks if _is_causal(gm, m, order)}
+    causal = {m for m in masks if is_plain_causal(gm, m)}
     stats["causal_masks"] = sum(s.attention.kwargs.get("attn_mask") in causal for s in chosen)
     kernels = ctx.config.codegen == "triton"
     for sublayer in chosen:
