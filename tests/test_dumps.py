@@ -219,18 +219,20 @@ def test_dump_dir_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     loss, _ = compiled(x, y)
     loss.backward()
     folder = graph_folder(root)
-    # The default pipeline's prune_backprop, split_dropout and fuse_cross_entropy run on every graph (the
-    # CNN's loss is a cross-entropy; it has no dropout); its passes that were not requested are listed
-    # without files; passes=() has none.
+    # The default pipeline's drop_causal_masks, prune_backprop, split_dropout and fuse_cross_entropy run on
+    # every graph (the CNN's loss is a cross-entropy; it has no attention and no dropout); its passes that
+    # were not requested are listed without files; passes=() has none.
+    ran_model = ["drop_causal_masks"] if how == "backend_name" else []
     ran = ["prune_backprop", "split_dropout", "fuse_cross_entropy"] if how == "backend_name" else []
-    stages = ["captured", "joint", *ran, "forward", "backward"]
+    stages = ["captured", *ran_model, "joint", *ran, "forward", "backward"]
     assert sorted(p.name for p in folder.iterdir()) == sorted(
         [f"{i:02d}_{name}.{ext}" for i, name in enumerate(stages) for ext in ("json", "py")]
         + ["index.json", "timings.json"])
     index = json.loads((folder / "index.json").read_text())
-    model_passes, joint_passes = (["inject_adapters", "eliminate_tokens"], [
+    model_passes, joint_passes = (["inject_adapters", "drop_causal_masks", "eliminate_tokens", "chunk_sequence"], [
         "prune_backprop", "split_dropout", "fuse_cross_entropy", "fuse_dequant"]) if how == "backend_name" else ([], [])
-    unrequested = ["inject_adapters", "eliminate_tokens", "fuse_dequant"] if how == "backend_name" else []
+    unrequested = ["inject_adapters", "eliminate_tokens", "chunk_sequence", "fuse_dequant"] \
+        if how == "backend_name" else []
     assert [s["name"] for s in index["stages"]] == ["captured", *model_passes, "joint", *joint_passes,
                                                     "forward", "backward"]
     assert all(s["status"] == "not requested" for s in index["stages"] if s["name"] in unrequested)
