@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import gc
 import sys
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, cast
@@ -32,9 +31,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_memory import MiB, add_ratios, align, bench_parser, choose_names, run_grid, \
-    run_metadata, seq_chart, warm_track_and_time, write_scalars  # noqa: E402
-from bench_tokens import BLOCK, LR, _model  # noqa: E402
+from bench_memory import MiB, align, warm_track_and_time  # noqa: E402
+from bench_tokens import BLOCK, LR, _model, seq_main  # noqa: E402
 
 from memopt.compiler.backend import MemoptBackend  # noqa: E402
 from tests.models import token_batch  # noqa: E402
@@ -45,7 +43,6 @@ ELIMINATE = {"token_elimination": {"keep_ratio": 0.4, "block_size": BLOCK}}
 VARIANTS: dict[str, dict[str, Any]] = {"dense": {}, "chunked": CHUNKS, "keep_0.4": ELIMINATE,
                                        "chunked+keep_0.4": {**CHUNKS, **ELIMINATE}}
 SEQ_LENS, QUICK_SEQ_LENS = (2048, 4096, 8192), (2048,)
-STEPS, QUICK_STEPS = 3, 2
 
 
 def run_one(variant: str, seq: int, steps: int, log: Callable[[str], None]) -> dict[str, Any]:
@@ -87,30 +84,10 @@ def format_table(records: list[dict[str, Any]]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = bench_parser(__doc__, VARIANTS)
-    args = parser.parse_args(argv)
-    variants = choose_names(parser, args.variants, VARIANTS, "variant")
-    seq_lens = ([int(s) for s in args.seq_lens.split(",")] if args.seq_lens
-                else list(QUICK_SEQ_LENS if args.quick else SEQ_LENS))
-    if any(not 2 * BLOCK <= s <= 8192 for s in seq_lens):
-        parser.error(f"--seq-lens: between {2 * BLOCK} (two blocks) and 8192 (the model's positions)")
-    steps = args.steps or (QUICK_STEPS if args.quick else STEPS)
-    args.batch = 1
-    meta = run_metadata(args, seq_lens, steps)
-    meta.update(benchmark=BENCHMARK, variants={v: VARIANTS[v] for v in variants},
-                model="Llama, 4 layers, hidden 128, MLP 256, 4 heads (2 kv), vocabulary 256")
-    started = time.perf_counter()
-    records = run_grid(seq_lens, variants, 1, lambda variant, seq, log: run_one(variant, seq, steps, log))
-    add_ratios(records, ("dense",), (("peak", "tracked_peak_bytes"), ("time", "median_step_s"),
-                                     ("saved", "saved_activation_bytes")))
-    meta["wall_s"] = round(time.perf_counter() - started, 1)
-    write_scalars(args.out, BENCHMARK, meta, records)
-    (args.out / f"{BENCHMARK}.svg").write_text(
-        seq_chart(records, variants, "bench_long_context: chunked MLPs and token elimination on CPU (tracked)"))
-    print()
-    print(format_table(records))
-    print(f"\nwrote {args.out / (BENCHMARK + '.json')}, .csv and .svg ({meta['wall_s']:.0f} s)")
-    return 0 if all("error" not in r for r in records) else 1
+    return seq_main(argv, doc=__doc__, benchmark=BENCHMARK, variants=list(VARIANTS), run_one=run_one,
+                    seq_lens=SEQ_LENS, quick_seq_lens=QUICK_SEQ_LENS, table=format_table,
+                    title="bench_long_context: chunked MLPs and token elimination on CPU (tracked)",
+                    meta_extra=lambda chosen: {"variants": {v: VARIANTS[v] for v in chosen}})
 
 
 if __name__ == "__main__":

@@ -96,30 +96,42 @@ def format_table(records: list[dict[str, Any]]) -> str:
     return align(rows)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = bench_parser(__doc__, VARIANTS)
+def seq_main(argv: Sequence[str] | None, *, doc: str | None, benchmark: str, variants: Sequence[str],
+             run_one: Callable[[str, int, int, Callable[[str], None]], dict[str, Any]],
+             seq_lens: Sequence[int], quick_seq_lens: Sequence[int], table: Callable[[list[dict[str, Any]]], str],
+             title: str, meta_extra: Callable[[list[str]], dict[str, Any]]) -> int:
+    """The command line, grid, ratios against ``dense``, files and table of a benchmark against sequence
+    length (this one and ``bench_long_context.py``)."""
+    parser = bench_parser(doc, variants)
     args = parser.parse_args(argv)
-    variants = choose_names(parser, args.variants, VARIANTS, "variant")
-    seq_lens = ([int(s) for s in args.seq_lens.split(",")] if args.seq_lens
-                else list(QUICK_SEQ_LENS if args.quick else SEQ_LENS))
-    if any(not 2 * BLOCK <= s <= 8192 for s in seq_lens):
+    chosen = choose_names(parser, args.variants, variants, "variant")
+    lengths = ([int(s) for s in args.seq_lens.split(",")] if args.seq_lens
+               else list(quick_seq_lens if args.quick else seq_lens))
+    if any(not 2 * BLOCK <= s <= 8192 for s in lengths):
         parser.error(f"--seq-lens: between {2 * BLOCK} (two blocks) and 8192 (the model's positions)")
     steps = args.steps or (QUICK_STEPS if args.quick else STEPS)
     args.batch = 1
-    meta = run_metadata(args, seq_lens, steps)
-    meta.update(benchmark=BENCHMARK, variants=variants, block_size=BLOCK,
+    meta = run_metadata(args, lengths, steps)
+    meta.update(benchmark=benchmark, block_size=BLOCK, **meta_extra(chosen),
                 model="Llama, 4 layers, hidden 128, MLP 256, 4 heads (2 kv), vocabulary 256")
     started = time.perf_counter()
-    records = run_grid(seq_lens, variants, 1, lambda variant, seq, log: run_one(variant, seq, steps, log))
+    records = run_grid(lengths, chosen, 1, lambda variant, seq, log: run_one(variant, seq, steps, log))
     add_ratios(records, ("dense",), (("peak", "tracked_peak_bytes"), ("time", "median_step_s"),
                                      ("saved", "saved_activation_bytes")))
     meta["wall_s"] = round(time.perf_counter() - started, 1)
-    write_scalars(args.out, BENCHMARK, meta, records)
-    (args.out / f"{BENCHMARK}.svg").write_text(seq_chart(records, list(VARIANTS), "bench_tokens: token elimination on CPU (tracked)"))
+    write_scalars(args.out, benchmark, meta, records)
+    (args.out / f"{benchmark}.svg").write_text(seq_chart(records, list(variants), title))
     print()
-    print(format_table(records))
-    print(f"\nwrote {args.out / (BENCHMARK + '.json')}, .csv and .svg ({meta['wall_s']:.0f} s)")
+    print(table(records))
+    print(f"\nwrote {args.out / (benchmark + '.json')}, .csv and .svg ({meta['wall_s']:.0f} s)")
     return 0 if all("error" not in r for r in records) else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return seq_main(argv, doc=__doc__, benchmark=BENCHMARK, variants=list(VARIANTS), run_one=run_one,
+                    seq_lens=SEQ_LENS, quick_seq_lens=QUICK_SEQ_LENS, table=format_table,
+                    title="bench_tokens: token elimination on CPU (tracked)",
+                    meta_extra=lambda chosen: {"variants": chosen})
 
 
 if __name__ == "__main__":

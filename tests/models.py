@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -67,3 +69,21 @@ def token_batch(batch: int, seq: int, vocab: int = 256, seed: int = 0) -> dict[s
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (batch, seq), generator=gen)
     return {"input_ids": ids, "labels": ids.clone(), "use_cache": False}
+
+
+def compiled_step(model: nn.Module, options: dict[str, Any], batch: dict[str, Any]) -> tuple[torch.Tensor, Any]:
+    """One forward and backward of ``model`` compiled with a fresh ``MemoptBackend(options)``: the loss and
+    the backend (its reports)."""
+    from memopt.compiler.backend import MemoptBackend
+
+    torch._dynamo.reset()
+    backend = MemoptBackend(options)
+    loss, _ = hf_loss(torch.compile(model, backend=backend), batch)
+    loss.backward()
+    return loss, backend
+
+
+def pass_stats(backend: Any, name: str) -> dict[str, Any]:
+    """What pass ``name`` counted on the backend's last graph (empty when it did not run)."""
+    records = [r for r in backend.reports[-1].passes if r.name == name]
+    return records[0].stats.get("pass_stats", {}) if records else {}

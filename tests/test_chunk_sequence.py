@@ -15,27 +15,18 @@ from memopt.config import parse_options
 from memopt.errors import MemoptConfigError
 from memopt.schedule.problem import saved_values
 from tests.errors import raises_memopt
-from tests.models import hf_loss, tiny_gpt2, tiny_llama, token_batch
+from tests.models import compiled_step, hf_loss, pass_stats, tiny_gpt2, tiny_llama, token_batch
 from tests.test_token_sublayers import _hf
 from tests.tolerances import assert_close
 
 
-def _step(model: torch.nn.Module, options: dict[str, Any], batch: dict[str, Any]) -> tuple[Any, MemoptBackend]:
-    torch._dynamo.reset()
-    backend = MemoptBackend(options)
-    loss, _ = hf_loss(torch.compile(model, backend=backend), batch)
-    loss.backward()
-    return loss, backend
-
-
 def _stats(backend: MemoptBackend) -> dict[str, Any]:
-    (record,) = [r for r in backend.reports[-1].passes if r.name == "chunk_sequence"]
-    return record.stats.get("pass_stats", {})
+    return pass_stats(backend, "chunk_sequence")
 
 
 def _assert_step_equals_eager(model: torch.nn.Module, options: dict[str, Any], batch: dict[str, Any]) -> MemoptBackend:
     reference = copy.deepcopy(model)
-    loss, backend = _step(model, options, batch)
+    loss, backend = compiled_step(model, options, batch)
     expected, _ = hf_loss(reference, batch)
     expected.backward()
     assert_close(loss, expected, "loss")
@@ -74,7 +65,7 @@ def test_other_models_and_adapters_are_chunked_exactly(kind: str) -> None:
 
 def _mlp_saved_bytes(options: dict[str, Any], batch: int, seq: int) -> int:
     torch.manual_seed(0)
-    _, backend = _step(tiny_llama(layers=2), {**options, "codegen": "eager"}, token_batch(batch, seq))
+    _, backend = compiled_step(tiny_llama(layers=2), {**options, "codegen": "eager"}, token_batch(batch, seq))
     report = backend.reports[-1]
     assert report.forward is not None
     nodes = {n.name: n for n in report.forward.graph.nodes}
@@ -104,11 +95,11 @@ def test_what_is_not_chunked_is_left_alone() -> None:
     """GPT-2's MLP (a Conv1D: addmm on a flattened view) is not recognised; a sequence under min_tokens
     is left whole (the default is 1024); both say so in the stats."""
     torch.manual_seed(0)
-    _, backend = _step(tiny_gpt2(), {"chunk_sequence": {"chunks": 4, "min_tokens": 16}, "codegen": "eager"},
+    _, backend = compiled_step(tiny_gpt2(), {"chunk_sequence": {"chunks": 4, "min_tokens": 16}, "codegen": "eager"},
                        token_batch(2, 64))
     assert _stats(backend) == {"regions": 0, "chunks": 4, "tokens": 0,
                                "skipped": "no position-wise sublayer (an MLP) found"}
-    _, backend = _step(tiny_llama(), {"chunk_sequence": {"chunks": 4}, "codegen": "eager"}, token_batch(2, 64))
+    _, backend = compiled_step(tiny_llama(), {"chunk_sequence": {"chunks": 4}, "codegen": "eager"}, token_batch(2, 64))
     assert _stats(backend)["skipped"] == "64 tokens are fewer than min_tokens (1024)"
 
 

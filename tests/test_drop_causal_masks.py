@@ -14,13 +14,12 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from memopt.compiler.backend import MemoptBackend
 from memopt.passes.masks import is_plain_causal
 from memopt.schedule.problem import saved_values
-from tests.models import hf_loss, tiny_llama, token_batch
+from tests.models import hf_loss, pass_stats, tiny_llama, token_batch
 from tests.tolerances import assert_close
 
 
 def _stats(backend: MemoptBackend) -> dict[str, Any]:
-    (record,) = [r for r in backend.reports[-1].passes if r.name == "drop_causal_masks"]
-    return record.stats.get("pass_stats", {})
+    return pass_stats(backend, "drop_causal_masks")
 
 
 def _square_saved(backend: MemoptBackend, seq: int) -> list[str]:

@@ -12,22 +12,13 @@ import torch
 from memopt.compiler.backend import MemoptBackend
 from memopt.errors import MemoptConfigError, MemoptPassError
 from tests.errors import raises_memopt
-from tests.models import hf_loss, tiny_llama, token_batch
+from tests.models import compiled_step, hf_loss, pass_stats, tiny_llama, token_batch
 from tests.test_token_sublayers import Odd, _hf
 from tests.tolerances import assert_close
 
 
-def _step(model: torch.nn.Module, options: dict[str, Any], batch: dict[str, Any]) -> tuple[Any, MemoptBackend]:
-    torch._dynamo.reset()
-    backend = MemoptBackend(options)
-    loss, _ = hf_loss(torch.compile(model, backend=backend), batch)
-    loss.backward()
-    return loss, backend
-
-
 def _stats(backend: MemoptBackend) -> dict[str, Any]:
-    (record,) = [r for r in backend.reports[-1].passes if r.name == "eliminate_tokens"]
-    return record.stats["pass_stats"]
+    return pass_stats(backend, "eliminate_tokens")
 
 
 @pytest.mark.parametrize("extra", [{"codegen": "eager"}, {"codegen": "inductor"},
@@ -40,14 +31,13 @@ def test_keeping_every_token_changes_no_value(extra: dict[str, Any]) -> None:
     reference = copy.deepcopy(model)
     batch = token_batch(2, 64)
     options = {"token_elimination": {"keep_ratio": 1.0, "block_size": 16, "start_layer": 0}, **extra}
-    loss, backend = _step(model, options, batch)
+    loss, backend = compiled_step(model, options, batch)
     expected, _ = hf_loss(reference, batch)
     expected.backward()
     assert _stats(backend)["eliminated"] == 2 and _stats(backend)["kept_tokens"] == 64
     # The plain causal mask becomes is_causal: before the pass (drop_causal_masks), or, with that pass
     # off, in the rewritten sublayers themselves.
-    dropped = sum(r.stats.get("pass_stats", {}).get("calls", 0) for r in backend.reports[-1].passes
-                  if r.name == "drop_causal_masks")
+    dropped = pass_stats(backend, "drop_causal_masks").get("calls", 0)
     own = _stats(backend)["causal_masks"]
     assert (dropped, own) == ((0, 2) if "disable_passes" in extra else (2, 0))
     assert_close(loss, expected, "loss")
@@ -65,7 +55,7 @@ def test_fewer_tokens_fewer_saved_bytes(kind: str) -> None:
         torch.manual_seed(0)
         model = _hf(kind)
         options = {"token_elimination": {"keep_ratio": ratio, "block_size": 16, "start_layer": 0}, "codegen": "eager"}
-        loss, backend = _step(model, options, batch)
+        loss, backend = compiled_step(model, options, batch)
         assert torch.isfinite(loss)
         assert _stats(backend)["kept_tokens"] == int(128 * ratio)
         assert all(p.grad is not None for p in model.parameters())
@@ -90,8 +80,8 @@ def test_a_sequence_shorter_than_two_blocks_is_left_alone() -> None:
     model = tiny_llama(layers=2)
     reference = copy.deepcopy(model)
     batch = token_batch(1, 48)
-    loss, backend = _step(model, {"token_elimination": {"keep_ratio": 0.25, "block_size": 64}, "codegen": "eager"},
-                          batch)
+    options = {"token_elimination": {"keep_ratio": 0.25, "block_size": 64}, "codegen": "eager"}
+    loss, backend = compiled_step(model, options, batch)
     assert "fewer than two blocks" in _stats(backend)["skipped"]
     assert_close(loss, hf_loss(reference, batch)[0], "loss")
 
@@ -116,7 +106,7 @@ def _attention_saved_bytes(ratio: float, seq: int, kept: int, batch: int = 2) ->
 
     torch.manual_seed(0)
     options = {"token_elimination": {"keep_ratio": ratio, "block_size": 16, "start_layer": 0}, "codegen": "eager"}
-    _, backend = _step(tiny_llama(layers=2), options, token_batch(batch, seq))
+    _, backend = compiled_step(tiny_llama(layers=2), options, token_batch(batch, seq))
     report = backend.reports[-1]
     assert report.forward is not None
     nodes = {n.name: n for n in report.forward.graph.nodes}
@@ -162,7 +152,7 @@ def test_with_lora_adapters_every_token_kept_changes_no_value_and_fewer_save_les
         reference = copy.deepcopy(model)
         options = {**lora, "token_elimination": {"keep_ratio": ratio, "block_size": 16, "start_layer": 0},
                    "codegen": "eager"}
-        loss, backend = _step(model, options, batch)
+        loss, backend = compiled_step(model, options, batch)
         assert _stats(backend)["eliminated"] == 2
         memory = backend.reports[-1].memory
         assert memory is not None
@@ -188,7 +178,7 @@ def test_a_padding_mask_is_gathered_not_replaced() -> None:
     mask[1, :5] = 0
     batch["attention_mask"] = mask
     options = {"token_elimination": {"keep_ratio": 1.0, "block_size": 16, "start_layer": 0}, "codegen": "eager"}
-    loss, backend = _step(model, options, batch)
+    loss, backend = compiled_step(model, options, batch)
     expected, _ = hf_loss(reference, batch)
     expected.backward()
     assert_close(loss, expected, "loss")
@@ -210,13 +200,13 @@ def test_under_triton_codegen_memopts_kernels_move_the_rows(monkeypatch: pytest.
     torch.manual_seed(0)
     model = tiny_llama(layers=2)
     reference = copy.deepcopy(model)
-    expected, _ = _step(reference, {**options, "codegen": "eager"}, batch)
+    expected, _ = compiled_step(reference, {**options, "codegen": "eager"}, batch)
     monkeypatch.setenv("MEMOPT_TRITON_CPU", "1")
     calls: list[str] = []
     for name in ("gather_rows", "scatter_add_rows_"):
         real = getattr(token_rows, name)
         monkeypatch.setattr(token_rows, name, lambda *a, _n=name, _f=real: calls.append(_n) or _f(*a))
-    loss, backend = _step(model, {**options, "codegen": "triton", "dump_dir": str(tmp_path)}, batch)
+    loss, backend = compiled_step(model, {**options, "codegen": "triton", "dump_dir": str(tmp_path)}, batch)
     assert _stats(backend)["eliminated"] == 1 and _stats(backend)["kept_tokens"] == 32
     # Forward: a gather and a scatter-add; backward: the scatter's rows gradient is a gather, the gather's
     # input gradient a scatter-add into zeros.
