@@ -87,3 +87,16 @@ def pass_stats(backend: Any, name: str) -> dict[str, Any]:
     """What pass ``name`` counted on the backend's last graph (empty when it did not run)."""
     records = [r for r in backend.reports[-1].passes if r.name == name]
     return records[0].stats.get("pass_stats", {}) if records else {}
+
+
+def assert_matches_eager(model: nn.Module, reference: nn.Module, loss: torch.Tensor, batch: dict[str, Any]) -> None:
+    """``loss`` and the gradients of ``model``'s trainable parameters equal eager ``reference``'s step on
+    ``batch`` (``reference`` a copy of ``model`` from before its step)."""
+    from tests.tolerances import assert_close
+
+    expected, _ = hf_loss(reference, batch)
+    expected.backward()
+    assert_close(loss, expected, "loss")
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        if p.requires_grad:
+            assert_close(p.grad, q.grad, name)

@@ -15,9 +15,8 @@ from memopt.config import parse_options
 from memopt.errors import MemoptConfigError
 from memopt.schedule.problem import saved_values
 from tests.errors import raises_memopt
-from tests.models import compiled_step, hf_loss, pass_stats, tiny_gpt2, tiny_llama, token_batch
+from tests.models import assert_matches_eager, compiled_step, pass_stats, tiny_gpt2, tiny_llama, token_batch
 from tests.test_token_sublayers import _hf
-from tests.tolerances import assert_close
 
 
 def _stats(backend: MemoptBackend) -> dict[str, Any]:
@@ -27,12 +26,7 @@ def _stats(backend: MemoptBackend) -> dict[str, Any]:
 def _assert_step_equals_eager(model: torch.nn.Module, options: dict[str, Any], batch: dict[str, Any]) -> MemoptBackend:
     reference = copy.deepcopy(model)
     loss, backend = compiled_step(model, options, batch)
-    expected, _ = hf_loss(reference, batch)
-    expected.backward()
-    assert_close(loss, expected, "loss")
-    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
-        if p.requires_grad:
-            assert_close(p.grad, q.grad, name)
+    assert_matches_eager(model, reference, loss, batch)
     return backend
 
 

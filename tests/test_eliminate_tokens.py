@@ -12,7 +12,7 @@ import torch
 from memopt.compiler.backend import MemoptBackend
 from memopt.errors import MemoptConfigError, MemoptPassError
 from tests.errors import raises_memopt
-from tests.models import compiled_step, hf_loss, pass_stats, tiny_llama, token_batch
+from tests.models import assert_matches_eager, compiled_step, hf_loss, pass_stats, tiny_llama, token_batch
 from tests.test_token_sublayers import Odd, _hf
 from tests.tolerances import assert_close
 
@@ -158,12 +158,7 @@ def test_with_lora_adapters_every_token_kept_changes_no_value_and_fewer_save_les
         assert memory is not None
         saved[ratio] = memory.saved_activation_bytes
         if ratio == 1.0:
-            expected, _ = hf_loss(reference, batch)
-            expected.backward()
-            assert_close(loss, expected, "loss")
-            for (name, p), q in zip(model.named_parameters(), reference.parameters()):
-                if p.requires_grad:
-                    assert_close(p.grad, q.grad, name)
+            assert_matches_eager(model, reference, loss, batch)
     assert saved[0.25] < saved[1.0]
 
 
@@ -179,11 +174,7 @@ def test_a_padding_mask_is_gathered_not_replaced() -> None:
     batch["attention_mask"] = mask
     options = {"token_elimination": {"keep_ratio": 1.0, "block_size": 16, "start_layer": 0}, "codegen": "eager"}
     loss, backend = compiled_step(model, options, batch)
-    expected, _ = hf_loss(reference, batch)
-    expected.backward()
-    assert_close(loss, expected, "loss")
-    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
-        assert_close(p.grad, q.grad, name)
+    assert_matches_eager(model, reference, loss, batch)
     assert _stats(backend)["causal_masks"] == 0 and _stats(backend)["eliminated"] == 2
 
 
