@@ -104,3 +104,34 @@ def test_bad_options_name_the_field() -> None:
                          ({"slices": 4}, "slices"), (8, "expected a dict like")):
         with raises_memopt(MemoptConfigError, match):
             parse_options({"chunk_sequence": value})
+
+
+class _MixesTokens(torch.nn.Module):
+    """A position-wise MLP, then a weight multiplied from the left (``w @ x`` mixes the tokens: a
+    (seq x seq) weight) and another MLP: only the MLPs may be chunked, and the values stay the model's."""
+
+    def __init__(self, seq: int, width: int = 8) -> None:
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(width, 4 * width), torch.nn.Linear(4 * width, width)
+        self.mix = torch.nn.Parameter(torch.randn(seq, seq) / seq)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x + self.down(torch.nn.functional.silu(self.up(x)))
+        return (self.mix @ h + self.down(torch.nn.functional.silu(self.up(self.mix @ h)))).square().mean()
+
+
+def test_an_op_that_mixes_tokens_is_not_chunked() -> None:
+    torch.manual_seed(0)
+    model = _MixesTokens(32)
+    reference = copy.deepcopy(model)
+    x = torch.randn(2, 32, 8)
+    torch._dynamo.reset()
+    backend = MemoptBackend({"chunk_sequence": {"chunks": 4, "min_tokens": 16}, "codegen": "eager"})
+    loss = torch.compile(model, backend=backend)(x)
+    loss.backward()
+    expected = reference(x)
+    expected.backward()
+    torch.testing.assert_close(loss, expected)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
+    assert _stats(backend)["regions"] == 2

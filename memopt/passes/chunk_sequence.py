@@ -96,8 +96,10 @@ def _joins(node: torch.fx.Node, inside: set[torch.fx.Node], static: set[torch.fx
     weights = [n for n in reads if n not in inside]
     if any(n not in static for n in weights):
         return False
-    matmul = node.target in _LINEAR or node.target in _MATMUL or isinstance(node.target, torch._ops.OpOverload)
-    return matmul or all(_value(n) is None or all(d == 1 for d in _value(n).shape[:-1]) for n in weights)
+    if node.target in _LINEAR or node.target in _MATMUL or isinstance(node.target, torch._ops.OpOverload):
+        # Tokens must be the rows of the first operand: ``weight @ x`` would mix them.
+        return node.args[0] in inside and sum(n in inside for n in reads) == 1
+    return all(_value(n) is None or all(d == 1 for d in _value(n).shape[:-1]) for n in weights)
 
 
 def _region(x: torch.fx.Node, static: set[torch.fx.Node], claimed: set[torch.fx.Node]) -> list[torch.fx.Node]:
