@@ -95,3 +95,20 @@ def test_masks_are_recognised_at_any_length_and_windows_are_not() -> None:
     given.meta["example_value"] = torch.ones(96, 96, dtype=torch.bool).tril()
     graph.output(given)
     assert not is_plain_causal(torch.fx.GraphModule(torch.nn.Module(), graph), given)
+
+
+def test_hugging_faces_mask_past_16k_tokens_is_recognised() -> None:
+    """At 20,480 tokens the mask is not computed at full size (Note [Recognising the causal mask]): Hugging
+    Face's own mask subgraph, recomputed at small sizes, is recognised, and no 20,480 x 20,480 value is
+    saved (the boolean mask alone would be 400 MiB)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=20480,
+                         attn_implementation="sdpa")
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    backend = MemoptBackend({"codegen": "eager"})
+    torch.compile(LlamaForCausalLM(config), backend=backend)(**token_batch(1, 20480)).loss.backward()
+    assert _stats(backend) == {"calls": 1, "kept": 0}
+    assert not _square_saved(backend, 20480)
