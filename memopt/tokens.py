@@ -34,14 +34,12 @@ def _blocks(seq: int, block_size: int) -> int:
 
 
 def _pooled(x: torch.Tensor, block_size: int) -> torch.Tensor:
-    """(B, H, S, D) -> (B, H, blocks, D): the mean over each block's tokens (the last block's own count)."""
-    seq = x.shape[2]
+    """(..., S, D) -> (..., blocks, D): the mean over each block's tokens (the last block's own count)."""
+    seq = x.shape[-2]
     blocks = _blocks(seq, block_size)
-    padded = torch.nn.functional.pad(x.float(), (0, 0, 0, blocks * block_size - seq))
-    sums = padded.unflatten(2, (blocks, block_size)).sum(3)
-    counts = torch.full((blocks,), float(block_size), device=x.device)
-    counts[-1] = seq - (blocks - 1) * block_size
-    return sums / counts[:, None]
+    padded = torch.nn.functional.pad(x, (0, 0, 0, blocks * block_size - seq))
+    sums = padded.unflatten(-2, (blocks, block_size)).sum(-2)
+    return torch.cat([sums[..., :-1, :] / block_size, sums[..., -1:, :] / (seq - (blocks - 1) * block_size)], -2)
 
 
 def _grouped(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -57,11 +55,16 @@ def _grouped(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 def block_scores(q: torch.Tensor, k: torch.Tensor, block_size: int, scale: float | None = None) -> torch.Tensor:
     """(B, blocks): the positive pooled affinity each key block receives (Note [Contextual token sparsity]).
     ``q`` (B, Hq, S, D), ``k`` (B, Hk, S, D)."""
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    qb, kb = _pooled(q, block_size), _pooled(_grouped(q, k), block_size)
+    qb, kb = _pooled(q.float(), block_size), _pooled(_grouped(q, k).float(), block_size)
+    return _received(qb, kb, 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
+
+
+def _received(qb: torch.Tensor, kb: torch.Tensor, scale: float) -> torch.Tensor:
+    """(B, blocks): per key block, the positive part of the pooled products ``qb . kb * scale`` over causal
+    block pairs, summed over query blocks and heads; ``qb``, ``kb`` (B, H, blocks, D)."""
     affinity = (qb @ kb.transpose(-1, -2) * scale).clamp_min(0)          # (B, H, query block, key block)
     blocks = qb.shape[2]
-    causal = torch.ones(blocks, blocks, dtype=torch.bool, device=q.device).tril()
+    causal = torch.ones(blocks, blocks, dtype=torch.bool, device=qb.device).tril()
     return affinity.masked_fill(~causal, 0).sum(dim=(1, 2))
 
 
@@ -127,18 +130,13 @@ def pooled_scores(hidden: torch.Tensor, wq: torch.Tensor, bq: torch.Tensor | Non
     """(B, blocks): :func:`block_scores` of a sublayer's input ``hidden`` (B, S, H), without gradients,
     through the sublayer's own query and key projections: blocks are mean-pooled before the projections
     (a linear commutes with the mean), and rotary positions are left out."""
-    batch, seq, width = hidden.shape
-    blocks = _blocks(seq, block_size)
-    padded = torch.nn.functional.pad(hidden.detach(), (0, 0, 0, blocks * block_size - seq))
-    sums = padded.view(batch, blocks, block_size, width).sum(2)
-    pooled = torch.cat([sums[:, :-1] / block_size, sums[:, -1:] / (seq - (blocks - 1) * block_size)], 1)
+    batch = hidden.shape[0]
+    pooled = _pooled(hidden.detach(), block_size)
     q = torch.nn.functional.linear(pooled, wq.detach(), None if bq is None else bq.detach())
     k = torch.nn.functional.linear(pooled, wk.detach(), None if bk is None else bk.detach())
-    q = q.view(batch, blocks, heads, -1).transpose(1, 2)
-    k = k.view(batch, blocks, kv_heads, -1).transpose(1, 2)
-    affinity = (q @ _grouped(q, k).transpose(-1, -2) * (1.0 / math.sqrt(q.shape[-1]))).clamp_min(0)
-    causal = torch.ones(blocks, blocks, dtype=affinity.dtype, device=affinity.device).tril()
-    return (affinity * causal).sum(dim=(1, 2))
+    q = q.view(batch, pooled.shape[1], heads, -1).transpose(1, 2)
+    k = k.view(batch, pooled.shape[1], kv_heads, -1).transpose(1, 2)
+    return _received(q, _grouped(q, k), 1.0 / math.sqrt(q.shape[-1]))
 
 
 def select_tokens(hidden: torch.Tensor, wq: torch.Tensor, bq: torch.Tensor | None, wk: torch.Tensor,

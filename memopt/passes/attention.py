@@ -30,10 +30,11 @@ from typing import Any, cast
 import torch
 import torch.fx
 
-__all__ = ["Sublayer", "find_sublayers", "token_dims"]
+__all__ = ["LINEAR", "SDPA", "Sublayer", "find_sublayers", "token_dims"]
 
-_LINEAR = {torch._C._nn.linear, torch.nn.functional.linear}
-_SDPA = {torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention}
+# How a linear and an attention call appear in a model graph (the targets Dynamo records).
+LINEAR = {torch._C._nn.linear, torch.nn.functional.linear}
+SDPA = {torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention}
 _ELEMENTWISE = {operator.mul, operator.add, operator.sub, operator.truediv, operator.neg, torch.mul, torch.add,
                 torch.sub, torch.neg}
 _SAME = {"contiguous", "to", "float", "type_as", "clone", "neg"}
@@ -59,7 +60,7 @@ def _shape(node: Any) -> tuple[int, ...] | None:
 
 
 def _is_linear(node: torch.fx.Node) -> bool:
-    return node.op == "call_function" and node.target in _LINEAR
+    return node.op == "call_function" and node.target in LINEAR
 
 
 def _method(node: torch.fx.Node) -> str | None:
@@ -132,7 +133,7 @@ def find_sublayers(gm: torch.fx.GraphModule) -> tuple[list[Sublayer], list[str]]
     found, missed = [], []
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     for node in gm.graph.nodes:
-        if node.op != "call_function" or node.target not in _SDPA:
+        if node.op != "call_function" or node.target not in SDPA:
             continue
         projections = [_first_linear(a) for a in node.args[:3]]
         inputs = {p.args[0] for p in projections if p is not None}
@@ -204,7 +205,7 @@ def _rule(node: torch.fx.Node, dims: dict[torch.fx.Node, int], outside: dict[tor
     dim, shape = dims[first], _shape(first)
     assert shape is not None
     method = _method(node)
-    if (node.op == "call_function" and node.target in _LINEAR) or method in _SAME:
+    if (node.op == "call_function" and node.target in LINEAR) or method in _SAME:
         return dim
     if node.op == "call_function" and node.target in (torch.matmul, operator.matmul) and node.args[0] is first \
             and dim < len(shape) - 1 and node.args[1] not in dims:
@@ -223,7 +224,7 @@ def _rule(node: torch.fx.Node, dims: dict[torch.fx.Node, int], outside: dict[tor
         return _index_dim(node.args[1], dim)
     if node.op == "call_function" and node.target is torch.cat:
         return dim
-    if node.op == "call_function" and node.target in _SDPA:
+    if node.op == "call_function" and node.target in SDPA:
         mask = node.kwargs.get("attn_mask", node.args[3] if len(node.args) > 3 else None)
         if isinstance(mask, torch.fx.Node) and mask not in dims:
             rank = len(_shape(mask) or ())

@@ -38,10 +38,10 @@ import torch.fx
 import torch.nn.functional as F
 from torch.utils.checkpoint import CheckpointPolicy
 
+from memopt.passes.attention import LINEAR
 from memopt.passes.base import Pass, PassContext, PassResult
 from memopt.passes.rewrite import fake_result
 
-_LINEAR = {F.linear, torch._C._nn.linear}
 _MATMUL = {torch.matmul, operator.matmul}
 _ELEMENTWISE = {operator.mul, operator.add, operator.sub, operator.truediv, operator.neg, torch.mul, torch.add,
                 torch.sub, torch.div, torch.neg, torch.sigmoid, torch.tanh, torch.relu, F.silu, F.gelu, F.relu,
@@ -55,6 +55,12 @@ def _value(node: Any) -> Any:
     return node.meta.get("example_value") if isinstance(node, torch.fx.Node) else None
 
 
+def _is_matmul(node: torch.fx.Node) -> bool:
+    """A linear, a matmul, or one of memopt's quantized matmuls (the only custom ops :func:`_rowwise`
+    admits)."""
+    return node.target in LINEAR or node.target in _MATMUL or isinstance(node.target, torch._ops.OpOverload)
+
+
 def _rowwise(node: torch.fx.Node) -> bool:
     """Whether ``node``'s op acts on each token (each row of its first operand) alone."""
     if node.op == "call_method":
@@ -62,7 +68,7 @@ def _rowwise(node: torch.fx.Node) -> bool:
     if node.op != "call_function":
         return False
     target = node.target
-    if target in _LINEAR or target in _MATMUL or target in _ELEMENTWISE:
+    if target in LINEAR or target in _MATMUL or target in _ELEMENTWISE:
         return True
     return str(target).rsplit(".", 1)[0] in _QUANTIZED if isinstance(target, torch._ops.OpOverload) else False
 
@@ -96,22 +102,26 @@ def _joins(node: torch.fx.Node, inside: set[torch.fx.Node], static: set[torch.fx
     weights = [n for n in reads if n not in inside]
     if any(n not in static for n in weights):
         return False
-    if node.target in _LINEAR or node.target in _MATMUL or isinstance(node.target, torch._ops.OpOverload):
+    if _is_matmul(node):
         # Tokens must be the rows of the first operand: ``weight @ x`` would mix them.
         return node.args[0] in inside and sum(n in inside for n in reads) == 1
     return all(_value(n) is None or all(d == 1 for d in _value(n).shape[:-1]) for n in weights)
 
 
-def _region(x: torch.fx.Node, static: set[torch.fx.Node], claimed: set[torch.fx.Node]) -> list[torch.fx.Node]:
-    """The position-wise region grown from ``x`` (Note [Chunked position-wise sublayers]), in graph order."""
+def _region(x: torch.fx.Node, static: set[torch.fx.Node], claimed: set[torch.fx.Node],
+            order: dict[torch.fx.Node, int]) -> list[torch.fx.Node]:
+    """The position-wise region grown from ``x`` (Note [Chunked position-wise sublayers]), in graph order;
+    the walk ends past the last reader of anything in it."""
     leading = tuple(_value(x).shape[:-1])
     inside: set[torch.fx.Node] = {x}
     region: list[torch.fx.Node] = []
+    horizon = max((order[u] for u in x.users), default=-1)
     node = x.next
-    while node.op != "output":
+    while node.op != "output" and order[node] <= horizon:
         if node not in claimed and _joins(node, inside, static, leading):
             inside.add(node)
             region.append(node)
+            horizon = max([horizon, *(order[u] for u in node.users)])
         node = node.next
     return region
 
@@ -120,8 +130,7 @@ def _worth_chunking(x: torch.fx.Node, region: list[torch.fx.Node]) -> torch.fx.N
     """The region's one output if chunking it saves memory (Note [Chunked position-wise sublayers])."""
     inside = set(region)
     outputs = [n for n in region if any(u not in inside for u in n.users)]
-    matmuls = sum(1 for n in region if n.target in _LINEAR or n.target in _MATMUL
-                  or isinstance(n.target, torch._ops.OpOverload))
+    matmuls = sum(1 for n in region if _is_matmul(n))
     if len(outputs) != 1 or matmuls < 2:
         return None
     widest = max(_value(n).shape[-1] for n in region)
@@ -139,14 +148,12 @@ def _chunk(gm: torch.fx.GraphModule, x: torch.fx.Node, region: list[torch.fx.Nod
         split.meta["example_value"] = fake_result(split, "example_value")
         for k in range(len(split.meta["example_value"])):
             tag = {"recompute": CheckpointPolicy.MUST_RECOMPUTE, "ac_graph_id": next(ids)}
-            piece = graph.call_function(operator.getitem, (split, k))
-            copies = {x: piece, piece: piece}
-            for node in [piece, *region]:
-                if node is not piece:
+            copies = {x: graph.call_function(operator.getitem, (split, k))}
+            for node in [x, *region]:
+                if node is not x:
                     copies[node] = graph.node_copy(node, lambda n: copies.get(n, n))
-                copy = copies[node]
-                copy.meta.update(tag)
-                copy.meta["example_value"] = fake_result(copy, "example_value")
+                copies[node].meta.update(tag)
+                copies[node].meta["example_value"] = fake_result(copies[node], "example_value")
             pieces.append(copies[out])
         joined = graph.call_function(torch.cat, (pieces, dim))
         joined.meta.update({k: v for k, v in out.meta.items() if k in ("nn_module_stack", "stack_trace")})
@@ -160,13 +167,14 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     config = ctx.config.chunk_sequence
     assert config is not None
     static = _static(gm, ctx)
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
     claimed: set[torch.fx.Node] = set()
     found: list[tuple[torch.fx.Node, list[torch.fx.Node], torch.fx.Node]] = []
     for node in list(gm.graph.nodes):
-        if node.target not in _LINEAR or not isinstance(x := node.args[0], torch.fx.Node) or x in static \
+        if node.target not in LINEAR or not isinstance(x := node.args[0], torch.fx.Node) or x in static \
                 or x in claimed or not isinstance(_value(x), torch.Tensor) or _value(x).dim() < 2:
             continue
-        region = _region(x, static, claimed)
+        region = _region(x, static, claimed, order)
         out = _worth_chunking(x, region)
         if out is not None:
             found.append((x, region, out))

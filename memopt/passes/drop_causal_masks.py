@@ -17,10 +17,10 @@ from typing import Any
 import torch
 import torch.fx
 
+from memopt.passes.attention import SDPA
 from memopt.passes.base import Pass, PassContext, PassResult
 from memopt.passes.masks import is_plain_causal
 
-_SDPA = {torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention}
 _ARGUMENTS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
 
@@ -38,7 +38,7 @@ def _equal_lengths(node: torch.fx.Node) -> bool:
 
 
 def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
-    calls = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in _SDPA]
+    calls = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in SDPA]
     decided: dict[torch.fx.Node, bool] = {}
     stats: dict[str, Any] = {"calls": 0, "kept": 0}
     for node in calls:

@@ -25,8 +25,8 @@ sequence shorter than two blocks is left as it is, with a note in the stats.
 
 When the mask is the plain causal one (Note [Recognising the causal mask] in :mod:`memopt.passes.masks`;
 ``drop_causal_masks`` has usually made it ``is_causal`` already), the rewritten sublayer attends with
-``is_causal`` instead: the kept tokens are in order,
-so that is the same mask, and nothing is gathered or saved for it. A padding mask is gathered.
+``is_causal`` instead: the kept tokens are in order, so that is the same mask, and nothing is gathered
+or saved for it. A padding mask is gathered.
 
 Stats: ``sublayers``, ``eliminated``, ``kept_tokens``, ``tokens``, ``causal_masks``, ``missed`` /
 ``skipped``.
