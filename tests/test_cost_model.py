@@ -607,3 +607,22 @@ def test_costing_a_symbolic_graph_adds_no_guards() -> None:
         assert _guard_count(gm) == guards_before
     (node,) = _nodes(attention_gm, aten._scaled_dot_product_flash_attention_for_cpu.default)
     assert node.meta[COST_META_KEY].flops == 2 * (2 * 2 * 3 * 8 * 6 * 4)
+
+
+@pytest.mark.parametrize(("queries", "keys"), [(7, 7), (5, 9), (9, 5), (1, 4)])
+def test_causal_attention_counts_the_pairs_its_mask_keeps(queries: int, keys: int) -> None:
+    # Note [Causal attention FLOPs]: torch's top-left causal mask, counted, against the formula; and a
+    # causal node costs the formula's share of the full count.
+    from memopt.cost_model.flops import causal_pairs
+
+    kept = int(torch.ones(queries, keys, dtype=torch.bool).tril().sum())
+    assert causal_pairs(queries, keys) == kept
+
+    q, k, v = torch.randn(2, 3, queries, 4), torch.randn(2, 3, keys, 4), torch.randn(2, 3, keys, 4)
+
+    def attention_flops(causal: bool) -> int:
+        gm = make_fx(lambda *a: F.scaled_dot_product_attention(*a, is_causal=causal))(q, k, v)
+        (node,) = _nodes(gm, aten._scaled_dot_product_flash_attention_for_cpu.default)
+        return node_flops(node)
+
+    assert attention_flops(True) * queries * keys == attention_flops(False) * kept

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import gc
+import operator
 import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -264,3 +266,46 @@ def test_chunked_loss_equals_the_models_loss_and_lowers_the_planned_peak() -> No
     sliced = plan("llama-tiny", batch=2, seq=96, dtype="fp32", device="cpu", loss_chunks=4)
     assert sliced.forward_backward_peak_bytes < whole.forward_backward_peak_bytes
     assert any("chunked" in note for note in sliced.notes)
+
+
+def test_attention_at_32k_tokens_is_planned_as_the_gpu_runs_it() -> None:
+    # One Llama-3.1-8B layer on fake tensors, planned for an A100: the attention saves O(S) bytes (its
+    # output and log-sum-exp, as CUDA's flash kernel does) and costs the causal pairs' FLOPs, 4 (forward)
+    # and 10 (backward: 5 matmuls) x batch x heads x head_dim x S (S + 1) / 2: half of torch's count.
+    import dataclasses
+
+    from memopt.compiler.backend import MemoptBackend
+    from memopt.config import parse_options
+    from memopt.plan import _trace, fake_causal_lm
+    from memopt.schedule.problem import saved_values
+    from memopt.schedule.simulate import aliased_argument
+
+    seq, heads, head_dim = 32768, 32, 128
+    _, config = load_hf_config("llama-3.1-8b")
+    config.num_hidden_layers = 1
+    model, mode = fake_causal_lm(config, torch.bfloat16)
+    with mode:
+        ids = torch.zeros(1, seq, dtype=torch.long)
+    backend = MemoptBackend(dataclasses.replace(parse_options({"cost_profile": "a100-80gb"}), codegen="eager"))
+    _trace(model, backend, {"input_ids": ids, "labels": ids, "use_cache": False})
+    report = backend.reports[-1]
+    aten = torch.ops.aten
+    flash = {aten._scaled_dot_product_flash_attention_for_cpu.default: 4,
+             aten._scaled_dot_product_flash_attention_for_cpu_backward.default: 10}
+    nodes = [n for n in report.joint.graph.nodes if n.target in flash]
+    assert len(nodes) == 2
+    pairs = seq * (seq + 1) // 2
+    for node in nodes:
+        assert node.meta["memopt_cost"].flops == flash[node.target] * heads * head_dim * pairs
+    forward = {n.name: n for n in report.forward.graph.nodes}
+    saved = [forward[name] for name in saved_values(report.forward, report.num_user_outputs)]
+    def base(node: Any) -> Any:      # through the views the forward saves
+        while (source := aliased_argument(node)) is not None:
+            node = source
+        return node
+
+    from_attention = {base(n) for n in saved if base(n).target is operator.getitem
+                      and base(n).args[0].target in flash}     # storages: views of one output count once
+    nbytes = sorted(n.meta["val"].numel() * n.meta["val"].element_size() for n in from_attention)
+    assert nbytes == [heads * seq * 4, heads * seq * head_dim * 2]      # log-sum-exp fp32, output bf16
+    assert all(list(n.meta["val"].shape).count(seq) < 2 for n in saved)     # nothing seq x seq is saved

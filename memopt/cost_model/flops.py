@@ -12,6 +12,17 @@ the user's ShapeEnv and could specialise a dynamic graph just because we costed 
 replaced, before the formula sees it, by a meta tensor of the same dtype whose sizes and strides are the
 hinted ints; the formula then does integer arithmetic only. The cost is the example inputs' cost, which
 is what the scheduler plans with anyway.
+
+Note [Causal attention FLOPs]
+~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+torch's attention formulas count every (query, key) pair, ``is_causal`` or not. The fused kernels that
+memopt plans for (flash and memory-efficient, on CUDA and the CPU flash kernel alike) skip the key
+blocks above the diagonal, so a causal attention does the work of the pairs it keeps: with the
+top-left alignment torch uses, query ``i`` sees ``min(i + 1, keys)`` keys. memopt scales the formula by
+that share of pairs, about half at any long sequence (the partly masked diagonal blocks a kernel still
+computes are one block per query row: under 1% past 16K tokens, and not counted). This is where memopt
+and ``FlopCounterMode`` disagree on purpose: the planned step time of a long-context step is mostly
+attention, and counting the masked half would double it.
 """
 
 from __future__ import annotations
@@ -25,7 +36,7 @@ import torch.fx
 from memopt.cost_model.bytes import hint_int, shape_env_of
 from memopt.errors import MemoptUnsupportedError
 
-__all__ = ["flop_formula_for", "node_flops"]
+__all__ = ["causal_pairs", "flop_formula_for", "node_flops"]
 
 _aten = torch.ops.aten
 
@@ -151,5 +162,33 @@ def node_flops(node: torch.fx.Node) -> int:
         out = out[1]                                   # (the RNG state, the op's result)
     flops = formula(*args, **kwargs, out_val=out)
     if isinstance(flops, torch.SymInt):
-        return hint_int(flops)
-    return int(flops)
+        flops = hint_int(flops)
+    kept, pairs = _causal_share(target, call_args, node)
+    return int(flops) * kept // pairs
+
+
+def _causal_share(target: torch._ops.OpOverload, call_args: Any, node: torch.fx.Node) -> tuple[int, int]:
+    """(pairs computed, pairs counted) of a causal attention, (1, 1) for any other op
+    (Note [Causal attention FLOPs]); integers, as FLOP counts pass 2**53 at long sequences."""
+    names = [a.name for a in target._schema.arguments]
+    if "is_causal" not in names or "query" not in names or "key" not in names:
+        return 1, 1
+
+    def argument(name: str) -> Any:
+        index = names.index(name)
+        if index < len(call_args):
+            return call_args[index]
+        return node.kwargs.get(name, target._schema.arguments[index].default_value)
+
+    if argument("is_causal") is not True:
+        return 1, 1
+    query, key = (argument(name) for name in ("query", "key"))
+    queries = hint_int(query.meta["val"].shape[-2])
+    keys = hint_int(key.meta["val"].shape[-2])
+    return (causal_pairs(queries, keys), queries * keys) if queries and keys else (1, 1)
+
+
+def causal_pairs(queries: int, keys: int) -> int:
+    """(query, key) pairs a causal attention keeps, top-left aligned: query ``i`` sees ``min(i + 1, keys)``."""
+    full = min(queries, keys)               # queries 0 .. full-1 see i + 1 keys; the rest see every key
+    return full * (full + 1) // 2 + (queries - full) * keys
