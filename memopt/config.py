@@ -187,10 +187,13 @@ class TokenEliminationConfig:
 @dataclasses.dataclass(frozen=True)
 class ChunkSequenceConfig:
     """Position-wise sublayers (the MLP) run ``chunks`` slices of the sequence at a time, each slice's
-    intermediates recomputed in the backward (exact)."""
+    intermediates recomputed in the backward; the LM head's cross-entropy runs without its logits
+    (exact)."""
 
     chunks: int = 8                          # slices of the sequence, at least 2
     min_tokens: int = 1024                   # shorter sequences are left whole (chunking costs a recompute)
+    logits: str = "keep"                     # "keep": the model still returns its logits (computed once more
+                                             # for the caller); "drop": it returns an empty tensor instead
 
 
 @dataclasses.dataclass(frozen=True)
@@ -409,6 +412,8 @@ def _parse_chunk_sequence(value: object) -> ChunkSequenceConfig | None:
             if value[key] < least:
                 raise MemoptConfigError(f"option 'chunk_sequence.{key}': got {value[key]}; expected at least "
                                         f"{least} {what}")
+    if "logits" in value:
+        value = {**value, "logits": _choice("chunk_sequence.logits", value["logits"], ("keep", "drop"))}
     return ChunkSequenceConfig(**value)
 
 

@@ -96,7 +96,8 @@ def check_graph(gm: torch.fx.GraphModule, stage: Stage, *, where: str,
 # count, shapes and dtypes they expect, and a joint graph's outputs pair with the inputs whose gradients
 # they are. A changed output would surface later as a shape error inside torch, or as a gradient given
 # to the wrong parameter. The runner compares each output before and after; a pass that turns gradients
-# into None on purpose (backprop pruning) says so with ``drops_gradients``, and only that change passes.
+# into None on purpose (backprop pruning) says so with ``drops_gradients``, one that returns an empty tensor
+# for an output the user asked it not to make says so with ``empties_outputs``; only those changes pass.
 
 def output_signature(gm: torch.fx.GraphModule, stage: Stage) -> list[tuple[str, str, str] | None]:
     """Per output of ``gm``: ("gradient" or "output", shape, dtype), None for a None output."""
@@ -124,6 +125,8 @@ def check_outputs(before: list[tuple[str, str, str] | None], after: list[tuple[s
                               "must keep the graph's outputs")
     for index, (old, new) in enumerate(zip(before, after)):
         if old == new or (p.drops_gradients and new is None and old is not None and old[0] == "gradient"):
+            continue
+        if p.empties_outputs and old is not None and new == ("output", "(0,)", old[2]):
             continue
         raise MemoptPassError(
             f"output {index} was {old} and is now {new}; a pass must keep the graph's outputs (count, shapes, "

@@ -74,6 +74,9 @@ class Pass:
     # A joint pass that turns gradient outputs into None on purpose (backprop pruning of parameters the
     # policy freezes). Every other change to the joint graph's outputs fails the runner's check.
     drops_gradients: bool = False
+    # A model pass that may return an empty tensor (same dtype) in place of an output the user asked it
+    # not to make (chunk_sequence's logits: "drop"). Every other change fails the runner's check.
+    empties_outputs: bool = False
 
 
 def call_argument(node: torch.fx.Node, name: str) -> Any:

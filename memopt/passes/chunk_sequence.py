@@ -14,7 +14,7 @@ elementwise ops, dtype casts, memopt's quantized matmuls), whose other operands 
 (weights, scalars), and which keep ``x``'s leading dimensions. The region is chunked when it has one
 output, read outside it, at least two matmuls, and an intermediate wider than its input and output:
 an MLP, with or without adapters. Not attention's q/k/v projections (three outputs), nor the LM head
-(its logits are the step's output), nor an output projection with a LoRA adapter (position-wise, but
+(one matmul; Note [Chunked LM head]), nor an output projection with a LoRA adapter (position-wise, but
 nothing in it is wider than its ends: nothing to gain).
 
 ``x`` is split along its token dimension (the one before the last), the region is copied once per
@@ -24,7 +24,22 @@ onto the joint graph's nodes and its partitioner honours), so the backward recom
 intermediates right before it needs them and saves none. The values are the unchunked graph's: every
 op is per token, so each slice computes exactly the rows it would have.
 
-Stats: ``regions`` (sublayers chunked), ``chunks``, ``tokens``, ``skipped`` (why nothing was chunked).
+Note [Chunked LM head]
+~~~~~~~~~~~~~~~~~~~~~~
+The LM head with its cross-entropy is position-wise too, but its region ends in a loss summed over the
+tokens, and what it saves is vocabulary-sized: the logits' fp32 copy and log-probabilities, then in the
+backward their gradients, ``tokens x 128k`` each. Copying it per slice, as the MLP is, would leave the
+sum and the logits the graph returns whole. So the head and its cross-entropy (found by
+:mod:`memopt.passes.loss_head`) become one op, ``memopt::linear_cross_entropy`` (Note [Linear
+cross-entropy]), which runs slices of at most ``tokens / chunks`` tokens and 256 MiB of fp32 logits and
+saves each token's log-sum-exp only. The logits the model returns to its caller are another matter: they
+are a graph output, made whole whatever the loss does. By default (``logits: "keep"``) the head's matmul
+stays in the forward for them (not saved, made once more than before); ``logits: "drop"`` returns an
+empty tensor in their place, for training loops that read only the loss, which is what makes a
+six-figure context fit (the logits of 342K tokens at 128k words are 82 GiB in bf16).
+
+Stats: ``regions`` (sublayers chunked), ``heads`` (LM heads fused), ``head_rows`` (tokens per slice of
+the head), ``chunks``, ``tokens``, ``skipped`` (why nothing was chunked).
 """
 
 from __future__ import annotations
@@ -40,7 +55,9 @@ from torch.utils.checkpoint import CheckpointPolicy
 
 from memopt.passes.attention import LINEAR
 from memopt.passes.base import Pass, PassContext, PassResult
+from memopt.passes.loss_head import find_loss_heads, replace_loss_head
 from memopt.passes.rewrite import fake_result
+from memopt.runtime.linear_cross_entropy import slice_rows
 
 _MATMUL = {torch.matmul, operator.matmul}
 _ELEMENTWISE = {operator.mul, operator.add, operator.sub, operator.truediv, operator.neg, torch.mul, torch.add,
@@ -163,13 +180,12 @@ def _chunk(gm: torch.fx.GraphModule, x: torch.fx.Node, region: list[torch.fx.Nod
         graph.erase_node(node)
 
 
-def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
-    config = ctx.config.chunk_sequence
-    assert config is not None
-    static = _static(gm, ctx)
+def _find_mlps(gm: torch.fx.GraphModule, static: set[torch.fx.Node],
+               ) -> list[tuple[torch.fx.Node, list[torch.fx.Node], torch.fx.Node]]:
+    """Each chunkable sublayer as (its input, its region in graph order, its output)."""
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     claimed: set[torch.fx.Node] = set()
-    found: list[tuple[torch.fx.Node, list[torch.fx.Node], torch.fx.Node]] = []
+    found = []
     for node in list(gm.graph.nodes):
         if node.target not in LINEAR or not isinstance(x := node.args[0], torch.fx.Node) or x in static \
                 or x in claimed or not isinstance(_value(x), torch.Tensor) or _value(x).dim() < 2:
@@ -179,22 +195,35 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         if out is not None:
             found.append((x, region, out))
             claimed.update(region)
-    tokens = max((_value(x).shape[-2] for x, _, _ in found), default=0)
-    stats: dict[str, Any] = {"regions": 0, "chunks": config.chunks, "tokens": tokens}
-    if not found:
-        stats["skipped"] = "no position-wise sublayer (an MLP) found"
+    return found
+
+
+def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+    config = ctx.config.chunk_sequence
+    assert config is not None
+    static = _static(gm, ctx)
+    mlps = _find_mlps(gm, static)
+    heads = find_loss_heads(gm, static)
+    tokens = max([*(_value(x).shape[-2] for x, _, _ in mlps), *(h.sequence for h in heads)], default=0)
+    stats: dict[str, Any] = {"regions": 0, "heads": 0, "chunks": config.chunks, "tokens": tokens}
+    if not mlps and not heads:
+        stats["skipped"] = "no position-wise sublayer (an MLP) and no LM head with a cross-entropy found"
         return PassResult(gm, False, stats)
     if tokens < config.min_tokens:
         stats["skipped"] = f"{tokens} tokens are fewer than min_tokens ({config.min_tokens})"
         return PassResult(gm, False, stats)
     ids = itertools.count(1)
-    for x, region, out in found:
+    for x, region, out in mlps:
         _chunk(gm, x, region, out, config.chunks, ids)
-    stats["regions"] = len(found)
+    for head in heads:
+        rows = slice_rows(head.rows, _value(head.linear).shape[-1], config.chunks)
+        replace_loss_head(gm, head, rows, drop_logits=config.logits == "drop")
+        stats["head_rows"] = rows
+    stats["regions"], stats["heads"] = len(mlps), len(heads)
     gm.graph.lint()
     gm.recompile()
     return PassResult(gm, True, stats)
 
 
-CHUNK_SEQUENCE = Pass("chunk_sequence", "model", run, after=("inject_adapters",),
+CHUNK_SEQUENCE = Pass("chunk_sequence", "model", run, after=("inject_adapters",), empties_outputs=True,
                       wanted=lambda config: config.chunk_sequence is not None)
