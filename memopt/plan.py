@@ -109,6 +109,7 @@ class PlanReport:
     notes: list[str]
     schedule: dict[str, Any] | None = None  # with a budget: the plan per block, the solver's figures
     sparse_auto: dict[str, Any] | None = None  # sparse_backprop "auto": the choice and what it weighed
+    host_peak_bytes: int = 0                # the most the offload host pool holds (not device memory)
 
     def to_json(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -131,6 +132,8 @@ class PlanReport:
             f"{k.replace('_', ' ')} {format_bytes(v)}" for k, v in self.totals.items()))
         verdict = "fits" if self.fits_device else "does NOT fit"
         lines.append(f"  device {self.device}: {format_bytes(self.device_memory_bytes)} -> {verdict}")
+        if self.host_peak_bytes:
+            lines.append(f"  host memory for offloaded activations: {format_bytes(self.host_peak_bytes)} at most")
         if self.budget_bytes is not None:
             lines.append(f"  budget {format_bytes(self.budget_bytes)} -> "
                          + ("met" if self.fits_budget else "NOT met"))
@@ -288,6 +291,36 @@ def _parameter_bytes(model: nn.Module) -> tuple[int, int, int, int]:
     return total, trainable, total_bytes, trainable_bytes
 
 
+@dataclasses.dataclass
+class _Capture:
+    """One captured step, ready to be simulated (and, from a symbolic length, planned at any length)."""
+
+    name: str
+    profile: Any
+    config: MemoptConfig                 # the options, with the graphs' share of the budget
+    budget: MemoryBudget | None          # the user's budget (the whole step's)
+    backend: Any
+    batch: int
+    seq: int
+    dtype: str
+    optimizer: str
+    count: int
+    trainable: int
+    param_bytes: int
+    trainable_bytes: int
+    state_bytes: int
+    update_temp: int
+    notes: list[str]
+    seconds: dict[str, float]
+    started: float
+    sparse_auto: dict[str, Any] | None
+    length: Any = None                   # the sequence length's symbol, when captured symbolic
+
+    @property
+    def reports(self) -> list[Any]:
+        return [r for r in self.backend.reports if r.memory is not None]
+
+
 def plan(model_or_config: nn.Module | str | Any, example_inputs: Mapping[str, Any] | None = None,
          options: Mapping[str, Any] | MemoptConfig | None = None, *, device: str | None = None,
          batch: int = 1, seq: int = 2048, dtype: str = "bf16", optimizer: str = "adamw",
@@ -301,6 +334,19 @@ def plan(model_or_config: nn.Module | str | Any, example_inputs: Mapping[str, An
     :func:`memopt.losses.chunked_causal_lm_loss` in that many slices (Note [Chunked cross-entropy])
     instead of the model's own loss.
     """
+    captured = capture_step(model_or_config, example_inputs, options, device=device, batch=batch, seq=seq,
+                            dtype=dtype, optimizer=optimizer, loss_chunks=loss_chunks, progress=progress)
+    return step_report(captured, progress=progress)
+
+
+def capture_step(model_or_config: nn.Module | str | Any, example_inputs: Mapping[str, Any] | None = None,
+                 options: Mapping[str, Any] | MemoptConfig | None = None, *, device: str | None = None,
+                 batch: int = 1, seq: int = 2048, dtype: str = "bf16", optimizer: str = "adamw",
+                 loss_chunks: int | None = None, progress: Callable[[str], None] | None = None,
+                 symbolic_length: bool = False) -> _Capture:
+    """Build, prepare and capture the step that :func:`plan` plans (its stages 1 and 2). With
+    ``symbolic_length``, the sequence length is captured as a symbol (Note [Planning every length from
+    one capture])."""
     say = progress or (lambda message: None)
     started = time.perf_counter()
     notes: list[str] = []
@@ -325,41 +371,17 @@ def plan(model_or_config: nn.Module | str | Any, example_inputs: Mapping[str, An
     from memopt.cost_model.profile import load_profile
 
     profile = load_profile(config.cost_profile)
-    mode = None
-    if isinstance(model_or_config, nn.Module):
-        model, name = model_or_config, type(model_or_config).__name__
-    else:
-        if isinstance(model_or_config, str):
-            name, hf_config = load_hf_config(model_or_config)
-        else:
-            name, hf_config = type(model_or_config).__name__, model_or_config
-        say(f"[1/4] building {name} on fake tensors ({dtype}; nothing is allocated)")
-        start = time.perf_counter()
-        model, mode = fake_causal_lm(hf_config, DTYPES[dtype])
-        seconds["build"] = time.perf_counter() - start
-        max_pos = getattr(hf_config, "max_position_embeddings", getattr(hf_config, "n_positions", None))
-        if max_pos is not None and seq > max_pos:
-            raise MemoptConfigError(
-                f"seq {seq} is longer than {name}'s max_position_embeddings ({max_pos}); for a model whose "
-                f"context was extended, pass its config.json (with its max_position_embeddings and "
-                f"rope_scaling) as the model")
+    model, name, mode = _build(model_or_config, dtype, seq, say, seconds)
     model.train()
     if config.adapters is not None:
-        from memopt.prepare import prepare, prepared_adapters
-
-        if prepared_adapters(model) is None:
-            # The adapters of the options, made as the model's weights were (fake on a fake model).
-            prepared: dict[str, Any] = {"adapters": dataclasses.asdict(config.adapters)}
-            if config.quantize is not None:
-                # Quantized storage of the targets' weights (empty on a fake model: only sizes matter).
-                prepared["quantize"] = dataclasses.asdict(config.quantize)
-            with mode if mode is not None else contextlib.nullcontext():
-                prepare(model, prepared)
+        _prepare_adapters(model, config, mode)
     if example_inputs is None:
         if mode is None:
             raise MemoptConfigError("plan() needs example_inputs when given a module")
         with mode:
             ids = torch.zeros(batch, seq, dtype=torch.long)
+        if symbolic_length:
+            torch._dynamo.mark_dynamic(ids, 1)
         example_inputs = {"input_ids": ids, "labels": ids, "use_cache": False}
     sparse_auto = None
     if config.sparse_backprop is not None:
@@ -378,72 +400,129 @@ def plan(model_or_config: nn.Module | str | Any, example_inputs: Mapping[str, An
             "parameters or give adapter options")
     state_factor, step_temp_factor = OPTIMIZERS[optimizer]
     state_bytes = int(state_factor * trainable_bytes)
-
-    budget = config.memory_budget
-    graph_budget = budget
     update_temp = int(step_temp_factor * trainable_bytes)
-    if budget is not None and budget.nbytes is not None:
-        # Note [Budgets in a plan]: the budget covers the whole step. Optimizer states live outside
-        # the compiled graphs for all of it, so the graphs get the budget minus the states; the
-        # optimizer update needs weights, gradients, states and its temporaries at once, whatever
-        # the activation schedule, so a budget below that is refused before any capture.
-        fixed = param_bytes + trainable_bytes + state_bytes + update_temp
-        if fixed > budget.nbytes:
-            raise MemoptInfeasibleBudget(
-                f"{name} cannot be trained in {format_bytes(budget.nbytes)}: weights "
-                f"{format_bytes(param_bytes)}, gradients {format_bytes(trainable_bytes)} and {optimizer} "
-                f"states {format_bytes(state_bytes)} (plus {format_bytes(update_temp)} of update "
-                f"temporaries) need {format_bytes(fixed)} at the optimizer step alone, before any "
-                "activation. No activation schedule can fit; train adapters instead of every weight, "
-                "quantize the frozen weights, use an optimizer with less state, or a larger budget.",
-                min_peak_bytes=fixed, breakdown={"parameters": param_bytes, "gradients": trainable_bytes,
-                                                 "optimizer_states": state_bytes,
-                                                 "temporaries": update_temp})
-        graph_budget = MemoryBudget(nbytes=budget.nbytes - state_bytes)
+    budget = config.memory_budget
+    graph_budget = _graph_budget(name, budget, optimizer, param_bytes, trainable_bytes, state_bytes, update_temp)
 
     say(f"[2/4] capturing with Dynamo and AOTAutograd ({count / 1e9:.2f} B parameters)"
         + (f", scheduling for a budget of {format_bytes(budget.nbytes)}" if budget is not None and
            budget.nbytes is not None else f", scheduling for {budget}" if budget is not None else ""))
     stage_started = time.perf_counter()
-    backend = MemoptBackend(dataclasses.replace(config, memory_budget=graph_budget),
-                            progress=lambda message: say(f"      {message}"), fused_costs=fused_costs)
+    graph_config = dataclasses.replace(config, memory_budget=graph_budget)
+    backend = MemoptBackend(graph_config, progress=lambda message: say(f"      {message}"), fused_costs=fused_costs)
     _trace(model, backend, example_inputs)
     seconds["capture_and_pipeline"] = time.perf_counter() - stage_started
-    reports = [r for r in backend.reports if r.memory is not None]
-    if not reports:
+    captured = _Capture(name, profile, graph_config, budget, backend, batch, seq, dtype, optimizer, count,
+                        trainable, param_bytes, trainable_bytes, state_bytes, update_temp, notes, seconds,
+                        started, sparse_auto)
+    if not captured.reports:
         raise MemoptUnsupportedError(f"{name}: Dynamo captured no graph to plan")
-    if len(reports) > 1:
-        notes.append(f"{len(reports)} graphs (graph breaks): the peak is the largest single graph's; "
+    if len(captured.reports) > 1:
+        notes.append(f"{len(captured.reports)} graphs (graph breaks): the peak is the largest single graph's; "
                      "graphs run one after another")
+    return captured
 
+
+def _build(model_or_config: nn.Module | str | Any, dtype: str, seq: int, say: Callable[[str], None],
+           seconds: dict[str, float]) -> tuple[nn.Module, str, Any]:
+    """(model, display name, fake mode or None) from a module, a preset, a config path or a config."""
+    if isinstance(model_or_config, nn.Module):
+        return model_or_config, type(model_or_config).__name__, None
+    if isinstance(model_or_config, str):
+        name, hf_config = load_hf_config(model_or_config)
+    else:
+        name, hf_config = type(model_or_config).__name__, model_or_config
+    say(f"[1/4] building {name} on fake tensors ({dtype}; nothing is allocated)")
+    start = time.perf_counter()
+    model, mode = fake_causal_lm(hf_config, DTYPES[dtype])
+    seconds["build"] = time.perf_counter() - start
+    check_length(name, hf_config, seq)
+    return model, name, mode
+
+
+def check_length(name: str, hf_config: Any, seq: int) -> None:
+    max_pos = getattr(hf_config, "max_position_embeddings", getattr(hf_config, "n_positions", None))
+    if max_pos is not None and seq > max_pos:
+        raise MemoptConfigError(
+            f"seq {seq} is longer than {name}'s max_position_embeddings ({max_pos}); for a model whose "
+            f"context was extended, pass its config.json (with its max_position_embeddings and "
+            f"rope_scaling) as the model")
+
+
+def _prepare_adapters(model: nn.Module, config: MemoptConfig, mode: Any) -> None:
+    from memopt.prepare import prepare, prepared_adapters
+
+    assert config.adapters is not None
+    if prepared_adapters(model) is None:
+        # The adapters of the options, made as the model's weights were (fake on a fake model).
+        prepared: dict[str, Any] = {"adapters": dataclasses.asdict(config.adapters)}
+        if config.quantize is not None:
+            # Quantized storage of the targets' weights (empty on a fake model: only sizes matter).
+            prepared["quantize"] = dataclasses.asdict(config.quantize)
+        with mode if mode is not None else contextlib.nullcontext():
+            prepare(model, prepared)
+
+
+def _graph_budget(name: str, budget: MemoryBudget | None, optimizer: str, param_bytes: int, trainable_bytes: int,
+                  state_bytes: int, update_temp: int) -> MemoryBudget | None:
+    """The compiled graphs' share of the step's budget (Note [Budgets in a plan])."""
+    if budget is None or budget.nbytes is None:
+        return budget
+    # Note [Budgets in a plan]: the budget covers the whole step. Optimizer states live outside
+    # the compiled graphs for all of it, so the graphs get the budget minus the states; the
+    # optimizer update needs weights, gradients, states and its temporaries at once, whatever
+    # the activation schedule, so a budget below that is refused before any capture.
+    fixed = param_bytes + trainable_bytes + state_bytes + update_temp
+    if fixed > budget.nbytes:
+        raise MemoptInfeasibleBudget(
+            f"{name} cannot be trained in {format_bytes(budget.nbytes)}: weights "
+            f"{format_bytes(param_bytes)}, gradients {format_bytes(trainable_bytes)} and {optimizer} "
+            f"states {format_bytes(state_bytes)} (plus {format_bytes(update_temp)} of update "
+            f"temporaries) need {format_bytes(fixed)} at the optimizer step alone, before any "
+            "activation. No activation schedule can fit; train adapters instead of every weight, "
+            "quantize the frozen weights, use an optimizer with less state, or a larger budget.",
+            min_peak_bytes=fixed, breakdown={"parameters": param_bytes, "gradients": trainable_bytes,
+                                             "optimizer_states": state_bytes,
+                                             "temporaries": update_temp})
+    return MemoryBudget(nbytes=budget.nbytes - state_bytes)
+
+
+def step_report(captured: _Capture, *, progress: Callable[[str], None] | None = None) -> PlanReport:
+    """Stages 3 and 4 of :func:`plan`: the step simulated with the optimizer's states and update, its
+    time estimated, on the captured graphs as they were last planned."""
+    say = progress or (lambda message: None)
+    c, seconds = captured, dict(captured.seconds)
+    reports, profile = c.reports, c.profile
     say("[3/4] simulating the step with optimizer states and the optimizer update")
     start = time.perf_counter()
-    timelines = [r.simulate({"optimizer_states": state_bytes}) for r in reports]
+    timelines = [r.simulate({"optimizer_states": c.state_bytes}) for r in reports]
     main = max(timelines, key=lambda t: t.peak_bytes)
     # The optimizer update runs after the backward with every gradient alive, plus its temporaries.
     # main.resident_bytes holds the weights, buffers, inputs and optimizer states.
-    grads_bytes = trainable_bytes
-    update_peak = main.resident_bytes + grads_bytes + update_temp
+    grads_bytes = c.trainable_bytes
+    update_peak = main.resident_bytes + grads_bytes + c.update_temp
     breakdown = _public_breakdown(main.breakdown)
     peak_at = f"{main.peak_phase}:{main.peak_node}"
     peak = main.peak_bytes
     if update_peak > peak:
         peak, peak_at = update_peak, "optimizer step"
-        breakdown = {"weights": param_bytes, "gradients": grads_bytes, "optimizer_states": state_bytes,
-                     "inputs": main.resident_bytes - param_bytes - state_bytes, "temporaries": update_temp}
+        breakdown = {"weights": c.param_bytes, "gradients": grads_bytes, "optimizer_states": c.state_bytes,
+                     "inputs": main.resident_bytes - c.param_bytes - c.state_bytes, "temporaries": c.update_temp}
     seconds["simulate"] = time.perf_counter() - start
 
     say(f"[4/4] estimating the step time on {profile.name}")
     fw_bw = sum(r.predicted_time_s or 0.0 for r in reports)
     # The update reads and writes parameters and states and reads gradients, all bandwidth-bound.
-    touched = trainable_bytes * (2 + 1 + 2 * state_factor)
+    state_factor = OPTIMIZERS[c.optimizer][0]
+    touched = c.trainable_bytes * (2 + 1 + 2 * state_factor)
     update = touched / profile.memory_bandwidth + (profile.launch_overhead_s if state_factor else 0.0)
+    budget, notes = c.budget, list(c.notes)
     budget_bytes = None
     fits_budget = None
     if budget is not None:
         scheduled = [r.budget_bytes for r in reports if r.budget_bytes is not None]
         budget_bytes = budget.nbytes if budget.nbytes is not None else (
-            max(scheduled) + state_bytes if scheduled else None)
+            max(scheduled) + c.state_bytes if scheduled else None)
         # Bytes cover the whole step; a fraction of the activations covers forward + backward (the
         # optimizer update holds no activations), whose peak is then what it is checked against.
         checked = peak if budget.nbytes is not None else main.peak_bytes
@@ -451,18 +530,18 @@ def plan(model_or_config: nn.Module | str | Any, example_inputs: Mapping[str, An
         if budget.nbytes is None and update_peak > main.peak_bytes:
             notes.append(f"the budget ({budget}) applies to forward + backward; the optimizer update "
                          f"peaks higher, at {format_bytes(update_peak)}")
-    seconds["total"] = time.perf_counter() - started
+    seconds["total"] = time.perf_counter() - c.started
     return PlanReport(
-        model=name, batch=batch, seq=seq, dtype=dtype, optimizer=optimizer, device=profile.name,
-        device_memory_bytes=profile.memory_bytes, parameters=count, trainable_parameters=trainable,
+        model=c.name, batch=c.batch, seq=c.seq, dtype=c.dtype, optimizer=c.optimizer, device=profile.name,
+        device_memory_bytes=profile.memory_bytes, parameters=c.count, trainable_parameters=c.trainable,
         peak_bytes=peak, breakdown=breakdown, peak_at=peak_at, forward_backward_peak_bytes=main.peak_bytes,
-        totals={"weights": param_bytes, "gradients": grads_bytes, "optimizer_states": state_bytes,
+        totals={"weights": c.param_bytes, "gradients": grads_bytes, "optimizer_states": c.state_bytes,
                 "saved_activations": main.saved_activation_bytes},
         budget_bytes=budget_bytes, fits_device=peak <= profile.memory_bytes, fits_budget=fits_budget,
         step_time_s=fw_bw + update, step_time_parts={"forward+backward": fw_bw, "optimizer": update},
         graphs=len(reports), stage_seconds={k: round(v, 3) for k, v in seconds.items()},
         planner_peak_rss_bytes=_peak_rss_bytes(), notes=notes, schedule=_schedule_summary(reports),
-        sparse_auto=sparse_auto)
+        sparse_auto=c.sparse_auto, host_peak_bytes=max(t.host_peak_bytes for t in timelines))
 
 
 def _prepare_sparse(model: nn.Module, config: MemoptConfig, mode: Any, example_inputs: Mapping[str, Any],

@@ -71,6 +71,8 @@ class GraphReport:
     predicted_time_s: float | None = None              # forward + backward on the cost profile
     budget_bytes: int | None = None                    # the memory budget resolved to bytes
     schedule: ScheduleResult | None = None             # what the scheduler chose, with a budget
+    # Plans the captured joint graph again under other options, as it is priced now (memopt plan --max-seq).
+    replan: Callable[[MemoptConfig], None] | None = dataclasses.field(default=None, repr=False)
     seconds: dict[str, float] = dataclasses.field(default_factory=dict)
 
     @property
@@ -143,6 +145,15 @@ class JointStage(CustomPartitionerFn):
         self.report.passes.extend(records)
         self.report.seconds["joint_passes"] = time.perf_counter() - start
 
+        self._plan(gm, joint_inputs, num_fwd_outputs, static, self.config)
+        self.report.replan = lambda config: self._plan(gm, joint_inputs, num_fwd_outputs, static, config)
+        assert self.report.forward is not None
+        return self.report.forward, self.report.backward  # type: ignore[return-value]
+
+    def _plan(self, gm: torch.fx.GraphModule, joint_inputs: Sequence[object], num_fwd_outputs: int,
+              static: list[int] | None, config: MemoptConfig) -> None:
+        """Cost model, partition (scheduled under ``config``'s budget or offload) and simulation of the
+        joint graph, as it is priced now (Note [Planning every length from one capture])."""
         self.progress(f"cost model ({self.profile.name}): bytes, FLOPs and time per node")
         start = time.perf_counter()
         self._analysis("cost model", lambda: annotate_costs(gm, self.profile, fused=self.fused_costs))
@@ -150,35 +161,35 @@ class JointStage(CustomPartitionerFn):
 
         self.progress("partitioning into forward and backward graphs")
         start = time.perf_counter()
-        if self.config.memory_budget is None and self.config.offload != "all":
+        self.report.schedule, self.report.budget_bytes = None, None
+        if config.memory_budget is None and config.offload != "all":
             fw_gm, bw_gm = partition_joint(gm, joint_inputs, num_fwd_outputs=num_fwd_outputs,
                                            static_lifetime_input_indices=static)
         else:
-            fw_gm, bw_gm = self._schedule(gm, joint_inputs, num_fwd_outputs, static,
-                                          self.config.memory_budget)
+            fw_gm, bw_gm = self._schedule(gm, joint_inputs, num_fwd_outputs, static, config)
         self.report.seconds["partition"] = time.perf_counter() - start
         self.report.joint = gm
         self._finish(fw_gm, bw_gm, num_fwd_outputs)
-        return fw_gm, bw_gm
 
     def _schedule(self, gm: torch.fx.GraphModule, joint_inputs: Sequence[object], num_fwd_outputs: int,
-                  static: list[int] | None, budget: MemoryBudget | None,
+                  static: list[int] | None, config: MemoptConfig,
                   ) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
         """Recompute or offload saved values until the step's simulated peak meets the memory budget."""
+        budget = config.memory_budget
         fw_region = forward_region(gm)
         cost = {n.name: n.meta["memopt_cost"].time_s for n in gm.graph.nodes if "memopt_cost" in n.meta}
         cache: dict[tuple[Plan, float], Evaluation] = {}
         def one_way(nbytes: int) -> float:
             return transfer_time_s(nbytes, self.profile)
 
-        transfer = None if self.config.offload is False else one_way
+        transfer = None if config.offload is False else one_way
 
         def packing_time(packed: int, nbytes: int) -> float:
             # Pack: read the value, write the packed copy; unpack: read it, write the value; two launches.
             profile = self.profile
             return 2 * (nbytes + packed) / profile.memory_bandwidth + 2 * profile.launch_overhead_s
 
-        compression = None if self.config.compress_activations is None else \
+        compression = None if config.compress_activations is None else \
             (lambda nbytes, packed: packing_time(packed, nbytes))
 
         def evaluate(plan: Plan, share: float = 1.0) -> Evaluation:
@@ -196,9 +207,9 @@ class JointStage(CustomPartitionerFn):
                 apply_offload(fw, bw, offload, num_user_outputs=num_fwd_outputs,
                               transfer_time_s=one_way)
                 compress = compress & frozenset(saved)
-                if compress and self.config.compress_activations is not None:
+                if compress and config.compress_activations is not None:
                     apply_compress(fw, bw, compress, num_user_outputs=num_fwd_outputs,
-                                   fmt=self.config.compress_activations)
+                                   fmt=config.compress_activations)
                 timeline = simulate_step(fw, bw, input_kinds=_primal_kinds(fw, self.primal_kinds),
                                          num_user_outputs=num_fwd_outputs)
                 # Recomputation: forward ops the backward runs again (its inputs named after forward
@@ -221,11 +232,11 @@ class JointStage(CustomPartitionerFn):
         baseline = evaluate(NOTHING)
         limit = baseline.peak_bytes if budget is None else budget_bytes(budget, baseline.timeline)
         self.progress(f"scheduling: baseline peak {baseline.peak_bytes} B, budget {limit} B")
-        if self.config.offload == "all":
+        if config.offload == "all":
             result = _offload_all(evaluate, baseline, None if budget is None else limit)
         else:
             result = search_plan(evaluate, problem_of, baseline, limit, graph_nodes=len(gm.graph.nodes),
-                                 time_limit_s=self.config.solver_time_limit_s, progress=self.progress,
+                                 time_limit_s=config.solver_time_limit_s, progress=self.progress,
                                  knapsack=True)
         apply_recompute_tags(gm, result.chosen.recompute)   # the joint graph shows the chosen plan
         self.report.schedule = result

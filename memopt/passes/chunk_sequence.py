@@ -53,6 +53,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch.utils.checkpoint import CheckpointPolicy
 
+from memopt.cost_model.bytes import hint_int
 from memopt.passes.attention import LINEAR
 from memopt.passes.base import Pass, PassContext, PassResult
 from memopt.passes.loss_head import find_loss_heads, replace_loss_head
@@ -158,10 +159,10 @@ def _chunk(gm: torch.fx.GraphModule, x: torch.fx.Node, region: list[torch.fx.Nod
            chunks: int, ids: itertools.count) -> None:
     """Replace ``region`` by ``chunks`` copies on slices of ``x`` and a concatenation of their outputs."""
     graph, dim = gm.graph, _value(x).dim() - 2
-    size = -(-_value(x).shape[dim] // chunks)
     pieces = []
     with graph.inserting_before(region[-1].next):
-        split = graph.call_function(torch.split, (x, size, dim))
+        # ``chunks`` slices whatever the length, so a graph with a symbolic sequence length stays symbolic.
+        split = graph.call_function(torch.tensor_split, (x, chunks, dim))
         split.meta["example_value"] = fake_result(split, "example_value")
         for k in range(len(split.meta["example_value"])):
             tag = {"recompute": CheckpointPolicy.MUST_RECOMPUTE, "ac_graph_id": next(ids)}
@@ -204,7 +205,8 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     static = _static(gm, ctx)
     mlps = _find_mlps(gm, static)
     heads = find_loss_heads(gm, static)
-    tokens = max([*(_value(x).shape[-2] for x, _, _ in mlps), *(h.sequence for h in heads)], default=0)
+    # The example's length decides (a hint, no guard on a symbolic length): chunked values are exact at any.
+    tokens = max([*(hint_int(_value(x).shape[-2]) for x, _, _ in mlps), *(h.sequence for h in heads)], default=0)
     stats: dict[str, Any] = {"regions": 0, "heads": 0, "chunks": config.chunks, "tokens": tokens}
     if not mlps and not heads:
         stats["skipped"] = "no position-wise sublayer (an MLP) and no LM head with a cross-entropy found"
@@ -216,9 +218,8 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     for x, region, out in mlps:
         _chunk(gm, x, region, out, config.chunks, ids)
     for head in heads:
-        rows = slice_rows(head.rows, _value(head.linear).shape[-1], config.chunks)
-        replace_loss_head(gm, head, rows, drop_logits=config.logits == "drop")
-        stats["head_rows"] = rows
+        replace_loss_head(gm, head, config.chunks, drop_logits=config.logits == "drop")
+        stats["head_rows"] = slice_rows(head.rows, int(_value(head.linear).shape[-1]), config.chunks)
     stats["regions"], stats["heads"] = len(mlps), len(heads)
     gm.graph.lint()
     gm.recompile()

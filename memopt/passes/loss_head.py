@@ -22,6 +22,7 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
+from memopt.cost_model.bytes import hint_int
 from memopt.passes.attention import LINEAR
 from memopt.passes.rewrite import fake_result
 
@@ -42,12 +43,12 @@ class LossHead:
     def sequence(self) -> int:
         """The head's input's token dimension (the one before the last), as the MLPs' chunks count it."""
         hidden = _value(self.linear.args[0])
-        return int(hidden.shape[-2] if hidden.dim() >= 2 else hidden.shape[0])
+        return hint_int(hidden.shape[-2] if hidden.dim() >= 2 else hidden.shape[0])
 
     @property
     def rows(self) -> int:
-        """Tokens of the loss: every row of the flattened logits."""
-        return int(_value(self.target).shape[0])
+        """Tokens of the loss (every row of the flattened logits), in the example."""
+        return hint_int(_value(self.target).shape[0])
 
 
 def _value(node: Any) -> Any:
@@ -107,8 +108,8 @@ def _new(graph: torch.fx.Graph, op: str, target: Any, args: tuple[Any, ...], kwa
     return node
 
 
-def replace_loss_head(gm: torch.fx.GraphModule, head: LossHead, rows: int, drop_logits: bool) -> None:
-    """Replace the head's loss by ``memopt::linear_cross_entropy`` over ``rows`` tokens at a time (and, with
+def replace_loss_head(gm: torch.fx.GraphModule, head: LossHead, chunks: int, drop_logits: bool) -> None:
+    """Replace the head's loss by ``memopt::linear_cross_entropy`` in ``chunks`` slices or more (and, with
     ``drop_logits``, the logits the graph returns by an empty tensor)."""
     graph, linear = gm.graph, head.linear
     args = linear.args + tuple(linear.kwargs.values())
@@ -117,7 +118,7 @@ def replace_loss_head(gm: torch.fx.GraphModule, head: LossHead, rows: int, drop_
     with graph.inserting_before(head.loss):
         flat = _new(graph, "call_method", "reshape", (hidden, -1, _value(hidden).shape[-1]))
         fused = _new(graph, "call_function", torch.ops.memopt.linear_cross_entropy.default,
-                     (flat, weight, bias, head.target, head.ignore_index, dtype, rows))
+                     (flat, weight, bias, head.target, head.ignore_index, dtype, chunks))
         loss = _new(graph, "call_function", operator.getitem, (fused, 0))
         if head.mean:
             counted = _new(graph, "call_function", operator.ne, (head.target, head.ignore_index))

@@ -11,6 +11,10 @@ is computed again at two small sizes, every integer constant equal to the sequen
 the small size; it is plain causal if both results equal ``tril`` and the subgraph holds no other integer
 constant beyond the batch size and 2 in magnitude (a sliding window's width, say 4096, would be such a
 constant, and at a small size a window that does not bite looks causal).
+
+With a symbolic sequence length (``dynamic=True``, and ``memopt plan``, which plans every length from one
+capture) the mask's subgraph reads the length as a graph input; it is always decided at the small sizes,
+the length's input standing for each size (and no guard is installed on the length).
 """
 
 from __future__ import annotations
@@ -26,12 +30,27 @@ _DIRECT_ELEMENTS = 1 << 28          # 16K x 16K: computed as it is; beyond, at s
 _SMALL_SIZES = (48, 80)
 
 
-def _shape(node: torch.fx.Node) -> tuple[int, ...]:
+def _shape(node: torch.fx.Node) -> tuple[Any, ...]:
     return tuple(node.meta["example_value"].shape)
 
 
-def _subgraph(mask: torch.fx.Node) -> list[torch.fx.Node] | None:
-    """The nodes ``mask`` is computed from, in graph order; None if it reads a graph input or attribute."""
+def _same(a: Any, b: Any) -> bool:
+    """Equal sizes, compared without a guard when symbolic."""
+    if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt):
+        return isinstance(a, torch.SymInt) and isinstance(b, torch.SymInt) and a.node.expr == b.node.expr
+    return bool(a == b)
+
+
+def _is_length(node: torch.fx.Node, seq: Any) -> bool:
+    """Whether ``node`` is the graph input that holds the symbolic sequence length ``seq``."""
+    value = node.meta.get("example_value")
+    return node.op == "placeholder" and isinstance(seq, torch.SymInt) and isinstance(value, torch.SymInt) \
+        and value.node.expr == seq.node.expr
+
+
+def _subgraph(mask: torch.fx.Node, seq: Any) -> list[torch.fx.Node] | None:
+    """The nodes ``mask`` is computed from, in graph order (the symbolic length's input included); None
+    if it reads any other graph input or an attribute."""
     order = {n: i for i, n in enumerate(mask.graph.nodes)}
     found: set[torch.fx.Node] = set()
     stack = [mask]
@@ -39,7 +58,7 @@ def _subgraph(mask: torch.fx.Node) -> list[torch.fx.Node] | None:
         node = stack.pop()
         if node in found:
             continue
-        if node.op not in ("call_function", "call_method"):
+        if node.op not in ("call_function", "call_method") and not _is_length(node, seq):
             return None                   # a placeholder (a padding mask) or a module attribute
         found.add(node)
         stack.extend(node.all_input_nodes)
@@ -60,9 +79,11 @@ def _ints(value: Any) -> list[int]:
     return []
 
 
-def _resized(value: Any, seq: int, size: int) -> Any:
+def _resized(value: Any, seq: Any, size: int) -> Any:
+    """``value`` with the integer ``seq`` replaced by ``size`` (nothing to replace when ``seq`` is symbolic:
+    the length's graph input stands for it)."""
     if isinstance(value, int) and not isinstance(value, bool):
-        return size if value == seq else value
+        return size if isinstance(seq, int) and value == seq else value
     if isinstance(value, (tuple, list)):
         return type(value)(_resized(v, seq, size) for v in value)
     if isinstance(value, slice):
@@ -72,10 +93,13 @@ def _resized(value: Any, seq: int, size: int) -> Any:
     return value
 
 
-def _computed(gm: torch.fx.GraphModule, nodes: list[torch.fx.Node], seq: int, size: int) -> Any:
+def _computed(gm: torch.fx.GraphModule, nodes: list[torch.fx.Node], seq: Any, size: int) -> Any:
     graph = torch.fx.Graph()
-    copied: dict[torch.fx.Node, torch.fx.Node] = {}
+    copied: dict[torch.fx.Node, Any] = {}
     for node in nodes:
+        if node.op == "placeholder":          # the symbolic length (_subgraph admits no other input)
+            copied[node] = size
+            continue
         copied[node] = graph.node_copy(node, lambda n: copied[n])
         copied[node].args = _resized(copied[node].args, seq, size)
         copied[node].kwargs = _resized(copied[node].kwargs, seq, size)
@@ -92,16 +116,17 @@ def _is_tril(value: Any, size: int) -> bool:
 def is_plain_causal(gm: torch.fx.GraphModule, mask: torch.fx.Node) -> bool:
     """Whether ``mask`` is the plain causal mask (Note [Recognising the causal mask])."""
     shape = _shape(mask)
-    if len(shape) < 2 or shape[-1] != shape[-2]:
-        return False
-    nodes = _subgraph(mask)
-    if nodes is None:
+    if len(shape) < 2 or not _same(shape[-1], shape[-2]):
         return False
     seq = shape[-1]
+    nodes = _subgraph(mask, seq)
+    if nodes is None:
+        return False
+    symbolic = isinstance(seq, torch.SymInt)
     try:
-        if seq * seq <= _DIRECT_ELEMENTS:
+        if not symbolic and seq * seq <= _DIRECT_ELEMENTS:
             return _is_tril(_computed(gm, nodes, seq, seq), seq)
-        allowed = {seq, *range(-2, 3), *shape[:-2]}
+        allowed = {*range(-2, 3), *(d for d in shape[:-2] if isinstance(d, int))} | ({seq} if not symbolic else set())
         if any(i not in allowed for n in nodes for i in _ints([n.args, n.kwargs])):
             return False
         return all(_is_tril(_computed(gm, nodes, seq, size), size) for size in _SMALL_SIZES)

@@ -4,7 +4,7 @@ Note [Linear cross-entropy]
 ~~~~~~~~~~~~~~~~~~~~~~~~~~~
 A language model's loss is ``cross_entropy(hidden @ weight.T, target)``: the logits are ``tokens x
 vocabulary`` (at 128k words and 64K tokens, 32 GiB in fp32), and autograd saves the log-probabilities, as
-large, for the backward. This op computes the loss a slice of ``rows`` tokens at a time and keeps only
+large, for the backward. This op computes the loss a slice of tokens at a time and keeps only
 each token's log-sum-exp: the forward makes one slice's logits, takes their log-softmax and the
 targets' negative log-likelihood, and adds it to the sum; the backward makes each slice's logits again,
 turns them into their gradient (``softmax - one_hot``, times the incoming gradient, zero where the target
@@ -38,12 +38,12 @@ def slice_rows(tokens: int, vocabulary: int, chunks: int) -> int:
     return max(1, min(-(-tokens // chunks), SCRATCH_BYTES // (4 * vocabulary)))
 
 
-def _check(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, rows: int) -> None:
+def _check(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, chunks: int) -> None:
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1] \
-            or target.shape != (hidden.shape[0],) or rows < 1:
+            or target.shape != (hidden.shape[0],) or chunks < 1:
         raise ValueError(f"memopt::linear_cross_entropy: expected hidden (N, H), weight (V, H), target (N,) "
-                         f"and rows >= 1; got {tuple(hidden.shape)}, {tuple(weight.shape)}, "
-                         f"{tuple(target.shape)}, rows={rows}")
+                         f"and chunks >= 1; got {tuple(hidden.shape)}, {tuple(weight.shape)}, "
+                         f"{tuple(target.shape)}, chunks={chunks}")
 
 
 def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
@@ -53,11 +53,12 @@ def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
 @torch.library.custom_op("memopt::linear_cross_entropy", mutates_args=())
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                         target: torch.Tensor, ignore_index: int, dtype: torch.dtype, rows: int,
+                         target: torch.Tensor, ignore_index: int, dtype: torch.dtype, chunks: int,
                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum over counted tokens of ``cross_entropy(linear(hidden, weight, bias).to(dtype), target)``,
-    each token's log-sum-exp in fp32), ``rows`` tokens at a time (Note [Linear cross-entropy])."""
-    _check(hidden, weight, target, rows)
+    each token's log-sum-exp in fp32), in :func:`slice_rows` slices (Note [Linear cross-entropy])."""
+    _check(hidden, weight, target, chunks)
+    rows = slice_rows(hidden.shape[0], weight.shape[0], chunks)
     total = hidden.new_zeros((), dtype=torch.float32)
     lse = hidden.new_empty(hidden.shape[0], dtype=torch.float32)
     for start in range(0, hidden.shape[0], rows):
@@ -70,18 +71,19 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
 
 @linear_cross_entropy.register_fake
 def _forward_fake(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
-                  ignore_index: int, dtype: torch.dtype, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    _check(hidden, weight, target, rows)
+                  ignore_index: int, dtype: torch.dtype, chunks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    _check(hidden, weight, target, chunks)
     return hidden.new_empty((), dtype=dtype), hidden.new_empty(hidden.shape[0], dtype=torch.float32)
 
 
 @torch.library.custom_op("memopt::linear_cross_entropy_backward", mutates_args=())
 def linear_cross_entropy_backward(grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
                                   bias: torch.Tensor | None, target: torch.Tensor, lse: torch.Tensor,
-                                  ignore_index: int, dtype: torch.dtype, rows: int, weight_grad: bool,
+                                  ignore_index: int, dtype: torch.dtype, chunks: int, weight_grad: bool,
                                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of :func:`linear_cross_entropy`'s sum for ``hidden``, ``weight`` and ``bias`` (the last two
     empty unless ``weight_grad``), each slice's logits made again (Note [Linear cross-entropy])."""
+    rows = slice_rows(hidden.shape[0], weight.shape[0], chunks)
     grad_hidden = torch.empty_like(hidden)
     grad_weight = torch.zeros(weight.shape if weight_grad else (0,), dtype=torch.float32, device=weight.device)
     grad_bias = torch.zeros(bias.shape if weight_grad and bias is not None else (0,), dtype=torch.float32,
@@ -106,16 +108,16 @@ def linear_cross_entropy_backward(grad: torch.Tensor, hidden: torch.Tensor, weig
 
 @linear_cross_entropy_backward.register_fake
 def _backward_fake(grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                   target: torch.Tensor, lse: torch.Tensor, ignore_index: int, dtype: torch.dtype, rows: int,
+                   target: torch.Tensor, lse: torch.Tensor, ignore_index: int, dtype: torch.dtype, chunks: int,
                    weight_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return (torch.empty_like(hidden), weight.new_empty(weight.shape if weight_grad else (0,)),
             weight.new_empty(bias.shape if weight_grad and bias is not None else (0,)))
 
 
 def _setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor]) -> None:
-    hidden, weight, bias, target, ignore_index, dtype, rows = inputs
+    hidden, weight, bias, target, ignore_index, dtype, chunks = inputs
     ctx.save_for_backward(hidden, weight, bias, target, output[1])
-    ctx.options = (ignore_index, dtype, rows)
+    ctx.options = (ignore_index, dtype, chunks)
 
 
 def _backward(ctx: Any, grad: torch.Tensor, _grad_lse: torch.Tensor | None) -> tuple[Any, ...]:
