@@ -1,9 +1,10 @@
 """The ``memopt`` command line: ``memopt plan``.
 
 ``memopt plan --model llama-2-7b --batch 1 --seq 2048 [--dtype bf16] [--device rtx4090] [--budget 24GiB]
-[--optimizer adamw] [--options OPTIONS.json] [--json]``. Progress goes to stderr, the answer to stdout.
-Exit status: 0 when the step fits the device (and the budget, if given), 1 when it does not (a budget
-no plan can meet included), 2 on an error.
+[--optimizer adamw] [--options OPTIONS.json] [--max-seq] [--json]``. Progress goes to stderr, the answer to
+stdout. Exit status: 0 when the step fits the device (and the budget, if given), 1 when it does not (a
+budget no plan can meet included), 2 on an error. With ``--max-seq``, the longest sequence that fits is
+searched from ``--seq`` (:mod:`memopt.max_seq`); 0 when one was found, 1 when not even 64 tokens fit.
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--loss-chunks", type=int, default=None, metavar="N",
                       help="compute the cross-entropy in N slices of tokens (memopt.losses, as torchtune's "
                            "chunked loss) instead of Hugging Face's full-vocabulary loss")
+    plan.add_argument("--max-seq", action="store_true",
+                      help="find the longest sequence (a multiple of 64) whose step fits the device or --budget, "
+                           "searching from --seq; the step is captured once and re-priced at each length")
     plan.add_argument("--json", action="store_true", help="print one JSON object (byte counts) instead")
     return parser
 
@@ -77,6 +81,16 @@ def _plan(args: argparse.Namespace) -> int:
     def progress(message: str) -> None:
         print(f"[{time.perf_counter() - started:6.1f}s] {message}", file=sys.stderr, flush=True)
 
+    if args.max_seq:
+        from memopt.max_seq import max_seq
+
+        if args.loss_chunks is not None:
+            raise MemoptConfigError("--max-seq plans the model's own loss; instead of --loss-chunks, give "
+                                    "options {'chunk_sequence': {'logits': 'drop'}} (the LM head without logits)")
+        found = max_seq(args.model, options, device=args.device, batch=args.batch, dtype=args.dtype,
+                        optimizer=args.optimizer, start=args.seq, progress=progress)
+        print(json.dumps(found.to_json(), indent=1, sort_keys=True) if args.json else found.render())
+        return 0 if found.max_seq else 1
     report = plan(args.model, None, options, device=args.device, batch=args.batch, seq=args.seq,
                   dtype=args.dtype, optimizer=args.optimizer, loss_chunks=args.loss_chunks, progress=progress)
     if args.json:

@@ -208,6 +208,7 @@ class MemoptConfig:
     quantize: QuantizeConfig | None = None      # quantized frozen base weights (needs memopt.prepare)
     offload: str | bool = "auto"                # "auto": the scheduler may offload; False forbids it; "all":
                                                 # every saved activation is offloaded (a runtime check)
+    host_memory: int | None = None              # bytes the offload host pool may hold; None = no bound
     compress_activations: str | None = None     # None | int8 | fp8 (lossy, only when asked)
     solver_time_limit_s: float = 15.0           # CP-SAT's deterministic time per solve, and as much for refining
     sparse_backprop: SparseBackpropConfig | None = None     # which parameter slices train (memopt.sparse)
@@ -475,6 +476,12 @@ def parse_options(options: Mapping[str, Any] | MemoptConfig | None = None,
                 raise MemoptConfigError(
                     f"option 'offload': got {opts['offload']!r}; allowed values are 'auto', False and 'all'")
             kwargs["offload"] = opts["offload"]
+        if opts.get("host_memory") is not None:
+            host = parse_budget(opts["host_memory"], key="host_memory")
+            if host is None or host.nbytes is None:
+                raise MemoptConfigError(f"option 'host_memory': got {opts['host_memory']!r}; expected bytes "
+                                        "(int) or a size string like '64GiB', not a fraction")
+            kwargs["host_memory"] = host.nbytes
         if opts.get("compress_activations") is not None:
             kwargs["compress_activations"] = _choice(
                 "compress_activations", opts["compress_activations"], COMPRESSIONS)

@@ -117,6 +117,29 @@ def _offload_all(evaluate: Callable[[Plan], Evaluation], baseline: Evaluation, l
                           feasible=limit is None or chosen.peak_bytes <= limit, evaluations=2, method="offload-all")
 
 
+def _within_host(fw_gm: torch.fx.GraphModule, offload: frozenset[str], host_bytes: int | None) -> frozenset[str]:
+    """The values of ``offload`` that the host pool holds within ``host_bytes``, taken in forward order.
+
+    Note [Bounded host memory]
+    Every offloaded value waits in the host pool from its copy in the forward to its reload in the
+    backward, so at the boundary the pool holds them all: ``host_memory`` bounds their sum. A plan is
+    realised with the offloads that fit, in the forward's order (the first layers' values are reloaded
+    last, so their host copies are the ones that hide the most), and the rest stay on the device: the
+    simulated peak of that plan says whether it still meets the budget, and the search goes on from
+    there, so every plan memopt verifies, runs or reports keeps to the bound.
+    """
+    if host_bytes is None or not offload:
+        return offload
+    kept, total = [], 0
+    for node in fw_gm.graph.nodes:
+        if node.name in offload:
+            nbytes = value_bytes(node)
+            if total + nbytes <= host_bytes:
+                kept.append(node.name)
+                total += nbytes
+    return frozenset(kept)
+
+
 class JointStage(CustomPartitionerFn):
     """The partition hook: joint passes, cost annotation, partition, simulation and dumps."""
 
@@ -203,7 +226,7 @@ class JointStage(CustomPartitionerFn):
                     fw, bw = partition_joint(gm, joint_inputs, num_fwd_outputs=num_fwd_outputs,
                                              static_lifetime_input_indices=static)
                 saved = saved_values(fw, num_fwd_outputs)
-                offload = offload & frozenset(saved)
+                offload = _within_host(fw, offload & frozenset(saved), config.host_memory)
                 apply_offload(fw, bw, offload, num_user_outputs=num_fwd_outputs,
                               transfer_time_s=one_way)
                 compress = compress & frozenset(saved)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import sympy
 import torch
+import torch.fx
 
 from memopt.errors import MemoptUnsupportedError
 
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "hint_int",
+    "set_hints",
     "shape_env_of",
     "storage_nbytes",
     "storage_nbytes_expr",
@@ -219,3 +221,44 @@ def value_nbytes(val: Any, shape_env: ShapeEnv | None = None) -> int:
         env = shape_env if shape_env is not None else shape_env_of(t)
         total += _hinted_tensor_nbytes(t, env)
     return total
+
+
+def set_hints(shape_env: ShapeEnv, values: dict[sympy.Symbol, int], graphs: Iterable[torch.fx.GraphModule]) -> None:
+    """Price symbolic graphs at other sizes: ``values`` become the hints of their (backed) symbols.
+
+    Note [Planning every length from one capture]
+    A graph captured with a symbolic sequence length is the graph of every length: its nodes do not
+    change with it, only their sizes, which are expressions in the length's symbol. memopt prices sizes
+    at the ShapeEnv's hints (:func:`hint_int`), so changing the symbol's hint re-prices every byte and
+    FLOP in the graph without tracing anything again; ``memopt plan --max-seq`` plans each candidate
+    length that way. Two caches hold the old value and are refreshed here: the ShapeEnv's own
+    (``_update_version_counter``), and the hint each ``SymInt``'s node keeps from its creation, which
+    torch's partitioner reads (for every SymInt in the graphs' ``meta["val"]``: sizes, strides, storage
+    offsets, SymInt values). Nothing else changes: no guard is added, and the graph stays valid for the
+    lengths it was captured for.
+    """
+    table = getattr(shape_env, "backed_var_to_val", None)
+    if table is None:                       # torch < 2.13
+        table = shape_env.var_to_val
+    for symbol, value in values.items():
+        if symbol not in table:
+            raise MemoptUnsupportedError(f"symbol {symbol} is not a backed size of this ShapeEnv; it has no hint to set")
+        table[symbol] = sympy.Integer(value)
+    shape_env._update_version_counter()
+    for gm in graphs:
+        for node in gm.graph.nodes:
+            for sym in _symints(node.meta.get("val")):
+                if sym.node.shape_env is shape_env and sym.node.expr.free_symbols & values.keys():
+                    sym.node._hint = hint_int(sym.node.expr, shape_env)
+
+
+def _symints(val: object) -> Iterable[torch.SymInt]:
+    if isinstance(val, torch.SymInt):
+        yield val
+    elif isinstance(val, torch.Tensor):
+        sizes = [*val.size(), val.numel()] + ([*val.stride(), val.storage_offset()]
+                                              if val.layout == torch.strided else [])
+        yield from (s for s in sizes if isinstance(s, torch.SymInt))
+    elif isinstance(val, (tuple, list)):
+        for item in val:
+            yield from _symints(item)

@@ -1,0 +1,116 @@
+"""``memopt plan --max-seq`` (issue 18): one symbolic capture priced at every length, and the search for
+the longest length that fits."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import memopt.plan
+from memopt.cli import main
+from memopt.config import MemoryBudget
+from memopt.cost_model.bytes import set_hints
+from memopt.max_seq import _length_symbol, max_seq
+from memopt.plan import capture_step, plan, step_report
+
+CHUNKED = {"chunk_sequence": {"chunks": 4, "min_tokens": 64, "logits": "drop"}}
+
+
+@pytest.fixture(scope="module")
+def long_tiny(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The demo's tiny Llama with a context long enough to search (nothing else about it changes)."""
+    path = tmp_path_factory.mktemp("models") / "tiny_long.json"
+    path.write_text(json.dumps({"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+                                "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                                "vocab_size": 256, "max_position_embeddings": 1 << 20}))
+    return str(path)
+
+
+@pytest.mark.parametrize("options", [{}, CHUNKED, {**CHUNKED, "memory_budget": 3 * 2**20}],
+                         ids=["dense", "chunked", "scheduled"])
+def test_one_symbolic_capture_prices_each_length_as_its_own_capture(long_tiny: str, options: dict[str, Any]) -> None:
+    """Note [Planning every length from one capture]: captured at 128 tokens with the length symbolic,
+    then re-priced at 256 and 512, the plan's bytes are those of a capture at that length, byte for byte,
+    and its time within 0.1% (static and symbolic graphs differ by a few size computations); with a budget,
+    the scheduler plans each length again."""
+    budget = options.get("memory_budget")
+    captured = capture_step(long_tiny, None, {**options, "memory_budget": None}, device="a100-80gb", seq=128,
+                            symbolic_length=True)
+    report = captured.reports[0]
+    symbol, shape_env = _length_symbol(report.joint, 128)
+    for seq in (256, 512):
+        set_hints(shape_env, {symbol: seq}, [report.joint])
+        captured.seq = seq
+        config = captured.config if budget is None else dataclasses.replace(
+            captured.config, memory_budget=MemoryBudget(nbytes=3 * 2**20 - captured.state_bytes))
+        report.replan(config)
+        repriced = step_report(captured)
+        direct = plan(long_tiny, None, {**options, "memory_budget": budget} if budget else options,
+                      device="a100-80gb", seq=seq)
+        assert (repriced.peak_bytes, repriced.breakdown, repriced.totals) == \
+            (direct.peak_bytes, direct.breakdown, direct.totals)
+        assert repriced.step_time_s == pytest.approx(direct.step_time_s, rel=1e-3)
+        assert repriced.seq == seq
+
+
+def test_the_longest_length_is_the_boundary_and_the_model_is_captured_once(
+        long_tiny: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In 40 MiB: the length found fits (its plan's peak), one granule more does not even with every
+    activation offloaded (planned from a fresh capture at that length), and the model was traced once."""
+    traces = []
+    trace = memopt.plan._trace
+    monkeypatch.setattr(memopt.plan, "_trace", lambda *a: (traces.append(1), trace(*a))[1])
+    options = {**CHUNKED, "memory_budget": "40MiB"}
+    found = max_seq(long_tiny, options, device="a100-80gb", start=256)
+    assert len(traces) == 1
+    limit = 40 * 2**20
+    assert found.limit_bytes == limit and found.max_seq % 64 == 0 and found.max_seq > 8192
+    assert found.plan is not None and found.plan.seq == found.max_seq and found.plan.peak_bytes <= limit
+    assert found.plan.host_peak_bytes > 0                      # offloading is what made it fit
+    beyond = plan(long_tiny, None, {**CHUNKED, "offload": "all"}, device="a100-80gb", seq=found.max_seq + 64)
+    assert beyond.peak_bytes > limit
+    assert len(found.tried) <= 12
+
+
+def test_host_memory_bounds_the_offloads_and_so_the_length(long_tiny: str) -> None:
+    """Note [Bounded host memory]: with 16 MiB of host memory for offloads, the longest length is
+    shorter, and its plan keeps to the bound."""
+    options = {**CHUNKED, "memory_budget": "40MiB"}
+    free = max_seq(long_tiny, options, device="a100-80gb", start=4096)
+    bounded = max_seq(long_tiny, {**options, "host_memory": "16MiB"}, device="a100-80gb", start=4096)
+    assert 0 < bounded.max_seq < free.max_seq
+    assert bounded.plan is not None and 0 < bounded.plan.host_peak_bytes <= 16 * 2**20
+    assert all(row["host_bytes"] <= 16 * 2**20 for row in bounded.tried)
+
+
+def test_cli_max_seq_json(long_tiny: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    options = tmp_path / "options.json"
+    options.write_text(json.dumps(CHUNKED))
+    status = main(["plan", "--model", long_tiny, "--seq", "1024", "--budget", "8MiB", "--options", str(options),
+                   "--max-seq", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert status == 0 and out["max_seq"] >= 1024 and out["plan"]["seq"] == out["max_seq"]
+    assert out["plan"]["peak_bytes"] <= 8 * 2**20 and out["planner_peak_rss_bytes"] > 0
+    assert main(["plan", "--model", long_tiny, "--max-seq", "--loss-chunks", "4"]) == 2
+    assert "instead of --loss-chunks" in capsys.readouterr().err
+    assert main(["plan", "--model", long_tiny, "--max-seq", "--budget", "0.5"]) == 2
+    assert "a fraction" in capsys.readouterr().err
+
+
+def test_a_budget_too_small_for_any_length_says_so(long_tiny: str) -> None:
+    found = max_seq(long_tiny, {**CHUNKED, "memory_budget": "800KiB"}, device="a100-80gb", start=256)
+    assert found.max_seq == 0 and found.plan is None
+    assert "0 tokens fit" in found.render()
+
+
+def test_a_length_symbol_is_required() -> None:
+    from memopt.errors import MemoptUnsupportedError
+
+    gm = torch.fx.symbolic_trace(torch.nn.Linear(2, 2))
+    with pytest.raises(MemoptUnsupportedError, match="does not keep the sequence length symbolic"):
+        _length_symbol(gm, 128)
