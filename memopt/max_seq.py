@@ -6,16 +6,19 @@ capture]); each candidate length re-prices that graph and plans it again, nothin
 Note [Searching the longest length]
 ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
 Whether a length fits is asked of the cheapest plan that could make it fit, in two steps: the graph as
-partitioned (no schedule), and, if that is over the limit and offload is allowed, every saved activation
-offloaded to the host (the scheduler's ``offload: "all"``), whose peak is the step's working set alone
-and whose host bytes must fit ``host_memory``. Each answer costs one partition and simulation, about
-30 s for an 8B model on 2 cores, so the search does few: it doubles from the captured length until a
-length fails, then narrows the bracket by the secant of the peaks (a step's peak is close to linear in
-its length once attention is flash attention), bisecting whenever the secant would not halve the
-bracket, down to one granule (64 tokens, or the token-elimination block). At the length found, the
-scheduler plans the step for the limit in earnest (keep, recompute, offload per value, CP-SAT), which
-is the plan printed, with its predicted step time; if it finds no plan that the offload-everything plan
-did, that plan is kept and said so.
+partitioned (no schedule), and, if that is over the limit, the lowest plan memopt can make (every value
+that can be recomputed is, and what the backward still needs from the forward is offloaded, within the
+host memory bound; recomputation alone when offload is off). Each answer costs one partition and
+simulation, about half a minute for an 8B model on 2 cores, so the search asks few: it doubles from the
+captured length until a length fails, then narrows the bracket, by the secant of the two ends' peaks
+(a step's peak is close to linear in its length once attention is flash attention) and by bisection in
+turn, each time asking the neighbour on the answer's side too, down to one granule (64 tokens, or the
+token-elimination block). At the length found the scheduler plans the step for the limit in earnest
+(keep, recompute or offload per value, CP-SAT), which is the plan printed with its predicted step time;
+if that finds nothing within the limit, the lowest plan is printed, and said so.
+
+Offloads go to host memory, which is finite: ``host_memory`` bounds them (Note [Bounded host memory]),
+and without one the search assumes :data:`DEFAULT_HOST_MEMORY`, and says so.
 """
 
 from __future__ import annotations
@@ -35,7 +38,11 @@ from memopt.errors import MemoptInfeasibleBudget, MemoptUnsupportedError
 from memopt.plan import PlanReport, _Capture, capture_step, check_length, load_hf_config, step_report
 from memopt.units import format_bytes
 
-__all__ = ["MaxSeqReport", "max_seq"]
+__all__ = ["DEFAULT_HOST_MEMORY", "MaxSeqReport", "max_seq"]
+
+DEFAULT_HOST_MEMORY = 128 * 2**30
+"""The host memory offloads may use when the options set no ``host_memory``: an 8-GPU server's share per
+GPU (1-2 TiB for 8), or a large workstation's."""
 
 
 @dataclasses.dataclass
@@ -49,7 +56,7 @@ class MaxSeqReport:
     capped_at: int | None               # the model's max_position_embeddings, when it stopped the search
     tried: list[dict[str, Any]]         # per length asked: seq, how, peak, host bytes, fits, seconds
     plan: PlanReport | None             # the step planned at max_seq
-    plan_method: str                    # "fits unscheduled" | "scheduled" | "offload everything"
+    plan_method: str                    # "fits unscheduled" | "scheduled" | "lowest"
     capture_seconds: float
     total_seconds: float
     planner_peak_rss_bytes: int
@@ -61,7 +68,8 @@ class MaxSeqReport:
 
     def render(self) -> str:
         lines = [f"memopt plan --max-seq: {self.max_seq:,} tokens fit in {format_bytes(self.limit_bytes)} "
-                 f"(multiples of {self.granule}; a prediction of the cost model, not a measurement)"]
+                 f"(multiples of {self.granule}; a prediction of the cost model, not a measurement)",
+                 f"  offloads may use {format_bytes(self.host_limit_bytes or 0)} of host memory"]
         if self.capped_at is not None:
             lines.append(f"  capped by the model's max_position_embeddings ({self.capped_at:,}); pass a "
                          "config.json with a longer context to search further")
@@ -88,6 +96,9 @@ def max_seq(model: str | Any, options: Mapping[str, Any] | MemoptConfig | None =
     say = progress or (lambda message: None)
     started = time.perf_counter()
     config = parse_options(options)
+    if config.host_memory is None:
+        config = dataclasses.replace(config, host_memory=DEFAULT_HOST_MEMORY)
+        say(f"offloads may use {format_bytes(DEFAULT_HOST_MEMORY)} of host memory (options' host_memory to change)")
     granule = math.lcm(64, config.token_elimination.block_size if config.token_elimination else 64)
     start = max(granule, start // granule * granule)
     name, hf_config = load_hf_config(model) if isinstance(model, str) else (type(model).__name__, model)
@@ -133,28 +144,26 @@ class _Search:
         self.peaks: dict[int, int] = {}
         self.unscheduled_fails_from: int | None = None   # longer lengths cannot fit unscheduled either
 
-    def _at(self, seq: int, config: MemoptConfig) -> PlanReport:
+    def _at(self, seq: int, config: MemoptConfig, lowest: bool = False) -> PlanReport:
         set_hints(self.shape_env, {self.symbol: seq}, [self.report.joint])
         self.captured.seq = seq
         assert self.report.replan is not None
-        self.report.replan(config)
+        self.report.replan(config, lowest)
         return step_report(self.captured)
 
     def fits(self, seq: int) -> bool:
         """Whether ``seq`` fits, asked of the unscheduled graph, then of offloading everything."""
         started = time.perf_counter()
-        asks = []
-        if self.unscheduled_fails_from is None or seq < self.unscheduled_fails_from:
-            asks.append(("unscheduled", dataclasses.replace(self.config, memory_budget=None)))
-        if self.config.offload is not False:
-            asks.append(("offload everything", dataclasses.replace(self.config, memory_budget=None, offload="all")))
-        for how, config in asks:
-            report = self._at(seq, config)
+        asks = ["unscheduled"] if self.unscheduled_fails_from is None or seq < self.unscheduled_fails_from else []
+        asks.append("lowest")
+        unscheduled = dataclasses.replace(self.config, memory_budget=None)
+        for how in asks:
+            report = self._at(seq, unscheduled, lowest=how == "lowest")
             host_ok = self.config.host_memory is None or report.host_peak_bytes <= self.config.host_memory
             fits = report.peak_bytes <= self.limit and host_ok
             if how == "unscheduled" and not fits:
                 self.unscheduled_fails_from = min(seq, self.unscheduled_fails_from or seq)
-            if fits or how == asks[-1][0]:
+            if fits or how == asks[-1]:
                 break
         self.peaks[seq] = report.peak_bytes
         self.tried.append({"seq": seq, "how": how, "peak_bytes": report.peak_bytes,
@@ -199,8 +208,8 @@ class _Search:
         return (guess - granule, guess) if self.fits(guess - granule) else (lo, guess - granule)
 
     def final(self, seq: int) -> tuple[PlanReport, str]:
-        """The plan at ``seq``: unscheduled if it fits so, else scheduled for the limit, else offloading
-        everything (which the search found to fit)."""
+        """The plan at ``seq``: unscheduled if it fits so, else scheduled for the limit, else the lowest
+        plan (which the search found to fit)."""
         self.say(f"planning the step at {seq:,} tokens for {format_bytes(self.limit)}")
         report = self._at(seq, dataclasses.replace(self.config, memory_budget=None))
         if report.peak_bytes <= self.limit:
@@ -212,8 +221,7 @@ class _Search:
                 return report, "scheduled"
         except MemoptInfeasibleBudget:
             pass
-        return self._at(seq, dataclasses.replace(self.config, memory_budget=None, offload="all")), \
-            "offload everything"
+        return self._at(seq, dataclasses.replace(self.config, memory_budget=None), lowest=True), "lowest"
 
 
 def _length_symbol(gm: torch.fx.GraphModule, seq: int) -> tuple[sympy.Symbol, Any]:

@@ -26,7 +26,7 @@ from torch._inductor.custom_graph_pass import CustomPartitionerFn
 from memopt.compiler.dump import Dumper, timeline_svg
 from memopt.compiler.partition import apply_compress, apply_offload, partition_joint
 from memopt.compiler.runner import MemoptPassWarning, PassRecord, run_passes
-from memopt.config import MemoptConfig, MemoryBudget
+from memopt.config import MemoptConfig
 from memopt.cost_model.estimate import annotate_costs, estimate_node, transfer_time_s
 from memopt.cost_model.profile import DeviceProfile
 from memopt.errors import MemoptPassError
@@ -72,7 +72,8 @@ class GraphReport:
     budget_bytes: int | None = None                    # the memory budget resolved to bytes
     schedule: ScheduleResult | None = None             # what the scheduler chose, with a budget
     # Plans the captured joint graph again under other options, as it is priced now (memopt plan --max-seq).
-    replan: Callable[[MemoptConfig], None] | None = dataclasses.field(default=None, repr=False)
+    # ``lowest``: the least memory the scheduler can plan, whatever it costs (memopt.max_seq's question).
+    replan: Callable[[MemoptConfig, bool], None] | None = dataclasses.field(default=None, repr=False)
     seconds: dict[str, float] = dataclasses.field(default_factory=dict)
 
     @property
@@ -115,6 +116,27 @@ def _offload_all(evaluate: Callable[[Plan], Evaluation], baseline: Evaluation, l
     chosen = evaluate((frozenset(), offloadable, frozenset()))
     return ScheduleResult(chosen, baseline, chosen, chosen.peak_bytes if limit is None else limit,
                           feasible=limit is None or chosen.peak_bytes <= limit, evaluations=2, method="offload-all")
+
+
+def _lowest(evaluate: Callable[[Plan], Evaluation], baseline: Evaluation, limit: int | None,
+            activations: frozenset[str], offload: bool, host_bytes: int | None) -> ScheduleResult:
+    """The least memory memopt plans for, whatever it costs (the question ``memopt plan --max-seq``
+    asks of a length, Note [Searching the longest length]). When the host can hold every value the
+    baseline saves, they are all offloaded: each comes back right before its use, which holds less at
+    once than recomputing a layer. When it cannot, every value that can be recomputed is, and what the
+    backward still needs from the forward (a layer's input, mostly: ``activations`` names every value
+    the joint graph makes) is offloaded as far as ``host_bytes`` goes, as Unsloth's offloaded
+    checkpointing does; recomputation alone when ``offload`` is off."""
+    freeable = [c for c in baseline.candidates if not c.held]
+    if offload and (host_bytes is None or sum(c.nbytes for c in freeable) <= host_bytes):
+        plan: Plan = (frozenset(), frozenset(c.name for c in freeable if c.offload_time_s != float("inf")),
+                      frozenset())
+    else:
+        recompute = frozenset(c.name for c in freeable if c.recomputable)
+        plan = (recompute, activations - recompute if offload else frozenset(), frozenset())
+    chosen = evaluate(plan)
+    return ScheduleResult(chosen, baseline, chosen, chosen.peak_bytes if limit is None else limit,
+                          feasible=limit is None or chosen.peak_bytes <= limit, evaluations=2, method="lowest")
 
 
 def _within_host(fw_gm: torch.fx.GraphModule, offload: frozenset[str], host_bytes: int | None) -> frozenset[str]:
@@ -169,14 +191,16 @@ class JointStage(CustomPartitionerFn):
         self.report.seconds["joint_passes"] = time.perf_counter() - start
 
         self._plan(gm, joint_inputs, num_fwd_outputs, static, self.config)
-        self.report.replan = lambda config: self._plan(gm, joint_inputs, num_fwd_outputs, static, config)
+        self.report.replan = lambda config, lowest=False: self._plan(gm, joint_inputs, num_fwd_outputs, static,
+                                                                     config, lowest)
         assert self.report.forward is not None
         return self.report.forward, self.report.backward  # type: ignore[return-value]
 
     def _plan(self, gm: torch.fx.GraphModule, joint_inputs: Sequence[object], num_fwd_outputs: int,
-              static: list[int] | None, config: MemoptConfig) -> None:
-        """Cost model, partition (scheduled under ``config``'s budget or offload) and simulation of the
-        joint graph, as it is priced now (Note [Planning every length from one capture])."""
+              static: list[int] | None, config: MemoptConfig, lowest: bool = False) -> None:
+        """Cost model, partition (scheduled under ``config``'s budget or offload, or for the lowest peak)
+        and simulation of the joint graph, as it is priced now (Note [Planning every length from one
+        capture])."""
         self.progress(f"cost model ({self.profile.name}): bytes, FLOPs and time per node")
         start = time.perf_counter()
         self._analysis("cost model", lambda: annotate_costs(gm, self.profile, fused=self.fused_costs))
@@ -185,17 +209,17 @@ class JointStage(CustomPartitionerFn):
         self.progress("partitioning into forward and backward graphs")
         start = time.perf_counter()
         self.report.schedule, self.report.budget_bytes = None, None
-        if config.memory_budget is None and config.offload != "all":
+        if config.memory_budget is None and config.offload != "all" and not lowest:
             fw_gm, bw_gm = partition_joint(gm, joint_inputs, num_fwd_outputs=num_fwd_outputs,
                                            static_lifetime_input_indices=static)
         else:
-            fw_gm, bw_gm = self._schedule(gm, joint_inputs, num_fwd_outputs, static, config)
+            fw_gm, bw_gm = self._schedule(gm, joint_inputs, num_fwd_outputs, static, config, lowest)
         self.report.seconds["partition"] = time.perf_counter() - start
         self.report.joint = gm
         self._finish(fw_gm, bw_gm, num_fwd_outputs)
 
     def _schedule(self, gm: torch.fx.GraphModule, joint_inputs: Sequence[object], num_fwd_outputs: int,
-                  static: list[int] | None, config: MemoptConfig,
+                  static: list[int] | None, config: MemoptConfig, lowest: bool = False,
                   ) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
         """Recompute or offload saved values until the step's simulated peak meets the memory budget."""
         budget = config.memory_budget
@@ -255,7 +279,11 @@ class JointStage(CustomPartitionerFn):
         baseline = evaluate(NOTHING)
         limit = baseline.peak_bytes if budget is None else budget_bytes(budget, baseline.timeline)
         self.progress(f"scheduling: baseline peak {baseline.peak_bytes} B, budget {limit} B")
-        if config.offload == "all":
+        if lowest:
+            activations = frozenset(n.name for n in gm.graph.nodes if n.op == "call_function")
+            result = _lowest(evaluate, baseline, None if budget is None else limit, activations,
+                             offload=transfer is not None, host_bytes=config.host_memory)
+        elif config.offload == "all":
             result = _offload_all(evaluate, baseline, None if budget is None else limit)
         else:
             result = search_plan(evaluate, problem_of, baseline, limit, graph_nodes=len(gm.graph.nodes),
