@@ -240,3 +240,28 @@ def test_the_fused_op_passes_torchs_custom_op_checks() -> None:
     grads = torch.autograd.grad(total * 1.5, (hidden, weight, bias))
     for got, want in zip(grads, torch.autograd.grad(expected * 1.5, (hidden, weight, bias))):
         torch.testing.assert_close(got, want)
+
+
+def test_under_triton_codegen_the_head_runs_memopts_kernels(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    """codegen="triton" with MEMOPT_TRITON_CPU=1: the fused head's forward and backward run the Triton
+    kernels (Note [Fused linear cross-entropy kernels], through the interpreter), some labels ignored; the
+    loss and every gradient are eager's, and the dumps hold the kernels' source."""
+    pytest.importorskip("triton")
+    from memopt.codegen import linear_cross_entropy as kernels
+
+    torch.manual_seed(0)
+    model = tiny_llama(layers=1)
+    reference = copy.deepcopy(model)
+    batch = token_batch(2, 64)
+    batch["labels"][1, 10:30] = -100
+    monkeypatch.setenv("MEMOPT_TRITON_CPU", "1")
+    calls: list[str] = []
+    for name in ("forward", "backward"):
+        real = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _n=name, _f=real: calls.append(_n) or _f(*a))
+    options = {"chunk_sequence": {"chunks": 4, "min_tokens": 16}, "codegen": "triton", "dump_dir": str(tmp_path)}
+    loss, backend = compiled_step(model, options, batch)
+    assert calls == ["forward", "backward"]
+    assert_matches_eager(model, reference, loss, batch)
+    sources = list(tmp_path.rglob("kernel_linear_cross_entropy.py"))
+    assert sources and "_backward_kernel" in sources[0].read_text()

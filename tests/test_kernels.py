@@ -11,7 +11,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from memopt.codegen import compress_rows, int8_matmul, nf4_matmul
+from memopt.codegen import compress_rows, int8_matmul, linear_cross_entropy, nf4_matmul
 from memopt.codegen.triton_kernels import Tiles, check_tiles
 from memopt.runtime.quant import quantize_int8, quantize_nf4
 
@@ -101,7 +101,7 @@ def test_ties_round_to_even() -> None:
 
 
 def test_every_launch_configuration_obeys_gpu_tile_rules() -> None:
-    for tiles in (nf4_matmul.TILES, int8_matmul.TILES):
+    for tiles in (nf4_matmul.TILES, int8_matmul.TILES, linear_cross_entropy.TILES):
         for operand_bytes in (2, 4):
             check_tiles(tiles, operand_bytes)
     assert compress_rows.BLOCK & (compress_rows.BLOCK - 1) == 0
@@ -124,3 +124,31 @@ def test_launchers_check_their_tiles_and_inputs() -> None:
     with pytest.raises(ValueError, match="forward"):
         nf4_matmul.nf4_matmul(torch.randn(4, 64), q, transposed=True,
                               lora=(torch.randn(4, 2), torch.randn(64, 2), 1.0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("n,v,h,bias", [(37, 101, 48, True), (16, 64, 32, False), (5, 130, 20, True), (1, 17, 70, False)])
+def test_linear_cross_entropy_kernels_match_pytorch(n: int, v: int, h: int, bias: bool, dtype: torch.dtype) -> None:
+    """Note [Fused linear cross-entropy kernels] through the interpreter: vocabularies and widths that are
+    no multiple of the tiles (101 words in tiles of 64, 70 columns in 32), a token block with one token,
+    ignored targets (every fourth), a bias or none; losses, log-sum-exps and the three gradients against
+    PyTorch's logits in fp32."""
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(n, h).to(dtype), (torch.randn(v, h) * 0.3).to(dtype)
+    b = torch.randn(v).to(dtype) if bias else None
+    target = torch.randint(0, v, (n,))
+    target[::4] = -100
+    loss, lse = linear_cross_entropy.forward(hidden, weight, b, target, -100)
+    expected_loss, expected_lse = linear_cross_entropy.reference_forward(hidden, weight, b, target, -100)
+    tolerance = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 2e-3, "atol": 2e-3}
+    torch.testing.assert_close(lse, expected_lse, **tolerance)
+    torch.testing.assert_close(loss, expected_loss, **tolerance)
+    assert bool((loss[::4] == 0).all())
+    grad = torch.tensor(0.7)
+    got = linear_cross_entropy.backward(grad, hidden, weight, b, target, lse, -100, weight_grad=True)
+    expected = linear_cross_entropy.reference_backward(grad, hidden, weight, b, target, -100)
+    for name, g, e in zip(("hidden", "weight", "bias"), got, expected):
+        torch.testing.assert_close(g, e, **tolerance, msg=name)
+    dh, dw, db = linear_cross_entropy.backward(grad, hidden, weight, b, target, lse, -100, weight_grad=False)
+    assert dw is None and db is None
+    torch.testing.assert_close(dh, expected[0], **tolerance)

@@ -130,6 +130,8 @@ KERNELS: dict[str, str] = {
     "memopt.decompress": "memopt.codegen.compress_rows",
     "memopt.gather_rows": "memopt.codegen.token_rows",
     "memopt.scatter_add_rows": "memopt.codegen.token_rows",
+    "memopt.linear_cross_entropy": "memopt.codegen.linear_cross_entropy",
+    "memopt.linear_cross_entropy_backward": "memopt.codegen.linear_cross_entropy",
 }
 
 

@@ -18,6 +18,11 @@ the unfused graph's up to rounding: each slice runs the same ops on the same row
 the sums over slices changes. The weight's gradient is accumulated over slices in fp32 and cast once.
 The op's scratch (one slice's logits, in their dtype and in fp32, and their gradient) is inside it, where
 the memory simulator cannot see it: :func:`slice_rows` keeps it near ``SCRATCH_BYTES``.
+
+On CUDA (and on CPU with ``MEMOPT_TRITON_CPU=1``) both ops run memopt's Triton kernels instead (Note
+[Fused linear cross-entropy kernels]), which make the logits a tile at a time in registers and write
+none: no scratch beyond the fp32 gradients, and the logits kept in fp32 whatever ``dtype`` says (a bf16
+model's logits are rounded to bf16 before the loss by the reference, not by the kernels).
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from memopt.codegen.triton_kernels import kernels_run_on
 
 __all__ = ["SCRATCH_BYTES", "linear_cross_entropy", "slice_rows"]
 
@@ -58,6 +65,11 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
     """(sum over counted tokens of ``cross_entropy(linear(hidden, weight, bias).to(dtype), target)``,
     each token's log-sum-exp in fp32), in :func:`slice_rows` slices (Note [Linear cross-entropy])."""
     _check(hidden, weight, target, chunks)
+    if kernels_run_on(hidden.device):
+        from memopt.codegen import linear_cross_entropy as kernels
+
+        losses, lse = kernels.forward(hidden.contiguous(), weight.contiguous(), bias, target, ignore_index)
+        return losses.sum().to(dtype), lse
     rows = slice_rows(hidden.shape[0], weight.shape[0], chunks)
     total = hidden.new_zeros((), dtype=torch.float32)
     lse = hidden.new_empty(hidden.shape[0], dtype=torch.float32)
@@ -83,6 +95,14 @@ def linear_cross_entropy_backward(grad: torch.Tensor, hidden: torch.Tensor, weig
                                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of :func:`linear_cross_entropy`'s sum for ``hidden``, ``weight`` and ``bias`` (the last two
     empty unless ``weight_grad``), each slice's logits made again (Note [Linear cross-entropy])."""
+    if kernels_run_on(hidden.device):
+        from memopt.codegen import linear_cross_entropy as kernels
+
+        dh, dw, db = kernels.backward(grad, hidden.contiguous(), weight.contiguous(), bias, target, lse,
+                                      ignore_index, weight_grad)
+        empty = weight.new_empty(0)
+        return (dh.to(hidden.dtype), dw.to(weight.dtype) if dw is not None else empty,
+                db.to(weight.dtype) if db is not None else empty)
     rows = slice_rows(hidden.shape[0], weight.shape[0], chunks)
     grad_hidden = torch.empty_like(hidden)
     grad_weight = torch.zeros(weight.shape if weight_grad else (0,), dtype=torch.float32, device=weight.device)
