@@ -109,11 +109,7 @@ def max_seq(model: str | Any, options: Mapping[str, Any] | MemoptConfig | None =
     capture_seconds = time.perf_counter() - started
     search = _Search(captured, config, say)
     say(f"searching the longest length that fits {format_bytes(search.limit)} (multiples of {granule})")
-    lo, hi, capped = search.bracket(start, granule, cap)
-    steps = 0
-    while hi - lo > granule:
-        lo, hi = search.narrow(lo, hi, granule, secant=steps % 2 == 0)   # secant, then bisection, in turn
-        steps += 1
+    lo, capped = search.search(start, granule, cap)
     plan, method = search.final(lo) if lo else (None, "")
     return MaxSeqReport(
         max_seq=lo, granule=granule, limit_bytes=search.limit, host_limit_bytes=config.host_memory,
@@ -142,7 +138,6 @@ class _Search:
         self.graph_budget = MemoryBudget(nbytes=self.limit - captured.state_bytes)
         self.tried: list[dict[str, Any]] = []
         self.peaks: dict[int, int] = {}
-        self.unscheduled_fails_from: int | None = None   # longer lengths cannot fit unscheduled either
 
     def _at(self, seq: int, config: MemoptConfig, lowest: bool = False) -> PlanReport:
         set_hints(self.shape_env, {self.symbol: seq}, [self.report.joint])
@@ -152,19 +147,13 @@ class _Search:
         return step_report(self.captured)
 
     def fits(self, seq: int) -> bool:
-        """Whether ``seq`` fits, asked of the unscheduled graph, then of offloading everything."""
+        """Whether ``seq`` fits, asked of the lowest plan (or the unscheduled graph, when that is lower)."""
         started = time.perf_counter()
-        asks = ["unscheduled"] if self.unscheduled_fails_from is None or seq < self.unscheduled_fails_from else []
-        asks.append("lowest")
-        unscheduled = dataclasses.replace(self.config, memory_budget=None)
-        for how in asks:
-            report = self._at(seq, unscheduled, lowest=how == "lowest")
-            host_ok = self.config.host_memory is None or report.host_peak_bytes <= self.config.host_memory
-            fits = report.peak_bytes <= self.limit and host_ok
-            if how == "unscheduled" and not fits:
-                self.unscheduled_fails_from = min(seq, self.unscheduled_fails_from or seq)
-            if fits or how == asks[-1]:
-                break
+        report = self._at(seq, dataclasses.replace(self.config, memory_budget=None), lowest=True)
+        fits = report.peak_bytes <= self.limit and (self.config.host_memory is None
+                                                    or report.host_peak_bytes <= self.config.host_memory)
+        schedule = self.report.schedule
+        how = "unscheduled" if schedule is not None and schedule.method == "baseline" else "lowest"
         self.peaks[seq] = report.peak_bytes
         self.tried.append({"seq": seq, "how": how, "peak_bytes": report.peak_bytes,
                            "host_bytes": report.host_peak_bytes, "fits": fits,
@@ -173,39 +162,53 @@ class _Search:
                  f"{format_bytes(report.host_peak_bytes)} -> {'fits' if fits else 'does not fit'}")
         return fits
 
-    def bracket(self, start: int, granule: int, cap: int | None) -> tuple[int, int, bool]:
-        """(a length that fits or 0, a longer one that does not, whether the cap stopped the search)."""
-        top = cap // granule * granule if cap else None
-        seq = start
-        if not self.fits(seq):
-            while seq > granule:
-                hi, seq = seq, max(granule, seq // 2 // granule * granule)
-                if self.fits(seq):
-                    return seq, hi, False
-            return 0, seq, False
-        while True:
-            longer = seq * 2 if top is None else min(seq * 2, top)
-            if longer == seq:
-                return seq, seq + granule, True
-            if not self.fits(longer):
-                return seq, longer, False
-            seq = longer
+    def search(self, start: int, granule: int, top: int | None) -> tuple[int, bool]:
+        """(the longest length that fits, 0 if none; whether ``top``, the model's longest, stopped it)."""
+        top = top // granule * granule if top else None
+        lo, hi = 0, None                                     # the longest that fits, the shortest that does not
+        seq, estimated = min(start, top or start), False
+        while hi is None or hi - lo > granule:
+            if self.fits(seq):
+                lo = seq
+                if (estimated or hi is not None) and (hi is None or seq + granule < hi) and seq != top:
+                    # The neighbour above a secant's or a bracket's guess, which may end the search.
+                    if self.fits(seq + granule):
+                        lo = seq + granule
+                    else:
+                        hi = seq + granule
+            else:
+                hi = seq
+                if seq - granule > lo:
+                    if self.fits(seq - granule):
+                        lo = seq - granule
+                    else:
+                        hi = seq - granule
+            if lo == top or (hi is not None and hi - lo <= granule):
+                break
+            seq, estimated = self._next(lo, hi, granule, top)
+        return lo, lo == top
 
-    def narrow(self, lo: int, hi: int, granule: int, secant: bool) -> tuple[int, int]:
-        """One step between ``lo`` (fits) and ``hi`` (does not): ask the secant's length (or the middle)
-        and its neighbour on the side of the answer, so that a good guess ends the search."""
-        guess = (lo + hi) // 2 // granule * granule
-        p_lo, p_hi = self.peaks.get(lo), self.peaks.get(hi)
-        if secant and p_lo is not None and p_hi is not None and p_hi > p_lo:
-            estimate = int(lo + (self.limit - p_lo) * (hi - lo) / (p_hi - p_lo)) // granule * granule
-            guess = estimate if lo < estimate < hi else guess
-        if self.fits(guess):
-            if guess + granule >= hi:
-                return guess, hi
-            return (guess, guess + granule) if not self.fits(guess + granule) else (guess + granule, hi)
-        if guess - granule <= lo:
-            return lo, guess
-        return (guess - granule, guess) if self.fits(guess - granule) else (lo, guess - granule)
+    def _next(self, lo: int, hi: int | None, granule: int, top: int | None) -> tuple[int, bool]:
+        """The next length to ask, and whether it is the secant's: where the line through the two asked
+        lengths nearest the limit crosses it, kept inside the bracket (bisection when it would not be);
+        before a length has failed, growing by 1.25x to 8x (to ``top`` at most)."""
+        below = [s for s in sorted(self.peaks) if s <= lo][-2 if hi is None else -1:]
+        pair = below + ([hi] if hi is not None else [])
+        guess = None
+        if len(pair) >= 2 and self.peaks[pair[-1]] != self.peaks[pair[-2]]:
+            (s1, s2), (p1, p2) = pair[-2:], (self.peaks[pair[-2]], self.peaks[pair[-1]])
+            guess = int(s1 + (self.limit - p1) * (s2 - s1) / (p2 - p1)) // granule * granule
+        if hi is None:
+            # Without a secant (or with one pointing back), grow by a quarter at least.
+            smallest = lo + granule if guess is not None and guess > lo else max(lo, granule) * 5 // 4
+            largest = max(lo, granule) * 8
+            grown = max(smallest, min(largest, guess if guess is not None else 2 * max(lo, granule)))
+            grown = grown // granule * granule if top is None else min(top, grown // granule * granule)
+            return grown, guess is not None and smallest <= guess <= largest
+        if guess is not None and lo < guess < hi:
+            return guess, True
+        middle = (lo + hi) // 2 // granule * granule
+        return (middle if lo < middle < hi else lo + granule), False
 
     def final(self, seq: int) -> tuple[PlanReport, str]:
         """The plan at ``seq``: unscheduled if it fits so, else scheduled for the limit, else the lowest

@@ -135,8 +135,11 @@ def _lowest(evaluate: Callable[[Plan], Evaluation], baseline: Evaluation, limit:
         recompute = frozenset(c.name for c in freeable if c.recomputable)
         plan = (recompute, activations - recompute if offload else frozenset(), frozenset())
     chosen = evaluate(plan)
+    method = "lowest"
+    if baseline.peak_bytes <= chosen.peak_bytes:           # short sequences: nothing to gain
+        chosen, method = baseline, "baseline"
     return ScheduleResult(chosen, baseline, chosen, chosen.peak_bytes if limit is None else limit,
-                          feasible=limit is None or chosen.peak_bytes <= limit, evaluations=2, method="lowest")
+                          feasible=limit is None or chosen.peak_bytes <= limit, evaluations=2, method=method)
 
 
 def _within_host(fw_gm: torch.fx.GraphModule, offload: frozenset[str], host_bytes: int | None) -> frozenset[str]:
