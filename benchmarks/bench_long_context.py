@@ -16,12 +16,25 @@ vocabulary 256, 8192 positions), batch 1, AdamW over every parameter, each varia
 Each variant: a fresh model from seed 0, two warm-up steps (the first compiles), one tracked forward +
 backward under ``memopt.track_memory("cpu")``, timed steps. Results: ``<out>/bench_long_context.json``,
 ``.csv`` and ``.svg``. Step times on a shared 2-core machine are noisy: quote ratios.
+
+    python benchmarks/bench_long_context.py --plan-max-seq [--profiles 80,24,8]   # about 12 min a profile
+
+runs ``memopt plan --max-seq`` instead, one process per device, for Llama-3.1-8B with its context
+extended to 1M positions (``benchmarks/configs/llama-3.1-8b-1m.json``: nothing else changes) in QLoRA
+(NF4, double quantization, LoRA rank 32 on every linear, AdamW), batch 1, ``chunk_sequence`` with 8
+slices and ``logits: "drop"``, offloads bounded at 128 GiB of host memory: the ``a100-80gb`` profile (80),
+``rtx4090`` (24), and ``rtx4090`` with an 8 GiB budget (8). Results (predictions, not measurements):
+``<out>/bench_long_context_max_seq.json`` and ``.csv``. Token elimination is not planned there:
+``--max-seq`` refuses it (its kept-token count fixes the captured length).
 """
 
 from __future__ import annotations
 
 import gc
+import json
+import subprocess
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, cast
@@ -83,7 +96,55 @@ def format_table(records: list[dict[str, Any]]) -> str:
     return align(rows)
 
 
+MAX_SEQ_PROFILES = {"80": ("a100-80gb", None), "24": ("rtx4090", None), "8": ("rtx4090", "8GiB")}
+QLORA_LONG = {"adapters": {"method": "lora", "rank": 32, "alpha": 64, "targets": "all-linear"},
+              "quantize": {"weights": "nf4"}, "host_memory": "128GiB",
+              "chunk_sequence": {"chunks": 8, "min_tokens": 1024, "logits": "drop"}}
+
+
+def plan_max_seq(out: Path, profiles: Sequence[str]) -> int:
+    """The planned ``--max-seq`` table (see the module docstring)."""
+    config = Path(__file__).resolve().parent / "configs" / "llama-3.1-8b-1m.json"
+    options = out / "bench_long_context_max_seq.options.json"
+    out.mkdir(parents=True, exist_ok=True)
+    options.write_text(json.dumps(QLORA_LONG, indent=1))
+    rows = []
+    for key in profiles:
+        device, budget = MAX_SEQ_PROFILES[key]
+        command = [sys.executable, "-m", "memopt.cli", "plan", "--model", str(config), "--seq", "4096",
+                   "--device", device, "--options", str(options), "--max-seq", "--json"]
+        command += ["--budget", budget] if budget else []
+        print(f"[{key} GiB] {' '.join(command[2:])}", flush=True)
+        started = time.perf_counter()
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        if done.returncode not in (0, 1):
+            print(done.stderr[-2000:])
+            return 2
+        found = json.loads(done.stdout)
+        plan = found["plan"] or {}
+        rows.append({"memory_gib": int(key), "device": device, "budget": budget, "max_seq": found["max_seq"],
+                     "peak_bytes": plan.get("peak_bytes"), "host_peak_bytes": plan.get("host_peak_bytes"),
+                     "step_time_s": plan.get("step_time_s"), "plan_method": found["plan_method"],
+                     "asks": len(found["tried"]), "capture_s": found["capture_seconds"],
+                     "wall_s": round(time.perf_counter() - started, 1),
+                     "planner_peak_rss_bytes": found["planner_peak_rss_bytes"], "tried": found["tried"]})
+        print(f"  {found['max_seq']:,} tokens, step {rows[-1]['step_time_s'] or 0:.2f} s (predicted), "
+              f"{rows[-1]['wall_s']:.0f} s, planner {found['planner_peak_rss_bytes'] / 2**30:.2f} GiB", flush=True)
+    (out / "bench_long_context_max_seq.json").write_text(json.dumps(
+        {"model": "llama-3.1-8b (max_position_embeddings 1M)", "options": QLORA_LONG, "batch": 1,
+         "rows": rows, "note": "predictions of memopt's cost model; no GPU was measured"}, indent=1))
+    keys = [k for k in rows[0] if k != "tried"] if rows else []
+    (out / "bench_long_context_max_seq.csv").write_text(
+        "\n".join([",".join(keys)] + [",".join(str(r[k]) for k in keys) for r in rows]) + "\n")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--plan-max-seq" in args:
+        profiles = args[args.index("--profiles") + 1].split(",") if "--profiles" in args else list(MAX_SEQ_PROFILES)
+        out = Path(args[args.index("--out") + 1]) if "--out" in args else Path(__file__).parent / "results"
+        return plan_max_seq(out, profiles)
     return seq_main(argv, doc=__doc__, benchmark=BENCHMARK, variants=list(VARIANTS), run_one=run_one,
                     seq_lens=SEQ_LENS, quick_seq_lens=QUICK_SEQ_LENS, table=format_table,
                     title="bench_long_context: chunked MLPs and token elimination on CPU (tracked)",

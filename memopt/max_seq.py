@@ -96,6 +96,11 @@ def max_seq(model: str | Any, options: Mapping[str, Any] | MemoptConfig | None =
     say = progress or (lambda message: None)
     started = time.perf_counter()
     config = parse_options(options)
+    if config.token_elimination is not None:
+        raise MemoptUnsupportedError(
+            "--max-seq does not search with token_elimination yet: its kept-token count is a number computed "
+            "from the captured length, so the graph cannot be re-priced at another; plan lengths one at a "
+            "time with --seq (and token_elimination) instead")
     if config.host_memory is None:
         config = dataclasses.replace(config, host_memory=DEFAULT_HOST_MEMORY)
         say(f"offloads may use {format_bytes(DEFAULT_HOST_MEMORY)} of host memory (options' host_memory to change)")

@@ -115,3 +115,10 @@ def test_a_length_symbol_is_required() -> None:
     gm = torch.fx.symbolic_trace(torch.nn.Linear(2, 2))
     with pytest.raises(MemoptUnsupportedError, match="does not keep the sequence length symbolic"):
         _length_symbol(gm, 128)
+
+
+def test_token_elimination_is_refused_with_the_reason(long_tiny: str) -> None:
+    from memopt.errors import MemoptUnsupportedError
+
+    with pytest.raises(MemoptUnsupportedError, match="kept-token count"):
+        max_seq(long_tiny, {"token_elimination": {"keep_ratio": 0.4}})
