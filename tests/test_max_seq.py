@@ -122,3 +122,16 @@ def test_token_elimination_is_refused_with_the_reason(long_tiny: str) -> None:
 
     with pytest.raises(MemoptUnsupportedError, match="kept-token count"):
         max_seq(long_tiny, {"token_elimination": {"keep_ratio": 0.4}})
+
+
+def test_a_length_capped_by_the_model_is_planned_unscheduled() -> None:
+    """The preset's 512 positions stop the search; the plan there is the unscheduled graph's, equal to a
+    plan made at 512 directly: no tag of the search's lowest plans (which recompute everything they can,
+    with a host too small to offload much) is left behind."""
+    found = max_seq("llama-tiny", {**CHUNKED, "host_memory": "64KiB"}, device="a100-80gb", start=256)
+    assert {row["how"] for row in found.tried} == {"lowest"}
+    assert found.max_seq == 512 and found.capped_at == 512 and found.plan_method == "fits unscheduled"
+    assert found.plan is not None and found.plan.schedule is None
+    direct = plan("llama-tiny", None, CHUNKED, device="a100-80gb", seq=512)
+    assert (found.plan.peak_bytes, found.plan.totals) == (direct.peak_bytes, direct.totals)
+    assert "capped by the model's max_position_embeddings (512)" in found.render()

@@ -213,6 +213,7 @@ class JointStage(CustomPartitionerFn):
         start = time.perf_counter()
         self.report.schedule, self.report.budget_bytes = None, None
         if config.memory_budget is None and config.offload != "all" and not lowest:
+            apply_recompute_tags(gm, frozenset())      # a plan made before (report.replan) is undone
             fw_gm, bw_gm = partition_joint(gm, joint_inputs, num_fwd_outputs=num_fwd_outputs,
                                            static_lifetime_input_indices=static)
         else:
