@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import memopt.plan
+import memopt.schedule.problem
 from memopt.cli import main
 from memopt.config import MemoryBudget
 from memopt.cost_model.bytes import set_hints
@@ -135,3 +136,21 @@ def test_a_length_capped_by_the_model_is_planned_unscheduled() -> None:
     direct = plan("llama-tiny", None, CHUNKED, device="a100-80gb", seq=512)
     assert (found.plan.peak_bytes, found.plan.totals) == (direct.peak_bytes, direct.totals)
     assert "capped by the model's max_position_embeddings (512)" in found.render()
+
+
+def test_the_lowest_plan_checkpoints_every_layer_when_the_host_is_small(long_tiny: str) -> None:
+    """With 64 KiB of host memory nothing much can be offloaded, so the lowest plan recomputes every layer,
+    attention included, and saves what the layers hand each other: of the values with a token dimension,
+    only hidden-wide ones (the layers' inputs, the head's), the rotary table and per-token scalars are
+    kept, and the saved bytes fall to under half of the unscheduled graph's."""
+    captured = capture_step(long_tiny, None, {**CHUNKED, "host_memory": "64KiB"}, device="a100-80gb", seq=512)
+    report = captured.reports[0]
+    unscheduled = report.memory.saved_activation_bytes
+    report.replan(captured.config, True)
+    assert report.schedule is not None and report.schedule.method == "lowest"
+    forward = {n.name: n for n in report.forward.graph.nodes}
+    kept = [forward[name].meta["val"] for name in memopt.schedule.problem.saved_values(
+        report.forward, report.num_user_outputs) if forward[name].op != "placeholder"]
+    widths = {tuple(v.shape)[-1] for v in kept if 512 in v.shape and v.dim() > 1 and v.shape[-1] != 512}
+    assert widths <= {64, 16, 1}, widths          # hidden, rotary (head_dim), per-token statistics
+    assert report.memory.saved_activation_bytes < unscheduled / 2

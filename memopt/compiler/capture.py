@@ -30,14 +30,16 @@ from memopt.config import MemoptConfig
 from memopt.cost_model.estimate import annotate_costs, estimate_node, transfer_time_s
 from memopt.cost_model.profile import DeviceProfile
 from memopt.errors import MemoptPassError
-from memopt.names import GraphInput, joint_graph_inputs
+from memopt.names import GraphInput, joint_graph_inputs, layer_of
 from memopt.passes.base import Pass, PassContext
 from memopt.schedule.budget import budget_bytes, check_budget
 from memopt.schedule.greedy import NOTHING, Evaluation, Plan, ScheduleResult
 from memopt.schedule.model import ScheduleProblem, build_problem
 from memopt.schedule.problem import (
+    DECISION_KEY,
     apply_recompute_tags,
     candidates,
+    draws_random,
     forward_region,
     rerun_forward_ops,
     returned_values,
@@ -119,20 +121,21 @@ def _offload_all(evaluate: Callable[[Plan], Evaluation], baseline: Evaluation, l
 
 
 def _lowest(evaluate: Callable[[Plan], Evaluation], baseline: Evaluation, limit: int | None,
-            activations: frozenset[str], offload: bool, host_bytes: int | None) -> ScheduleResult:
+            gm: torch.fx.GraphModule, offload: bool, host_bytes: int | None) -> ScheduleResult:
     """The least memory memopt plans for, whatever it costs (the question ``memopt plan --max-seq``
     asks of a length, Note [Searching the longest length]). When the host can hold every value the
     baseline saves, they are all offloaded: each comes back right before its use, which holds less at
-    once than recomputing a layer. When it cannot, every value that can be recomputed is, and what the
-    backward still needs from the forward (a layer's input, mostly: ``activations`` names every value
-    the joint graph makes) is offloaded as far as ``host_bytes`` goes, as Unsloth's offloaded
-    checkpointing does; recomputation alone when ``offload`` is off."""
+    once than recomputing a layer. When it cannot, each repeated layer is recomputed in the backward
+    (:func:`_checkpointed`), and what the backward still needs from the forward (the layers' inputs,
+    mostly) is offloaded as far as ``host_bytes`` goes, as Unsloth's offloaded checkpointing does;
+    recomputation alone when ``offload`` is off."""
     freeable = [c for c in baseline.candidates if not c.held]
     if offload and (host_bytes is None or sum(c.nbytes for c in freeable) <= host_bytes):
         plan: Plan = (frozenset(), frozenset(c.name for c in freeable if c.offload_time_s != float("inf")),
                       frozenset())
     else:
-        recompute = frozenset(c.name for c in freeable if c.recomputable)
+        recompute = _checkpointed(gm)
+        activations = frozenset(n.name for n in gm.graph.nodes if n.op == "call_function")
         plan = (recompute, activations - recompute if offload else frozenset(), frozenset())
     chosen = evaluate(plan)
     method = "lowest"
@@ -140,6 +143,28 @@ def _lowest(evaluate: Callable[[Plan], Evaluation], baseline: Evaluation, limit:
         chosen, method = baseline, "baseline"
     return ScheduleResult(chosen, baseline, chosen, chosen.peak_bytes if limit is None else limit,
                           feasible=limit is None or chosen.peak_bytes <= limit, evaluations=2, method=method)
+
+
+def _checkpointed(gm: torch.fx.GraphModule) -> frozenset[str]:
+    """Every forward op inside a repeated layer that may run again, but for what leaves the layer: per-layer
+    activation checkpointing, attention included (a seeded op that draws nothing; the scheduler's own
+    plans leave it alone, Note in :func:`memopt.schedule.problem._unrecomputable_reason`). What the layers
+    hand each other, and what is outside them, is left to the partition: saved, or offloaded."""
+    forward = forward_region(gm)
+    layer: dict[torch.fx.Node, str | None] = {}
+    for node in reversed(gm.graph.nodes):      # readers first: a function's op (rotary) takes its reader's
+        users = {layer[u] for u in node.users if u.name in forward}
+        layer[node] = layer_of(node)[0] or (next(iter(users)) if len(users) == 1 else None)
+    chosen = set()
+    for node in gm.graph.nodes:
+        target = node.target
+        if node.name not in forward or not isinstance(target, torch._ops.OpOverload) \
+                or target._schema.is_mutable or draws_random(node) \
+                or (node.meta.get("recompute") is not None and DECISION_KEY not in node.meta):
+            continue
+        if layer[node] is not None and all(layer[u] == layer[node] for u in node.users if u.name in forward):
+            chosen.add(node.name)
+    return frozenset(chosen)
 
 
 def _within_host(fw_gm: torch.fx.GraphModule, offload: frozenset[str], host_bytes: int | None) -> frozenset[str]:
@@ -194,8 +219,15 @@ class JointStage(CustomPartitionerFn):
         self.report.seconds["joint_passes"] = time.perf_counter() - start
 
         self._plan(gm, joint_inputs, num_fwd_outputs, static, self.config)
-        self.report.replan = lambda config, lowest=False: self._plan(gm, joint_inputs, num_fwd_outputs, static,
-                                                                     config, lowest)
+        fake_mode = torch._guards.detect_fake_mode()
+
+        def replan(config: MemoptConfig, lowest: bool = False) -> None:
+            # Later, outside AOTAutograd's tracing: its fake mode, which torch's partitioner looks up when
+            # it threads an RNG state through a recomputed seeded op (attention).
+            with torch._guards.tracing(torch._guards.TracingContext(fake_mode)):
+                self._plan(gm, joint_inputs, num_fwd_outputs, static, config, lowest)
+
+        self.report.replan = replan
         assert self.report.forward is not None
         return self.report.forward, self.report.backward  # type: ignore[return-value]
 
@@ -284,8 +316,7 @@ class JointStage(CustomPartitionerFn):
         limit = baseline.peak_bytes if budget is None else budget_bytes(budget, baseline.timeline)
         self.progress(f"scheduling: baseline peak {baseline.peak_bytes} B, budget {limit} B")
         if lowest:
-            activations = frozenset(n.name for n in gm.graph.nodes if n.op == "call_function")
-            result = _lowest(evaluate, baseline, None if budget is None else limit, activations,
+            result = _lowest(evaluate, baseline, None if budget is None else limit, gm,
                              offload=transfer is not None, host_bytes=config.host_memory)
         elif config.offload == "all":
             result = _offload_all(evaluate, baseline, None if budget is None else limit)
