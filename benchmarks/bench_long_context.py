@@ -130,7 +130,11 @@ def plan_max_seq(out: Path, profiles: Sequence[str]) -> int:
                      "planner_peak_rss_bytes": found["planner_peak_rss_bytes"], "tried": found["tried"]})
         print(f"  {found['max_seq']:,} tokens, step {rows[-1]['step_time_s'] or 0:.2f} s (predicted), "
               f"{rows[-1]['wall_s']:.0f} s, planner {found['planner_peak_rss_bytes'] / 2**30:.2f} GiB", flush=True)
-    (out / "bench_long_context_max_seq.json").write_text(json.dumps(
+    results = out / "bench_long_context_max_seq.json"
+    if results.exists():          # rows of devices planned by another run are kept (--profiles runs a part)
+        earlier = [r for r in json.loads(results.read_text())["rows"] if str(r["memory_gib"]) not in profiles]
+        rows = sorted(earlier + rows, key=lambda r: -r["memory_gib"])
+    results.write_text(json.dumps(
         {"model": "llama-3.1-8b (max_position_embeddings 1M)", "options": QLORA_LONG, "batch": 1,
          "rows": rows, "note": "predictions of memopt's cost model; no GPU was measured"}, indent=1))
     keys = [k for k in rows[0] if k != "tried"] if rows else []

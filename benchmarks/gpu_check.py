@@ -282,7 +282,7 @@ def _freed_bytes(check: Check, shape: tuple[int, ...]) -> dict[str, Any]:
 def kernels(check: Check, out: dict[str, Any]) -> None:
     import torch
 
-    from memopt.codegen import compress_rows, int8_matmul, nf4_matmul
+    from memopt.codegen import compress_rows, int8_matmul, linear_cross_entropy, nf4_matmul
     from memopt.runtime.quant import dequantize_nf4, quantize_int8, quantize_nf4
 
     shapes = KERNEL_SHAPES_DRY if check.dry_run else KERNEL_SHAPES_GPU
@@ -301,6 +301,7 @@ def kernels(check: Check, out: dict[str, Any]) -> None:
             a = (torch.randn(16, k, generator=gen, device=check.device) / k ** 0.5).to(dtype)
             b = (torch.randn(n, 16, generator=gen, device=check.device) / 4).to(dtype)
             lora = (x @ a.t(), b, 2.0)
+            target = torch.randint(0, n, (m,), generator=gen, device=check.device)
             cases: dict[str, tuple[Callable[[], Any], Callable[[], Any], Callable[[], Any]]] = {
                 "nf4_matmul": (lambda: nf4_matmul.nf4_matmul(x, q4), lambda: nf4_matmul.reference(x, q4),
                                lambda: x @ dequantize_nf4(q4).to(dtype).t()),
@@ -310,6 +311,11 @@ def kernels(check: Check, out: dict[str, Any]) -> None:
                 "int8_matmul": (lambda: int8_matmul.int8_matmul(x, q8.codes, q8.scale),
                                 lambda: int8_matmul.reference(x, q8.codes, q8.scale),
                                 lambda: x @ (q8.codes.to(dtype) * q8.scale[:, None].to(dtype)).t()),
+                # The LM head's loss per token: m tokens, k hidden, n words; baseline: logits, then the loss.
+                "linear_cross_entropy": (
+                    lambda: linear_cross_entropy.forward(x, w, None, target, -100)[0],
+                    lambda: linear_cross_entropy.reference_forward(x, w, None, target, -100)[0],
+                    lambda: torch.nn.functional.cross_entropy((x @ w.t()).float(), target, reduction="none")),
                 "compress_int8": (lambda: compress_rows.decompress_int8(compress_rows.compress_int8(x), x.shape, dtype),
                                   lambda: compress_rows.reference_decompress(compress_rows.reference_compress(x),
                                                                              x.shape, dtype),

@@ -33,7 +33,7 @@ def test_dry_run_runs_every_section_and_names_each_skip(tmp_path: Path) -> None:
     assert all(r["offloaded"] > 0 and r["worst_grad_error_over_tolerance"] <= 1 for r in runs)
     assert "needs CUDA" in sections["correctness"]["overlap"]
     kernels = {r["kernel"] for r in sections["kernels"]["rows"]}
-    assert kernels == {"nf4_matmul", "nf4_matmul_lora", "int8_matmul", "compress_int8"}
+    assert kernels == {"nf4_matmul", "nf4_matmul_lora", "int8_matmul", "linear_cross_entropy", "compress_int8"}
     plan = sections["plan"]["rows"]
     assert len(plan) == 3 and all(r["planned_peak"] > 0 and r["measured_peak"] > 0 for r in plan)
     # A smaller budget never plans a larger peak.
