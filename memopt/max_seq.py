@@ -5,17 +5,19 @@ capture]); each candidate length re-prices that graph and plans it again, nothin
 
 Note [Searching the longest length]
 ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
-Whether a length fits is asked of the cheapest plan that could make it fit, in two steps: the graph as
-partitioned (no schedule), and, if that is over the limit, the lowest plan memopt can make (every value
-that can be recomputed is, and what the backward still needs from the forward is offloaded, within the
-host memory bound; recomputation alone when offload is off). Each answer costs one partition and
-simulation, about half a minute for an 8B model on 2 cores, so the search asks few: it doubles from the
-captured length until a length fails, then narrows the bracket, by the secant of the two ends' peaks
-(a step's peak is close to linear in its length once attention is flash attention) and by bisection in
-turn, each time asking the neighbour on the answer's side too, down to one granule (64 tokens, or the
-token-elimination block). At the length found the scheduler plans the step for the limit in earnest
-(keep, recompute or offload per value, CP-SAT), which is the plan printed with its predicted step time;
-if that finds nothing within the limit, the lowest plan is printed, and said so.
+Whether a length fits is asked of the lowest plan memopt can make there (``replan(..., lowest=True)``
+in :mod:`memopt.compiler.capture`): every saved value offloaded when the host can hold them all; else
+each repeated layer recomputed in the backward, attention included, and what the layers hand each other
+offloaded within the host bound, as Unsloth's offloaded checkpointing does; the unscheduled graph when
+that is lower. Each answer costs two partitions and a simulation, about 50 s for an 8B model on 2 cores,
+so the search asks few. A step's peak is close to linear in its length once attention is flash attention,
+so the next length is where the line through the two asked lengths nearest the limit crosses it: before
+any length has failed, growing 1.25x to 8x; then inside the bracket, bisecting when the line points
+outside it. Each guess of the line asks its neighbour on the answer's side too, so that a straight line
+ends the search in one step; it stops at one granule (64 tokens). At the length found the scheduler plans
+the step for the limit in earnest (keep, recompute or offload per value, CP-SAT), which is the plan
+printed with its predicted step time; if that finds nothing within the limit, the lowest plan is
+printed, and said so.
 
 Offloads go to host memory, which is finite: ``host_memory`` bounds them (Note [Bounded host memory]),
 and without one the search assumes :data:`DEFAULT_HOST_MEMORY`, and says so.
@@ -24,7 +26,6 @@ and without one the search assumes :data:`DEFAULT_HOST_MEMORY`, and says so.
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -38,7 +39,10 @@ from memopt.errors import MemoptInfeasibleBudget, MemoptUnsupportedError
 from memopt.plan import PlanReport, _Capture, capture_step, check_length, load_hf_config, step_report
 from memopt.units import format_bytes
 
-__all__ = ["DEFAULT_HOST_MEMORY", "MaxSeqReport", "max_seq"]
+__all__ = ["DEFAULT_HOST_MEMORY", "GRANULE", "MaxSeqReport", "max_seq"]
+
+GRANULE = 64
+"""The lengths searched are its multiples (a tile of the attention kernels)."""
 
 DEFAULT_HOST_MEMORY = 128 * 2**30
 """The host memory offloads may use when the options set no ``host_memory``: an 8-GPU server's share per
@@ -90,8 +94,8 @@ class MaxSeqReport:
 def max_seq(model: str | Any, options: Mapping[str, Any] | MemoptConfig | None = None, *,
             device: str | None = None, batch: int = 1, dtype: str = "bf16", optimizer: str = "adamw",
             start: int = 4096, progress: Callable[[str], None] | None = None) -> MaxSeqReport:
-    """The longest sequence (a multiple of 64, or of the token-elimination block) whose step fits the
-    device or the options' byte budget (Note [Searching the longest length]). ``start``: the length to
+    """The longest sequence (a multiple of :data:`GRANULE`) whose step fits the device or the options'
+    byte budget (Note [Searching the longest length]). ``start``: the length to
     capture at and search from."""
     say = progress or (lambda message: None)
     started = time.perf_counter()
@@ -101,16 +105,21 @@ def max_seq(model: str | Any, options: Mapping[str, Any] | MemoptConfig | None =
             "--max-seq does not search with token_elimination yet: its kept-token count is a number computed "
             "from the captured length, so the graph cannot be re-priced at another; plan lengths one at a "
             "time with --seq (and token_elimination) instead")
+    if config.memory_budget is not None and config.memory_budget.nbytes is None:
+        raise MemoptUnsupportedError(
+            "--max-seq needs a budget in bytes (or none: the device's memory), not a fraction: a fraction "
+            "of the activations grows with the length it is searching")
     if config.host_memory is None:
         config = dataclasses.replace(config, host_memory=DEFAULT_HOST_MEMORY)
         say(f"offloads may use {format_bytes(DEFAULT_HOST_MEMORY)} of host memory (options' host_memory to change)")
-    granule = math.lcm(64, config.token_elimination.block_size if config.token_elimination else 64)
+    granule = GRANULE
     start = max(granule, start // granule * granule)
     name, hf_config = load_hf_config(model) if isinstance(model, str) else (type(model).__name__, model)
     cap = getattr(hf_config, "max_position_embeddings", getattr(hf_config, "n_positions", None))
     check_length(name, hf_config, start)
-    captured = capture_step(model, None, dataclasses.replace(config, memory_budget=None), device=device, batch=batch, seq=start, dtype=dtype, optimizer=optimizer,
-                            progress=say, symbolic_length=True)
+    captured = capture_step(model, None, dataclasses.replace(config, memory_budget=None), device=device,
+                            batch=batch, seq=start, dtype=dtype, optimizer=optimizer, progress=say,
+                            symbolic_length=True)
     capture_seconds = time.perf_counter() - started
     search = _Search(captured, config, say)
     say(f"searching the longest length that fits {format_bytes(search.limit)} (multiples of {granule})")
@@ -134,12 +143,8 @@ class _Search:
         self.captured, self.config, self.say = captured, config, say
         self.report = captured.reports[0]
         self.symbol, self.shape_env = _length_symbol(self.report.joint, captured.seq)
-        budget = config.memory_budget
-        if budget is not None and budget.nbytes is None:
-            raise MemoptUnsupportedError(
-                "--max-seq needs a budget in bytes (or none: the device's memory), not a fraction: a fraction "
-                "of the activations grows with the length it is searching")
-        self.limit = min(captured.profile.memory_bytes, budget.nbytes if budget is not None else 1 << 62)
+        budget = config.memory_budget.nbytes if config.memory_budget is not None else None
+        self.limit = min(captured.profile.memory_bytes, budget if budget is not None else 1 << 62)
         self.graph_budget = MemoryBudget(nbytes=self.limit - captured.state_bytes)
         self.tried: list[dict[str, Any]] = []
         self.peaks: dict[int, int] = {}
