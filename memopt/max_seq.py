@@ -36,7 +36,7 @@ import torch
 from memopt.config import MemoptConfig, MemoryBudget, parse_options
 from memopt.cost_model.bytes import set_hints, shape_env_of
 from memopt.errors import MemoptInfeasibleBudget, MemoptUnsupportedError
-from memopt.plan import PlanReport, _Capture, capture_step, check_length, load_hf_config, step_report
+from memopt.plan import PlanReport, CapturedStep, capture_step, check_length, load_hf_config, step_report
 from memopt.units import format_bytes
 
 __all__ = ["DEFAULT_HOST_MEMORY", "GRANULE", "MaxSeqReport", "max_seq"]
@@ -135,7 +135,7 @@ def max_seq(model: str | Any, options: Mapping[str, Any] | MemoptConfig | None =
 class _Search:
     """Plans of the captured step at candidate lengths (Note [Searching the longest length])."""
 
-    def __init__(self, captured: _Capture, config: MemoptConfig, say: Callable[[str], None]) -> None:
+    def __init__(self, captured: CapturedStep, config: MemoptConfig, say: Callable[[str], None]) -> None:
         if len(captured.reports) != 1:
             raise MemoptUnsupportedError(
                 f"{captured.name}: the step was captured as {len(captured.reports)} graphs (graph breaks); "

@@ -292,7 +292,7 @@ def _parameter_bytes(model: nn.Module) -> tuple[int, int, int, int]:
 
 
 @dataclasses.dataclass
-class _Capture:
+class CapturedStep:
     """One captured step, ready to be simulated (and, from a symbolic length, planned at any length)."""
 
     name: str
@@ -343,7 +343,7 @@ def capture_step(model_or_config: nn.Module | str | Any, example_inputs: Mapping
                  options: Mapping[str, Any] | MemoptConfig | None = None, *, device: str | None = None,
                  batch: int = 1, seq: int = 2048, dtype: str = "bf16", optimizer: str = "adamw",
                  loss_chunks: int | None = None, progress: Callable[[str], None] | None = None,
-                 symbolic_length: bool = False) -> _Capture:
+                 symbolic_length: bool = False) -> CapturedStep:
     """Build, prepare and capture the step that :func:`plan` plans (its stages 1 and 2). With
     ``symbolic_length``, the sequence length is captured as a symbol (Note [Planning every length from
     one capture])."""
@@ -412,7 +412,7 @@ def capture_step(model_or_config: nn.Module | str | Any, example_inputs: Mapping
     backend = MemoptBackend(graph_config, progress=lambda message: say(f"      {message}"), fused_costs=fused_costs)
     _trace(model, backend, example_inputs)
     seconds["capture_and_pipeline"] = time.perf_counter() - stage_started
-    captured = _Capture(name, profile, graph_config, budget, backend, batch, seq, dtype, optimizer, count,
+    captured = CapturedStep(name, profile, graph_config, budget, backend, batch, seq, dtype, optimizer, count,
                         trainable, param_bytes, trainable_bytes, state_bytes, update_temp, notes, seconds,
                         started, sparse_auto)
     if not captured.reports:
@@ -487,7 +487,7 @@ def _graph_budget(name: str, budget: MemoryBudget | None, optimizer: str, param_
     return MemoryBudget(nbytes=budget.nbytes - state_bytes)
 
 
-def step_report(captured: _Capture, *, progress: Callable[[str], None] | None = None) -> PlanReport:
+def step_report(captured: CapturedStep, *, progress: Callable[[str], None] | None = None) -> PlanReport:
     """Stages 3 and 4 of :func:`plan`: the step simulated with the optimizer's states and update, its
     time estimated, on the captured graphs as they were last planned."""
     say = progress or (lambda message: None)
