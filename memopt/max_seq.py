@@ -36,7 +36,7 @@ import torch
 from memopt.config import MemoptConfig, MemoryBudget, parse_options
 from memopt.cost_model.bytes import set_hints, shape_env_of
 from memopt.errors import MemoptInfeasibleBudget, MemoptUnsupportedError
-from memopt.plan import PlanReport, CapturedStep, capture_step, check_length, load_hf_config, step_report
+from memopt.plan import CapturedStep, PlanReport, capture_step, check_length, load_hf_config, step_report
 from memopt.units import format_bytes
 
 __all__ = ["DEFAULT_HOST_MEMORY", "GRANULE", "MaxSeqReport", "max_seq"]
