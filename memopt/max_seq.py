@@ -14,10 +14,12 @@ so the search asks few. A step's peak is close to linear in its length once atte
 so the next length is where the line through the two asked lengths nearest the limit crosses it: before
 any length has failed, growing 1.25x to 8x; then inside the bracket, bisecting when the line points
 outside it. Each guess of the line asks its neighbour on the answer's side too, so that a straight line
-ends the search in one step; it stops at one granule (64 tokens). At the length found the scheduler plans
-the step for the limit in earnest (keep, recompute or offload per value, CP-SAT), which is the plan
-printed with its predicted step time; if that finds nothing within the limit, the lowest plan is
-printed, and said so.
+ends the search in one step; inside a bracket the line and bisection take turns (where the host fills up
+the peak has a kink, which slows the line down); it stops at one granule (64 tokens). Once a length's
+lowest plan is the checkpointed one, longer lengths' are too, and are asked without the baseline's
+partition. At the length found, the plan printed with its predicted step time is the unscheduled graph
+if it fits, else the lowest plan: at the longest length there is no slack for the scheduler to trade
+memory for time (CP-SAT would cost minutes to find the same plan).
 
 Offloads go to host memory, which is finite: ``host_memory`` bounds them (Note [Bounded host memory]),
 and without one the search assumes :data:`DEFAULT_HOST_MEMORY`, and says so.
@@ -33,9 +35,9 @@ from typing import Any
 import sympy
 import torch
 
-from memopt.config import MemoptConfig, MemoryBudget, parse_options
+from memopt.config import MemoptConfig, parse_options
 from memopt.cost_model.bytes import set_hints, shape_env_of
-from memopt.errors import MemoptInfeasibleBudget, MemoptUnsupportedError
+from memopt.errors import MemoptUnsupportedError
 from memopt.plan import CapturedStep, PlanReport, capture_step, check_length, load_hf_config, step_report
 from memopt.units import format_bytes
 
@@ -60,7 +62,7 @@ class MaxSeqReport:
     capped_at: int | None               # the model's max_position_embeddings, when it stopped the search
     tried: list[dict[str, Any]]         # per length asked: seq, how, peak, host bytes, fits, seconds
     plan: PlanReport | None             # the step planned at max_seq
-    plan_method: str                    # "fits unscheduled" | "scheduled" | "lowest"
+    plan_method: str                    # "fits unscheduled" | "lowest (offloaded)" | "lowest (checkpointed)"
     capture_seconds: float
     total_seconds: float
     planner_peak_rss_bytes: int
@@ -145,11 +147,11 @@ class _Search:
         self.symbol, self.shape_env = _length_symbol(self.report.joint, captured.seq)
         budget = config.memory_budget.nbytes if config.memory_budget is not None else None
         self.limit = min(captured.profile.memory_bytes, budget if budget is not None else 1 << 62)
-        self.graph_budget = MemoryBudget(nbytes=self.limit - captured.state_bytes)
         self.tried: list[dict[str, Any]] = []
         self.peaks: dict[int, int] = {}
+        self.checkpointed_from: int | None = None     # from here on the lowest plan is the checkpointed one
 
-    def _at(self, seq: int, config: MemoptConfig, lowest: bool = False) -> PlanReport:
+    def _at(self, seq: int, config: MemoptConfig, lowest: bool | str = False) -> PlanReport:
         set_hints(self.shape_env, {self.symbol: seq}, [self.report.joint])
         self.captured.seq = seq
         assert self.report.replan is not None
@@ -159,11 +161,16 @@ class _Search:
     def fits(self, seq: int) -> bool:
         """Whether ``seq`` fits, asked of the lowest plan (or the unscheduled graph, when that is lower)."""
         started = time.perf_counter()
-        report = self._at(seq, dataclasses.replace(self.config, memory_budget=None), lowest=True)
+        checkpointed = self.checkpointed_from is not None and seq >= self.checkpointed_from
+        report = self._at(seq, dataclasses.replace(self.config, memory_budget=None),
+                          lowest="checkpointed" if checkpointed else True)
         fits = report.peak_bytes <= self.limit and (self.config.host_memory is None
                                                     or report.host_peak_bytes <= self.config.host_memory)
-        schedule = self.report.schedule
-        how = "unscheduled" if schedule is not None and schedule.method == "baseline" else "lowest"
+        assert self.report.schedule is not None
+        how = self.report.schedule.method                      # baseline, offloaded or checkpointed
+        if how == "checkpointed" and not checkpointed:
+            # Longer lengths save more than the host holds too, and checkpointing beats their baseline.
+            self.checkpointed_from = seq
         self.peaks[seq] = report.peak_bytes
         self.tried.append({"seq": seq, "how": how, "peak_bytes": report.peak_bytes,
                            "host_bytes": report.host_peak_bytes, "fits": fits,
@@ -176,7 +183,7 @@ class _Search:
         """(the longest length that fits, 0 if none; whether ``top``, the model's longest, stopped it)."""
         top = top // granule * granule if top else None
         lo, hi = 0, None                                     # the longest that fits, the shortest that does not
-        seq, estimated = min(start, top or start), False
+        seq, estimated, steps = min(start, top or start), False, 0
         while hi is None or hi - lo > granule:
             if self.fits(seq):
                 lo = seq
@@ -195,13 +202,16 @@ class _Search:
                         hi = seq - granule
             if lo == top or (hi is not None and hi - lo <= granule):
                 break
-            seq, estimated = self._next(lo, hi, granule, top)
+            steps += hi is not None
+            seq, estimated = self._next(lo, hi, granule, top, secant=steps % 2 == 1)
         return lo, lo == top
 
-    def _next(self, lo: int, hi: int | None, granule: int, top: int | None) -> tuple[int, bool]:
+    def _next(self, lo: int, hi: int | None, granule: int, top: int | None, secant: bool = True,
+              ) -> tuple[int, bool]:
         """The next length to ask, and whether it is the secant's: where the line through the two asked
-        lengths nearest the limit crosses it, kept inside the bracket (bisection when it would not be);
-        before a length has failed, growing by 1.25x to 8x (to ``top`` at most)."""
+        lengths nearest the limit crosses it, kept inside the bracket (bisection when it would not be, or
+        when not ``secant``: a peak with a kink, where the host fills up, slows the secant down); before a
+        length has failed, growing by 1.25x to 8x (to ``top`` at most)."""
         below = [s for s in sorted(self.peaks) if s <= lo][-2 if hi is None else -1:]
         pair = below + ([hi] if hi is not None else [])
         guess = None
@@ -215,26 +225,24 @@ class _Search:
             grown = max(smallest, min(largest, guess if guess is not None else 2 * max(lo, granule)))
             grown = grown // granule * granule if top is None else min(top, grown // granule * granule)
             return grown, guess is not None and smallest <= guess <= largest
-        if guess is not None and lo < guess < hi:
+        if secant and guess is not None and lo < guess < hi:
             return guess, True
         middle = (lo + hi) // 2 // granule * granule
         return (middle if lo < middle < hi else lo + granule), False
 
     def final(self, seq: int) -> tuple[PlanReport, str]:
-        """The plan at ``seq``: unscheduled if it fits so, else scheduled for the limit, else the lowest
-        plan (which the search found to fit)."""
+        """The plan at ``seq``: the unscheduled graph if it fits, else the lowest plan the search found to
+        fit. At the longest length there is no slack for the scheduler to trade memory for time, so it is
+        not run (it costs minutes on an 8B model): ``memopt plan --seq N --budget B`` plans a shorter one."""
         self.say(f"planning the step at {seq:,} tokens for {format_bytes(self.limit)}")
         report = self._at(seq, dataclasses.replace(self.config, memory_budget=None))
         if report.peak_bytes <= self.limit:
             return report, "fits unscheduled"
-        try:
-            report = self._at(seq, dataclasses.replace(self.config, memory_budget=self.graph_budget))
-            if report.peak_bytes <= self.limit and (self.config.host_memory is None
-                                                    or report.host_peak_bytes <= self.config.host_memory):
-                return report, "scheduled"
-        except MemoptInfeasibleBudget:
-            pass
-        return self._at(seq, dataclasses.replace(self.config, memory_budget=None), lowest=True), "lowest"
+        checkpointed = self.checkpointed_from is not None and seq >= self.checkpointed_from
+        report = self._at(seq, dataclasses.replace(self.config, memory_budget=None),
+                          lowest="checkpointed" if checkpointed else True)
+        assert self.report.schedule is not None
+        return report, f"lowest ({self.report.schedule.method})"
 
 
 def _length_symbol(gm: torch.fx.GraphModule, seq: int) -> tuple[sympy.Symbol, Any]:

@@ -130,7 +130,7 @@ def test_a_length_capped_by_the_model_is_planned_unscheduled() -> None:
     plan made at 512 directly: no tag of the search's lowest plans (which recompute everything they can,
     with a host too small to offload much) is left behind."""
     found = max_seq("llama-tiny", {**CHUNKED, "host_memory": "64KiB"}, device="a100-80gb", start=256)
-    assert {row["how"] for row in found.tried} == {"lowest"}
+    assert {row["how"] for row in found.tried} == {"checkpointed"}
     assert found.max_seq == 512 and found.capped_at == 512 and found.plan_method == "fits unscheduled"
     assert found.plan is not None and found.plan.schedule is None
     direct = plan("llama-tiny", None, CHUNKED, device="a100-80gb", seq=512)
@@ -147,7 +147,7 @@ def test_the_lowest_plan_checkpoints_every_layer_when_the_host_is_small(long_tin
     report = captured.reports[0]
     unscheduled = report.memory.saved_activation_bytes
     report.replan(captured.config, True)
-    assert report.schedule is not None and report.schedule.method == "lowest"
+    assert report.schedule is not None and report.schedule.method == "checkpointed"
     forward = {n.name: n for n in report.forward.graph.nodes}
     kept = [forward[name].meta["val"] for name in memopt.schedule.problem.saved_values(
         report.forward, report.num_user_outputs) if forward[name].op != "placeholder"]

@@ -74,8 +74,9 @@ class GraphReport:
     budget_bytes: int | None = None                    # the memory budget resolved to bytes
     schedule: ScheduleResult | None = None             # what the scheduler chose, with a budget
     # Plans the captured joint graph again under other options, as it is priced now (memopt plan --max-seq).
-    # ``lowest``: the least memory the scheduler can plan, whatever it costs (memopt.max_seq's question).
-    replan: Callable[[MemoptConfig, bool], None] | None = dataclasses.field(default=None, repr=False)
+    # ``lowest``: the least memory the scheduler can plan, whatever it costs (memopt.max_seq's question);
+    # "checkpointed": that plan when it is known to be checkpointing (no baseline partition).
+    replan: Callable[[MemoptConfig, bool | str], None] | None = dataclasses.field(default=None, repr=False)
     seconds: dict[str, float] = dataclasses.field(default_factory=dict)
 
     @property
@@ -124,25 +125,31 @@ def _lowest(evaluate: Callable[[Plan], Evaluation], baseline: Evaluation, limit:
             gm: torch.fx.GraphModule, offload: bool, host_bytes: int | None) -> ScheduleResult:
     """The least memory memopt plans for, whatever it costs (the question ``memopt plan --max-seq``
     asks of a length, Note [Searching the longest length]). When the host can hold every value the
-    baseline saves, they are all offloaded: each comes back right before its use, which holds less at
-    once than recomputing a layer. When it cannot, each repeated layer is recomputed in the backward
-    (:func:`_checkpointed`), and what the backward still needs from the forward (the layers' inputs,
-    mostly) is offloaded as far as ``host_bytes`` goes, as Unsloth's offloaded checkpointing does;
-    recomputation alone when ``offload`` is off."""
+    baseline saves, they are all offloaded (method "offloaded"): each comes back right before its use,
+    which holds less at once than recomputing a layer. When it cannot, :func:`_checkpoint_plan`
+    ("checkpointed"). The baseline itself when it is lower (short sequences)."""
     freeable = [c for c in baseline.candidates if not c.held]
     if offload and (host_bytes is None or sum(c.nbytes for c in freeable) <= host_bytes):
         plan: Plan = (frozenset(), frozenset(c.name for c in freeable if c.offload_time_s != float("inf")),
                       frozenset())
+        method = "offloaded"
     else:
-        recompute = _checkpointed(gm)
-        activations = frozenset(n.name for n in gm.graph.nodes if n.op == "call_function")
-        plan = (recompute, activations - recompute if offload else frozenset(), frozenset())
+        plan, method = _checkpoint_plan(gm, offload), "checkpointed"
     chosen = evaluate(plan)
-    method = "lowest"
     if baseline.peak_bytes <= chosen.peak_bytes:           # short sequences: nothing to gain
         chosen, method = baseline, "baseline"
     return ScheduleResult(chosen, baseline, chosen, chosen.peak_bytes if limit is None else limit,
                           feasible=limit is None or chosen.peak_bytes <= limit, evaluations=2, method=method)
+
+
+def _checkpoint_plan(gm: torch.fx.GraphModule, offload: bool) -> Plan:
+    """Each repeated layer recomputed in the backward (:func:`_checkpointed`), and what the backward still
+    needs from the forward (the layers' inputs, mostly) offloaded, as far as the host bound goes
+    (:func:`_within_host`), as Unsloth's offloaded checkpointing does; recomputation alone when ``offload``
+    is off."""
+    recompute = _checkpointed(gm)
+    activations = frozenset(n.name for n in gm.graph.nodes if n.op == "call_function")
+    return recompute, activations - recompute if offload else frozenset(), frozenset()
 
 
 def _checkpointed(gm: torch.fx.GraphModule) -> frozenset[str]:
@@ -221,7 +228,7 @@ class JointStage(CustomPartitionerFn):
         self._plan(gm, joint_inputs, num_fwd_outputs, static, self.config)
         fake_mode = torch._guards.detect_fake_mode()
 
-        def replan(config: MemoptConfig, lowest: bool = False) -> None:
+        def replan(config: MemoptConfig, lowest: bool | str = False) -> None:
             # Later, outside AOTAutograd's tracing: its fake mode, which torch's partitioner looks up when
             # it threads an RNG state through a recomputed seeded op (attention).
             with torch._guards.tracing(torch._guards.TracingContext(fake_mode)):
@@ -232,7 +239,7 @@ class JointStage(CustomPartitionerFn):
         return self.report.forward, self.report.backward  # type: ignore[return-value]
 
     def _plan(self, gm: torch.fx.GraphModule, joint_inputs: Sequence[object], num_fwd_outputs: int,
-              static: list[int] | None, config: MemoptConfig, lowest: bool = False) -> None:
+              static: list[int] | None, config: MemoptConfig, lowest: bool | str = False) -> None:
         """Cost model, partition (scheduled under ``config``'s budget or offload, or for the lowest peak)
         and simulation of the joint graph, as it is priced now (Note [Planning every length from one
         capture])."""
@@ -255,7 +262,7 @@ class JointStage(CustomPartitionerFn):
         self._finish(fw_gm, bw_gm, num_fwd_outputs)
 
     def _schedule(self, gm: torch.fx.GraphModule, joint_inputs: Sequence[object], num_fwd_outputs: int,
-                  static: list[int] | None, config: MemoptConfig, lowest: bool = False,
+                  static: list[int] | None, config: MemoptConfig, lowest: bool | str = False,
                   ) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
         """Recompute or offload saved values until the step's simulated peak meets the memory budget."""
         budget = config.memory_budget
@@ -312,6 +319,12 @@ class JointStage(CustomPartitionerFn):
             return build_problem(gm, base.forward, base.backward, base.timeline, base.candidates, transfer,
                                  compression)
 
+        if lowest == "checkpointed":             # known to be the lowest at this length: no baseline needed
+            chosen = evaluate(_checkpoint_plan(gm, offload=transfer is not None))
+            self.report.schedule = ScheduleResult(chosen, chosen, chosen, chosen.peak_bytes, feasible=True,
+                                                  evaluations=1, method="checkpointed")
+            apply_recompute_tags(gm, chosen.recompute)
+            return chosen.forward, chosen.backward
         baseline = evaluate(NOTHING)
         limit = baseline.peak_bytes if budget is None else budget_bytes(budget, baseline.timeline)
         self.progress(f"scheduling: baseline peak {baseline.peak_bytes} B, budget {limit} B")
