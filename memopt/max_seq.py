@@ -13,8 +13,9 @@ that is lower. Each answer costs two partitions and a simulation, about 50 s for
 so the search asks few. A step's peak is close to linear in its length once attention is flash attention,
 so the next length is where the line through the two asked lengths nearest the limit crosses it: before
 any length has failed, growing 1.25x to 8x; then inside the bracket, bisecting when the line points
-outside it. Each guess of the line asks its neighbour on the answer's side too, so that a straight line
-ends the search in one step; inside a bracket the line and bisection take turns (where the host fills up
+outside it. A guess of the line before any failure, and any guess once the bracket is down to 16
+granules, asks its neighbour on the answer's side too, so that a straight line ends the search in one
+step; inside a bracket the line and bisection take turns (where the host fills up
 the peak has a kink, which slows the line down); it stops at one granule (64 tokens). Once a length's
 lowest plan is the checkpointed one, longer lengths' are too, and are asked without the baseline's
 partition. At the length found, the plan printed with its predicted step time is the unscheduled graph
@@ -187,15 +188,15 @@ class _Search:
         while hi is None or hi - lo > granule:
             if self.fits(seq):
                 lo = seq
-                if (estimated or hi is not None) and (hi is None or seq + granule < hi) and seq != top:
-                    # The neighbour above a secant's or a bracket's guess, which may end the search.
+                if self._near(lo, hi, granule, estimated) and (hi is None or seq + granule < hi) and seq != top:
+                    # The neighbour above, which may end the search.
                     if self.fits(seq + granule):
                         lo = seq + granule
                     else:
                         hi = seq + granule
             else:
                 hi = seq
-                if seq - granule > lo:
+                if seq - granule > lo and self._near(lo, hi, granule, estimated):
                     if self.fits(seq - granule):
                         lo = seq - granule
                     else:
@@ -205,6 +206,12 @@ class _Search:
             steps += hi is not None
             seq, estimated = self._next(lo, hi, granule, top, secant=steps % 2 == 1)
         return lo, lo == top
+
+    @staticmethod
+    def _near(lo: int, hi: int | None, granule: int, estimated: bool) -> bool:
+        """Whether to ask a guess's neighbour too: after the line's guess before any failure (a straight
+        peak ends there), or once the bracket is down to 16 granules (where one more ask often ends it)."""
+        return (hi is None and estimated) or (hi is not None and hi - lo <= 16 * granule)
 
     def _next(self, lo: int, hi: int | None, granule: int, top: int | None, secant: bool = True,
               ) -> tuple[int, bool]:
