@@ -17,7 +17,7 @@ Each variant: a fresh model from seed 0, two warm-up steps (the first compiles),
 backward under ``memopt.track_memory("cpu")``, timed steps. Results: ``<out>/bench_long_context.json``,
 ``.csv`` and ``.svg``. Step times on a shared 2-core machine are noisy: quote ratios.
 
-    python benchmarks/bench_long_context.py --plan-max-seq [--profiles 80,24,8]   # about 12 min a profile
+    python benchmarks/bench_long_context.py --plan-max-seq [--profiles 80,24,8]   # 10-16 min a profile
 
 runs ``memopt plan --max-seq`` instead, one process per device, for Llama-3.1-8B with its context
 extended to 1M positions (``benchmarks/configs/llama-3.1-8b-1m.json``: nothing else changes) in QLoRA
