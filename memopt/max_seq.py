@@ -39,7 +39,15 @@ import torch
 from memopt.config import MemoptConfig, parse_options
 from memopt.cost_model.bytes import set_hints, shape_env_of
 from memopt.errors import MemoptUnsupportedError
-from memopt.plan import CapturedStep, PlanReport, capture_step, check_length, load_hf_config, step_report
+from memopt.plan import (
+    CapturedStep,
+    PlanReport,
+    capture_step,
+    load_hf_config,
+    max_positions,
+    peak_rss_bytes,
+    step_report,
+)
 from memopt.units import format_bytes
 
 __all__ = ["DEFAULT_HOST_MEMORY", "GRANULE", "MaxSeqReport", "max_seq"]
@@ -117,9 +125,7 @@ def max_seq(model: str | Any, options: Mapping[str, Any] | MemoptConfig | None =
         say(f"offloads may use {format_bytes(DEFAULT_HOST_MEMORY)} of host memory (options' host_memory to change)")
     granule = GRANULE
     start = max(granule, start // granule * granule)
-    name, hf_config = load_hf_config(model) if isinstance(model, str) else (type(model).__name__, model)
-    cap = getattr(hf_config, "max_position_embeddings", getattr(hf_config, "n_positions", None))
-    check_length(name, hf_config, start)
+    cap = max_positions(load_hf_config(model)[1] if isinstance(model, str) else model)
     captured = capture_step(model, None, dataclasses.replace(config, memory_budget=None), device=device,
                             batch=batch, seq=start, dtype=dtype, optimizer=optimizer, progress=say,
                             symbolic_length=True)
@@ -132,7 +138,7 @@ def max_seq(model: str | Any, options: Mapping[str, Any] | MemoptConfig | None =
         max_seq=lo, granule=granule, limit_bytes=search.limit, host_limit_bytes=config.host_memory,
         capped_at=cap if capped else None, tried=search.tried, plan=plan, plan_method=method,
         capture_seconds=round(capture_seconds, 1), total_seconds=round(time.perf_counter() - started, 1),
-        planner_peak_rss_bytes=plan.planner_peak_rss_bytes if plan is not None else 0)
+        planner_peak_rss_bytes=peak_rss_bytes())
 
 
 class _Search:
@@ -150,6 +156,8 @@ class _Search:
         self.limit = min(captured.profile.memory_bytes, budget if budget is not None else 1 << 62)
         self.tried: list[dict[str, Any]] = []
         self.peaks: dict[int, int] = {}
+        self.fitting: dict[int, tuple[PlanReport, str]] = {}    # the lowest plans that fit, and how
+        self.unscheduled = dataclasses.replace(config, memory_budget=None)
         self.checkpointed_from: int | None = None     # from here on the lowest plan is the checkpointed one
 
     def _at(self, seq: int, config: MemoptConfig, lowest: bool | str = False) -> PlanReport:
@@ -159,20 +167,26 @@ class _Search:
         self.report.replan(config, lowest)
         return step_report(self.captured)
 
-    def fits(self, seq: int) -> bool:
-        """Whether ``seq`` fits, asked of the lowest plan (or the unscheduled graph, when that is lower)."""
-        started = time.perf_counter()
+    def _lowest(self, seq: int) -> tuple[PlanReport, str]:
+        """The lowest plan at ``seq`` and how it was made: baseline, offloaded or checkpointed."""
         checkpointed = self.checkpointed_from is not None and seq >= self.checkpointed_from
-        report = self._at(seq, dataclasses.replace(self.config, memory_budget=None),
-                          lowest="checkpointed" if checkpointed else True)
-        fits = report.peak_bytes <= self.limit and (self.config.host_memory is None
-                                                    or report.host_peak_bytes <= self.config.host_memory)
+        report = self._at(seq, self.unscheduled, lowest="checkpointed" if checkpointed else True)
         assert self.report.schedule is not None
-        how = self.report.schedule.method                      # baseline, offloaded or checkpointed
+        how = self.report.schedule.method
         if how == "checkpointed" and not checkpointed:
             # Longer lengths save more than the host holds too, and checkpointing beats their baseline.
             self.checkpointed_from = seq
+        return report, how
+
+    def fits(self, seq: int) -> bool:
+        """Whether ``seq`` fits, asked of the lowest plan (or the unscheduled graph, when that is lower)."""
+        started = time.perf_counter()
+        report, how = self._lowest(seq)
+        fits = report.peak_bytes <= self.limit and (self.config.host_memory is None
+                                                    or report.host_peak_bytes <= self.config.host_memory)
         self.peaks[seq] = report.peak_bytes
+        if fits:
+            self.fitting[seq] = (report, how)
         self.tried.append({"seq": seq, "how": how, "peak_bytes": report.peak_bytes,
                            "host_bytes": report.host_peak_bytes, "fits": fits,
                            "seconds": round(time.perf_counter() - started, 1)})
@@ -238,18 +252,16 @@ class _Search:
         return (middle if lo < middle < hi else lo + granule), False
 
     def final(self, seq: int) -> tuple[PlanReport, str]:
-        """The plan at ``seq``: the unscheduled graph if it fits, else the lowest plan the search found to
-        fit. At the longest length there is no slack for the scheduler to trade memory for time, so it is
-        not run (it costs minutes on an 8B model): ``memopt plan --seq N --budget B`` plans a shorter one."""
+        """The plan at ``seq`` (a length the search found to fit): the unscheduled graph if it fits, else
+        the lowest plan the search made there. At the longest length there is no slack for the scheduler
+        to trade memory for time, so it is not run (it costs minutes on an 8B model): ``memopt plan --seq
+        N --budget B`` plans a shorter one."""
         self.say(f"planning the step at {seq:,} tokens for {format_bytes(self.limit)}")
-        report = self._at(seq, dataclasses.replace(self.config, memory_budget=None))
+        report = self._at(seq, self.unscheduled)
         if report.peak_bytes <= self.limit:
             return report, "fits unscheduled"
-        checkpointed = self.checkpointed_from is not None and seq >= self.checkpointed_from
-        report = self._at(seq, dataclasses.replace(self.config, memory_budget=None),
-                          lowest="checkpointed" if checkpointed else True)
-        assert self.report.schedule is not None
-        return report, f"lowest ({self.report.schedule.method})"
+        lowest, how = self.fitting[seq]
+        return lowest, f"lowest ({how})"
 
 
 def _length_symbol(gm: torch.fx.GraphModule, seq: int) -> tuple[sympy.Symbol, Any]:

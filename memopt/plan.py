@@ -314,7 +314,6 @@ class CapturedStep:
     seconds: dict[str, float]
     started: float
     sparse_auto: dict[str, Any] | None
-    length: Any = None                   # the sequence length's symbol, when captured symbolic
 
     @property
     def reports(self) -> list[Any]:
@@ -436,17 +435,18 @@ def _build(model_or_config: nn.Module | str | Any, dtype: str, seq: int, say: Ca
     start = time.perf_counter()
     model, mode = fake_causal_lm(hf_config, DTYPES[dtype])
     seconds["build"] = time.perf_counter() - start
-    check_length(name, hf_config, seq)
-    return model, name, mode
-
-
-def check_length(name: str, hf_config: Any, seq: int) -> None:
-    max_pos = getattr(hf_config, "max_position_embeddings", getattr(hf_config, "n_positions", None))
+    max_pos = max_positions(hf_config)
     if max_pos is not None and seq > max_pos:
         raise MemoptConfigError(
             f"seq {seq} is longer than {name}'s max_position_embeddings ({max_pos}); for a model whose "
             f"context was extended, pass its config.json (with its max_position_embeddings and "
             f"rope_scaling) as the model")
+    return model, name, mode
+
+
+def max_positions(hf_config: Any) -> int | None:
+    """The longest sequence a Hugging Face config's position table allows (None: no limit given)."""
+    return getattr(hf_config, "max_position_embeddings", getattr(hf_config, "n_positions", None))
 
 
 def _prepare_adapters(model: nn.Module, config: MemoptConfig, mode: Any) -> None:
@@ -540,7 +540,7 @@ def step_report(captured: CapturedStep, *, progress: Callable[[str], None] | Non
         budget_bytes=budget_bytes, fits_device=peak <= profile.memory_bytes, fits_budget=fits_budget,
         step_time_s=fw_bw + update, step_time_parts={"forward+backward": fw_bw, "optimizer": update},
         graphs=len(reports), stage_seconds={k: round(v, 3) for k, v in seconds.items()},
-        planner_peak_rss_bytes=_peak_rss_bytes(), notes=notes, schedule=_schedule_summary(reports),
+        planner_peak_rss_bytes=peak_rss_bytes(), notes=notes, schedule=_schedule_summary(reports),
         sparse_auto=c.sparse_auto, host_peak_bytes=max(t.host_peak_bytes for t in timelines))
 
 
@@ -599,7 +599,8 @@ def _natural(name: str) -> tuple[Any, ...]:
     return (name == "other", tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)))
 
 
-def _peak_rss_bytes() -> int:
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far, in bytes (0 where the OS does not say)."""
     try:
         import resource
     except ImportError:  # pragma: no cover - not on Windows

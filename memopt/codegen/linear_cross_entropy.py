@@ -25,6 +25,7 @@ computations in PyTorch.
 from __future__ import annotations
 
 import torch
+import triton
 import triton.language as tl
 
 from memopt.codegen.triton_kernels import Tiles, check_tiles, dot_dtype, jit
@@ -109,7 +110,7 @@ def _check(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         raise ValueError("linear cross-entropy: hidden and weight need contiguous rows (stride 1 in H)")
 
 
-def _launch_args(hidden: torch.Tensor, weight: torch.Tensor) -> dict[str, object]:
+def _launch_args(hidden: torch.Tensor) -> dict[str, object]:
     check_tiles(TILES)
     return {"BLOCK_N": TILES.block_m, "BLOCK_V": TILES.block_n, "BLOCK_K": TILES.block_k,
             "DOT": dot_dtype(hidden.dtype)}
@@ -123,8 +124,8 @@ def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
     loss = torch.empty(n, dtype=torch.float32, device=hidden.device)
     if n:
-        args = _launch_args(hidden, weight)
-        jit(_forward_kernel)[(triton_cdiv(n, TILES.block_m),)](
+        args = _launch_args(hidden)
+        jit(_forward_kernel)[(triton.cdiv(n, TILES.block_m),)](
             hidden, weight, bias if bias is not None else weight, target, lse, loss, n, weight.shape[0], h,
             hidden.stride(0), weight.stride(0), ignore_index, HAS_BIAS=bias is not None, **args)
     return loss, lse
@@ -142,18 +143,14 @@ def backward(grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bia
     dw = torch.zeros(v, h, dtype=torch.float32, device=hidden.device) if weight_grad else None
     db = torch.zeros(v, dtype=torch.float32, device=hidden.device) if weight_grad and bias is not None else None
     if n:
-        args = _launch_args(hidden, weight)
-        grid = (triton_cdiv(n, TILES.block_m), triton_cdiv(v, TILES.block_n))
+        args = _launch_args(hidden)
+        grid = (triton.cdiv(n, TILES.block_m), triton.cdiv(v, TILES.block_n))
         jit(_backward_kernel)[grid](
             hidden, weight, bias if bias is not None else weight, target, lse.contiguous(),
             grad.to(torch.float32).reshape(1), dh, dw if dw is not None else dh, db if db is not None else dh,
             n, v, h, hidden.stride(0), weight.stride(0), ignore_index, HAS_BIAS=bias is not None,
             WEIGHT_GRAD=weight_grad, **args)
     return dh, dw, db
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def reference_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,

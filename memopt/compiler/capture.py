@@ -114,11 +114,14 @@ def _offload_all(evaluate: Callable[[Plan], Evaluation], baseline: Evaluation, l
     """``offload: "all"``: every saved activation that can go to the host does, whatever it costs; a
     check of the offload runtime (streams, events, host pool), not a schedule. ``limit``: the budget's
     bytes, if one was given."""
-    offloadable = frozenset(c.name for c in baseline.candidates
-                            if c.offload_time_s != float("inf") and not c.held)
-    chosen = evaluate((frozenset(), offloadable, frozenset()))
+    chosen = evaluate((frozenset(), _offloadable(baseline), frozenset()))
     return ScheduleResult(chosen, baseline, chosen, chosen.peak_bytes if limit is None else limit,
                           feasible=limit is None or chosen.peak_bytes <= limit, evaluations=2, method="offload-all")
+
+
+def _offloadable(baseline: Evaluation) -> frozenset[str]:
+    """The values the baseline saves that can go to the host and free something there."""
+    return frozenset(c.name for c in baseline.candidates if c.offload_time_s != float("inf") and not c.held)
 
 
 def _lowest(evaluate: Callable[[Plan], Evaluation], baseline: Evaluation, limit: int | None,
@@ -128,10 +131,9 @@ def _lowest(evaluate: Callable[[Plan], Evaluation], baseline: Evaluation, limit:
     baseline saves, they are all offloaded (method "offloaded"): each comes back right before its use,
     which holds less at once than recomputing a layer. When it cannot, :func:`_checkpoint_plan`
     ("checkpointed"). The baseline itself when it is lower (short sequences)."""
-    freeable = [c for c in baseline.candidates if not c.held]
-    if offload and (host_bytes is None or sum(c.nbytes for c in freeable) <= host_bytes):
-        plan: Plan = (frozenset(), frozenset(c.name for c in freeable if c.offload_time_s != float("inf")),
-                      frozenset())
+    saved = sum(c.nbytes for c in baseline.candidates if not c.held)
+    if offload and (host_bytes is None or saved <= host_bytes):
+        plan: Plan = (frozenset(), _offloadable(baseline), frozenset())
         method = "offloaded"
     else:
         plan, method = _checkpoint_plan(gm, offload), "checkpointed"

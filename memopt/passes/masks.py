@@ -45,7 +45,7 @@ def _is_length(node: torch.fx.Node, seq: Any) -> bool:
     """Whether ``node`` is the graph input that holds the symbolic sequence length ``seq``."""
     value = node.meta.get("example_value")
     return node.op == "placeholder" and isinstance(seq, torch.SymInt) and isinstance(value, torch.SymInt) \
-        and value.node.expr == seq.node.expr
+        and _same(value, seq)
 
 
 def _subgraph(mask: torch.fx.Node, seq: Any) -> list[torch.fx.Node] | None:
