@@ -29,6 +29,7 @@ and without one the search assumes :data:`DEFAULT_HOST_MEMORY`, and says so.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -37,7 +38,7 @@ import sympy
 import torch
 
 from memopt.config import MemoptConfig, parse_options
-from memopt.cost_model.bytes import set_hints, shape_env_of
+from memopt.cost_model.bytes import hints_of, set_hints, shape_env_of
 from memopt.errors import MemoptUnsupportedError
 from memopt.plan import (
     CapturedStep,
@@ -105,17 +106,12 @@ class MaxSeqReport:
 def max_seq(model: str | Any, options: Mapping[str, Any] | MemoptConfig | None = None, *,
             device: str | None = None, batch: int = 1, dtype: str = "bf16", optimizer: str = "adamw",
             start: int = 4096, progress: Callable[[str], None] | None = None) -> MaxSeqReport:
-    """The longest sequence (a multiple of :data:`GRANULE`) whose step fits the device or the options'
-    byte budget (Note [Searching the longest length]). ``start``: the length to
-    capture at and search from."""
+    """The longest sequence (a multiple of :data:`GRANULE`, and of token elimination's block) whose step
+    fits the device or the options' byte budget (Note [Searching the longest length]). ``start``: the
+    length to capture at and search from."""
     say = progress or (lambda message: None)
     started = time.perf_counter()
     config = parse_options(options)
-    if config.token_elimination is not None:
-        raise MemoptUnsupportedError(
-            "--max-seq does not search with token_elimination yet: its kept-token count is a number computed "
-            "from the captured length, so the graph cannot be re-priced at another; plan lengths one at a "
-            "time with --seq (and token_elimination) instead")
     if config.memory_budget is not None and config.memory_budget.nbytes is None:
         raise MemoptUnsupportedError(
             "--max-seq needs a budget in bytes (or none: the device's memory), not a fraction: a fraction "
@@ -123,8 +119,7 @@ def max_seq(model: str | Any, options: Mapping[str, Any] | MemoptConfig | None =
     if config.host_memory is None:
         config = dataclasses.replace(config, host_memory=DEFAULT_HOST_MEMORY)
         say(f"offloads may use {format_bytes(DEFAULT_HOST_MEMORY)} of host memory (options' host_memory to change)")
-    granule = GRANULE
-    start = max(granule, start // granule * granule)
+    granule, start = _granule_and_start(config, start)
     cap = max_positions(load_hf_config(model)[1] if isinstance(model, str) else model)
     captured = capture_step(model, None, dataclasses.replace(config, memory_budget=None), device=device,
                             batch=batch, seq=start, dtype=dtype, optimizer=optimizer, progress=say,
@@ -133,12 +128,28 @@ def max_seq(model: str | Any, options: Mapping[str, Any] | MemoptConfig | None =
     search = _Search(captured, config, say)
     say(f"searching the longest length that fits {format_bytes(search.limit)} (multiples of {granule})")
     lo, capped = search.search(start, granule, cap)
+    if not search.confirmed(lo, granule, cap):
+        say(f"fresh partitions disagree with the reused ones at {lo:,} tokens: searching again with fresh ones")
+        search.peaks.clear()
+        search.fresh = True
+        lo, capped = search.search(max(lo, granule), granule, cap)
     plan, method = search.final(lo) if lo else (None, "")
     return MaxSeqReport(
         max_seq=lo, granule=granule, limit_bytes=search.limit, host_limit_bytes=config.host_memory,
         capped_at=cap if capped else None, tried=search.tried, plan=plan, plan_method=method,
         capture_seconds=round(capture_seconds, 1), total_seconds=round(time.perf_counter() - started, 1),
         planner_peak_rss_bytes=peak_rss_bytes())
+
+
+def _granule_and_start(config: MemoptConfig, start: int) -> tuple[int, int]:
+    """The lengths to search are multiples of the granule; the capture's, of three blocks of token
+    elimination at least: it skips a sequence of one, and at two, the blocks but one are one, a size torch
+    specialises (the capture would then hold at two blocks only)."""
+    if config.token_elimination is None:
+        return GRANULE, max(GRANULE, start // GRANULE * GRANULE)
+    block = config.token_elimination.block_size
+    granule = math.lcm(GRANULE, block)
+    return granule, max(-(-3 * block // granule) * granule, start // granule * granule)
 
 
 class _Search:
@@ -152,6 +163,7 @@ class _Search:
         self.captured, self.config, self.say = captured, config, say
         self.report = captured.reports[0]
         self.symbol, self.shape_env = _length_symbol(self.report.joint, captured.seq)
+        self.captured_at = captured.seq
         budget = config.memory_budget.nbytes if config.memory_budget is not None else None
         self.limit = min(captured.profile.memory_bytes, budget if budget is not None else 1 << 62)
         self.tried: list[dict[str, Any]] = []
@@ -159,18 +171,25 @@ class _Search:
         self.fitting: dict[int, tuple[PlanReport, str]] = {}    # the lowest plans that fit, and how
         self.unscheduled = dataclasses.replace(config, memory_budget=None)
         self.checkpointed_from: int | None = None     # from here on the lowest plan is the checkpointed one
+        self.fresh = False                            # every ask on a partition of its own
+        self.shortest = GRANULE                       # the shortest length the capture holds for
 
-    def _at(self, seq: int, config: MemoptConfig, lowest: bool | str = False) -> PlanReport:
+    def _at(self, seq: int, config: MemoptConfig, lowest: bool | str = False, fresh: bool = True) -> PlanReport:
+        failed = _failed_guards(self.shape_env, self.symbol, seq)
+        if failed:
+            raise MemoptUnsupportedError(
+                f"--max-seq: the step captured at {self.captured_at:,} tokens is not the step at {seq:,} (the "
+                f"capture assumed {failed[0]}); search from a length closer to {seq:,} (--seq)")
         set_hints(self.shape_env, {self.symbol: seq}, [self.report.joint])
         self.captured.seq = seq
         assert self.report.replan is not None
-        self.report.replan(config, lowest)
+        self.report.replan(config, lowest, reuse_partitions=not fresh)
         return step_report(self.captured)
 
-    def _lowest(self, seq: int) -> tuple[PlanReport, str]:
+    def _lowest(self, seq: int, fresh: bool) -> tuple[PlanReport, str]:
         """The lowest plan at ``seq`` and how it was made: baseline, offloaded or checkpointed."""
         checkpointed = self.checkpointed_from is not None and seq >= self.checkpointed_from
-        report = self._at(seq, self.unscheduled, lowest="checkpointed" if checkpointed else True)
+        report = self._at(seq, self.unscheduled, lowest="checkpointed" if checkpointed else True, fresh=fresh)
         assert self.report.schedule is not None
         how = self.report.schedule.method
         if how == "checkpointed" and not checkpointed:
@@ -178,78 +197,93 @@ class _Search:
             self.checkpointed_from = seq
         return report, how
 
-    def fits(self, seq: int) -> bool:
-        """Whether ``seq`` fits, asked of the lowest plan (or the unscheduled graph, when that is lower)."""
+    def fits(self, seq: int, fresh: bool = False) -> bool:
+        """Whether ``seq`` fits, asked of the lowest plan (or the unscheduled graph, when that is lower),
+        on partitions made at an earlier length unless ``fresh`` (Note [Reusing partitions across
+        lengths])."""
         started = time.perf_counter()
-        report, how = self._lowest(seq)
+        fresh = fresh or self.fresh
+        report, how = self._lowest(seq, fresh)
         fits = report.peak_bytes <= self.limit and (self.config.host_memory is None
                                                     or report.host_peak_bytes <= self.config.host_memory)
         self.peaks[seq] = report.peak_bytes
         if fits:
             self.fitting[seq] = (report, how)
-        self.tried.append({"seq": seq, "how": how, "peak_bytes": report.peak_bytes,
+        self.tried.append({"seq": seq, "how": how, "fresh": fresh, "peak_bytes": report.peak_bytes,
                            "host_bytes": report.host_peak_bytes, "fits": fits,
                            "seconds": round(time.perf_counter() - started, 1)})
-        self.say(f"  {seq:>9,} tokens: {how}, peak {format_bytes(report.peak_bytes)}, host "
+        self.say(f"  {seq:>9,} tokens: {how}{' (fresh partition)' if fresh else ''}, peak "
+                 f"{format_bytes(report.peak_bytes)}, host "
                  f"{format_bytes(report.host_peak_bytes)} -> {'fits' if fits else 'does not fit'}")
         return fits
 
     def search(self, start: int, granule: int, top: int | None) -> tuple[int, bool]:
         """(the longest length that fits, 0 if none; whether ``top``, the model's longest, stopped it)."""
         top = top // granule * granule if top else None
+        self.shortest = next((s for s in range(granule, start, granule)
+                              if not _failed_guards(self.shape_env, self.symbol, s)), start)
         lo, hi = 0, None                                     # the longest that fits, the shortest that does not
-        seq, estimated, steps = min(start, top or start), False, 0
+        seq, line, steps = max(self.shortest, min(start, top or start)), None, 0
         while hi is None or hi - lo > granule:
-            if self.fits(seq):
-                lo = seq
-                if self._near(lo, hi, granule, estimated) and (hi is None or seq + granule < hi) and seq != top:
-                    # The neighbour above, which may end the search.
-                    if self.fits(seq + granule):
-                        lo = seq + granule
-                    else:
-                        hi = seq + granule
-            else:
-                hi = seq
-                if seq - granule > lo and self._near(lo, hi, granule, estimated):
-                    if self.fits(seq - granule):
-                        lo = seq - granule
-                    else:
-                        hi = seq - granule
+            fits = self.fits(seq)
+            lo, hi = (seq, hi) if fits else (lo, seq)
+            neighbour = seq + granule if fits else seq - granule
+            if self._near(seq, line, lo, hi, granule) and max(lo, self.shortest - 1) < neighbour \
+                    and (hi is None or neighbour < hi) and (top is None or neighbour <= top):
+                lo, hi = (neighbour, hi) if self.fits(neighbour) else (lo, neighbour)
             if lo == top or (hi is not None and hi - lo <= granule):
                 break
             steps += hi is not None
-            seq, estimated = self._next(lo, hi, granule, top, secant=steps % 2 == 1)
+            seq, line = self._next(lo, hi, granule, top, secant=steps % 2 == 1)
+            if seq < self.shortest:              # below what the capture holds for (Note [Planning every ...])
+                if hi is not None and hi <= self.shortest:
+                    break                                    # not even the shortest length fits
+                seq = self.shortest
         return lo, lo == top
 
-    @staticmethod
-    def _near(lo: int, hi: int | None, granule: int, estimated: bool) -> bool:
-        """Whether to ask a guess's neighbour too: after the line's guess before any failure (a straight
-        peak ends there), or once the bracket is down to 16 granules (where one more ask often ends it)."""
-        return (hi is None and estimated) or (hi is not None and hi - lo <= 16 * granule)
+    def confirmed(self, lo: int, granule: int, top: int | None) -> bool:
+        """Whether fresh partitions agree with the search's answer: ``lo`` fits (when not 0) and one
+        granule more does not (when the model admits it)."""
+        if lo and not self.fits(lo, fresh=True):
+            return False
+        above = lo + granule if lo else self.shortest
+        return (top is not None and above > top) or not self.fits(above, fresh=True)
+
+    def _near(self, seq: int, line: tuple[int, float, float] | None, lo: int, hi: int | None, granule: int,
+              ) -> bool:
+        """Whether to ask ``seq``'s neighbour too: when the line that guessed it predicted its peak within
+        one granule's worth (the limit is crossed next to it), or once the bracket is down to 16 granules
+        (where one more ask often ends the search)."""
+        if line is not None:
+            s1, p1, slope = line
+            if abs(self.peaks[seq] - (p1 + slope * (seq - s1))) <= abs(slope) * granule:
+                return True
+        return hi is not None and hi - lo <= 16 * granule
 
     def _next(self, lo: int, hi: int | None, granule: int, top: int | None, secant: bool = True,
-              ) -> tuple[int, bool]:
-        """The next length to ask, and whether it is the secant's: where the line through the two asked
-        lengths nearest the limit crosses it, kept inside the bracket (bisection when it would not be, or
-        when not ``secant``: a peak with a kink, where the host fills up, slows the secant down); before a
-        length has failed, growing by 1.25x to 8x (to ``top`` at most)."""
+              ) -> tuple[int, tuple[int, float, float] | None]:
+        """The next length to ask, and the line that guessed it (a point and its slope), if one did: where
+        the line through the two asked lengths nearest the limit crosses it, kept inside the bracket
+        (bisection when it would not be, or when not ``secant``: a peak with a kink, where the host fills
+        up, slows the secant down); before a length has failed, growing by 1.25x to 8x (to ``top`` at most)."""
         below = [s for s in sorted(self.peaks) if s <= lo][-2 if hi is None else -1:]
         pair = below + ([hi] if hi is not None else [])
-        guess = None
+        guess, line = None, None
         if len(pair) >= 2 and self.peaks[pair[-1]] != self.peaks[pair[-2]]:
             (s1, s2), (p1, p2) = pair[-2:], (self.peaks[pair[-2]], self.peaks[pair[-1]])
-            guess = int(s1 + (self.limit - p1) * (s2 - s1) / (p2 - p1)) // granule * granule
+            line = (s1, float(p1), (p2 - p1) / (s2 - s1))
+            guess = int(s1 + (self.limit - p1) / line[2]) // granule * granule
         if hi is None:
             # Without a secant (or with one pointing back), grow by a quarter at least.
             smallest = lo + granule if guess is not None and guess > lo else max(lo, granule) * 5 // 4
             largest = max(lo, granule) * 8
             grown = max(smallest, min(largest, guess if guess is not None else 2 * max(lo, granule)))
             grown = grown // granule * granule if top is None else min(top, grown // granule * granule)
-            return grown, guess is not None and smallest <= guess <= largest
+            return grown, line if guess is not None and grown == guess else None
         if secant and guess is not None and lo < guess < hi:
-            return guess, True
+            return guess, line
         middle = (lo + hi) // 2 // granule * granule
-        return (middle if lo < middle < hi else lo + granule), False
+        return (middle if lo < middle < hi else lo + granule), None
 
     def final(self, seq: int) -> tuple[PlanReport, str]:
         """The plan at ``seq`` (a length the search found to fit): the unscheduled graph if it fits, else
@@ -257,11 +291,23 @@ class _Search:
         to trade memory for time, so it is not run (it costs minutes on an 8B model): ``memopt plan --seq
         N --budget B`` plans a shorter one."""
         self.say(f"planning the step at {seq:,} tokens for {format_bytes(self.limit)}")
-        report = self._at(seq, self.unscheduled)
-        if report.peak_bytes <= self.limit:
-            return report, "fits unscheduled"
+        if self._at(seq, self.unscheduled, fresh=False).peak_bytes <= self.limit:
+            report = self._at(seq, self.unscheduled)            # the plan shown, on a fresh partition
+            if report.peak_bytes <= self.limit:
+                return report, "fits unscheduled"
         lowest, how = self.fitting[seq]
         return lowest, f"lowest ({how})"
+
+
+def _failed_guards(shape_env: Any, symbol: sympy.Symbol, seq: int) -> list[str]:
+    """The assumptions the capture made about the length (its ShapeEnv's range and guards) that do not
+    hold at ``seq``: the graph, and so its plan, is the step's only where they all hold (Note [Planning
+    every length from one capture]). Token elimination, say, assumes more than one block."""
+    lower = shape_env.var_to_range[symbol].lower if symbol in shape_env.var_to_range else 0
+    if seq < lower:
+        return [f"{symbol} >= {lower}"]
+    values = {**hints_of(shape_env), symbol: sympy.Integer(seq)}
+    return [str(g.expr) for g in shape_env.guards if g.expr.xreplace(values) is not sympy.true]
 
 
 def _length_symbol(gm: torch.fx.GraphModule, seq: int) -> tuple[sympy.Symbol, Any]:

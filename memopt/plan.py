@@ -380,7 +380,7 @@ def capture_step(model_or_config: nn.Module | str | Any, example_inputs: Mapping
         with mode:
             ids = torch.zeros(batch, seq, dtype=torch.long)
         if symbolic_length:
-            torch._dynamo.mark_dynamic(ids, 1)
+            torch._dynamo.maybe_mark_dynamic(ids, 1)
         example_inputs = {"input_ids": ids, "labels": ids, "use_cache": False}
     sparse_auto = None
     if config.sparse_backprop is not None:

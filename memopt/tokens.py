@@ -21,6 +21,7 @@ block), for measuring the scorer's recall.
 
 from __future__ import annotations
 
+import fractions
 import math
 
 import torch
@@ -37,7 +38,8 @@ def _pooled(x: torch.Tensor, block_size: int) -> torch.Tensor:
     """(..., S, D) -> (..., blocks, D): the mean over each block's tokens (the last block's own count)."""
     seq = x.shape[-2]
     blocks = _blocks(seq, block_size)
-    padded = torch.nn.functional.pad(x, (0, 0, 0, blocks * block_size - seq))
+    # cat, not pad: constant_pad_nd has no fake kernel for a symbolic length.
+    padded = torch.cat([x, x.new_zeros(*x.shape[:-2], blocks * block_size - seq, x.shape[-1])], -2)
     sums = padded.unflatten(-2, (blocks, block_size)).sum(-2)
     return torch.cat([sums[..., :-1, :] / block_size, sums[..., -1:, :] / (seq - (blocks - 1) * block_size)], -2)
 
@@ -69,8 +71,12 @@ def _received(qb: torch.Tensor, kb: torch.Tensor, scale: float) -> torch.Tensor:
 
 
 def kept_count(blocks: int, keep_ratio: float) -> int:
-    """Blocks kept of ``blocks``: ``ceil(keep_ratio * blocks)``, at least the first and the last."""
-    return min(blocks, max(2, math.ceil(keep_ratio * blocks)))
+    """Blocks kept of ``blocks``: ``ceil(keep_ratio * blocks)``, at least the first and the last. The
+    ratio is taken as the nearest fraction of denominator 10^6 or less (0.4 as 2/5, not 0.4000000000000000222),
+    so the count is integer arithmetic: exact, and an expression without a guard when ``blocks`` is
+    symbolic (a SymInt)."""
+    ratio = fractions.Fraction(keep_ratio).limit_denominator(10**6)
+    return torch.sym_min(blocks, torch.sym_max(2, -(-(ratio.numerator * blocks) // ratio.denominator)))
 
 
 @torch.no_grad()
@@ -88,7 +94,7 @@ def kept_positions(blocks: torch.Tensor, block_size: int, seq: int) -> torch.Ten
     offsets = torch.arange(block_size, device=blocks.device)
     positions = (blocks[..., None] * block_size + offsets).flatten(1)
     tail = _blocks(seq, block_size) * block_size - seq          # positions past the sequence, all at the end
-    return positions[:, :positions.shape[1] - tail] if tail else positions
+    return positions.narrow(1, 0, positions.shape[1] - tail)
 
 
 @torch.no_grad()

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import torch
 
+import memopt.max_seq
 import memopt.plan
 import memopt.schedule.problem
 from memopt.cli import main
@@ -20,6 +21,7 @@ from memopt.max_seq import _length_symbol, max_seq
 from memopt.plan import capture_step, plan, step_report
 
 CHUNKED = {"chunk_sequence": {"chunks": 4, "min_tokens": 64, "logits": "drop"}}
+ELIMINATED = {**CHUNKED, "token_elimination": {"keep_ratio": 0.25, "block_size": 128, "start_layer": 0}}
 
 
 @pytest.fixture(scope="module")
@@ -32,19 +34,20 @@ def long_tiny(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("options", [{}, CHUNKED, {**CHUNKED, "memory_budget": 3 * 2**20}],
-                         ids=["dense", "chunked", "scheduled"])
+@pytest.mark.parametrize("options", [{}, CHUNKED, {**CHUNKED, "memory_budget": 3 * 2**20}, ELIMINATED],
+                         ids=["dense", "chunked", "scheduled", "eliminated"])
 def test_one_symbolic_capture_prices_each_length_as_its_own_capture(long_tiny: str, options: dict[str, Any]) -> None:
     """Note [Planning every length from one capture]: captured at 128 tokens with the length symbolic,
     then re-priced at 256 and 512, the plan's bytes are those of a capture at that length, byte for byte,
     and its time within 0.1% (static and symbolic graphs differ by a few size computations); with a budget,
-    the scheduler plans each length again."""
+    the scheduler plans each length again; with token elimination, its kept tokens are an expression in
+    the length (captured at 3 blocks of 128, keeping 2; at 1024, 2 of 8)."""
     budget = options.get("memory_budget")
-    captured = capture_step(long_tiny, None, {**options, "memory_budget": None}, device="a100-80gb", seq=128,
+    captured = capture_step(long_tiny, None, {**options, "memory_budget": None}, device="a100-80gb", seq=384,
                             symbolic_length=True)
     report = captured.reports[0]
-    symbol, shape_env = _length_symbol(report.joint, 128)
-    for seq in (256, 512):
+    symbol, shape_env = _length_symbol(report.joint, 384)
+    for seq in (512, 1024):
         set_hints(shape_env, {symbol: seq}, [report.joint])
         captured.seq = seq
         config = captured.config if budget is None else dataclasses.replace(
@@ -118,11 +121,54 @@ def test_a_length_symbol_is_required() -> None:
         _length_symbol(gm, 128)
 
 
-def test_token_elimination_is_refused_with_the_reason(long_tiny: str) -> None:
+def test_token_elimination_searches_whole_blocks_and_goes_further(long_tiny: str) -> None:
+    """With token elimination (a quarter of the blocks of 128 kept in both layers), the lengths asked are
+    whole blocks, the longest that fits the same 40 MiB is longer than without it, and its plan is the
+    plan of a static capture at that length, byte for byte (the kept-token count re-priced with it)."""
+    budget = {"memory_budget": "40MiB"}
+    found = max_seq(long_tiny, {**ELIMINATED, **budget}, device="a100-80gb", start=256)
+    plain = max_seq(long_tiny, {**CHUNKED, **budget}, device="a100-80gb", start=256)
+    assert found.granule == 128 and all(row["seq"] % 128 == 0 for row in found.tried)
+    assert found.max_seq > plain.max_seq > 0
+    direct = capture_step(long_tiny, None, ELIMINATED, device="a100-80gb", seq=found.max_seq)
+    eliminated = next(r for r in direct.reports[0].passes if r.name == "eliminate_tokens")
+    assert eliminated.status == "changed" and eliminated.stats["pass_stats"]["eliminated"] == 2
+    direct.reports[0].replan(direct.config, True)
+    assert found.plan is not None and found.plan.peak_bytes == step_report(direct).peak_bytes
+
+
+def test_reused_partitions_are_confirmed_on_fresh_ones(long_tiny: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Note [Reusing partitions across lengths]: the search re-prices partitions made at earlier lengths;
+    its answer and one granule more are asked again on fresh partitions (the last two rows), which agree
+    here; when they do not, the search runs again on fresh partitions only (and finds the same length)."""
+    options = {**CHUNKED, "memory_budget": "40MiB"}
+    found = max_seq(long_tiny, options, device="a100-80gb", start=256)
+    rows = found.tried
+    assert [(r["seq"], r["fits"], r["fresh"]) for r in rows[-2:]] == \
+        [(found.max_seq, True, True), (found.max_seq + 64, False, True)]
+    assert not any(r["fresh"] for r in rows[:-2])
+    for row in rows[:-2]:                               # a length asked both ways was priced the same
+        if row["seq"] in (found.max_seq, found.max_seq + 64):
+            assert row["peak_bytes"] == next(r["peak_bytes"] for r in rows[-2:] if r["seq"] == row["seq"])
+    monkeypatch.setattr(memopt.max_seq._Search, "confirmed", lambda self, *args: False)
+    again = max_seq(long_tiny, options, device="a100-80gb", start=256)
+    first = next(i for i, r in enumerate(again.tried) if r["fresh"])
+    assert first > 0 and all(r["fresh"] for r in again.tried[first:])
+    assert again.max_seq == found.max_seq
+
+
+def test_lengths_the_capture_does_not_hold_for_are_not_asked(long_tiny: str) -> None:
+    """Token elimination's graph captured at 8 blocks holds from three on (its guards): with a budget
+    nothing fits in, the search stops at 384 tokens, not below; and a length below is refused with the
+    reason."""
     from memopt.errors import MemoptUnsupportedError
 
-    with pytest.raises(MemoptUnsupportedError, match="kept-token count"):
-        max_seq(long_tiny, {"token_elimination": {"keep_ratio": 0.4}})
+    found = max_seq(long_tiny, {**ELIMINATED, "memory_budget": "800KiB"}, device="a100-80gb", start=1024)
+    assert found.max_seq == 0 and min(row["seq"] for row in found.tried) == 384
+    captured = capture_step(long_tiny, None, ELIMINATED, device="a100-80gb", seq=1024, symbolic_length=True)
+    search = memopt.max_seq._Search(captured, captured.config, lambda message: None)
+    with pytest.raises(MemoptUnsupportedError, match="not the step at 256"):
+        search.fits(256)
 
 
 def test_a_length_capped_by_the_model_is_planned_unscheduled() -> None:

@@ -13,6 +13,7 @@ cost annotation, partition, simulation, dumps. The same hook serves both code ge
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import time
 import warnings
@@ -76,7 +77,8 @@ class GraphReport:
     # Plans the captured joint graph again under other options, as it is priced now (memopt plan --max-seq).
     # ``lowest``: the least memory the scheduler can plan, whatever it costs (memopt.max_seq's question);
     # "checkpointed": that plan when it is known to be checkpointing (no baseline partition).
-    replan: Callable[[MemoptConfig, bool | str], None] | None = dataclasses.field(default=None, repr=False)
+    # ``reuse_partitions``: Note [Reusing partitions across lengths].
+    replan: Callable[..., None] | None = dataclasses.field(default=None, repr=False)
     seconds: dict[str, float] = dataclasses.field(default_factory=dict)
 
     @property
@@ -176,6 +178,18 @@ def _checkpointed(gm: torch.fx.GraphModule) -> frozenset[str]:
     return frozenset(chosen)
 
 
+def _priced_copy(gm: torch.fx.GraphModule, costs: dict[str, Any]) -> torch.fx.GraphModule:
+    """A copy of ``gm`` (its nodes' metadata copied one level deep) whose nodes carry ``costs`` by name,
+    the joint graph's as priced now; a node the joint graph does not have is priced again later."""
+    copied = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
+    for node in copied.graph.nodes:
+        if node.name in costs:
+            node.meta["memopt_cost"] = costs[node.name]
+        else:
+            node.meta.pop("memopt_cost", None)
+    return copied
+
+
 def _within_host(fw_gm: torch.fx.GraphModule, offload: frozenset[str], host_bytes: int | None) -> frozenset[str]:
     """The values of ``offload`` that the host pool holds within ``host_bytes``, taken in forward order.
 
@@ -209,6 +223,9 @@ class JointStage(CustomPartitionerFn):
         self.fused_costs = fused_costs          # Note [Fused costs]
         self.report, self.dumper, self.progress = report, dumper, progress
         self.primal_kinds: tuple[str, ...] = ()
+        # Note [Reusing partitions across lengths]: partitions kept by (recompute, knapsack share), when reused.
+        self.partitions: dict[tuple[frozenset[str], float], tuple[torch.fx.GraphModule, torch.fx.GraphModule]] = {}
+        self.reuse_partitions = False
 
     def __call__(self, gm: torch.fx.GraphModule, joint_inputs: Sequence[object], **kwargs: Any,
                  ) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
@@ -230,9 +247,10 @@ class JointStage(CustomPartitionerFn):
         self._plan(gm, joint_inputs, num_fwd_outputs, static, self.config)
         fake_mode = torch._guards.detect_fake_mode()
 
-        def replan(config: MemoptConfig, lowest: bool | str = False) -> None:
+        def replan(config: MemoptConfig, lowest: bool | str = False, *, reuse_partitions: bool = False) -> None:
             # Later, outside AOTAutograd's tracing: its fake mode, which torch's partitioner looks up when
             # it threads an RNG state through a recomputed seeded op (attention).
+            self.reuse_partitions = reuse_partitions
             with torch._guards.tracing(torch._guards.TracingContext(fake_mode)):
                 self._plan(gm, joint_inputs, num_fwd_outputs, static, config, lowest)
 
@@ -254,9 +272,9 @@ class JointStage(CustomPartitionerFn):
         start = time.perf_counter()
         self.report.schedule, self.report.budget_bytes = None, None
         if config.memory_budget is None and config.offload != "all" and not lowest:
-            apply_recompute_tags(gm, frozenset())      # a plan made before (report.replan) is undone
-            fw_gm, bw_gm = partition_joint(gm, joint_inputs, num_fwd_outputs=num_fwd_outputs,
-                                           static_lifetime_input_indices=static)
+            # A plan made before (report.replan) is undone.
+            fw_gm, bw_gm = self._partition(gm, joint_inputs, num_fwd_outputs, static, frozenset())
+            apply_recompute_tags(gm, frozenset())
         else:
             fw_gm, bw_gm = self._schedule(gm, joint_inputs, num_fwd_outputs, static, config, lowest)
         self.report.seconds["partition"] = time.perf_counter() - start
@@ -288,12 +306,7 @@ class JointStage(CustomPartitionerFn):
             # share < 1: on torch's knapsack cut at that share (Note [Seeding from PyTorch's knapsack]).
             if (plan, share) not in cache:
                 recompute, offload, compress = plan
-                apply_recompute_tags(gm, recompute)
-                with contextlib.ExitStack() as stack:
-                    if share < 1.0:
-                        stack.enter_context(torch._functorch.config.patch(activation_memory_budget=share))
-                    fw, bw = partition_joint(gm, joint_inputs, num_fwd_outputs=num_fwd_outputs,
-                                             static_lifetime_input_indices=static)
+                fw, bw = self._partition(gm, joint_inputs, num_fwd_outputs, static, recompute, share)
                 saved = saved_values(fw, num_fwd_outputs)
                 offload = _within_host(fw, offload & frozenset(saved), config.host_memory)
                 apply_offload(fw, bw, offload, num_user_outputs=num_fwd_outputs,
@@ -362,6 +375,37 @@ class JointStage(CustomPartitionerFn):
                          offload_allowed=transfer is not None, compress_allowed=compression is not None)
         self.report.budget_bytes = None if budget is None else limit
         return result.chosen.forward, result.chosen.backward
+
+    def _partition(self, gm: torch.fx.GraphModule, joint_inputs: Sequence[object], num_fwd_outputs: int,
+                   static: list[int] | None, recompute: frozenset[str], share: float = 1.0,
+                   ) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
+        """torch's partition of ``gm`` with ``recompute`` tagged (on its knapsack cut at ``share`` when
+        below 1), or copies of the one kept (Note [Reusing partitions across lengths]).
+
+        Note [Reusing partitions across lengths]
+        A partition is two thirds of the time a plan of an 8B model takes (20 of 30 s), and the sizes
+        reach it only through the choices of torch's min-cut (which values to save, which to recompute
+        of those no tag decides); with everything else tagged, or at lengths where activations outweigh
+        the weights by far, those choices do not move with the length. So ``memopt plan --max-seq``
+        keeps each partition it makes, by its recompute tags, and re-prices copies of it at the next
+        lengths (the offloaded plan reuses the baseline's: offloads are applied after the partition);
+        its answer is then asked again with fresh partitions, and searched again without reuse if they
+        disagree. Copies, because offloads and compression are applied to the graphs in place; and their
+        nodes take the joint graph's costs as priced now.
+        """
+        key = (recompute, share)
+        if not self.reuse_partitions or key not in self.partitions:
+            apply_recompute_tags(gm, recompute)
+            with contextlib.ExitStack() as stack:
+                if share < 1.0:
+                    stack.enter_context(torch._functorch.config.patch(activation_memory_budget=share))
+                fw, bw = partition_joint(gm, joint_inputs, num_fwd_outputs=num_fwd_outputs,
+                                         static_lifetime_input_indices=static)
+            if not self.reuse_partitions:
+                return fw, bw
+            self.partitions[key] = (fw, bw)
+        costs = {n.name: n.meta["memopt_cost"] for n in gm.graph.nodes if "memopt_cost" in n.meta}
+        return tuple(_priced_copy(g, costs) for g in self.partitions[key])  # type: ignore[return-value]
 
     def _finish(self, fw_gm: torch.fx.GraphModule, bw_gm: torch.fx.GraphModule | None,
                 num_user_outputs: int) -> None:

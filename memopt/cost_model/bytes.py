@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "hint_int",
+    "hints_of",
     "set_hints",
     "shape_env_of",
     "storage_nbytes",
@@ -223,6 +224,12 @@ def value_nbytes(val: Any, shape_env: ShapeEnv | None = None) -> int:
     return total
 
 
+def hints_of(shape_env: ShapeEnv) -> dict[sympy.Symbol, sympy.Integer]:
+    """The ShapeEnv's table of its backed symbols' hints (the example inputs' sizes)."""
+    table = getattr(shape_env, "backed_var_to_val", None)
+    return shape_env.var_to_val if table is None else table             # torch < 2.13: var_to_val
+
+
 def set_hints(shape_env: ShapeEnv, values: dict[sympy.Symbol, int], graphs: Iterable[torch.fx.GraphModule]) -> None:
     """Price symbolic graphs at other sizes: ``values`` become the hints of their (backed) symbols.
 
@@ -234,12 +241,11 @@ def set_hints(shape_env: ShapeEnv, values: dict[sympy.Symbol, int], graphs: Iter
     length that way. Two caches hold the old value and are refreshed here: the ShapeEnv's own
     (``_update_version_counter``), and the hint each ``SymInt``'s node keeps from its creation, which
     torch's partitioner reads (for every SymInt in the graphs' ``meta["val"]``: sizes, strides, storage
-    offsets, SymInt values). Nothing else changes: no guard is added, and the graph stays valid for the
-    lengths it was captured for.
+    offsets, SymInt values). Nothing else changes: no guard is added. The graph is the step's at the
+    lengths where the capture's guards hold (Dynamo's assumptions, such as "at least two blocks"), which
+    ``--max-seq`` checks before it prices one.
     """
-    table = getattr(shape_env, "backed_var_to_val", None)
-    if table is None:                       # torch < 2.13
-        table = shape_env.var_to_val
+    table = hints_of(shape_env)
     for symbol, value in values.items():
         if symbol not in table:
             raise MemoptUnsupportedError(f"symbol {symbol} is not a backed size of this ShapeEnv; it has no hint to set")

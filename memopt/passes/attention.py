@@ -30,6 +30,8 @@ from typing import Any, cast
 import torch
 import torch.fx
 
+from memopt.passes.rewrite import same_size
+
 __all__ = ["LINEAR", "SDPA", "Sublayer", "find_sublayers", "token_dims"]
 
 # How a linear and an attention call appear in a model graph (the targets Dynamo records).
@@ -54,9 +56,10 @@ class Sublayer:
     outside: dict[torch.fx.Node, tuple[int, ...]]   # inputs from outside that hold tokens (rotary, mask)
 
 
-def _shape(node: Any) -> tuple[int, ...] | None:
+def _shape(node: Any) -> tuple[Any, ...] | None:
+    """The sizes of ``node``'s value: ints, or SymInts for a symbolic length (compared by :func:`same_size`)."""
     value = node.meta.get("example_value", node.meta.get("val")) if isinstance(node, torch.fx.Node) else None
-    return tuple(int(s) for s in value.shape) if isinstance(value, torch.Tensor) else None
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else None
 
 
 def _is_linear(node: torch.fx.Node) -> bool:
@@ -162,12 +165,12 @@ def _normal(dim: int, rank: int) -> int:
     return dim + rank if dim < 0 else dim
 
 
-def _view_dim(before: Sequence[int], dim: int, after: Sequence[int]) -> int:
+def _view_dim(before: Sequence[Any], dim: int, after: Sequence[Any]) -> int:
     """The dimension of ``after`` holding what dimension ``dim`` of ``before`` held (the sizes before it
     multiply to the same; Note [Following the token dimension])."""
     prefix = math.prod(before[:dim])
     for o in range(len(after)):
-        if after[o] == before[dim] and math.prod(after[:o]) == prefix:
+        if same_size(after[o], before[dim]) and same_size(math.prod(after[:o]), prefix):
             return o
     raise ValueError(f"a view from {tuple(before)} to {tuple(after)} merges the tokens with another dimension")
 
@@ -228,7 +231,7 @@ def _rule(node: torch.fx.Node, dims: dict[torch.fx.Node, int], outside: dict[tor
         mask = node.kwargs.get("attn_mask", node.args[3] if len(node.args) > 3 else None)
         if isinstance(mask, torch.fx.Node) and mask not in dims:
             rank = len(_shape(mask) or ())
-            outside[mask] = tuple(d for d in (rank - 2, rank - 1) if (_shape(mask) or ())[d] == out[dim])
+            outside[mask] = tuple(d for d in (rank - 2, rank - 1) if same_size((_shape(mask) or ())[d], out[dim]))
         query = node.args[0]
         return dims[query] if isinstance(query, torch.fx.Node) and query in dims else dim
     if node.op == "call_function" and node.target in _ELEMENTWISE:
@@ -238,7 +241,7 @@ def _rule(node: torch.fx.Node, dims: dict[torch.fx.Node, int], outside: dict[tor
                 continue
             other = _shape(operand)
             if other is not None and len(other) >= len(out) - result and \
-                    other[result - (len(out) - len(other))] == out[result]:
+                    same_size(other[result - (len(out) - len(other))], out[result]):
                 outside[operand] = (result - (len(out) - len(other)),)
         return result
     raise ValueError(f"no token-dimension rule for {node.op} {node.target} ({node.name})")
@@ -253,7 +256,7 @@ def token_dims(start: torch.fx.Node, dim: int, region: Sequence[torch.fx.Node],
     for node in region:
         dims[node] = _rule(node, dims, outside)
         shape = _shape(node)
-        if shape is None or shape[dims[node]] != (_shape(start) or ())[dim]:
+        if shape is None or not same_size(shape[dims[node]], (_shape(start) or ())[dim]):
             raise ValueError(f"{node.name}: dimension {dims[node]} of {shape} should hold the tokens")
     del dims[start]
     return dims, outside

@@ -40,19 +40,28 @@ from typing import Any
 import torch
 import torch.fx
 
+from memopt.cost_model.bytes import hint_int
 from memopt.errors import MemoptConfigError, MemoptUnsupportedError
 from memopt.passes.attention import Sublayer, find_sublayers
 from memopt.passes.base import Pass, PassContext, PassResult
 from memopt.passes.masks import is_plain_causal
-from memopt.passes.rewrite import fake_result
+from memopt.passes.rewrite import fake_result, same_size
 import memopt.runtime.token_rows  # noqa: F401 - registers memopt::gather_rows and memopt::scatter_add_rows
 from memopt.tokens import gather_tokens, kept_count, scatter_tokens, select_tokens
 
 _SHAPED = ("view", "reshape", "expand")
 
 
-def _shape(node: torch.fx.Node) -> tuple[int, ...]:
+def _shape(node: torch.fx.Node) -> tuple[Any, ...]:
+    """Sizes: ints, or SymInts where the sequence length is symbolic (compared by :func:`same_size`)."""
     return tuple(node.meta["example_value"].shape)
+
+
+def _size(graph: torch.fx.Graph, node: torch.fx.Node, dim: int) -> Any:
+    """``node``'s size ``dim`` as a view's argument: the int, or a node that reads it when symbolic."""
+    size = _shape(node)[dim]
+    return _call(graph, torch.ops.aten.sym_size.int, (node, dim), node) if isinstance(size, torch.SymInt) \
+        else int(size)
 
 
 def _heads(sublayer: Sublayer) -> tuple[int, int]:
@@ -70,11 +79,13 @@ def _call(graph: torch.fx.Graph, target: Any, args: tuple[Any, ...], like: torch
     return node
 
 
-def _with_kept(node: torch.fx.Node, dim: int, seq: int, kept: int) -> None:
-    """Put ``kept`` for ``seq`` in the size argument of a view/reshape/expand at the token dimension."""
+def _with_kept(node: torch.fx.Node, dim: int, seq: Any, kept: Any) -> None:
+    """Put ``kept`` for ``seq`` in the size argument of a view/reshape/expand at the token dimension (an
+    int, or with a symbolic length the graph's node of that size)."""
     sizes = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) else node.args[1:]
     sizes = list(sizes)
-    if sizes[dim] == seq:
+    size = sizes[dim].meta.get("example_value") if isinstance(sizes[dim], torch.fx.Node) else sizes[dim]
+    if same_size(size, seq):
         sizes[dim] = kept
     node.args = (node.args[0], tuple(sizes)) if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) \
         else (node.args[0], *sizes)
@@ -112,22 +123,23 @@ def _eliminate(gm: torch.fx.GraphModule, sublayer: Sublayer, ratio: float, block
     returns how many it keeps."""
     seq = _shape(sublayer.hidden)[1]
     positions, replaced = _gathered_inputs(gm, sublayer, ratio, block, causal, kernels)
-    kept = _shape(positions)[1]
+    with gm.graph.inserting_after(positions):
+        kept = _size(gm.graph, positions, 1)
     for node in sublayer.region:
         node.args = torch.fx.node.map_arg(node.args, lambda a: replaced.get(a, a))
         node.kwargs = torch.fx.node.map_arg(node.kwargs, lambda a: replaced.get(a, a))
-        if node.op == "call_method" and node.target in _SHAPED:
+        if node.op == "call_method" and node.target in _SHAPED and node in sublayer.dims:
             _with_kept(node, sublayer.dims[node], seq, kept)
         node.meta["example_value"] = fake_result(node, "example_value")
     add = sublayer.residual_add
     residual = next(a for a in add.args if a is not sublayer.output)
     with gm.graph.inserting_before(add):
         scattered = _call(gm.graph, torch.ops.memopt.scatter_add_rows.default,
-                          (residual, positions, sublayer.output, seq), add) if kernels \
+                          (residual, positions, sublayer.output, _size(gm.graph, residual, 1)), add) if kernels \
             else _call(gm.graph, scatter_tokens, (residual, positions, sublayer.output), add)
     add.replace_all_uses_with(scattered)
     gm.graph.erase_node(add)
-    return kept
+    return hint_int(_shape(positions)[1])
 
 
 def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
@@ -146,7 +158,9 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         raise MemoptConfigError(
             f"option 'token_elimination.start_layer': got {start}, but this graph has {len(sublayers)} attention "
             f"layers (0 to {len(sublayers) - 1}); give a smaller index, or None for half the layers")
-    seq = _shape(sublayers[0].hidden)[1]
+    # The example's length decides (a hint, no guard on a symbolic length; ``memopt plan --max-seq`` asks
+    # lengths of whole blocks, at least the captured one).
+    seq = hint_int(_shape(sublayers[0].hidden)[1])
     blocks = -(-seq // config.block_size)
     stats: dict[str, Any] = {"sublayers": len(sublayers), "tokens": seq, "missed": missed}
     if blocks < 2:

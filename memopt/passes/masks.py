@@ -24,6 +24,8 @@ from typing import Any
 import torch
 import torch.fx
 
+from memopt.passes.rewrite import same_size
+
 __all__ = ["is_plain_causal"]
 
 _DIRECT_ELEMENTS = 1 << 28          # 16K x 16K: computed as it is; beyond, at small sizes
@@ -34,18 +36,11 @@ def _shape(node: torch.fx.Node) -> tuple[Any, ...]:
     return tuple(node.meta["example_value"].shape)
 
 
-def _same(a: Any, b: Any) -> bool:
-    """Equal sizes, compared without a guard when symbolic."""
-    if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt):
-        return isinstance(a, torch.SymInt) and isinstance(b, torch.SymInt) and a.node.expr == b.node.expr
-    return bool(a == b)
-
-
 def _is_length(node: torch.fx.Node, seq: Any) -> bool:
     """Whether ``node`` is the graph input that holds the symbolic sequence length ``seq``."""
     value = node.meta.get("example_value")
     return node.op == "placeholder" and isinstance(seq, torch.SymInt) and isinstance(value, torch.SymInt) \
-        and _same(value, seq)
+        and same_size(value, seq)
 
 
 def _subgraph(mask: torch.fx.Node, seq: Any) -> list[torch.fx.Node] | None:
@@ -116,7 +111,7 @@ def _is_tril(value: Any, size: int) -> bool:
 def is_plain_causal(gm: torch.fx.GraphModule, mask: torch.fx.Node) -> bool:
     """Whether ``mask`` is the plain causal mask (Note [Recognising the causal mask])."""
     shape = _shape(mask)
-    if len(shape) < 2 or not _same(shape[-1], shape[-2]):
+    if len(shape) < 2 or not same_size(shape[-1], shape[-2]):
         return False
     seq = shape[-1]
     nodes = _subgraph(mask, seq)

@@ -12,11 +12,12 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+import sympy
 import torch
 import torch.fx
 
 __all__ = ["eliminate_dead_code", "fake_call", "fake_result", "is_transpose", "make_node", "replace_node",
-           "value_key"]
+           "same_size", "value_key"]
 
 _aten = torch.ops.aten
 
@@ -32,6 +33,15 @@ def is_transpose(node: Any) -> bool:
     if node.target is _aten.transpose.int:
         return {int(node.args[1]) % 2, int(node.args[2]) % 2} == {0, 1}          # type: ignore[arg-type]
     return False
+
+
+def same_size(a: Any, b: Any) -> bool:
+    """Whether two sizes are equal, compared without a guard when either is symbolic: equal expressions
+    (a symbolic length a pass compares stays symbolic; a guard would tie the graph to one length)."""
+    if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt):
+        expr = lambda x: x.node.expr if isinstance(x, torch.SymInt) else sympy.Integer(x)  # noqa: E731
+        return bool(sympy.expand(expr(a) - expr(b)) == 0)
+    return bool(a == b)
 
 
 def value_key(gm: torch.fx.GraphModule) -> str:
