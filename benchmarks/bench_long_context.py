@@ -17,15 +17,15 @@ Each variant: a fresh model from seed 0, two warm-up steps (the first compiles),
 backward under ``memopt.track_memory("cpu")``, timed steps. Results: ``<out>/bench_long_context.json``,
 ``.csv`` and ``.svg``. Step times on a shared 2-core machine are noisy: quote ratios.
 
-    python benchmarks/bench_long_context.py --plan-max-seq [--profiles 80,24,8]   # 10-16 min a profile
+    python benchmarks/bench_long_context.py --plan-max-seq [--profiles 80,24,8] [--variants plain,keep_0.4]
 
-runs ``memopt plan --max-seq`` instead, one process per device, for Llama-3.1-8B with its context
-extended to 1M positions (``benchmarks/configs/llama-3.1-8b-1m.json``: nothing else changes) in QLoRA
-(NF4, double quantization, LoRA rank 32 on every linear, AdamW), batch 1, ``chunk_sequence`` with 8
-slices and ``logits: "drop"``, offloads bounded at 128 GiB of host memory: the ``a100-80gb`` profile (80),
-``rtx4090`` (24), and ``rtx4090`` with an 8 GiB budget (8). Results (predictions, not measurements):
-``<out>/bench_long_context_max_seq.json`` and ``.csv``. Token elimination is not planned there:
-``--max-seq`` refuses it (its kept-token count fixes the captured length).
+runs ``memopt plan --max-seq`` instead (6-10 min a run), one process per device and variant, for
+Llama-3.1-8B with its context extended to 1M positions (``benchmarks/configs/llama-3.1-8b-1m.json``:
+nothing else changes) in QLoRA (NF4, double quantization, LoRA rank 32 on every linear, AdamW), batch 1,
+``chunk_sequence`` with 8 slices and ``logits: "drop"``, offloads bounded at 128 GiB of host memory: the
+``a100-80gb`` profile (80), ``rtx4090`` (24), and ``rtx4090`` with an 8 GiB budget (8); ``plain`` as
+that, ``keep_0.4`` with token elimination too (40% of the blocks of 64 kept from the middle layer on,
+lossy). Results (predictions, not measurements): ``<out>/bench_long_context_max_seq.json`` and ``.csv``.
 """
 
 from __future__ import annotations
@@ -100,46 +100,59 @@ MAX_SEQ_PROFILES = {"80": ("a100-80gb", None), "24": ("rtx4090", None), "8": ("r
 QLORA_LONG = {"adapters": {"method": "lora", "rank": 32, "alpha": 64, "targets": "all-linear"},
               "quantize": {"weights": "nf4"}, "host_memory": "128GiB",
               "chunk_sequence": {"chunks": 8, "min_tokens": 1024, "logits": "drop"}}
+MAX_SEQ_VARIANTS = {"plain": QLORA_LONG, "keep_0.4": {**QLORA_LONG, **ELIMINATE}}
 
 
-def plan_max_seq(out: Path, profiles: Sequence[str]) -> int:
-    """The planned ``--max-seq`` table (see the module docstring)."""
+def _max_seq_row(key: str, variant: str, out: Path) -> dict[str, Any] | None:
+    """One ``memopt plan --max-seq`` run in a process of its own, as a row of the table (None on an error)."""
     config = Path(__file__).resolve().parent / "configs" / "llama-3.1-8b-1m.json"
-    options = out / "bench_long_context_max_seq.options.json"
+    options = out / f"bench_long_context_max_seq.{variant}.options.json"
+    options.write_text(json.dumps(MAX_SEQ_VARIANTS[variant], indent=1))
+    device, budget = MAX_SEQ_PROFILES[key]
+    command = [sys.executable, "-m", "memopt.cli", "plan", "--model", str(config), "--seq", "4096",
+               "--device", device, "--options", str(options), "--max-seq", "--json"]
+    command += ["--budget", budget] if budget else []
+    print(f"[{key} GiB, {variant}] {' '.join(command[2:])}", flush=True)
+    started = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode not in (0, 1):
+        print(done.stderr[-2000:])
+        return None
+    found = json.loads(done.stdout)
+    plan = found["plan"] or {}
+    row = {"memory_gib": int(key), "variant": variant, "device": device, "budget": budget,
+           "max_seq": found["max_seq"], "peak_bytes": plan.get("peak_bytes"),
+           "host_peak_bytes": plan.get("host_peak_bytes"), "step_time_s": plan.get("step_time_s"),
+           "plan_method": found["plan_method"], "asks": len(found["tried"]), "capture_s": found["capture_seconds"],
+           "wall_s": round(time.perf_counter() - started, 1),
+           "planner_peak_rss_bytes": found["planner_peak_rss_bytes"], "tried": found["tried"]}
+    print(f"  {found['max_seq']:,} tokens, step {row['step_time_s'] or 0:.2f} s (predicted), {row['wall_s']:.0f} s, "
+          f"planner {found['planner_peak_rss_bytes'] / 2**30:.2f} GiB", flush=True)
+    return row
+
+
+def plan_max_seq(out: Path, profiles: Sequence[str], variants: Sequence[str]) -> int:
+    """The planned ``--max-seq`` table (see the module docstring)."""
     out.mkdir(parents=True, exist_ok=True)
-    options.write_text(json.dumps(QLORA_LONG, indent=1))
     rows = []
     for key in profiles:
-        device, budget = MAX_SEQ_PROFILES[key]
-        command = [sys.executable, "-m", "memopt.cli", "plan", "--model", str(config), "--seq", "4096",
-                   "--device", device, "--options", str(options), "--max-seq", "--json"]
-        command += ["--budget", budget] if budget else []
-        print(f"[{key} GiB] {' '.join(command[2:])}", flush=True)
-        started = time.perf_counter()
-        done = subprocess.run(command, capture_output=True, text=True, check=False)
-        if done.returncode not in (0, 1):
-            print(done.stderr[-2000:])
-            return 2
-        found = json.loads(done.stdout)
-        plan = found["plan"] or {}
-        rows.append({"memory_gib": int(key), "device": device, "budget": budget, "max_seq": found["max_seq"],
-                     "peak_bytes": plan.get("peak_bytes"), "host_peak_bytes": plan.get("host_peak_bytes"),
-                     "step_time_s": plan.get("step_time_s"), "plan_method": found["plan_method"],
-                     "asks": len(found["tried"]), "capture_s": found["capture_seconds"],
-                     "wall_s": round(time.perf_counter() - started, 1),
-                     "planner_peak_rss_bytes": found["planner_peak_rss_bytes"], "tried": found["tried"]})
-        print(f"  {found['max_seq']:,} tokens, step {rows[-1]['step_time_s'] or 0:.2f} s (predicted), "
-              f"{rows[-1]['wall_s']:.0f} s, planner {found['planner_peak_rss_bytes'] / 2**30:.2f} GiB", flush=True)
+        for variant in variants:
+            row = _max_seq_row(key, variant, out)
+            if row is None:
+                return 2
+            rows.append(row)
     results = out / "bench_long_context_max_seq.json"
-    if results.exists():          # rows of devices planned by another run are kept (--profiles runs a part)
-        earlier = [r for r in json.loads(results.read_text())["rows"] if str(r["memory_gib"]) not in profiles]
-        rows = sorted(earlier + rows, key=lambda r: -r["memory_gib"])
+    if results.exists():          # rows planned by another run are kept (--profiles, --variants run a part)
+        done = {(r["memory_gib"], r["variant"]) for r in rows}
+        earlier = [r for r in json.loads(results.read_text())["rows"]
+                   if (r["memory_gib"], r.get("variant", "plain")) not in done]
+        rows = sorted(earlier + rows, key=lambda r: (-r["memory_gib"], r.get("variant", "plain")))
     results.write_text(json.dumps(
-        {"model": "llama-3.1-8b (max_position_embeddings 1M)", "options": QLORA_LONG, "batch": 1,
+        {"model": "llama-3.1-8b (max_position_embeddings 1M)", "options": MAX_SEQ_VARIANTS, "batch": 1,
          "rows": rows, "note": "predictions of memopt's cost model; no GPU was measured"}, indent=1))
     keys = [k for k in rows[0] if k != "tried"] if rows else []
     (out / "bench_long_context_max_seq.csv").write_text(
-        "\n".join([",".join(keys)] + [",".join(str(r[k]) for k in keys) for r in rows]) + "\n")
+        "\n".join([",".join(keys)] + [",".join(str(r.get(k)) for k in keys) for r in rows]) + "\n")
     return 0
 
 
@@ -147,8 +160,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if "--plan-max-seq" in args:
         profiles = args[args.index("--profiles") + 1].split(",") if "--profiles" in args else list(MAX_SEQ_PROFILES)
+        variants = args[args.index("--variants") + 1].split(",") if "--variants" in args else list(MAX_SEQ_VARIANTS)
         out = Path(args[args.index("--out") + 1]) if "--out" in args else Path(__file__).parent / "results"
-        return plan_max_seq(out, profiles)
+        return plan_max_seq(out, profiles, variants)
     return seq_main(argv, doc=__doc__, benchmark=BENCHMARK, variants=list(VARIANTS), run_one=run_one,
                     seq_lens=SEQ_LENS, quick_seq_lens=QUICK_SEQ_LENS, table=format_table,
                     title="bench_long_context: chunked MLPs and token elimination on CPU (tracked)",

@@ -9,18 +9,20 @@ Whether a length fits is asked of the lowest plan memopt can make there (``repla
 in :mod:`memopt.compiler.capture`): every saved value offloaded when the host can hold them all; else
 each repeated layer recomputed in the backward, attention included, and what the layers hand each other
 offloaded within the host bound, as Unsloth's offloaded checkpointing does; the unscheduled graph when
-that is lower. Each answer costs two partitions and a simulation, about 50 s for an 8B model on 2 cores,
-so the search asks few. A step's peak is close to linear in its length once attention is flash attention,
-so the next length is where the line through the two asked lengths nearest the limit crosses it: before
-any length has failed, growing 1.25x to 8x; then inside the bracket, bisecting when the line points
-outside it. A guess of the line before any failure, and any guess once the bracket is down to 16
-granules, asks its neighbour on the answer's side too, so that a straight line ends the search in one
-step; inside a bracket the line and bisection take turns (where the host fills up
-the peak has a kink, which slows the line down); it stops at one granule (64 tokens). Once a length's
-lowest plan is the checkpointed one, longer lengths' are too, and are asked without the baseline's
-partition. At the length found, the plan printed with its predicted step time is the unscheduled graph
-if it fits, else the lowest plan: at the longest length there is no slack for the scheduler to trade
-memory for time (CP-SAT would cost minutes to find the same plan).
+that is lower. An answer costs a partition and a simulation, about 30 s for an 8B model on 2 cores, and
+14 s on a partition made at an earlier length (Note [Reusing partitions across lengths]), so the search
+asks few. A step's peak is close to linear in its length once attention is flash attention, so the next
+length is where the line through the two asked lengths nearest the limit crosses it: before any length
+has failed, growing 1.25x to 8x; then inside the bracket, the line and bisection take turns (where the
+host fills up the peak has a kink, which slows the line down). When the line predicted the peak of the
+length it guessed within one granule's worth, or once the bracket is down to 16 granules, the guess's
+neighbour on the answer's side is asked too, which ends the search when the line is right; it stops at
+one granule (64 tokens, or token elimination's block). Once a length's lowest plan is the checkpointed
+one, longer lengths' are too, and are asked without the baseline's partition. The answer is asked again
+on fresh partitions (it fits, one granule more does not). At the length found, the plan printed with
+its predicted step time is the unscheduled graph if it fits, else the lowest plan: at the longest length
+there is no slack for the scheduler to trade memory for time (CP-SAT would cost minutes to find the
+same plan). Lengths are asked only where the capture's guards hold (:func:`_failed_guards`).
 
 Offloads go to host memory, which is finite: ``host_memory`` bounds them (Note [Bounded host memory]),
 and without one the search assumes :data:`DEFAULT_HOST_MEMORY`, and says so.
