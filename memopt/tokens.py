@@ -149,7 +149,7 @@ def select_tokens(hidden: torch.Tensor, wq: torch.Tensor, bq: torch.Tensor | Non
                   bk: torch.Tensor | None, heads: int, kv_heads: int, block_size: int, keep_ratio: float,
                   ) -> torch.Tensor:
     """(B, K) positions of the tokens a sublayer keeps, by :func:`pooled_scores` (Note [Contextual token
-    sparsity]). K is static: ``kept_count`` blocks, the last one partial."""
+    sparsity]). K is fixed by the length, not the data: ``kept_count`` blocks, the last one partial."""
     scores = pooled_scores(hidden, wq, bq, wk, bk, heads, kv_heads, block_size)
     return kept_positions(kept_blocks(scores, keep_ratio), block_size, hidden.shape[1])
 

@@ -134,13 +134,17 @@ def test_saved_attention_bytes_scale_exactly_with_the_kept_tokens() -> None:
     assert dense[1] == 4 * kept[1]
 
 
-def test_with_lora_adapters_every_token_kept_changes_no_value_and_fewer_save_less() -> None:
+@pytest.mark.parametrize("quantize", [None, {"weights": "nf4"}], ids=["lora", "qlora"])
+def test_with_lora_adapters_every_token_kept_changes_no_value_and_fewer_save_less(
+        quantize: dict[str, Any] | None) -> None:
     """LeMo's setting: LoRA on every linear. The adapters' matmuls read the same input and add to the same
     projections; the sublayer is still found, keep_ratio 1 equals the eager prepared model (every adapter
-    gradient included), and a quarter kept saves less."""
+    gradient included), and a quarter kept saves less. With NF4 base weights (QLoRA) too: the selector
+    reads the query and key weights, dequantized in the sublayer itself, which it must be given first."""
     import memopt
 
-    lora = {"adapters": {"method": "lora", "rank": 4, "alpha": 8, "targets": "all-linear"}}
+    lora = {"adapters": {"method": "lora", "rank": 4, "alpha": 8, "targets": "all-linear"},
+            **({"quantize": quantize} if quantize else {})}
     batch = token_batch(2, 128)
     saved = {}
     for ratio in (1.0, 0.25):

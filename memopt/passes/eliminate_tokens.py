@@ -5,7 +5,8 @@ unchanged model's graph. In each attention sublayer from ``start_layer`` on (fou
 [Following the token dimension] in :mod:`memopt.passes.attention` says):
 
 - ``select_tokens`` scores blocks of the sublayer's input, without gradients, and returns the kept
-  positions (B, K): K is static, so every new shape is a constant;
+  positions (B, K): K is fixed by the length (a constant, or with a symbolic length an expression in it,
+  which ``memopt plan --max-seq`` re-prices), so no new shape depends on the data;
 - the input is gathered at those positions before the q/k/v projections, and so are the tokens of the
   rotary ``cos``/``sin`` and of the mask (both of its last dimensions; a plain causal mask becomes
   ``is_causal``, below);
@@ -91,6 +92,21 @@ def _with_kept(node: torch.fx.Node, dim: int, seq: Any, kept: Any) -> None:
         else (node.args[0], *sizes)
 
 
+def _hoist(node: Any, before: torch.fx.Node) -> None:
+    """Move ``node``, and what it reads, before ``before`` when it comes later: a weight the token selector
+    reads that the sublayer makes itself (QLoRA's NF4 weights are dequantized right before their linear)."""
+    if not isinstance(node, torch.fx.Node) or node.op == "placeholder":
+        return
+    for later in before.graph.nodes:            # is ``node`` after ``before``?
+        if later is node:
+            return
+        if later is before:
+            break
+    for source in node.all_input_nodes:
+        _hoist(source, before)
+    before.prepend(node)
+
+
 def _gathered_inputs(gm: torch.fx.GraphModule, sublayer: Sublayer, ratio: float, block: int,
                      causal: set[torch.fx.Node], kernels: bool) -> tuple[torch.fx.Node, dict[torch.fx.Node, Any]]:
     """The kept positions, and what each of the sublayer's token-holding inputs becomes: gathered at
@@ -98,6 +114,8 @@ def _gathered_inputs(gm: torch.fx.GraphModule, sublayer: Sublayer, ratio: float,
     graph, hidden, (q, k, _) = gm.graph, sublayer.hidden, sublayer.projections
     heads, kv_heads = _heads(sublayer)
     bias = lambda linear: linear.args[2] if len(linear.args) > 2 else linear.kwargs.get("bias")  # noqa: E731
+    for weight in (q.args[1], bias(q), k.args[1], bias(k)):
+        _hoist(weight, sublayer.region[0])
     with graph.inserting_before(sublayer.region[0]):
         positions = _call(graph, select_tokens, (hidden, q.args[1], bias(q), k.args[1], bias(k), heads, kv_heads,
                                                  block, ratio), hidden)
@@ -158,8 +176,8 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         raise MemoptConfigError(
             f"option 'token_elimination.start_layer': got {start}, but this graph has {len(sublayers)} attention "
             f"layers (0 to {len(sublayers) - 1}); give a smaller index, or None for half the layers")
-    # The example's length decides (a hint, no guard on a symbolic length; ``memopt plan --max-seq`` asks
-    # lengths of whole blocks, at least the captured one).
+    # The example's length decides (a hint, no guard on a symbolic length: ``memopt plan --max-seq``
+    # captures three blocks at least, and asks only lengths the capture's guards admit).
     seq = hint_int(_shape(sublayers[0].hidden)[1])
     blocks = -(-seq // config.block_size)
     stats: dict[str, Any] = {"sublayers": len(sublayers), "tokens": seq, "missed": missed}
