@@ -151,6 +151,7 @@ def _eliminate(gm: torch.fx.GraphModule, sublayer: Sublayer, ratio: float, block
         node.meta["example_value"] = fake_result(node, "example_value")
     add = sublayer.residual_add
     residual = next(a for a in add.args if a is not sublayer.output)
+    assert isinstance(residual, torch.fx.Node)
     with gm.graph.inserting_before(add):
         scattered = _call(gm.graph, torch.ops.memopt.scatter_add_rows.default,
                           (residual, positions, sublayer.output, _size(gm.graph, residual, 1)), add) if kernels \
