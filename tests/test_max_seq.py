@@ -200,3 +200,20 @@ def test_the_lowest_plan_checkpoints_every_layer_when_the_host_is_small(long_tin
     widths = {tuple(v.shape)[-1] for v in kept if 512 in v.shape and v.dim() > 1 and v.shape[-1] != 512}
     assert widths <= {64, 16, 1}, widths          # hidden, rotary (head_dim), per-token statistics
     assert report.memory.saved_activation_bytes < unscheduled / 2
+
+
+@pytest.mark.xfail(strict=True, reason="issue 18, open: the checkpointed plan of an eliminated graph recomputes "
+                   "every layer at the backward's start (the embedding first), so it peaks above the unscheduled "
+                   "graph (9.8 MB against 5.1 MB here; 178 GiB at 65K tokens on the 8B model)")
+def test_the_checkpointed_plan_of_an_eliminated_graph_recomputes_each_layer_in_its_place(long_tiny: str) -> None:
+    """The checkpointed plan of a graph with token elimination in every layer recomputes each layer where
+    its backward runs, so it peaks below the unscheduled graph and saves less than half of it, as it does
+    without elimination (test_the_lowest_plan_checkpoints_every_layer_when_the_host_is_small)."""
+    captured = capture_step(long_tiny, None, {**ELIMINATED, "host_memory": "64KiB"}, device="a100-80gb",
+                            seq=2048, symbolic_length=True)
+    report = captured.reports[0]
+    unscheduled = step_report(captured).peak_bytes, report.memory.saved_activation_bytes
+    report.replan(captured.config, "checkpointed")
+    assert report.schedule is not None and report.schedule.method == "checkpointed"
+    assert step_report(captured).peak_bytes < unscheduled[0]
+    assert report.memory.saved_activation_bytes < unscheduled[1] / 2
