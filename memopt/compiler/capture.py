@@ -169,10 +169,7 @@ def _checkpointed(gm: torch.fx.GraphModule) -> frozenset[str]:
     chosen = set()
     for node in gm.graph.nodes:
         target = node.target
-        # Sizes (a SymInt, such as token elimination's kept count) are kept, never recomputed: the backward
-        # reads them early, and recomputing one pulls its layer's recomputation to the backward's start.
         if node.name not in forward or not isinstance(target, torch._ops.OpOverload) \
-                or not isinstance(node.meta.get("val"), torch.Tensor) \
                 or target._schema.is_mutable or draws_random(node) \
                 or (node.meta.get("recompute") is not None and DECISION_KEY not in node.meta):
             continue
