@@ -39,6 +39,7 @@ from memopt.schedule.model import ScheduleProblem, build_problem
 from memopt.schedule.problem import (
     DECISION_KEY,
     apply_recompute_tags,
+    apply_save_tags,
     candidates,
     draws_random,
     forward_region,
@@ -151,31 +152,36 @@ def _checkpoint_plan(gm: torch.fx.GraphModule, offload: bool) -> Plan:
     needs from the forward (the layers' inputs, mostly) offloaded, as far as the host bound goes
     (:func:`_within_host`), as Unsloth's offloaded checkpointing does; recomputation alone when ``offload``
     is off."""
-    recompute = _checkpointed(gm)
+    recompute, _ = _checkpointed(gm)
     activations = frozenset(n.name for n in gm.graph.nodes if n.op == "call_function")
     return recompute, activations - recompute if offload else frozenset(), frozenset()
 
 
-def _checkpointed(gm: torch.fx.GraphModule) -> frozenset[str]:
+def _checkpointed(gm: torch.fx.GraphModule) -> tuple[frozenset[str], frozenset[str]]:
     """Every forward op inside a repeated layer that may run again, but for what leaves the layer: per-layer
     activation checkpointing, attention included (a seeded op that draws nothing; the scheduler's own
-    plans leave it alone, Note in :func:`memopt.schedule.problem._unrecomputable_reason`). What the layers
-    hand each other, and what is outside them, is left to the partition: saved, or offloaded."""
+    plans leave it alone, Note in :func:`memopt.schedule.problem._unrecomputable_reason`); and what leaves
+    a layer for another, to be saved. What the layers hand each other is saved (or offloaded), never
+    recomputed: the min-cut would otherwise be free to recompute it from the embedding up, every layer
+    at the backward's start (it did so with token elimination's ``scatter_add`` on the residual stream)."""
     forward = forward_region(gm)
     layer: dict[torch.fx.Node, str | None] = {}
     for node in reversed(gm.graph.nodes):      # readers first: a function's op (rotary) takes its reader's
         users = {layer[u] for u in node.users if u.name in forward}
         layer[node] = layer_of(node)[0] or (next(iter(users)) if len(users) == 1 else None)
-    chosen = set()
+    chosen, leaving = set(), set()
     for node in gm.graph.nodes:
         target = node.target
         if node.name not in forward or not isinstance(target, torch._ops.OpOverload) \
                 or target._schema.is_mutable or draws_random(node) \
-                or (node.meta.get("recompute") is not None and DECISION_KEY not in node.meta):
+                or (node.meta.get("recompute") is not None and DECISION_KEY not in node.meta) \
+                or layer[node] is None:
             continue
-        if layer[node] is not None and all(layer[u] == layer[node] for u in node.users if u.name in forward):
+        if all(layer[u] == layer[node] for u in node.users if u.name in forward):
             chosen.add(node.name)
-    return frozenset(chosen)
+        elif isinstance(node.meta.get("val"), torch.Tensor):
+            leaving.add(node.name)
+    return frozenset(chosen), frozenset(leaving)
 
 
 def _priced_copy(gm: torch.fx.GraphModule, costs: dict[str, Any]) -> torch.fx.GraphModule:
@@ -226,6 +232,7 @@ class JointStage(CustomPartitionerFn):
         # Note [Reusing partitions across lengths]: partitions kept by (recompute, knapsack share), when reused.
         self.partitions: dict[tuple[frozenset[str], float], tuple[torch.fx.GraphModule, torch.fx.GraphModule]] = {}
         self.reuse_partitions = False
+        self.checkpointed: tuple[frozenset[str], frozenset[str]] | None = None     # _checkpointed of the joint graph
 
     def __call__(self, gm: torch.fx.GraphModule, joint_inputs: Sequence[object], **kwargs: Any,
                  ) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
@@ -397,6 +404,11 @@ class JointStage(CustomPartitionerFn):
         key = (recompute, share)
         if not self.reuse_partitions or key not in self.partitions:
             apply_recompute_tags(gm, recompute)
+            if recompute:
+                if self.checkpointed is None:
+                    self.checkpointed = _checkpointed(gm)
+                if recompute == self.checkpointed[0]:          # the checkpointed plan: save the layers' outputs
+                    apply_save_tags(gm, self.checkpointed[1])
             with contextlib.ExitStack() as stack:
                 if share < 1.0:
                     stack.enter_context(torch._functorch.config.patch(activation_memory_budget=share))

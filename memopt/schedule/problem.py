@@ -187,6 +187,15 @@ def candidates(joint_gm: torch.fx.GraphModule, saved: list[str],
     return out
 
 
+def apply_save_tags(joint_gm: torch.fx.GraphModule, save: frozenset[str]) -> None:
+    """Tag ``save`` MUST_SAVE as memopt's decision (cleared by :func:`apply_recompute_tags`); leave the
+    user's tags alone."""
+    for node in joint_gm.graph.nodes:
+        if node.name in save and (node.meta.get("recompute") is None or DECISION_KEY in node.meta):
+            node.meta[DECISION_KEY] = "save"
+            node.meta["recompute"] = CheckpointPolicy.MUST_SAVE
+
+
 def apply_recompute_tags(joint_gm: torch.fx.GraphModule, recompute: frozenset[str]) -> None:
     """Tag ``recompute`` MUST_RECOMPUTE; clear memopt's earlier tags (:func:`protect_random`'s are made
     again at every partition); leave the user's tags alone."""
