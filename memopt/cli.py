@@ -1,10 +1,14 @@
-"""The ``memopt`` command line: ``memopt plan``.
+"""The ``memopt`` command line: ``memopt plan``, ``memopt tune`` and ``memopt report``.
 
 ``memopt plan --model llama-2-7b --batch 1 --seq 2048 [--dtype bf16] [--device rtx4090] [--budget 24GiB]
 [--optimizer adamw] [--options OPTIONS.json] [--max-seq] [--json]``. Progress goes to stderr, the answer to
 stdout. Exit status: 0 when the step fits the device (and the budget, if given), 1 when it does not (a
 budget no plan can meet included), 2 on an error. With ``--max-seq``, the longest sequence that fits is
 searched from ``--seq`` (:mod:`memopt.max_seq`); 0 when one was found, 1 when not even 64 tokens fit.
+
+``memopt tune --out PROFILE.json [--quick] [--from-dump DIR]`` measures this device (or fits the node
+times a dump recorded) and writes a profile (:mod:`memopt.cost_model.tune`); 0 when written, 2 on an
+error, 130 when interrupted (nothing is written then).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from memopt.errors import MemoptConfigError, MemoptError, MemoptInfeasibleBudget
 
@@ -47,7 +52,28 @@ def _parser() -> argparse.ArgumentParser:
                       help="find the longest sequence (a multiple of 64) whose step fits the device or --budget, "
                            "searching from --seq; the step is captured once and re-priced at each length")
     plan.add_argument("--json", action="store_true", help="print one JSON object (byte counts) instead")
+    plan.add_argument("--force-profile", action="store_true",
+                      help="use a tuned --device profile fitted for another cost-model version")
+    _tune_parser(sub)
     return parser
+
+
+def _tune_parser(sub: Any) -> None:
+    tune = sub.add_parser(
+        "tune", help="measure this device and write a cost profile (or fit one from a dump's node times)",
+        description="Time matmuls, fused attention, elementwise and reduction ops, host copies and the "
+                    "launch overhead on this device (CUDA when present, else CPU), fit peaks and "
+                    "efficiency curves, and write a profile that options['cost_profile'] and "
+                    "`memopt plan --device` accept.")
+    tune.add_argument("--out", required=True, help="where to write the profile JSON")
+    tune.add_argument("--quick", action="store_true", help="fewer sizes and shorter timings (under 2 minutes)")
+    tune.add_argument("--from-dump", default=None, metavar="DIR",
+                      help="fit from the node times a dump recorded (options dump_dir and dump_node_times) "
+                           "instead of measuring")
+    tune.add_argument("--device", default=None, help="torch device to measure (default: cuda if present, else cpu)")
+    tune.add_argument("--base", default=None,
+                      help="profile whose figures fill what is not measured (default: the dump's, else cpu)")
+    tune.add_argument("--name", default=None, help="the profile's name (default: the output file's stem)")
 
 
 def _number_or_text(text: str) -> int | float | str:
@@ -72,6 +98,8 @@ def _plan(args: argparse.Namespace) -> int:
             raise MemoptConfigError(f"--options {args.options!r}: cannot read it as JSON ({err})") from None
         if not isinstance(options, dict):
             raise MemoptConfigError(f"--options {args.options!r}: expected a JSON object of options")
+    if args.force_profile:
+        options["force_profile"] = True
     if args.budget is not None:
         budget = _number_or_text(args.budget)
         parse_budget(budget, key="--budget")
@@ -101,11 +129,54 @@ def _plan(args: argparse.Namespace) -> int:
     return 0 if fits else 1
 
 
+def _tune(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from memopt.cost_model.profile import load_profile
+    from memopt.cost_model.tune import (curve_summary, device_memory_bytes, device_name, fit, measure,
+                                        samples_from_dump, write_profile)
+
+    name = args.name or Path(args.out).stem
+    if args.from_dump:
+        samples, keys = samples_from_dump(args.from_dump)
+        base = load_profile(args.base or _builtin_or_cpu(keys["profile"]))
+        device, memory, source = keys["device"], None, f"memopt tune --from-dump: {len(samples)} node times"
+    else:
+        import torch
+
+        target = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = device_name(target)
+        print(f"memopt tune: measuring {device}{' (quick)' if args.quick else ''}", file=sys.stderr)
+        with tqdm(desc="measuring", unit="kernel", file=sys.stderr) as bar:
+            def progress(done: int, total: int, what: str) -> None:
+                bar.total = total
+                bar.set_postfix_str(what)
+                bar.update(done - bar.n)
+
+            samples = measure(target, quick=args.quick, progress=progress)
+        base, memory = load_profile(args.base or "cpu"), device_memory_bytes(target)
+        source = f"memopt tune{' --quick' if args.quick else ''}: {len(samples)} microbenchmarks"
+    profile = fit(samples, base, name=name, device=device, source=source, memory_bytes=memory)
+    write_profile(profile, args.out)
+    print(curve_summary(profile))
+    print(f"wrote {args.out}: use it with options={{'cost_profile': {args.out!r}}} or "
+          f"`memopt plan --device {args.out}`")
+    return 0
+
+
+def _builtin_or_cpu(name: str) -> str:
+    from memopt.cost_model.profile import builtin_profile_names
+
+    return name if name in builtin_profile_names() else "cpu"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "plan":
             return _plan(args)
+        if args.command == "tune":
+            return _tune(args)
     except MemoptInfeasibleBudget as err:
         # Not a usage error: the answer is "it does not fit", with the numbers.
         print(f"memopt: does NOT fit: {err}", file=sys.stderr)
@@ -113,6 +184,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MemoptError as err:
         print(f"memopt: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("memopt: interrupted; nothing was written", file=sys.stderr)
+        return 130
     return 2
 
 

@@ -9,6 +9,7 @@ Environment overrides (read when the options are parsed, never at import time):
 - ``MEMOPT_DUMP_DIR``: dump directory when ``dump_dir`` is not given.
 - ``MEMOPT_DISABLE_PASSES``: comma-separated pass names, added to ``disable_passes``.
 - ``MEMOPT_STRICT=1`` (or true/yes/on): same as ``strict=True``; 0/false/no/off or unset: no change.
+- ``MEMOPT_FORCE_PROFILE=1``: same as ``force_profile=True`` (use a tuned profile measured elsewhere).
 """
 
 from __future__ import annotations
@@ -203,7 +204,10 @@ class MemoptConfig:
     memory_budget: MemoryBudget | None = None   # peak limit; None = no limit
     codegen: str = "inductor"                   # inductor | triton | eager
     dump_dir: str | None = None                 # per-graph dumps of every pass (or MEMOPT_DUMP_DIR)
+    dump_node_times: int = 0                    # with dump_dir and codegen="eager": profile the first N
+                                                # steps node by node (memopt tune --from-dump fits them)
     cost_profile: str | None = None             # built-in device name or a profile JSON path; None = cpu
+    force_profile: bool = False                 # use a tuned profile from another device or cost model
     adapters: AdapterConfig | None = None       # adapter injection (needs memopt.prepare)
     quantize: QuantizeConfig | None = None      # quantized frozen base weights (needs memopt.prepare)
     offload: str | bool = "auto"                # "auto": the scheduler may offload; False forbids it; "all":
@@ -443,6 +447,34 @@ def _parse_token_elimination(value: object) -> TokenEliminationConfig | None:
     return TokenEliminationConfig(**cfg)
 
 
+def _parse_tuning(opts: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if "dump_node_times" in opts:
+        steps = opts["dump_node_times"]
+        _expect("dump_node_times", steps, (int,), "a number of steps (0: off)")
+        if steps < 0:
+            raise MemoptConfigError(f"option 'dump_node_times': got {steps}; expected 0 (off) or more steps")
+        if steps and opts.get("codegen") != "eager":
+            raise MemoptConfigError(
+                "option 'dump_node_times' needs codegen='eager': only a graph run op by op has a time per "
+                "node (Inductor fuses nodes into kernels)")
+        out["dump_node_times"] = steps
+    if "force_profile" in opts:
+        _expect("force_profile", opts["force_profile"], (bool,), "True or False")
+        out["force_profile"] = opts["force_profile"]
+    return out
+
+
+def _env_flag(env: Mapping[str, str], name: str) -> bool:
+    value = env.get(name, "").strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value not in ("", "0", "false", "no", "off"):
+        raise MemoptConfigError(f"environment variable {name}={env[name]!r}: expected 1/true/yes/on or "
+                                "0/false/no/off")
+    return False
+
+
 def parse_options(options: Mapping[str, Any] | MemoptConfig | None = None,
                   environ: Mapping[str, str] | None = None) -> MemoptConfig:
     """Validate user ``options`` (plus the documented environment overrides) into a :class:`MemoptConfig`."""
@@ -465,6 +497,7 @@ def parse_options(options: Mapping[str, Any] | MemoptConfig | None = None,
         if opts.get("dump_dir") is not None:
             _expect("dump_dir", opts["dump_dir"], (str, os.PathLike), "a directory path or None")
             kwargs["dump_dir"] = os.fspath(opts["dump_dir"])
+        kwargs.update(_parse_tuning(opts))
         if opts.get("cost_profile") is not None:
             _expect("cost_profile", opts["cost_profile"], (str, os.PathLike),
                     "a built-in device name such as 'h100' or a profile JSON path")
@@ -512,11 +545,7 @@ def parse_options(options: Mapping[str, Any] | MemoptConfig | None = None,
     extra = tuple(n.strip() for n in env.get("MEMOPT_DISABLE_PASSES", "").split(",") if n.strip())
     if extra:
         changes["disable_passes"] = tuple(dict.fromkeys(config.disable_passes + extra))
-    strict = env.get("MEMOPT_STRICT", "").strip().lower()
-    if strict in ("1", "true", "yes", "on"):
-        changes["strict"] = True
-    elif strict not in ("", "0", "false", "no", "off"):
-        raise MemoptConfigError(
-            f"environment variable MEMOPT_STRICT={env['MEMOPT_STRICT']!r}: expected 1/true/yes/on or "
-            "0/false/no/off")
+    for flag, field in (("MEMOPT_STRICT", "strict"), ("MEMOPT_FORCE_PROFILE", "force_profile")):
+        if _env_flag(env, flag):
+            changes[field] = True
     return dataclasses.replace(config, **changes) if changes else config

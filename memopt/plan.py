@@ -367,9 +367,11 @@ def capture_step(model_or_config: nn.Module | str | Any, example_inputs: Mapping
     config = dataclasses.replace(config, codegen="eager")
 
     from memopt.compiler.backend import MemoptBackend
-    from memopt.cost_model.profile import load_profile
+    from memopt.cost_model.profile import check_measured_on, load_profile
 
     profile = load_profile(config.cost_profile)
+    # Planning is for the profile's own device: only its cost-model version must match.
+    check_measured_on(profile, None, force=config.force_profile)
     model, name, mode = _build(model_or_config, dtype, seq, say, seconds)
     model.train()
     if config.adapters is not None:

@@ -20,7 +20,7 @@ from memopt.compiler.dump import Dumper, graph_id
 from memopt.compiler.pipeline import PIPELINE
 from memopt.compiler.runner import check_order, run_passes
 from memopt.config import MemoptConfig, parse_options
-from memopt.cost_model.profile import DeviceProfile, load_profile
+from memopt.cost_model.profile import DeviceProfile, check_measured_on, load_profile
 from memopt.errors import MemoptConfigError, MemoptUnsupportedError
 from memopt.names import GraphInput, dynamo_inputs
 from memopt.passes.base import Pass, PassContext
@@ -89,6 +89,15 @@ class MemoptBackend:
             self._profile = load_profile(self.config.cost_profile)
         return self._profile
 
+    def _check_profile(self, example_inputs: Sequence[Any]) -> None:
+        """A tuned profile must be from this device and cost model (Note [Measured profiles are keyed])."""
+        if self.profile.measured_on is None:
+            return
+        from memopt.cost_model.tune import device_name
+
+        device = next((x.device for x in example_inputs if isinstance(x, torch.Tensor)), torch.device("cpu"))
+        check_measured_on(self.profile, device_name(device), force=self.config.force_profile)
+
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any,
                  ) -> Callable[..., Any]:
         if kwargs:
@@ -96,6 +105,7 @@ class MemoptBackend:
                 f"memopt takes its settings through options=..., not {sorted(kwargs)}; e.g. "
                 "torch.compile(model, backend='memopt', options={'memory_budget': '12GiB'})")
         config = self.config
+        self._check_profile(example_inputs)
         inputs = dynamo_inputs(gm, example_inputs)
         training = torch.is_grad_enabled() and any(
             isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs)

@@ -28,8 +28,8 @@ from memopt.compiler.dump import Dumper, timeline_svg
 from memopt.compiler.partition import apply_compress, apply_offload, partition_joint
 from memopt.compiler.runner import MemoptPassWarning, PassRecord, run_passes
 from memopt.config import MemoptConfig
-from memopt.cost_model.estimate import annotate_costs, estimate_node, transfer_time_s
-from memopt.cost_model.profile import DeviceProfile
+from memopt.cost_model.estimate import annotate_costs, estimate_node, op_class, transfer_time_s
+from memopt.cost_model.profile import COST_MODEL_VERSION, DeviceProfile
 from memopt.errors import MemoptPassError
 from memopt.names import GraphInput, joint_graph_inputs, layer_of
 from memopt.passes.base import Pass, PassContext
@@ -233,6 +233,7 @@ class JointStage(CustomPartitionerFn):
         self.partitions: dict[tuple[frozenset[str], float], tuple[torch.fx.GraphModule, torch.fx.GraphModule]] = {}
         self.reuse_partitions = False
         self.checkpointed: tuple[frozenset[str], frozenset[str]] | None = None     # _checkpointed of the joint graph
+        self.node_times: dict[str, list[dict[str, Any]]] = {}       # dump_node_times, by graph kind
 
     def __call__(self, gm: torch.fx.GraphModule, joint_inputs: Sequence[object], **kwargs: Any,
                  ) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
@@ -472,6 +473,41 @@ class JointStage(CustomPartitionerFn):
                 + ". Set options={'strict': True} to raise instead.", MemoptPassWarning, stacklevel=2)
             return None
 
+    def timed(self, gm: torch.fx.GraphModule, run: Callable[..., Any]) -> Callable[..., Any]:
+        """``run``, whose first steps record node times into the dump when asked (Note [Recording node
+        times] in memopt/runtime/node_times.py)."""
+        if not self.config.dump_node_times or not self.dumper.enabled:
+            return run
+        from memopt.runtime.node_times import NodeTimer
+
+        # A backward graph takes the outputs' gradients ("tangents") as inputs.
+        kind = "backward" if any(n.op == "placeholder" and n.name.startswith("tangents")
+                                 for n in gm.graph.nodes) else "forward"
+        return NodeTimer(gm, run, self.config.dump_node_times,
+                         lambda times, device: self._write_node_times(kind, gm, times, device))
+
+    def _write_node_times(self, kind: str, gm: torch.fx.GraphModule, times: dict[str, float],
+                          device: torch.device) -> None:
+        from memopt.cost_model.tune import NODE_TIMES, device_name
+
+        rows = []
+        for node in gm.graph.nodes:
+            cost = node.meta.get("memopt_cost")
+            if node.name not in times or cost is None:
+                continue
+            moves = cost.flops > 0 or cost.read_bytes + cost.out_bytes > 0
+            kernel_class = op_class(node, cost.flops) if moves else "none"      # "none": a view, a scalar
+            work = cost.flops if cost.flops > 0 else cost.read_bytes + cost.out_bytes
+            rows.append({"graph": kind, "name": node.name, "target": str(node.target), "op_class": kernel_class,
+                         "work": work, "seconds": float(f"{times[node.name]:.4g}"),
+                         "predicted_s": float(f"{cost.time_s:.4g}")})
+        self.node_times[kind] = rows
+        self.dumper.write_json(NODE_TIMES, {
+            "cost_model": COST_MODEL_VERSION, "device": device_name(device), "profile": self.profile.name,
+            "steps": self.config.dump_node_times,
+            "clock": "torch.profiler device time" if device.type == "cuda" else "host clock around each node",
+            "nodes": [row for part in ("forward", "backward") for row in self.node_times.get(part, [])]})
+
     def inference(self, gm: torch.fx.GraphModule) -> None:
         """Record an inference-only graph (no backward)."""
         self.primal_kinds = self.report.input_kinds
@@ -510,7 +546,7 @@ def compile_joint(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], stage
         from torch._dynamo.backends.common import aot_autograd
 
         def fw_compiler(fw_gm: torch.fx.GraphModule, inputs: Sequence[Any]) -> Callable[..., Any]:
-            return _boxed_eager(fw_gm)
+            return stage.timed(fw_gm, _boxed_eager(fw_gm))
 
         def inference_compiler(fw_gm: torch.fx.GraphModule, inputs: Sequence[Any]) -> Callable[..., Any]:
             stage.inference(fw_gm)

@@ -6,8 +6,11 @@ Each kernel is assumed to run at the slower of its two limits: arithmetic (FLOPs
 its input dtype) and memory (bytes read plus bytes written over the memory bandwidth), plus a fixed
 launch overhead. Only ops PyTorch's flop counter counts (matmuls, convolutions, attention) are given an
 arithmetic limit; elementwise and reduction ops are memory-bound on every device memopt targets, so
-their FLOPs would never decide the time. Peaks are datasheet numbers, so absolute times are optimistic;
-`memopt tune` replaces them with measured ones.
+their FLOPs would never decide the time. Each limit is the profile's peak times the share of it a kernel
+of that class and size reaches (Note [Efficiency curves] in profile.py): matmuls by their FLOPs and input
+dtype (fused attention as its own class, against the same matmul peak), the rest by the bytes they move, as a reduction when the output has fewer elements than the
+largest input and as elementwise otherwise. Built-in profiles have datasheet peaks and no curves, so
+their absolute times are optimistic; `memopt tune` measures both.
 
 Note [Fused costs]
 ~~~~~~~~~~~~~~~~~~
@@ -29,10 +32,12 @@ Note [Which nodes launch nothing]
 ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
 Views (every return of the op's schema aliases an input without writing it: ``view``, ``t``,
 ``expand``, ``slice``, ``split``, ``detach``, ...), ``getitem`` on a multi-output node, placeholders,
-``get_attr`` and the output node cost 0 and move 0 bytes. ``_unsafe_view`` carries no alias annotation
-but is a reshape that never copies (AOTAutograd emits it after ``bmm``/``mm`` decompositions), so it is
-treated as a view. Allocation-only ops (``empty*``) write nothing and launch nothing: they cost 0 time
-but their output bytes are counted as allocated.
+``get_attr`` and the output node move 0 bytes and cost 0 time; but a view run op by op (``fused=False``,
+the eager code generator) is still a call through the dispatcher, as dear as a launch on a CPU (2-3 us,
+a twentieth of a tiny Llama's eager step), so it costs the launch overhead there. ``_unsafe_view``
+carries no alias annotation but is a reshape that never copies (AOTAutograd emits it after
+``bmm``/``mm`` decompositions), so it is treated as a view. Allocation-only ops (``empty*``) write
+nothing and launch nothing: they cost 0 time but their output bytes are counted as allocated.
 """
 
 from __future__ import annotations
@@ -45,9 +50,9 @@ from typing import Any
 import torch
 import torch.fx
 
-from memopt.cost_model.bytes import value_nbytes
+from memopt.cost_model.bytes import hint_int, value_nbytes
 from memopt.cost_model.flops import node_flops
-from memopt.cost_model.profile import DeviceProfile
+from memopt.cost_model.profile import MEMORY_CLASSES, DeviceProfile
 from memopt.errors import MemoptError, MemoptUnsupportedError
 
 __all__ = [
@@ -56,6 +61,7 @@ __all__ = [
     "annotate_costs",
     "estimate_node",
     "graph_time_s",
+    "op_class",
     "transfer_time_s",
 ]
 
@@ -169,7 +175,8 @@ def estimate_node(node: torch.fx.Node, profile: DeviceProfile, *, fused: bool = 
     if node.target is operator.getitem:
         return _FREE
     if isinstance(node.target, torch._ops.OpOverload) and _is_view(node.target):
-        return _FREE
+        # Op by op, a view is still a dispatched call (Note [Which nodes launch nothing]).
+        return _FREE if fused else dataclasses.replace(_FREE, time_s=profile.launch_overhead_s)
 
     out_val = _val(node, node)
     if not _has_tensor(out_val):
@@ -183,14 +190,15 @@ def estimate_node(node: torch.fx.Node, profile: DeviceProfile, *, fused: bool = 
     # all_input_nodes is deduplicated: x + x reads x once.
     read_bytes = sum(value_nbytes(_val(arg, node)) for arg in node.all_input_nodes)
     flops = node_flops(node)
+    kernel_class = op_class(node, flops)
     if fused and flops == 0 and _fusable(node.target):
         return NodeCost(out_bytes=out_bytes, read_bytes=read_bytes, flops=0,
-                        time_s=read_bytes / profile.memory_bandwidth)
-    memory_time = (read_bytes + out_bytes) / profile.memory_bandwidth
+                        time_s=_memory_time(read_bytes, kernel_class, profile))
+    memory_time = _memory_time(read_bytes + out_bytes, kernel_class, profile)
     if flops > 0:
         dtype = _input_dtype(node) or torch.float32
-        compute_time = flops / profile.matmul_flops_for(dtype)
-        kernel_time = max(compute_time, memory_time)
+        rate = profile.matmul_flops_for(dtype) * profile.efficiency_at(kernel_class, flops)
+        kernel_time = max(flops / rate, memory_time)
     else:
         kernel_time = memory_time
     return NodeCost(
@@ -199,6 +207,31 @@ def estimate_node(node: torch.fx.Node, profile: DeviceProfile, *, fused: bool = 
         flops=flops,
         time_s=kernel_time + profile.launch_overhead_s,
     )
+
+
+def op_class(node: torch.fx.Node, flops: int | None = None) -> str:
+    """The efficiency class of a kernel node (Note [Roofline per node]): ``matmul.<input dtype>`` when
+    PyTorch's counter counts its FLOPs (``attention.<input dtype>`` for fused attention), else
+    ``reduction`` or ``elementwise`` by its element counts."""
+    if (node_flops(node) if flops is None else flops) > 0:
+        kind = "attention" if "attention" in str(node.target) else "matmul"
+        return f"{kind}.{_dtype_name(_input_dtype(node) or torch.float32)}"
+    out = _first_tensor(node.meta.get("val"))
+    largest = max((t.numel() for arg in node.all_input_nodes
+                   if (t := _first_tensor(arg.meta.get("val"))) is not None), default=0)
+    if out is not None and hint_int(out.numel()) < hint_int(largest):
+        return "reduction"
+    return "elementwise"
+
+
+def _memory_time(nbytes: int, kernel_class: str, profile: DeviceProfile) -> float:
+    # A matmul's or attention's traffic streams like an elementwise op's.
+    memory_class = kernel_class if kernel_class in MEMORY_CLASSES else "elementwise"
+    return nbytes / (profile.memory_bandwidth * profile.efficiency_at(memory_class, nbytes))
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _fusable(target: Any) -> bool:

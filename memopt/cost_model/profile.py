@@ -4,10 +4,11 @@ Built-in profiles are versioned JSON files in ``memopt/cost_model/profiles/`` (o
 from public datasheets); ``memopt tune`` writes the same format from measurements. JSON and not pickle:
 a profile is data a user may read, diff and edit, and loading one must not run code.
 
-The file format, version 1 (every field required, no others allowed)::
+The file format, version 2 (every field required, no others allowed; a version-1 file, which lacks the
+last two fields, is read as having no curves and no measurement key)::
 
     {
-      "format_version": 1,
+      "format_version": 2,
       "name": "h100",                       # short name, the file stem for built-ins
       "description": "...",                 # which variant, what was assumed
       "source": "...",                      # where the numbers come from, in words
@@ -16,8 +17,35 @@ The file format, version 1 (every field required, no others allowed)::
       "vector_flops": 6.69e13,              # non-tensor-core fp32 FLOP/s
       "memory_bandwidth": 3.35e12,          # device memory, bytes/s
       "host_device_bandwidth": 5.0e10,      # one direction, bytes/s
-      "launch_overhead_s": 5e-06            # per kernel, seconds
-    }
+      "launch_overhead_s": 5e-06,           # per kernel, seconds
+      "efficiency": {                       # share of the peak reached, by op class, against the work
+        "matmul.float32": [[1e6, 0.12], [1e9, 0.85]],   # [FLOPs, share of matmul_flops] (per dtype)
+        "attention.float32": [[1e7, 0.1], [1e9, 0.4]],  # fused attention, as a share of the same
+        "elementwise": [[4096, 0.05], [1e8, 0.9]],      # [bytes moved, share of memory_bandwidth]
+        "reduction": [[4096, 0.04], [1e8, 0.8]]
+      },                                    # {} for datasheet profiles: every kernel at its peak
+      "measured_on": {"device": "NVIDIA H100 80GB HBM3", "torch": "2.13.0", "cost_model": 2}
+    }                                       # measured_on: null for datasheet profiles
+
+Note [Efficiency curves]
+~~~~~~~~~~~~~~~~~~~~~~~~
+A kernel reaches its peak only when it has enough work: a 64x64 matmul runs at a few percent of a GPU's
+tensor-core peak, a 4 KiB add at a few percent of its memory bandwidth, and a CPU's small tensors live in
+cache and beat its DRAM bandwidth. One constant per device cannot say both, so a tuned profile carries,
+per op class, the share of the peak reached as a function of the work (FLOPs for matmuls, bytes moved for
+the rest), measured at a grid of sizes; between points it is interpolated linearly in log(work) and held
+at the ends. The class of a node is decided by the cost model (estimate.py), which is why a profile names
+the cost-model version it was fitted for: curves fitted under one classification mean something else
+under another, and such a profile is refused (Note [Measured profiles are keyed]).
+
+Note [Measured profiles are keyed]
+~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+A tuned profile records the device it was measured on, the torch version and COST_MODEL_VERSION. Using it
+with another cost-model version or on another device (when the device is known: the backend's; ``memopt
+plan`` plans for the profile's own device) is refused with the command that re-tunes, unless forced
+(option ``force_profile`` or ``MEMOPT_FORCE_PROFILE=1``): prices from another machine are a wrong plan
+that looks right. Another torch version only warns, since kernels change speed between releases but
+rarely by the factor a device does.
 """
 
 from __future__ import annotations
@@ -31,6 +59,7 @@ import importlib.resources
 import json
 import math
 import os
+import re
 import types
 from collections.abc import Mapping
 from pathlib import Path
@@ -44,7 +73,10 @@ if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
 
 __all__ = [
+    "COST_MODEL_VERSION",
     "FORMAT_VERSION",
+    "MEMORY_CLASSES",
+    "check_measured_on",
     "DeviceProfile",
     "builtin_profile_names",
     "load_profile",
@@ -53,7 +85,10 @@ __all__ = [
 
 # Bump when a field changes meaning or a required field is added; load_profile rejects other versions
 # instead of guessing, since a misread profile silently produces a wrong plan.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Bump when estimate.py changes how it uses a profile (op classes, what "work" is, the roofline's form):
+# a profile fitted for another version is refused (Note [Measured profiles are keyed]).
+COST_MODEL_VERSION = 2
 
 _DEFAULT_PROFILE = "cpu"
 _TF32 = "tf32"  # not a torch dtype: fp32 matmuls on tensor cores when torch allows TF32
@@ -67,7 +102,15 @@ _FIELD_UNITS = {
     "host_device_bandwidth": "a positive number of bytes/s",
     "launch_overhead_s": "a positive number of seconds",
 }
-_FIELDS = ("format_version", *_TEXT_FIELDS, "memory_bytes", "matmul_flops", *_RATE_FIELDS)
+_FIELDS = ("format_version", *_TEXT_FIELDS, "memory_bytes", "matmul_flops", *_RATE_FIELDS, "efficiency",
+           "measured_on")
+# Op classes with an efficiency curve: matmuls and fused attention per input dtype (a share of that
+# dtype's matmul peak), and the two memory-bound kinds (a share of the memory bandwidth).
+MEMORY_CLASSES = ("elementwise", "reduction")
+_COMPUTE_CLASSES = ("matmul", "attention")
+_MEASURED_KEYS = {"device": str, "torch": str, "cost_model": int}
+
+Curve = tuple[tuple[float, float], ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +136,10 @@ class DeviceProfile:
     host_device_bandwidth: float
     # Fixed cost of launching one kernel, seconds.
     launch_overhead_s: float
+    # Note [Efficiency curves]: per op class, (work, share of the peak) points, work increasing.
+    efficiency: Mapping[str, Curve] = dataclasses.field(default_factory=dict, hash=False)
+    # Note [Measured profiles are keyed]: device, torch and cost-model version; None for datasheets.
+    measured_on: Mapping[str, str | int] | None = dataclasses.field(default=None, hash=False)
 
     def __post_init__(self) -> None:
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -111,6 +158,26 @@ class DeviceProfile:
         if dtype == torch.float32 and allow_tf32 and _TF32 in self.matmul_flops:
             return self.matmul_flops[_TF32]
         return self.matmul_flops.get(key, self.matmul_flops["float32"])
+
+    def efficiency_at(self, op_class: str, work: float) -> float:
+        """Share of the peak an ``op_class`` kernel with ``work`` reaches (Note [Efficiency curves]);
+        1.0 where the profile has no curve. ``attention.<dtype>`` falls back to ``matmul.<dtype>``, and
+        ``matmul.<dtype>`` to ``matmul.float32``."""
+        curve = self.efficiency.get(op_class)
+        if curve is None and op_class.startswith("attention."):
+            return self.efficiency_at("matmul." + op_class.removeprefix("attention."), work)
+        if curve is None and op_class.startswith("matmul."):
+            curve = self.efficiency.get("matmul.float32")
+        if not curve:
+            return 1.0
+        x = math.log(max(work, 1.0))
+        points = [(math.log(w), e) for w, e in curve]
+        if x <= points[0][0]:
+            return points[0][1]
+        for (x0, e0), (x1, e1) in zip(points, points[1:]):
+            if x <= x1:
+                return e0 + (e1 - e0) * (x - x0) / (x1 - x0)
+        return points[-1][1]
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -192,6 +259,8 @@ def _validate(values: Mapping[str, object], origin: str) -> dict[str, object]:
                 "the fallback for dtypes the profile does not list"
             )
         out["matmul_flops"] = types.MappingProxyType(dict(sorted(table.items())))
+    out["efficiency"] = _validate_curves(values.get("efficiency"), problems)
+    out["measured_on"] = _validate_measured(values.get("measured_on"), problems)
 
     if problems:
         raise MemoptProfileError(
@@ -200,6 +269,53 @@ def _validate(values: Mapping[str, object], origin: str) -> dict[str, object]:
             "with `memopt tune --out PROFILE.json`."
         )
     return out
+
+
+def _is_curve_class(key: object) -> bool:
+    if not isinstance(key, str):
+        return False
+    kind, _, dtype = key.partition(".")
+    return key in MEMORY_CLASSES or (kind in _COMPUTE_CLASSES and _is_dtype_key(dtype))
+
+
+def _validate_curves(value: object, problems: list[str]) -> Mapping[str, Curve]:
+    """Note [Efficiency curves]: {class: [[work, share], ...]}, work positive and increasing, share in
+    (0, 1]."""
+    if not isinstance(value, Mapping):
+        problems.append(f"field 'efficiency' is {_found(value)}; expected an object mapping op classes "
+                        f"(matmul.<dtype>, attention.<dtype>, {', '.join(MEMORY_CLASSES)}) to "
+                        "[[work, share of peak], ...]")
+        return types.MappingProxyType({})
+    curves: dict[str, Curve] = {}
+    for key, points in value.items():
+        where = f"field 'efficiency.{key}'"
+        if not _is_curve_class(key):
+            problems.append(f"field 'efficiency' has key {key!r}; expected matmul.<torch dtype name> "
+                            f"(e.g. matmul.float32), attention.<dtype> or one of {', '.join(MEMORY_CLASSES)}")
+            continue
+        ok = isinstance(points, (list, tuple)) and len(points) > 0 and all(
+            isinstance(p, (list, tuple)) and len(p) == 2 and _is_positive_number(p[0])
+            and _is_positive_number(p[1]) and p[1] <= 1.0 for p in points)
+        if not ok:
+            problems.append(f"{where} is {_found(points)}; expected a non-empty list of [work, share] pairs, "
+                            "work a positive number and share of the peak in (0, 1]")
+        elif any(a[0] >= b[0] for a, b in zip(points, points[1:])):
+            problems.append(f"{where} has work values {[p[0] for p in points]}; expected them increasing")
+        else:
+            curves[key] = tuple((float(w), float(e)) for w, e in points)
+    return types.MappingProxyType(dict(sorted(curves.items())))
+
+
+def _validate_measured(value: object, problems: list[str]) -> Mapping[str, str | int] | None:
+    """Note [Measured profiles are keyed]: null, or {"device": str, "torch": str, "cost_model": int}."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping) or set(value) != set(_MEASURED_KEYS) or any(
+            not isinstance(value[k], kind) or isinstance(value[k], bool) for k, kind in _MEASURED_KEYS.items()):
+        problems.append(f"field 'measured_on' is {_found(value)}; expected null (a datasheet profile) or "
+                        '{"device": str, "torch": str, "cost_model": int}, as `memopt tune` writes it')
+        return None
+    return types.MappingProxyType(dict(sorted(value.items())))
 
 
 @functools.lru_cache(maxsize=1)
@@ -221,10 +337,12 @@ def _profile_from_data(data: object, origin: str) -> DeviceProfile:
             "Add it if the file is otherwise in the current format, or regenerate the file with "
             "`memopt tune --out PROFILE.json`."
         )
-    if isinstance(version, bool) or version != FORMAT_VERSION:
+    if version == 1 and not isinstance(version, bool):    # read as version 2 without curves or key
+        data = {**data, "format_version": FORMAT_VERSION, "efficiency": {}, "measured_on": None}
+    elif isinstance(version, bool) or version != FORMAT_VERSION:
         raise MemoptProfileError(
-            f"{origin} has field 'format_version' = {_found(version)}; this version of memopt reads format "
-            f"{FORMAT_VERSION}. Regenerate the profile with this memopt's `memopt tune --out PROFILE.json`."
+            f"{origin} has field 'format_version' = {_found(version)}; this version of memopt reads formats "
+            f"1 and {FORMAT_VERSION}. Regenerate the profile with this memopt's `memopt tune --out PROFILE.json`."
         )
 
     unknown = sorted(k for k in data if k not in _FIELDS)
@@ -349,5 +467,34 @@ def profile_to_json(profile: DeviceProfile) -> str:
     data: dict[str, object] = {"format_version": FORMAT_VERSION}
     for field in dataclasses.fields(profile):
         value = getattr(profile, field.name)
+        if field.name == "efficiency":
+            value = {key: [list(point) for point in curve] for key, curve in value.items()}
         data[field.name] = dict(value) if isinstance(value, Mapping) else value
-    return json.dumps(data, sort_keys=True, indent=2, ensure_ascii=False) + "\n"
+    text = json.dumps(data, sort_keys=True, indent=2, ensure_ascii=False)
+    # One line per curve point ("[work, share]"), not four.
+    return re.sub(r"\[\s+([^\[\]\s,]+),\s+([^\[\]\s,]+)\s+\]", r"[\1, \2]", text) + "\n"
+
+
+def check_measured_on(profile: DeviceProfile, device: str | None, *, force: bool = False) -> None:
+    """Refuse a tuned profile fitted for another cost-model version, or measured on another device than
+    ``device`` (None: not checked); warn on another torch version. Note [Measured profiles are keyed]."""
+    measured = profile.measured_on
+    if measured is None:
+        return
+    retune = ("Re-tune on the device it is for with `memopt tune --out PROFILE.json`, or force it with "
+              "options={'force_profile': True} (or MEMOPT_FORCE_PROFILE=1, or `memopt plan --force-profile`).")
+    problems = []
+    if measured["cost_model"] != COST_MODEL_VERSION:
+        problems.append(f"it was fitted for cost-model version {measured['cost_model']}, and this memopt's is "
+                        f"{COST_MODEL_VERSION}")
+    if device is not None and measured["device"] != device:
+        problems.append(f"it was measured on {measured['device']!r}, and this device is {device!r}")
+    if problems and not force:
+        raise MemoptProfileError(f"profile {profile.name!r} does not fit here: {'; '.join(problems)}. {retune}")
+    torch_version = torch.__version__.split("+")[0]
+    if measured["torch"] != torch_version or problems:
+        import warnings
+
+        what = "; ".join(problems) if problems else (
+            f"it was measured with torch {measured['torch']} and this is torch {torch_version}")
+        warnings.warn(f"profile {profile.name!r}: {what}; its prices may be off. {retune}", stacklevel=2)
