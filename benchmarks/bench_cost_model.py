@@ -133,6 +133,11 @@ def scatter_svg(points: dict[str, list[tuple[float, float]]], title: str) -> str
            f'<text x="{size / 2}" y="{size - 12}" text-anchor="middle">measured per node (log)</text>',
            f'<text x="14" y="{size / 2}" transform="rotate(-90 14 {size / 2})" text-anchor="middle">'
            'predicted (log)</text>']
+    for decade in range(math.ceil(lo), math.floor(hi) + 1):
+        at, text = xy(10.0 ** decade), _seconds_label(10.0 ** decade)
+        out += [f'<text x="{at:.1f}" y="{size - pad + 14}" text-anchor="middle">{text}</text>',
+                f'<text x="{pad - 4}" y="{size - at + 4:.1f}" text-anchor="end">{text}</text>',
+                f'<line x1="{at:.1f}" y1="{size - pad}" x2="{at:.1f}" y2="{size - pad + 4}" stroke="#000"/>']
     for index, (label, pts) in enumerate(points.items()):
         colour = colours[index % len(colours)]
         out += [f'<circle cx="{xy(m):.1f}" cy="{size - xy(p):.1f}" r="1.6" fill="{colour}" fill-opacity="0.5"/>'
@@ -140,6 +145,13 @@ def scatter_svg(points: dict[str, list[tuple[float, float]]], title: str) -> str
         out.append(f'<text x="{pad + 6}" y="{pad + 14 * index}" fill="{colour}">{label}</text>')
     out.append("</svg>")
     return "\n".join(out) + "\n"
+
+
+def _seconds_label(value: float) -> str:
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
+        if value >= scale:
+            return f"{value / scale:g} {unit}"
+    return f"{value * 1e9:g} ns"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

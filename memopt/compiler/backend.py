@@ -20,7 +20,7 @@ from memopt.compiler.dump import Dumper, graph_id
 from memopt.compiler.pipeline import PIPELINE
 from memopt.compiler.runner import check_order, run_passes
 from memopt.config import MemoptConfig, parse_options
-from memopt.cost_model.profile import DeviceProfile, check_measured_on, load_profile
+from memopt.cost_model.profile import DeviceProfile, check_measured_on, load_profile, profile_origin
 from memopt.errors import MemoptConfigError, MemoptUnsupportedError
 from memopt.names import GraphInput, dynamo_inputs
 from memopt.passes.base import Pass, PassContext
@@ -132,7 +132,9 @@ class MemoptBackend:
         self.reports.append(report)
         dumper = Dumper(config.dump_dir, report.graph_id)
         dumper.meta = {"options": {k: v for k, v in config.to_dict().items() if k != "dump_dir"},
-                       "codegen": config.codegen, "profile": self.profile.name, "input_kinds": list(report.input_kinds),
+                       "codegen": config.codegen, "profile": self.profile.name,
+                       "profile_origin": profile_origin(self.profile, config.cost_profile),
+                       "input_kinds": list(report.input_kinds),
                        "input_names": [i.name for i in inputs]}
         dumper.stage("captured", gm, kind="model", status="captured", stats={"nodes": len(gm.graph.nodes)})
         if choice is not None:

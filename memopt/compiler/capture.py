@@ -29,7 +29,7 @@ from memopt.compiler.partition import apply_compress, apply_offload, partition_j
 from memopt.compiler.runner import MemoptPassWarning, PassRecord, run_passes
 from memopt.config import MemoptConfig
 from memopt.cost_model.estimate import annotate_costs, estimate_node, op_class, transfer_time_s
-from memopt.cost_model.profile import COST_MODEL_VERSION, DeviceProfile
+from memopt.cost_model.profile import COST_MODEL_VERSION, DeviceProfile, profile_origin
 from memopt.errors import MemoptPassError
 from memopt.names import GraphInput, joint_graph_inputs, layer_of
 from memopt.passes.base import Pass, PassContext
@@ -367,6 +367,7 @@ class JointStage(CustomPartitionerFn):
             "baseline_peak_bytes": baseline.peak_bytes, "peak_bytes": result.chosen.peak_bytes,
             "lowest_peak_bytes": result.lowest.peak_bytes,
             "added_time_s": float(f"{result.chosen.added_time_s:.6g}"), "profile": self.profile.name,
+            "profile_origin": profile_origin(self.profile, config.cost_profile),
             "evaluations": result.evaluations, "method": result.method, "solver": result.solver,
             "solves": result.solves,
             "attempts": result.attempts, "candidates": result.decisions()})

@@ -77,6 +77,7 @@ __all__ = [
     "FORMAT_VERSION",
     "MEMORY_CLASSES",
     "check_measured_on",
+    "profile_origin",
     "DeviceProfile",
     "builtin_profile_names",
     "load_profile",
@@ -498,3 +499,10 @@ def check_measured_on(profile: DeviceProfile, device: str | None, *, force: bool
         what = "; ".join(problems) if problems else (
             f"it was measured with torch {measured['torch']} and this is torch {torch_version}")
         warnings.warn(f"profile {profile.name!r}: {what}; its prices may be off. {retune}", stacklevel=2)
+
+
+def profile_origin(profile: DeviceProfile, requested: str | None) -> dict[str, object]:
+    """Where a plan's prices come from, for dumps: what was asked for (a built-in name or a file), the
+    profile's source and, for a tuned one, what it was measured on."""
+    return {"requested": requested or _DEFAULT_PROFILE, "name": profile.name, "source": profile.source,
+            "measured_on": None if profile.measured_on is None else dict(profile.measured_on)}
