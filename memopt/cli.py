@@ -9,6 +9,9 @@ searched from ``--seq`` (:mod:`memopt.max_seq`); 0 when one was found, 1 when no
 ``memopt tune --out PROFILE.json [--quick] [--from-dump DIR]`` measures this device (or fits the node
 times a dump recorded) and writes a profile (:mod:`memopt.cost_model.tune`); 0 when written, 2 on an
 error, 130 when interrupted (nothing is written then).
+
+``memopt report DUMP_DIR [B_DIR] [--out report.html]`` writes one HTML page from a dump folder, or
+comparing two (:mod:`memopt.report`); 0 when written, 2 on an error.
 """
 
 from __future__ import annotations
@@ -55,6 +58,13 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--force-profile", action="store_true",
                       help="use a tuned --device profile fitted for another cost-model version")
     _tune_parser(sub)
+    report = sub.add_parser(
+        "report", help="one self-contained HTML page from a dump folder, or comparing two",
+        description="Read dump folders (options dump_dir) and write one HTML page: memory timelines with "
+                    "the budget, the passes, the schedule's decisions by layer, measured against predicted; "
+                    "with two folders, what differs between them.")
+    report.add_argument("dumps", nargs="+", metavar="DUMP_DIR", help="a dump folder, or two to compare")
+    report.add_argument("--out", default="report.html", help="the page to write (default report.html)")
     return parser
 
 
@@ -177,6 +187,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _plan(args)
         if args.command == "tune":
             return _tune(args)
+        if args.command == "report":
+            from memopt.report import write_report
+
+            print(f"wrote {write_report(args.dumps, args.out)}")
+            return 0
     except MemoptInfeasibleBudget as err:
         # Not a usage error: the answer is "it does not fit", with the numbers.
         print(f"memopt: does NOT fit: {err}", file=sys.stderr)

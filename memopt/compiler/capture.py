@@ -24,7 +24,7 @@ import torch
 import torch.fx
 from torch._inductor.custom_graph_pass import CustomPartitionerFn
 
-from memopt.compiler.dump import Dumper, timeline_svg
+from memopt.compiler.dump import Dumper, timeline_json, timeline_svg
 from memopt.compiler.partition import apply_compress, apply_offload, partition_joint
 from memopt.compiler.runner import MemoptPassWarning, PassRecord, run_passes
 from memopt.config import MemoptConfig
@@ -49,6 +49,7 @@ from memopt.schedule.problem import (
 )
 from memopt.schedule.search import search_plan
 from memopt.schedule.simulate import (
+    MemoryEvent,
     MemoryTimeline,
     simulate_joint,
     simulate_step,
@@ -234,6 +235,8 @@ class JointStage(CustomPartitionerFn):
         self.reuse_partitions = False
         self.checkpointed: tuple[frozenset[str], frozenset[str]] | None = None     # _checkpointed of the joint graph
         self.node_times: dict[str, list[dict[str, Any]]] = {}       # dump_node_times, by graph kind
+        self.timelines: dict[str, list[MemoryEvent]] = {}            # for the dump's memory_timeline.json
+        self.timeline_budget: int | None = None
 
     def __call__(self, gm: torch.fx.GraphModule, joint_inputs: Sequence[object], **kwargs: Any,
                  ) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
@@ -246,11 +249,14 @@ class JointStage(CustomPartitionerFn):
         if self.dumper.enabled:
             self.dumper.stage("joint", gm, kind="joint", status="captured",
                               stats={"nodes": len(gm.graph.nodes), "predicted": _measure(gm)})
+            self.timelines["joint graph, before its passes"] = simulate_joint(gm).events
         ctx = PassContext(config=self.config, stage="joint", profile=self.profile, inputs=inputs)
         start = time.perf_counter()
         gm, records = run_passes(gm, self.passes, ctx, self.dumper, measure=_measure)
         self.report.passes.extend(records)
         self.report.seconds["joint_passes"] = time.perf_counter() - start
+        if self.dumper.enabled:
+            self.timelines["joint graph, after its passes"] = simulate_joint(gm).events
 
         self._plan(gm, joint_inputs, num_fwd_outputs, static, self.config)
         fake_mode = torch._guards.detect_fake_mode()
@@ -279,6 +285,9 @@ class JointStage(CustomPartitionerFn):
         self.progress("partitioning into forward and backward graphs")
         start = time.perf_counter()
         self.report.schedule, self.report.budget_bytes = None, None
+        self.timeline_budget = None           # a plan made before (report.replan) leaves no budget line
+        for key in ("step before scheduling", "step after scheduling"):
+            self.timelines.pop(key, None)
         if config.memory_budget is None and config.offload != "all" and not lowest:
             # A plan made before (report.replan) is undone.
             fw_gm, bw_gm = self._partition(gm, joint_inputs, num_fwd_outputs, static, frozenset())
@@ -362,19 +371,8 @@ class JointStage(CustomPartitionerFn):
                                  knapsack=True)
         apply_recompute_tags(gm, result.chosen.recompute)   # the joint graph shows the chosen plan
         self.report.schedule = result
-        self.dumper.write_json("schedule.json", {
-            "budget": str(budget), "budget_bytes": limit, "feasible": result.feasible,
-            "baseline_peak_bytes": baseline.peak_bytes, "peak_bytes": result.chosen.peak_bytes,
-            "lowest_peak_bytes": result.lowest.peak_bytes,
-            "added_time_s": float(f"{result.chosen.added_time_s:.6g}"), "profile": self.profile.name,
-            "profile_origin": profile_origin(self.profile, config.cost_profile),
-            "evaluations": result.evaluations, "method": result.method, "solver": result.solver,
-            "solves": result.solves,
-            "attempts": result.attempts, "candidates": result.decisions()})
-        self.dumper.write_text("memory_timeline.svg", timeline_svg(
-            {"before scheduling": [(e.phase, e.live_bytes) for e in baseline.timeline.events],
-             "after scheduling": [(e.phase, e.live_bytes) for e in result.chosen.timeline.events]},
-            limit, f"{self.report.graph_id}: live bytes of one step (budget {budget})"))
+        if self.dumper.enabled:
+            self._dump_schedule(gm, config, limit, result)
         if not result.feasible:
             self.dumper.finish()
             assert budget is not None
@@ -384,6 +382,28 @@ class JointStage(CustomPartitionerFn):
                          offload_allowed=transfer is not None, compress_allowed=compression is not None)
         self.report.budget_bytes = None if budget is None else limit
         return result.chosen.forward, result.chosen.backward
+
+    def _dump_schedule(self, gm: torch.fx.GraphModule, config: MemoptConfig, limit: int,
+                       result: ScheduleResult) -> None:
+        """schedule.json (each decision with its layer) and the timelines before and after scheduling."""
+        budget, baseline = config.memory_budget, result.baseline
+        layers = {n.name: layer_of(n)[0] for n in gm.graph.nodes}
+        self.dumper.write_json("schedule.json", {
+            "budget": str(budget), "budget_bytes": limit, "feasible": result.feasible,
+            "baseline_peak_bytes": baseline.peak_bytes, "peak_bytes": result.chosen.peak_bytes,
+            "lowest_peak_bytes": result.lowest.peak_bytes,
+            "added_time_s": float(f"{result.chosen.added_time_s:.6g}"), "profile": self.profile.name,
+            "profile_origin": profile_origin(self.profile, config.cost_profile),
+            "evaluations": result.evaluations, "method": result.method, "solver": result.solver,
+            "solves": result.solves, "attempts": result.attempts,
+            "candidates": [{**row, "layer": layers.get(row["name"])} for row in result.decisions()]})
+        self.timelines["step before scheduling"] = baseline.timeline.events
+        self.timelines["step after scheduling"] = result.chosen.timeline.events
+        self.timeline_budget = limit
+        self.dumper.write_text("memory_timeline.svg", timeline_svg(
+            {"before scheduling": [(e.phase, e.live_bytes) for e in baseline.timeline.events],
+             "after scheduling": [(e.phase, e.live_bytes) for e in result.chosen.timeline.events]},
+            limit, f"{self.report.graph_id}: live bytes of one step (budget {budget})"))
 
     def _partition(self, gm: torch.fx.GraphModule, joint_inputs: Sequence[object], num_fwd_outputs: int,
                    static: list[int] | None, recompute: frozenset[str], share: float = 1.0,
@@ -456,6 +476,11 @@ class JointStage(CustomPartitionerFn):
                 self.dumper.write_text(f"kernel_{name}", source)     # the Triton kernels these graphs call
         for name, seconds in report.seconds.items():
             self.dumper.timing(name, seconds)
+        if self.dumper.enabled and report.memory is not None:
+            timelines = dict(self.timelines)
+            if "step after scheduling" not in timelines:          # else the same line twice
+                timelines["step as compiled"] = report.memory.events
+            self.dumper.write_json("memory_timeline.json", timeline_json(timelines, self.timeline_budget))
         self.dumper.finish()
 
     def _analysis(self, what: str, run: Callable[[], _T]) -> _T | None:

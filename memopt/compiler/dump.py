@@ -7,8 +7,12 @@ Layout of ``<dump_dir>/<graph id>/``::
     NN_joint.py/.json         the joint forward+backward graph from AOTAutograd
     NN_<joint pass>.py/.json  one pair per joint-graph pass that ran
     NN_forward.py/.json       the partitioned forward graph, then the backward
-    schedule.json             with a memory budget: per candidate its bytes, choice, cost and why
+    schedule.json             with a memory budget: per candidate its layer, bytes, choice, cost and why
     memory_timeline.svg       with a memory budget: live bytes over the step before and after scheduling
+    memory_timeline.json      live bytes over the joint graph before and after its passes, the step before
+                              and after scheduling, and as compiled (what `memopt report` plots)
+    node_times.json           with dump_node_times: each node's measured seconds in real steps
+    kernel_*                  the Triton kernels the graphs call
     index.json                what ran, in order, with each stage's status and file names
     timings.json              measured seconds: the only file that differs between identical runs
 
@@ -200,6 +204,19 @@ class Dumper:
 def _version() -> str:
     from memopt import __version__
     return __version__
+
+
+def timeline_json(timelines: dict[str, Any], budget_bytes: int | None, points: int = 600) -> dict[str, Any]:
+    """Each timeline (events with ``phase`` and ``live_bytes``) as at most ``points`` points: the largest
+    value of each run of events, so the peak survives the thinning; ``phase`` where each run starts."""
+    series = {}
+    for name, events in timelines.items():
+        step = max(1, -(-len(events) // points))
+        runs = [events[i:i + step] for i in range(0, len(events), step)]
+        series[name] = {"phase": [run[0].phase for run in runs],
+                        "live_bytes": [max(e.live_bytes for e in run) for run in runs],
+                        "events": len(events), "peak_bytes": max((e.live_bytes for e in events), default=0)}
+    return {"budget_bytes": budget_bytes, "series": series}
 
 
 def timeline_svg(series: dict[str, list[tuple[str, int]]], budget_bytes: int | None, title: str,

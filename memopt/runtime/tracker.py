@@ -76,13 +76,18 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
+import os
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 
 from memopt.errors import MemoptError
 from memopt.runtime.device import PeakReading, get_device_backend
+
+TRACKED_STEPS = "tracked_steps.json"     # in a dump folder: what track_memory(dump_dir=...) measured
 
 __all__ = [
     "HostPoolRegistry",
@@ -236,7 +241,8 @@ class MemoryTracker:
 
 
 @contextlib.contextmanager
-def _tracked(device: torch.device | str | None) -> Iterator[MemoryTracker]:
+def _tracked(device: torch.device | str | None, dump_dir: str | os.PathLike[str] | None,
+             ) -> Iterator[MemoryTracker]:
     backend = get_device_backend(device)
     tracker = MemoryTracker(backend.device)
     watch = _HOST_POOL.open_watch()
@@ -255,14 +261,29 @@ def _tracked(device: torch.device | str | None) -> Iterator[MemoryTracker]:
         finally:
             host_bytes = _HOST_POOL.close_watch(watch)
         tracker._finish(reading, host_bytes)
+        if dump_dir is not None:
+            _record(tracker, Path(dump_dir))
 
 
-def track_memory(device: torch.device | str | None = None
+def _record(tracker: MemoryTracker, dump_dir: Path) -> None:
+    """Append the block's figures to ``<dump_dir>/tracked_steps.json`` (what `memopt report` sets
+    against the plan's predicted peak)."""
+    path = dump_dir / TRACKED_STEPS
+    dump_dir.mkdir(parents=True, exist_ok=True)
+    steps = json.loads(path.read_text()) if path.exists() else []
+    steps.append({"device": str(tracker.device), "baseline_bytes": tracker.baseline_bytes,
+                  "peak_bytes": tracker.peak_bytes, "peak_increase_bytes": tracker.peak_increase_bytes,
+                  "end_bytes": tracker.end_bytes, "host_bytes": tracker.host_bytes})
+    path.write_text(json.dumps(steps, indent=1, sort_keys=True) + "\n")
+
+
+def track_memory(device: torch.device | str | None = None, *, dump_dir: str | os.PathLike[str] | None = None,
                  ) -> contextlib.AbstractContextManager[MemoryTracker]:
     """Measure the tensor memory used by a ``with`` block on ``device`` (module docstring: how).
 
     ``device`` is a ``torch.device`` or a string (``"cpu"``, ``"cuda"``, ``"cuda:1"``); None means the
     current CUDA device when CUDA is available, else the CPU. Blocks may be nested and repeated; each
-    tracker covers exactly its own block.
+    tracker covers exactly its own block. ``dump_dir``: also append the figures to that dump folder's
+    ``tracked_steps.json``, where ``memopt report`` compares them with the plan.
     """
-    return _tracked(device)
+    return _tracked(device, dump_dir)
