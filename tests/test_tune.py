@@ -379,3 +379,17 @@ def test_a_tuned_profile_predicts_the_eager_step_within_35_percent(tmp_path: Pat
             memory_bandwidth=tuned.memory_bandwidth * factor, launch_overhead_s=tuned.launch_overhead_s / factor)
         off = bench.predict(run["backend"], scaled)[0] / run["measured_s"] - 1.0
         assert abs(off) > 0.35, (factor, off)
+
+
+def test_memopt_plan_takes_a_tuned_profile_and_refuses_a_stale_one(tmp_path: Path) -> None:
+    tuned = _measured(dataclasses.replace(load_profile("cpu"), name="tuned"))
+    write_profile(tuned, tmp_path / "tuned.json")
+    write_profile(_measured(tuned, cost_model=COST_MODEL_VERSION - 1), tmp_path / "stale.json")
+    args = ("plan", "--model", "llama-tiny", "--seq", "64", "--json", "--device")
+    out = _memopt(*args, str(tmp_path / "tuned.json"))
+    assert out.returncode in (0, 1), out.stderr
+    assert json.loads(out.stdout)["device"] == "tuned"
+    stale = _memopt(*args, str(tmp_path / "stale.json"))
+    assert stale.returncode == 2 and "memopt tune --out" in stale.stderr and "Traceback" not in stale.stderr
+    forced = _memopt(*args, str(tmp_path / "stale.json"), "--force-profile")
+    assert forced.returncode in (0, 1) and "cost-model version" in forced.stderr
