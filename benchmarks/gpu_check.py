@@ -19,7 +19,9 @@ section does not stop the next. A time guard (``--time-limit``, 450 s) skips wha
    predicted step time against the measured one.
 5. ``versus_pytorch``: the same model under ``torch.compile`` with ``activation_memory_budget`` 0.5 and
    0.25, and memopt given each of those runs' measured peak as its budget: peak and step time side by side.
-6. ``tune``: ``memopt tune --quick``, skipped until that command exists.
+6. ``tune``: ``memopt tune --quick`` on the device (the fitted profile is in the results), then the tiny
+   Llama's op-by-op step (``codegen="eager"``) predicted with the built-in profile and with the tuned
+   one, against the measured time.
 
 Writes ``<out>/gpu_check.json`` and ``<out>/gpu_check.md`` (default ``benchmarks/results/gpu``; the dry
 run writes to ``--out`` only when given one, else to a temporary folder). Exit status 1 when a section
@@ -409,11 +411,34 @@ def versus_pytorch(check: Check, out: dict[str, Any]) -> None:
 
 
 def tune(check: Check, out: dict[str, Any]) -> None:
-    import importlib.util
+    """``memopt tune --quick`` on this device, then the tiny Llama's op-by-op step predicted with the
+    built-in profile and with the tuned one, against the measured time."""
+    import torch
 
-    if importlib.util.find_spec("memopt.tune") is None:
-        raise Skip("`memopt tune` does not exist yet (its own issue)")
-    raise Skip("`memopt tune --quick` is not wired into the GPU check yet")
+    from memopt.compiler.backend import MemoptBackend
+    from memopt.cost_model.estimate import estimate_node
+    from memopt.cost_model.profile import load_profile, profile_to_json
+    from memopt.cost_model.tune import device_name, fit, measure
+
+    started = time.perf_counter()
+    samples = measure(check.device, quick=True)
+    builtin = load_profile("cpu" if check.dry_run else "h200")
+    tuned = fit(samples, builtin, name="gpu_check_tuned", device=device_name(check.device),
+                source=f"gpu_check: memopt tune --quick, {len(samples)} measurements")
+    out["tune_s"] = time.perf_counter() - started
+    out["profile"] = json.loads(profile_to_json(tuned))
+    shape = DRY_TINY if check.dry_run else GPU_TINY
+    model = llama(shape, torch.float32 if check.dry_run else torch.bfloat16, check.device)
+    batch = batch_of(shape[-1], DRY_SHAPE if check.dry_run else GPU_SHAPE, check.device)
+    torch._dynamo.reset()
+    backend = MemoptBackend({"codegen": "eager", "cost_profile": builtin.name})
+    _, measured = check.step_peak_and_time(fwd_bwd(torch.compile(model, backend=backend), batch))
+    graphs = [g for r in backend.reports for g in (r.forward, r.backward) if g is not None]
+    rows = out.setdefault("rows", [])
+    for label, profile in (("built-in " + builtin.name, builtin), ("tuned", tuned)):
+        predicted = sum(estimate_node(n, profile).time_s for g in graphs for n in g.graph.nodes)
+        rows.append({"profile": label, "predicted_step_s": predicted, "measured_step_s": measured,
+                     "error": predicted / measured - 1.0})
 
 
 SECTIONS: tuple[tuple[str, Callable[[Check, dict[str, Any]], None], float], ...] = (
@@ -422,7 +447,7 @@ SECTIONS: tuple[tuple[str, Callable[[Check, dict[str, Any]], None], float], ...]
     ("kernels", kernels, 30),
     ("plan", plan_truth, 120),
     ("versus_pytorch", versus_pytorch, 90),
-    ("tune", tune, 0),
+    ("tune", tune, 30),
 )
 
 

@@ -56,7 +56,7 @@ EXPECTED_FILES = [
     "03_relu_as_mask.json", "03_relu_as_mask.py",
     "04_forward.json", "04_forward.py",
     "05_backward.json", "05_backward.py",
-    "index.json", "timings.json",
+    "index.json", "memory_timeline.json", "timings.json",
 ]
 
 # Compiles SmallCNN once through the dump pipeline into argv[1]; run twice in fresh interpreters.
@@ -227,7 +227,7 @@ def test_dump_dir_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     stages = ["captured", *ran_model, "joint", *ran, "forward", "backward"]
     assert sorted(p.name for p in folder.iterdir()) == sorted(
         [f"{i:02d}_{name}.{ext}" for i, name in enumerate(stages) for ext in ("json", "py")]
-        + ["index.json", "timings.json"])
+        + ["index.json", "memory_timeline.json", "timings.json"])
     index = json.loads((folder / "index.json").read_text())
     model_passes, joint_passes = (["inject_adapters", "drop_causal_masks", "eliminate_tokens", "chunk_sequence"], [
         "prune_backprop", "split_dropout", "fuse_cross_entropy", "fuse_dequant"]) if how == "backend_name" else ([], [])

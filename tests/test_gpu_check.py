@@ -25,7 +25,10 @@ def test_dry_run_runs_every_section_and_names_each_skip(tmp_path: Path) -> None:
     assert list(sections) == ["environment", "correctness", "kernels", "plan", "versus_pytorch", "tune"]
     assert all(s["status"] in ("passed", "skipped") for s in sections.values()), sections
     assert all(s.get("reason") for s in sections.values() if s["status"] == "skipped")
-    assert sections["tune"]["status"] == "skipped"
+    tune = sections["tune"]
+    assert tune["status"] == "passed" and tune["profile"]["measured_on"]["device"].startswith("cpu")
+    assert [r["profile"] for r in tune["rows"]] == ["built-in cpu", "tuned"]
+    assert all(r["predicted_step_s"] > 0 and r["measured_step_s"] > 0 for r in tune["rows"])
 
     runs = sections["correctness"]["runs"]
     assert {(r["dtype"], r["codegen"]) for r in runs} == {(d, c) for d in ("float32", "bfloat16")

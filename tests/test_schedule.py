@@ -174,8 +174,11 @@ def test_schedule_json_explains_every_candidate(tmp_path: Path) -> None:
     chosen = [a for a in data["attempts"] if a["method"] == data["method"]]
     assert chosen and chosen[0]["meets_budget"] and chosen[0]["peak_bytes"] == data["peak_bytes"]
     rows = data["candidates"]
-    assert rows and all(set(r) == {"name", "bytes", "choice", "recompute_time_s", "offload_time_s", "why"}
-                        for r in rows)
+    assert rows and all(set(r) == {"name", "layer", "bytes", "choice", "recompute_time_s", "offload_time_s",
+                                   "why"} for r in rows)
+    # Each value's layer, for the report's grouping: the tiny Llama's layers, or None outside them.
+    assert {r["layer"] for r in rows} - {None} <= {f"model.layers.{i}" for i in range(2)}
+    assert any(r["layer"] is not None for r in rows)
     recomputed = {r["name"] for r in rows if r["choice"] == "recompute"}
     assert recomputed and recomputed <= {n.name for n in backend.reports[-1].joint.graph.nodes}
     assert all(r["why"] for r in rows)

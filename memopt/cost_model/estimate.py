@@ -8,9 +8,10 @@ launch overhead. Only ops PyTorch's flop counter counts (matmuls, convolutions, 
 arithmetic limit; elementwise and reduction ops are memory-bound on every device memopt targets, so
 their FLOPs would never decide the time. Each limit is the profile's peak times the share of it a kernel
 of that class and size reaches (Note [Efficiency curves] in profile.py): matmuls by their FLOPs and input
-dtype (fused attention as its own class, against the same matmul peak), the rest by the bytes they move, as a reduction when the output has fewer elements than the
-largest input and as elementwise otherwise. Built-in profiles have datasheet peaks and no curves, so
-their absolute times are optimistic; `memopt tune` measures both.
+dtype (fused attention as its own class, against the same matmul peak), the rest by the bytes they move,
+as a reduction when the output has fewer elements than the largest input and as elementwise otherwise.
+Built-in profiles have datasheet peaks and no curves, so their absolute times are optimistic; `memopt
+tune` measures both.
 
 Note [Fused costs]
 ~~~~~~~~~~~~~~~~~~
@@ -190,7 +191,7 @@ def estimate_node(node: torch.fx.Node, profile: DeviceProfile, *, fused: bool = 
     # all_input_nodes is deduplicated: x + x reads x once.
     read_bytes = sum(value_nbytes(_val(arg, node)) for arg in node.all_input_nodes)
     flops = node_flops(node)
-    kernel_class = op_class(node, flops)
+    kernel_class = op_class(node, flops) if profile.efficiency else ""     # no curves: every class at peak
     if fused and flops == 0 and _fusable(node.target):
         return NodeCost(out_bytes=out_bytes, read_bytes=read_bytes, flops=0,
                         time_s=_memory_time(read_bytes, kernel_class, profile))
@@ -217,9 +218,10 @@ def op_class(node: torch.fx.Node, flops: int | None = None) -> str:
         kind = "attention" if "attention" in str(node.target) else "matmul"
         return f"{kind}.{_dtype_name(_input_dtype(node) or torch.float32)}"
     out = _first_tensor(node.meta.get("val"))
-    largest = max((t.numel() for arg in node.all_input_nodes
+    # At the hints: comparing symbolic sizes would add guards to the graph's ShapeEnv.
+    largest = max((hint_int(t.numel()) for arg in node.all_input_nodes
                    if (t := _first_tensor(arg.meta.get("val"))) is not None), default=0)
-    if out is not None and hint_int(out.numel()) < hint_int(largest):
+    if out is not None and hint_int(out.numel()) < largest:
         return "reduction"
     return "elementwise"
 
