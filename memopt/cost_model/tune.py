@@ -15,8 +15,13 @@ them, so the launch overhead includes what each node of an op-by-op graph pays. 
 runs them, not as a loop over one cached tensor would: inputs cycle through copies that together exceed
 a CPU's last-level cache, and outputs are held until the timing ends, as a step holds its activations,
 so that each call allocates fresh memory (a CPU's elementwise op is then 2-6x slower than on cached,
-reused buffers: measured on this project's 2-core machine, where the tuned step is within a few percent
-and the hot-loop one was 25-30% fast). The fit (Note [Fitting a profile]) then gives the model exactly
+reused buffers: measured on this project's 2-core machine, where the hot-loop profile predicted steps
+25-30% fast). On a CPU the allocator's state matters as much: glibc maps each allocation above its mmap
+threshold afresh, paying a page fault per 4 KiB, until a large free raises the threshold, which any
+process that has trained a step has done. A fresh process measured elementwise ops of 1-100 MB at 12%
+of the bandwidth it measured after one such free (and 34-44% at 1-12 MB), and which of the two a
+profile got decided whether it predicted the tiny Llama's step at -1% or +37%. So the measurement frees
+one 24 MiB tensor first, putting the process where training processes are. The fit (Note [Fitting a profile]) then gives the model exactly
 what it asks: a launch overhead, a peak per class and the share of it reached at each size
 (Note [Efficiency curves]).
 
@@ -260,6 +265,8 @@ def measure(device: torch.device | str | None = None, *, quick: bool = False,
     """Time the op classes on ``device`` (CUDA when present, else CPU); Note [What tuning measures].
     ``progress(done, total, what)`` is called after each measurement."""
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cpu":
+        _warm_allocator()
     cases = (_launch_cases(device) + _memory_cases(device, quick) + _matmul_cases(device, quick)
              + _attention_cases(device, quick) + _copy_cases(device, quick))
     target_s, repeats = (0.03, 5) if quick else (0.1, 7)
@@ -270,6 +277,14 @@ def measure(device: torch.device | str | None = None, *, quick: bool = False,
         if progress is not None:
             progress(done, len(cases), case.op_class)
     return samples
+
+
+def _warm_allocator() -> None:
+    """Free one 24 MiB tensor first, as a training process has long done (Note [What tuning measures]):
+    glibc then serves allocations below that size from its heap instead of fresh, faulting mappings."""
+    scratch = torch.empty(6 * 2**20)
+    scratch.fill_(0.0)
+    del scratch
 
 
 # ---------------------------------------------------------------------------------------------------------
