@@ -10,15 +10,21 @@ Environment overrides (read when the options are parsed, never at import time):
 - ``MEMOPT_DISABLE_PASSES``: comma-separated pass names, added to ``disable_passes``.
 - ``MEMOPT_STRICT=1`` (or true/yes/on): same as ``strict=True``; 0/false/no/off or unset: no change.
 - ``MEMOPT_FORCE_PROFILE=1``: same as ``force_profile=True`` (use a tuned profile measured elsewhere).
+- ``MEMOPT_OPTIONS``: the options, as inline JSON (``'{"memory_budget": 0.5}'``) or the path of a JSON
+  file, used when none are passed (``options=None``: ``torch.compile(model, backend="memopt")`` with no
+  ``options``, as a training framework that only takes a backend name compiles). Validated like
+  ``options``; passed options, even ``{}``, take precedence.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import os
 import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Literal
 
 from memopt.errors import MemoptConfigError
@@ -475,6 +481,32 @@ def _env_flag(env: Mapping[str, str], name: str) -> bool:
     return False
 
 
+def _parse_env_options(env: Mapping[str, str]) -> MemoptConfig:
+    """The options in ``MEMOPT_OPTIONS`` (inline JSON or a JSON file's path), validated; none: defaults."""
+    text = env.get("MEMOPT_OPTIONS", "").strip()
+    if not text:
+        return parse_options({}, env)
+    where = "environment variable MEMOPT_OPTIONS"
+    if not text.startswith(("{", "[")):
+        where = f"{where} = {text!r}"
+        try:
+            text = Path(text).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise MemoptConfigError(f"{where}: cannot read it ({err}); give inline JSON such as "
+                                    "'{\"memory_budget\": 0.5}' or the path of a JSON file of options") from None
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise MemoptConfigError(f"{where}: not valid JSON ({err.msg} at line {err.lineno}, column "
+                                f"{err.colno}); expected an object of options") from None
+    if not isinstance(options, dict):
+        raise MemoptConfigError(f"{where}: holds a JSON {type(options).__name__}; expected an object of options")
+    try:
+        return parse_options(options, env)
+    except MemoptConfigError as err:
+        raise MemoptConfigError(f"{where}: {err}") from None
+
+
 def parse_options(options: Mapping[str, Any] | MemoptConfig | None = None,
                   environ: Mapping[str, str] | None = None) -> MemoptConfig:
     """Validate user ``options`` (plus the documented environment overrides) into a :class:`MemoptConfig`."""
@@ -483,7 +515,7 @@ def parse_options(options: Mapping[str, Any] | MemoptConfig | None = None,
         config = options
     else:
         if options is None:
-            options = {}
+            return _parse_env_options(env)
         if not isinstance(options, Mapping):
             raise MemoptConfigError(
                 f"memopt options must be a dict, got {type(options).__name__}; "
