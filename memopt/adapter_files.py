@@ -97,13 +97,11 @@ def _file_tensors(prepared: list[tuple[str, nn.Module, Adapter]]) -> dict[str, t
 def load_adapters(model: nn.Module, directory: str | Path) -> nn.Module:
     """Load adapters written by :func:`save_adapters` or by PEFT onto ``model``: an unprepared model is
     prepared from the file's settings first; a prepared one must have the same method, rank and targets."""
-    from safetensors.torch import load_file
-
     folder = Path(directory)
     if not (folder / CONFIG_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
         raise MemoptConfigError(f"{folder} holds no adapters: expected {CONFIG_FILE} and {WEIGHTS_FILE} "
                                 "(written by memopt.save_adapters or PEFT's save_pretrained)")
-    meta = json.loads((folder / CONFIG_FILE).read_text())
+    meta = _read_config(folder / CONFIG_FILE)
     kind = meta.get("peft_type")
     if kind == SPARSE_TYPE:
         return _load_sparse(model, folder, meta)
@@ -111,7 +109,8 @@ def load_adapters(model: nn.Module, directory: str | Path) -> nn.Module:
         if meta.get("memopt_format") != PACA_FORMAT:
             raise MemoptUnsupportedError(f"{folder}: PaCA format {meta.get('memopt_format')!r}; this memopt "
                                          f"reads format {PACA_FORMAT}")
-        adapters: dict[str, Any] = {"method": "paca", "rank": meta["r"], "seed": meta.get("seed", 0)}
+        adapters: dict[str, Any] = {"method": "paca", "rank": _required(meta, "r", folder),
+                                    "seed": meta.get("seed", 0)}
     elif kind == "LORA":
         unsupported = [k for k in ("rank_pattern", "alpha_pattern", "modules_to_save", "layers_to_transform")
                        if meta.get(k)]
@@ -119,23 +118,30 @@ def load_adapters(model: nn.Module, directory: str | Path) -> nn.Module:
             raise MemoptUnsupportedError(
                 f"{folder}: PEFT options memopt's adapters do not have: "
                 f"{', '.join(unsupported + (['bias'] if meta.get('bias', 'none') != 'none' else []))}")
-        adapters = {"method": "dora" if meta.get("use_dora") else "lora", "rank": meta["r"],
-                    "alpha": meta["lora_alpha"], "dropout": meta.get("lora_dropout", 0.0),
+        adapters = {"method": "dora" if meta.get("use_dora") else "lora", "rank": _required(meta, "r", folder),
+                    "alpha": _required(meta, "lora_alpha", folder), "dropout": meta.get("lora_dropout", 0.0),
                     "use_rslora": bool(meta.get("use_rslora"))}
     else:
         raise MemoptUnsupportedError(f"{folder}: adapter type {kind!r}; memopt reads PEFT's LORA (LoRA, rsLoRA, "
                                      f"DoRA) and its own {PACA_TYPE}")
     targets = meta.get("target_modules")
+    if not (targets is None or isinstance(targets, str)
+            or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))):
+        raise MemoptConfigError(f"{folder / CONFIG_FILE} field 'target_modules' is {targets!r}; expected a list "
+                                "of module names or a regex string")
     adapters["targets"] = targets if isinstance(targets, str) else list(targets or [])
     if prepared_adapters(model) is None:
-        prepare(model, {"adapters": adapters})
+        try:
+            prepare(model, {"adapters": adapters})
+        except MemoptConfigError as err:
+            raise MemoptConfigError(f"{folder / CONFIG_FILE}: {err}") from None
     current = prepared_adapters(model)
     assert current is not None
     if (current.method, current.rank) != (adapters["method"], adapters["rank"]):
         raise MemoptConfigError(
             f"{folder} holds {adapters['method']} adapters of rank {adapters['rank']}; this model was prepared "
             f"with {current.method} of rank {current.rank}. Load them onto a fresh model instead")
-    tensors = load_file(str(folder / WEIGHTS_FILE))
+    tensors = _read_weights(folder / WEIGHTS_FILE)
     expected = _file_tensors(adapter_modules(model))
     missing, unexpected = sorted(expected.keys() - tensors.keys()), sorted(tensors.keys() - expected.keys())
     if missing or unexpected:
@@ -150,6 +156,33 @@ def load_adapters(model: nn.Module, directory: str | Path) -> nn.Module:
                                         f"{tuple(target.shape)}")
             target.copy_(value.to(device=target.device, dtype=target.dtype))
     return model
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise MemoptConfigError(f"{path} cannot be read as JSON ({err}); expected the adapter_config.json "
+                                "that memopt.save_adapters or PEFT's save_pretrained writes") from None
+    if not isinstance(meta, dict):
+        raise MemoptConfigError(f"{path} holds a JSON {type(meta).__name__}; expected an object (an adapter config)")
+    return meta
+
+
+def _required(meta: dict[str, Any], key: str, folder: Path) -> Any:
+    if key not in meta:
+        raise MemoptConfigError(f"{folder / CONFIG_FILE} has no field {key!r}; it is not a complete adapter config")
+    return meta[key]
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own SafetensorError and others
+        raise MemoptConfigError(f"{path} cannot be read as safetensors ({type(err).__name__}: {err}); the file "
+                                "is damaged or not the adapter weights memopt.save_adapters writes") from None
 
 
 def _sparse_tensors(model: nn.Module, decisions: list[Decision]) -> dict[str, torch.Tensor]:
@@ -181,14 +214,12 @@ def _save_sparse(model: nn.Module, out: Path) -> Path:
 
 
 def _load_sparse(model: nn.Module, folder: Path, meta: dict[str, Any]) -> nn.Module:
-    from safetensors.torch import load_file
-
     from memopt.config import parse_options
 
     if meta.get("memopt_format") != SPARSE_FORMAT:
         raise MemoptUnsupportedError(f"{folder}: sparse format {meta.get('memopt_format')!r}; this memopt reads "
                                      f"format {SPARSE_FORMAT}")
-    tensors = load_file(str(folder / WEIGHTS_FILE))
+    tensors = _read_weights(folder / WEIGHTS_FILE)
     indices = {name[:-len(".index")]: tuple(t.tolist()) for name, t in tensors.items() if name.endswith(".index")}
     config = parse_options({"sparse_backprop": meta["sparse_backprop"]}).sparse_backprop
     assert config is not None
