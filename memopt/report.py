@@ -159,7 +159,7 @@ _PAGE = """<!DOCTYPE html>
 body { font: 14px/1.4 system-ui, sans-serif; margin: 24px; color: #222; max-width: 1200px; }
 h1 { font-size: 20px; } h2 { font-size: 17px; margin-top: 32px; border-bottom: 1px solid #ccc; }
 h3 { font-size: 15px; } table { border-collapse: collapse; margin: 8px 0 16px; }
-th, td { padding: 3px 8px; border-bottom: 1px solid #eee; text-align: right; }
+th, td { padding: 3px 8px; border-bottom: 1px solid #eee; text-align: right; } td:not(.t) { white-space: nowrap; }
 th { cursor: pointer; background: #f4f4f4; position: sticky; top: 0; } th.sorted { background: #dde8f4; }
 td.t, th.t { text-align: left; } .keep { color: #555; } .recompute { color: #b35900; }
 .offload { color: #1f5fa8; } .compress { color: #7a3ea8; } .note { color: #666; font-size: 12px; }

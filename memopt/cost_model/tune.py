@@ -70,13 +70,14 @@ _aten = torch.ops.aten
 # cache, so that neither is measured from cache when a step's would not be (Note [What tuning measures]).
 _HELD_BYTES = 256 * 2**20
 _INPUT_BYTES = 64 * 2**20
-NODE_TIMES = "node_times.json"     # what a dump's profiled steps write, per graph folder
+NODE_TIMES = "node_times.json"     # what a dump's timed steps write (dump_node_times), per graph folder
 
 
 @dataclasses.dataclass(frozen=True)
 class Sample:
-    """One measured kernel: its op class (``matmul.<dtype>``, ``elementwise``, ``reduction``, ``copy``
-    for host-device transfers, ``launch`` for an empty call), its work and its median seconds."""
+    """One measured kernel: its op class (``matmul.<dtype>``, ``attention.<dtype>``, ``elementwise``,
+    ``reduction``, ``copy`` and ``copy.pageable`` for host-device transfers, ``launch`` for an empty call,
+    ``none`` for a node that moves nothing), its work and its median seconds."""
 
     op_class: str
     work: float
