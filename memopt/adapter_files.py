@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from memopt.errors import MemoptConfigError, MemoptUnsupportedError
+from memopt.jsonfiles import read_json
 from memopt.prepare import adapter_modules, prepare, prepared_adapters
 from memopt.runtime.adapters import Adapter
 from memopt.sparse import Decision, prepare_sparse, sparse_decisions, trained_parameters
@@ -101,7 +102,8 @@ def load_adapters(model: nn.Module, directory: str | Path) -> nn.Module:
     if not (folder / CONFIG_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
         raise MemoptConfigError(f"{folder} holds no adapters: expected {CONFIG_FILE} and {WEIGHTS_FILE} "
                                 "(written by memopt.save_adapters or PEFT's save_pretrained)")
-    meta = _read_config(folder / CONFIG_FILE)
+    meta = read_json(folder / CONFIG_FILE, MemoptConfigError, "expected the adapter_config.json that "
+                     "memopt.save_adapters or PEFT's save_pretrained writes")
     kind = meta.get("peft_type")
     if kind == SPARSE_TYPE:
         return _load_sparse(model, folder, meta)
@@ -156,17 +158,6 @@ def load_adapters(model: nn.Module, directory: str | Path) -> nn.Module:
                                         f"{tuple(target.shape)}")
             target.copy_(value.to(device=target.device, dtype=target.dtype))
     return model
-
-
-def _read_config(path: Path) -> dict[str, Any]:
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise MemoptConfigError(f"{path} cannot be read as JSON ({err}); expected the adapter_config.json "
-                                "that memopt.save_adapters or PEFT's save_pretrained writes") from None
-    if not isinstance(meta, dict):
-        raise MemoptConfigError(f"{path} holds a JSON {type(meta).__name__}; expected an object (an adapter config)")
-    return meta
 
 
 def _required(meta: dict[str, Any], key: str, folder: Path) -> Any:

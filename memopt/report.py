@@ -25,26 +25,22 @@ from pathlib import Path
 from typing import Any
 
 from memopt.errors import MemoptError
+from memopt.jsonfiles import json_field, read_json
 
 __all__ = ["load_dump", "render_report", "write_report"]
 
 _TRACKED = "tracked_steps.json"
 
 
+_DAMAGED = "The dump is damaged or not a memopt dump: dump again"
+
+
 def _read(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise MemoptError(f"'{path}' cannot be read as JSON ({err}); the dump is damaged: dump again") from None
+    return read_json(path, MemoptError, _DAMAGED, object_only=False)
 
 
 def _field(path: Path, data: Any, key: str, kind: type | tuple[type, ...]) -> Any:
-    if not isinstance(data, dict) or key not in data or not isinstance(data[key], kind):
-        found = data.get(key, "missing") if isinstance(data, dict) else type(data).__name__
-        raise MemoptError(f"'{path}' field '{key}' is {found!r}; expected "
-                          f"{getattr(kind, '__name__', 'a value of another kind')}. The dump is damaged or "
-                          "not a memopt dump: dump again")
-    return data[key]
+    return json_field(path, data, key, kind, MemoptError, _DAMAGED)
 
 
 def load_dump(folder: str | os.PathLike[str]) -> dict[str, Any]:
@@ -84,7 +80,9 @@ def _graph(folder: Path, index: dict[str, Any]) -> dict[str, Any]:
     index_path = folder / "index.json"
     stages = _field(index_path, index, "stages", list)
     timings = _optional(folder, "timings.json") or {}
-    rows = [_stage_row(folder, stage, timings) for stage in stages]
+    stats = {_field(index_path, stage, "name", str): _read(folder / stage["stats"]) for stage in stages
+             if isinstance(stage, dict) and isinstance(stage.get("stats"), str)}
+    rows = [_stage_row(folder, stage, timings, stats) for stage in stages]
     schedule = _optional(folder, "schedule.json")
     if schedule is not None:
         _field(folder / "schedule.json", schedule, "candidates", list)
@@ -96,12 +94,13 @@ def _graph(folder: Path, index: dict[str, Any]) -> dict[str, Any]:
     return {"id": _field(index_path, index, "graph", str), "folder": folder.name, "codegen": index.get("codegen"),
             "profile": index.get("profile_origin") or index.get("profile"), "options": index.get("options", {}),
             "passes": rows, "schedule": schedule, "timeline": timeline, "files": files,
-            "predicted": _predicted(folder, stages), "node_times": _slowest(node_times)}
+            "predicted": _predicted(stats.get("forward")), "node_times": _slowest(node_times)}
 
 
-def _stage_row(folder: Path, stage: Any, timings: dict[str, float]) -> dict[str, Any]:
+def _stage_row(folder: Path, stage: Any, timings: dict[str, float], stats_by_stage: dict[str, Any],
+               ) -> dict[str, Any]:
     name = _field(folder / "index.json", stage, "name", str)
-    stats = _read(folder / stage["stats"]) if isinstance(stage.get("stats"), str) else {}
+    stats = stats_by_stage.get(name, {})
     after = stats.get("predicted_after") or stats.get("predicted") or {}
     stem = str(stage.get("code", "")).removesuffix(".py")
     return {"name": name, "kind": stage.get("kind"), "status": stage.get("status"),
@@ -112,14 +111,13 @@ def _stage_row(folder: Path, stage: Any, timings: dict[str, float]) -> dict[str,
             "reason": stage.get("reason"), "lossy": bool(stage.get("lossy"))}
 
 
-def _predicted(folder: Path, stages: list[Any]) -> dict[str, Any] | None:
+def _predicted(forward_stats: Any) -> dict[str, Any] | None:
     """The compiled step's predicted peak and time (the forward stage's stats)."""
-    for stage in stages:
-        if isinstance(stage, dict) and stage.get("name") == "forward" and isinstance(stage.get("stats"), str):
-            memory = _read(folder / stage["stats"]).get("memory", {})
-            return {"peak_bytes": memory.get("peak_bytes"), "time_s": memory.get("predicted_time_s"),
-                    "peak_at": memory.get("peak_at")}
-    return None
+    if not isinstance(forward_stats, dict):
+        return None
+    memory = forward_stats.get("memory", {})
+    return {"peak_bytes": memory.get("peak_bytes"), "time_s": memory.get("predicted_time_s"),
+            "peak_at": memory.get("peak_at")}
 
 
 def _slowest(node_times: Any, count: int = 25) -> dict[str, Any] | None:

@@ -53,7 +53,7 @@ import torch.fx
 
 from memopt.cost_model.bytes import hint_int, value_nbytes
 from memopt.cost_model.flops import node_flops
-from memopt.cost_model.profile import MEMORY_CLASSES, DeviceProfile
+from memopt.cost_model.profile import MEMORY_CLASSES, DeviceProfile, dtype_name
 from memopt.errors import MemoptError, MemoptUnsupportedError
 
 __all__ = [
@@ -216,7 +216,7 @@ def op_class(node: torch.fx.Node, flops: int | None = None) -> str:
     ``reduction`` or ``elementwise`` by its element counts."""
     if (node_flops(node) if flops is None else flops) > 0:
         kind = "attention" if "attention" in str(node.target) else "matmul"
-        return f"{kind}.{_dtype_name(_input_dtype(node) or torch.float32)}"
+        return f"{kind}.{dtype_name(_input_dtype(node) or torch.float32)}"
     out = _first_tensor(node.meta.get("val"))
     # At the hints: comparing symbolic sizes would add guards to the graph's ShapeEnv.
     largest = max((hint_int(t.numel()) for arg in node.all_input_nodes
@@ -230,10 +230,6 @@ def _memory_time(nbytes: int, kernel_class: str, profile: DeviceProfile) -> floa
     # A matmul's or attention's traffic streams like an elementwise op's.
     memory_class = kernel_class if kernel_class in MEMORY_CLASSES else "elementwise"
     return nbytes / (profile.memory_bandwidth * profile.efficiency_at(memory_class, nbytes))
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def _fusable(target: Any) -> bool:

@@ -77,6 +77,7 @@ __all__ = [
     "FORMAT_VERSION",
     "MEMORY_CLASSES",
     "check_measured_on",
+    "dtype_name",
     "profile_origin",
     "DeviceProfile",
     "builtin_profile_names",
@@ -155,7 +156,7 @@ class DeviceProfile:
         as TF32 and the profile has a TF32 figure. Dtypes the profile does not list use float32's: a
         neutral guess, optimistic for float64 on GeForce cards (a tuned profile can list "float64").
         """
-        key = _dtype_name(dtype)
+        key = dtype_name(dtype)
         if dtype == torch.float32 and allow_tf32 and _TF32 in self.matmul_flops:
             return self.matmul_flops[_TF32]
         return self.matmul_flops.get(key, self.matmul_flops["float32"])
@@ -181,7 +182,8 @@ class DeviceProfile:
         return points[-1][1]
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: torch.dtype) -> str:
+    """The name a profile keys a dtype by: ``torch.bfloat16`` -> ``"bfloat16"``."""
     return str(dtype).removeprefix("torch.")
 
 
@@ -190,7 +192,7 @@ def _is_dtype_key(key: str) -> bool:
         return True
     dtype = getattr(torch, key, None)
     # Canonical names only: "half" is torch.float16 too, but matmul_flops_for looks up "float16".
-    return isinstance(dtype, torch.dtype) and _dtype_name(dtype) == key
+    return isinstance(dtype, torch.dtype) and dtype_name(dtype) == key
 
 
 def _is_positive_number(value: object) -> bool:
@@ -321,7 +323,7 @@ def _validate_measured(value: object, problems: list[str]) -> Mapping[str, str |
 
 @functools.lru_cache(maxsize=1)
 def _known_dtype_names() -> tuple[str, ...]:
-    names = {_dtype_name(v) for v in vars(torch).values() if isinstance(v, torch.dtype)}
+    names = {dtype_name(v) for v in vars(torch).values() if isinstance(v, torch.dtype)}
     return tuple(sorted(names | {_TF32}))
 
 

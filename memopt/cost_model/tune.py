@@ -40,7 +40,6 @@ work, sorted by work. A class with no samples keeps the base profile's figure an
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import platform
@@ -58,9 +57,11 @@ from memopt.cost_model.profile import (
     COST_MODEL_VERSION,
     MEMORY_CLASSES,
     DeviceProfile,
+    dtype_name,
     profile_to_json,
 )
 from memopt.errors import MemoptError, MemoptProfileError
+from memopt.jsonfiles import json_field, read_json
 
 __all__ = ["Sample", "curve_summary", "device_memory_bytes", "device_name", "fit", "measure", "samples_from_dump",
            "write_profile"]
@@ -174,7 +175,7 @@ def _matmul_cases(device: torch.device, quick: bool) -> list[_Case]:
         for m, k, n in shapes:
             a = torch.randn(m, k, device=device).to(dtype)
             b = torch.randn(k, n, device=device).to(dtype)
-            cases.append(_Case(f"matmul.{str(dtype).removeprefix('torch.')}", 2.0 * m * k * n,
+            cases.append(_Case(f"matmul.{dtype_name(dtype)}", 2.0 * m * k * n,
                                _fixed(_aten.mm.default, a, b)))
     return cases
 
@@ -220,7 +221,7 @@ def _attention_cases(device: torch.device, quick: bool) -> list[_Case]:
             bw_gm = make_fx(ops[1], tracing_mode="fake")(g, q, k, v, *outputs)
         except (RuntimeError, NotImplementedError):      # no such kernel here: matmul curves price it
             return []
-        name = f"attention.{str(dtype).removeprefix('torch.')}"
+        name = f"attention.{dtype_name(dtype)}"
         for gm, run in ((fw_gm, _fixed(ops[0], q, k, v)), (bw_gm, _fixed(ops[1], g, q, k, v, *outputs))):
             flops = sum(node_flops(n) for n in gm.graph.nodes)
             cases.append(_Case(name, float(flops), run))
@@ -395,14 +396,14 @@ def samples_from_dump(folder: str | os.PathLike[str]) -> tuple[list[Sample], dic
     samples: list[Sample] = []
     keys: dict[str, str] = {}
     for path in files:
-        data = _read_json(path)
+        data = read_json(path, MemoptProfileError, _AGAIN)
         version = data.get("cost_model")
         if version != COST_MODEL_VERSION:
             raise MemoptProfileError(
                 f"'{path}' field 'cost_model' is {version!r}; this memopt's cost model is version "
                 f"{COST_MODEL_VERSION}. Record the node times again with this memopt.")
         keys = {"device": str(data.get("device")), "profile": str(data.get("profile"))}
-        nodes = typing.cast(list[object], _field(path, data, "nodes", list))
+        nodes = typing.cast(list[object], json_field(path, data, "nodes", list, MemoptProfileError, _AGAIN))
         samples += [_node_sample(path, i, node) for i, node in enumerate(nodes)]
     return samples, keys
 
@@ -411,30 +412,16 @@ def _node_sample(path: Path, index: int, node: object) -> Sample:
     where = f"nodes[{index}]"
     if not isinstance(node, dict):
         raise MemoptProfileError(f"'{path}' field '{where}' is {node!r}; expected an object")
-    op_class = _field(path, node, "op_class", str, where)
-    work, seconds = (_field(path, node, k, (int, float), where) for k in ("work", "seconds"))
-    if work < 0 or not seconds > 0:   # type: ignore[operator]
+    op_class = json_field(path, node, "op_class", str, MemoptProfileError, _AGAIN, where)
+    work, seconds = (json_field(path, node, k, (int, float), MemoptProfileError, _AGAIN, where)
+                     for k in ("work", "seconds"))
+    if work < 0 or not seconds > 0:
         raise MemoptProfileError(f"'{path}' field '{where}' has work={work!r}, seconds={seconds!r}; expected "
                                  "work >= 0 and seconds > 0")
-    return Sample(op_class, float(work), float(seconds))   # type: ignore[arg-type]
+    return Sample(op_class, float(work), float(seconds))
 
 
-def _read_json(path: Path) -> dict[str, object]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise MemoptProfileError(f"'{path}' cannot be read as JSON ({err}); record the node times again") from None
-    if not isinstance(data, dict):
-        raise MemoptProfileError(f"'{path}' holds a JSON {type(data).__name__}; expected an object")
-    return data
-
-
-def _field(path: Path, data: dict[str, object], key: str, kind: type | tuple[type, ...], where: str = "") -> object:
-    name = f"{where}.{key}" if where else key
-    if key not in data or not isinstance(data[key], kind) or isinstance(data[key], bool):
-        raise MemoptProfileError(f"'{path}' field '{name}' is {data.get(key, 'missing')!r}; expected "
-                                 f"{kind.__name__ if isinstance(kind, type) else 'a number'}")
-    return data[key]
+_AGAIN = "record the node times again (options dump_dir, dump_node_times, codegen='eager')"
 
 
 # ---------------------------------------------------------------------------------------------------------
