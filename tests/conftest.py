@@ -1,8 +1,22 @@
-"""Test-wide settings that must hold before anything is imported."""
+"""Test-wide settings that must hold before anything is imported, and fixtures shared by test files."""
 
 import os
+from collections.abc import Iterator
+
+import pytest
 
 # Triton's kernels run through its interpreter on this CPU-only machine; the mode must be chosen before
 # Triton is first imported (Note [Triton on a CPU-only machine] in memopt/codegen/triton_kernels.py).
 # memopt's ops still run their PyTorch kernels on CPU unless a test sets MEMOPT_TRITON_CPU=1.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture
+def fresh_dynamo() -> Iterator[None]:
+    """A test that compiles starts and ends with Dynamo's caches empty, so that no graph or guard of
+    another test is reused (modules opt in: pytestmark = pytest.mark.usefixtures("fresh_dynamo"))."""
+    import torch
+
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import gc
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,11 +23,7 @@ from tests.tolerances import assert_close
 LAYERS, BATCH, SEQ = 3, 2, 16
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo() -> Iterator[None]:
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")    # tests/conftest.py
 
 
 def _model() -> torch.nn.Module:

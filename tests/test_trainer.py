@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +19,7 @@ OPTIONS: dict[str, Any] = {"adapters": {"method": "lora", "rank": 4, "targets": 
                            "memory_budget": 0.5, "codegen": "eager"}
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo() -> Iterator[None]:
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")    # tests/conftest.py
 
 
 class _Tokens(torch.utils.data.Dataset):  # type: ignore[type-arg]
