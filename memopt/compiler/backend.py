@@ -21,7 +21,7 @@ from memopt.compiler.pipeline import PIPELINE
 from memopt.compiler.runner import check_order, run_passes
 from memopt.config import MemoptConfig, parse_options
 from memopt.cost_model.profile import DeviceProfile, check_measured_on, load_profile, profile_origin
-from memopt.errors import MemoptConfigError, MemoptUnsupportedError
+from memopt.errors import MemoptConfigError
 from memopt.names import GraphInput, dynamo_inputs
 from memopt.passes.base import Pass, PassContext
 from memopt.passes.inject_adapters import is_adapter_node
@@ -109,11 +109,10 @@ class MemoptBackend:
         inputs = dynamo_inputs(gm, example_inputs)
         training = torch.is_grad_enabled() and any(
             isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs)
-        if config.memory_budget is not None and torch.is_grad_enabled() and not training:
-            raise MemoptUnsupportedError(
-                "a memory_budget was given for training, but no input of the compiled graph requires a "
-                "gradient (no trainable parameters?). Unfreeze the parameters to train, call memopt.prepare "
-                "with adapter options, or run under torch.no_grad() for inference")
+        if config.memory_budget is not None and torch.is_grad_enabled():
+            _warn_untraced_checkpoint()
+            if not training:
+                _warn_budget_without_backward()
         if config.adapters is not None and training and not any(is_adapter_node(n) for n in gm.graph.nodes):
             raise MemoptConfigError(
                 "options['adapters'] is set, but this graph trains parameters and holds no memopt adapter: "
@@ -155,6 +154,41 @@ class MemoptBackend:
                          status="compiled by Inductor without a joint graph")
             dumper.finish()
         return compile_joint(gm, example_inputs, stage)
+
+
+# Note [Graphs a budget does not reach]: a budget is planned on what a graph saves for its backward.
+# A graph none of whose inputs requires a gradient saves nothing (under Hugging Face's gradient
+# checkpointing the step splits into several graphs, and the rotary tables' has no trainable input): it is
+# compiled as it is, with a warning, since a model with no trainable parameter at all lands here too. A
+# user's torch.utils.checkpoint that Dynamo traces is honoured inside the graph: its regions are
+# recomputed as tagged and the schedule plans the rest (memopt/schedule/problem.py never chooses a node
+# the user tagged). One Dynamo cannot trace (a graph break inside it) leaves the checkpointed layers
+# uncompiled, in eager PyTorch, out of the budget's reach: Dynamo records why among its graph breaks, and
+# memopt says so, once per process, with the two ways to give it those layers.
+_WARNED_CHECKPOINT: list[bool] = []
+
+
+def _warn_untraced_checkpoint() -> None:
+    if _WARNED_CHECKPOINT or not any("torch.utils.checkpoint" in reason
+                                     for reason in torch._dynamo.utils.counters["graph_break"]):
+        return
+    _WARNED_CHECKPOINT.append(True)
+    warnings.warn(
+        "memopt: Dynamo could not trace the model's torch.utils.checkpoint (a graph break inside it: with "
+        "Hugging Face's gradient_checkpointing_enable(), transformers' attention sets a context variable "
+        "there), so the checkpointed layers run uncompiled in eager PyTorch and the memory_budget does not "
+        "reach them. Either set torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True "
+        "(that side effect need not be replayed in the backward): memopt then compiles the layers and "
+        "honours the checkpoint; or turn the model's checkpointing off and let the memory_budget decide "
+        "what to recompute", UserWarning, stacklevel=3)
+
+
+def _warn_budget_without_backward() -> None:
+    warnings.warn(
+        "memopt: a graph with no input that requires a gradient saves nothing for a backward, so the "
+        "memory_budget has nothing to plan there and it is compiled as it is. If the whole model should "
+        "train, unfreeze its parameters or call memopt.prepare with adapter options; for inference, run "
+        "under torch.no_grad()", UserWarning, stacklevel=3)
 
 
 def memopt(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options: Mapping[str, Any] | None = None,

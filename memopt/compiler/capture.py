@@ -33,7 +33,7 @@ from memopt.cost_model.profile import COST_MODEL_VERSION, DeviceProfile, profile
 from memopt.errors import MemoptPassError
 from memopt.names import GraphInput, joint_graph_inputs, layer_of
 from memopt.passes.base import Pass, PassContext
-from memopt.schedule.budget import budget_bytes, check_budget
+from memopt.schedule.budget import budget_bytes, check_budget, unreached
 from memopt.schedule.greedy import NOTHING, Evaluation, Plan, ScheduleResult
 from memopt.schedule.model import ScheduleProblem, build_problem
 from memopt.schedule.problem import (
@@ -75,6 +75,7 @@ class GraphReport:
     memory: MemoryTimeline | None = None               # the simulated step, nothing outside the graphs
     predicted_time_s: float | None = None              # forward + backward on the cost profile
     budget_bytes: int | None = None                    # the memory budget resolved to bytes
+    budget_unreached: str | None = None                # a fraction no plan reached: what the warning said
     schedule: ScheduleResult | None = None             # what the scheduler chose, with a budget
     # Plans the captured joint graph again under other options, as it is priced now (memopt plan --max-seq).
     # ``lowest``: the least memory the scheduler can plan, whatever it costs (memopt.max_seq's question);
@@ -371,14 +372,16 @@ class JointStage(CustomPartitionerFn):
                                  knapsack=True)
         apply_recompute_tags(gm, result.chosen.recompute)   # the joint graph shows the chosen plan
         self.report.schedule = result
+        tried = (f"recomputing {len(result.lowest.recompute)}, offloading {len(result.lowest.offload)} and "
+                 f"compressing {len(result.lowest.compress)} values")
+        if budget is not None:
+            self.report.budget_unreached = unreached(limit, budget, result.lowest.timeline, tried)
         if self.dumper.enabled:
             self._dump_schedule(gm, config, limit, result)
         if not result.feasible:
             self.dumper.finish()
             assert budget is not None
-            check_budget(limit, budget, result.lowest.timeline,
-                         f"recomputing {len(result.lowest.recompute)}, offloading "
-                         f"{len(result.lowest.offload)} and compressing {len(result.lowest.compress)} values",
+            check_budget(limit, budget, result.lowest.timeline, tried,
                          offload_allowed=transfer is not None, compress_allowed=compression is not None)
         self.report.budget_bytes = None if budget is None else limit
         return result.chosen.forward, result.chosen.backward
@@ -390,6 +393,7 @@ class JointStage(CustomPartitionerFn):
         layers = {n.name: layer_of(n)[0] for n in gm.graph.nodes}
         self.dumper.write_json("schedule.json", {
             "budget": str(budget), "budget_bytes": limit, "feasible": result.feasible,
+            "unreached": self.report.budget_unreached,
             "baseline_peak_bytes": baseline.peak_bytes, "peak_bytes": result.chosen.peak_bytes,
             "lowest_peak_bytes": result.lowest.peak_bytes,
             "added_time_s": float(f"{result.chosen.added_time_s:.6g}"), "profile": self.profile.name,

@@ -4,12 +4,22 @@ Note [What a budget limits]
 A budget constrains the *peak* live bytes of the whole step as the compiled graphs hold them
 (parameters, buffers, inputs, gradients, activations and temporaries), not only the saved set. Memory
 the backend cannot see (optimizer states, other models) is not part of it. A fractional budget ``f``
-allows ``f`` of the unoptimised plan's saved activation bytes on top of everything else at its peak. A
-budget that no plan meets is reported as infeasible, with what occupies the lowest peak found, never
-overrun in silence.
+allows ``f`` of the unoptimised plan's saved activation bytes on top of everything else at its peak.
+
+Note [A fraction is a wish, bytes are a limit]
+A budget in bytes that no plan meets raises :class:`MemoptInfeasibleBudget`, with what occupies the
+lowest peak found: the user named a limit the device imposes, and a plan over it would fail later, out
+of memory. A fraction asks for a trade-off, not a limit: where a step peaks in its backward among
+gradients and temporaries (a small graph, a graph split off by a graph break), ``f`` of the saved bytes
+can be unreachable even at 0.5. Such a step gets the lowest peak the search found, and one warning per
+graph with both numbers and what occupies that peak (schedule.json records it); it is never overrun in
+silence. PyTorch's ``activation_memory_budget`` is a fraction too, of the activation bytes its knapsack
+may keep, and never fails: it reaches what its cut can.
 """
 
 from __future__ import annotations
+
+import warnings
 
 from memopt.config import MemoryBudget
 from memopt.errors import MemoptInfeasibleBudget
@@ -35,16 +45,32 @@ def describe_peak(timeline: MemoryTimeline) -> str:
             + (f"; largest tensors: {largest}" if largest else ""))
 
 
+def unreached(limit: int, budget: MemoryBudget, lowest: MemoryTimeline, tried: str) -> str | None:
+    """What the warning says when ``budget`` is a fraction whose ``limit`` the lowest plan misses."""
+    if budget.nbytes is not None or lowest.peak_bytes <= limit:
+        return None
+    return (f"memopt: memory budget {budget} means a peak of {format_bytes(limit)} here, which no plan "
+            f"reaches: planning the lowest peak found, {format_bytes(lowest.peak_bytes)} ({tried}), "
+            f"{describe_peak(lowest)}")
+
+
 def check_budget(limit: int, budget: MemoryBudget, lowest: MemoryTimeline, tried: str,
                  offload_allowed: bool = True, compress_allowed: bool = True) -> None:
-    """Raise :class:`MemoptInfeasibleBudget` when even the lowest plan found exceeds ``limit`` bytes."""
-    if lowest.peak_bytes > limit:
-        fixes = "raise the budget, " + ("" if offload_allowed else "allow offload (options offload='auto'), ") \
-            + ("" if compress_allowed else "allow lossy compression of saved activations (options "
-               "compress_activations='int8' or 'fp8'), ") \
-            + "lower the batch size or sequence length, or train fewer weights (adapters)"
-        raise MemoptInfeasibleBudget(
-            f"memory budget {format_bytes(limit)} ({budget}) cannot be met: the smallest peak memopt "
-            f"can reach is {format_bytes(lowest.peak_bytes)} ({tried}), {describe_peak(lowest)}. "
-            f"To fit: {fixes}.",
-            min_peak_bytes=lowest.peak_bytes, breakdown=lowest.breakdown)
+    """When even the lowest plan found exceeds ``limit`` bytes: for a byte budget, raise
+    :class:`MemoptInfeasibleBudget`; for a fraction, warn (Note [A fraction is a wish, bytes are a
+    limit])."""
+    if lowest.peak_bytes <= limit:
+        return
+    message = unreached(limit, budget, lowest, tried)
+    if message is not None:
+        warnings.warn(message, UserWarning, stacklevel=3)
+        return
+    fixes = "raise the budget, " + ("" if offload_allowed else "allow offload (options offload='auto'), ") \
+        + ("" if compress_allowed else "allow lossy compression of saved activations (options "
+           "compress_activations='int8' or 'fp8'), ") \
+        + "lower the batch size or sequence length, or train fewer weights (adapters)"
+    raise MemoptInfeasibleBudget(
+        f"memory budget {format_bytes(limit)} ({budget}) cannot be met: the smallest peak memopt "
+        f"can reach is {format_bytes(lowest.peak_bytes)} ({tried}), {describe_peak(lowest)}. "
+        f"To fit: {fixes}.",
+        min_peak_bytes=lowest.peak_bytes, breakdown=lowest.breakdown)
