@@ -15,6 +15,7 @@ from memopt.errors import (
     MemoptPassError,
     MemoptProfileError,
     MemoptUnsupportedError,
+    MemoptVerificationError,
 )
 
 # Eager, not lazy: importing the submodule memopt.prepare would otherwise shadow the function of the
@@ -52,6 +53,6 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "LayerSampler", "MemoptBackend", "MemoptConfig", "MemoptConfigError", "MemoptError", "MemoptInfeasibleBudget",
-    "MemoptPassError", "MemoptProfileError", "MemoptUnsupportedError", "compile_blocks", "load_adapters", "merge_sparse", "parse_options", "plan",
+    "MemoptPassError", "MemoptProfileError", "MemoptUnsupportedError", "MemoptVerificationError", "compile_blocks", "load_adapters", "merge_sparse", "parse_options", "plan",
     "prepare", "save_adapters", "track_memory", "__version__",
 ]

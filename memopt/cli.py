@@ -1,9 +1,10 @@
 """The ``memopt`` command line: ``memopt plan``, ``memopt tune`` and ``memopt report``.
 
 ``memopt plan --model llama-2-7b --batch 1 --seq 2048 [--dtype bf16] [--device rtx4090] [--budget 24GiB]
-[--optimizer adamw] [--options OPTIONS.json] [--max-seq] [--json]``. Progress goes to stderr, the answer to
-stdout. Exit status: 0 when the step fits the device (and the budget, if given), 1 when it does not (a
-budget no plan can meet included), 2 on an error. With ``--max-seq``, the longest sequence that fits is
+[--optimizer adamw] [--options OPTIONS.json] [--max-seq] [--json] [--no-suggest]``. Progress goes to
+stderr, the answer to stdout. A step that does not fit comes with what would (:mod:`memopt.suggest`).
+Exit status: 0 when the step fits the device (and the budget, if given), 1 when it does not (a budget no
+plan can meet included), 2 on an error. With ``--max-seq``, the longest sequence that fits is
 searched from ``--seq`` (:mod:`memopt.max_seq`); 0 when one was found, 1 when not even 64 tokens fit.
 
 ``memopt tune --out PROFILE.json [--quick] [--from-dump DIR]`` measures this device (or fits the node
@@ -17,6 +18,7 @@ comparing two (:mod:`memopt.report`); 0 when written, 2 on an error.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -55,6 +57,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="find the longest sequence (a multiple of 64) whose step fits the device or --budget, "
                            "searching from --seq; the step is captured once and re-priced at each length")
     plan.add_argument("--json", action="store_true", help="print one JSON object (byte counts) instead")
+    plan.add_argument("--no-suggest", action="store_true",
+                      help="when the step does not fit, do not plan the options that would (a budget with "
+                           "offload, adapters, quantization, a shorter sequence)")
     plan.add_argument("--force-profile", action="store_true",
                       help="use a tuned --device profile fitted for another cost-model version")
     _tune_parser(sub)
@@ -129,13 +134,22 @@ def _plan(args: argparse.Namespace) -> int:
                         optimizer=args.optimizer, start=args.seq, progress=progress)
         print(json.dumps(found.to_json(), indent=1, sort_keys=True) if args.json else found.render())
         return 0 if found.max_seq else 1
-    report = plan(args.model, None, options, device=args.device, batch=args.batch, seq=args.seq,
-                  dtype=args.dtype, optimizer=args.optimizer, loss_chunks=args.loss_chunks, progress=progress)
-    if args.json:
-        print(json.dumps(report.to_json(), indent=1, sort_keys=True))
-    else:
-        print(report.render())
+    def plan_one(candidate: dict[str, object], seq: int) -> Any:
+        return plan(args.model, None, candidate, device=args.device, batch=args.batch, seq=seq,
+                    dtype=args.dtype, optimizer=args.optimizer, loss_chunks=args.loss_chunks, progress=progress)
+
+    report = plan_one(options, args.seq)
     fits = report.fits_device and report.fits_budget is not False
+    from memopt.suggest import Suggestion, render, suggest
+
+    suggestions: list[Suggestion] = []
+    if not fits and not args.no_suggest:
+        suggestions = suggest(plan_one, options, args.seq, report.device_memory_bytes, progress)
+    if args.json:
+        print(json.dumps({**report.to_json(), "suggestions": [dataclasses.asdict(s) for s in suggestions]},
+                         indent=1, sort_keys=True))
+    else:
+        print(report.render() + ("\n" + render(suggestions) if not fits and not args.no_suggest else ""))
     return 0 if fits else 1
 
 

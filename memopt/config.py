@@ -225,6 +225,7 @@ class MemoptConfig:
     token_elimination: TokenEliminationConfig | None = None  # LeMo settings (lossy; its own issue)
     chunk_sequence: ChunkSequenceConfig | None = None  # the MLP a slice of the sequence at a time (exact)
     strict: bool = False                        # a failing pass raises instead of falling back
+    verify: int = 0                             # check each graph's first N training calls against eager
     disable_passes: tuple[str, ...] = ()        # pass names to skip (plus MEMOPT_DISABLE_PASSES)
 
     def to_dict(self) -> dict[str, Any]:
@@ -468,6 +469,17 @@ def _parse_tuning(opts: Mapping[str, Any]) -> dict[str, Any]:
     if "force_profile" in opts:
         _expect("force_profile", opts["force_profile"], (bool,), "True or False")
         out["force_profile"] = opts["force_profile"]
+    if "verify" in opts:
+        steps = opts["verify"]
+        _expect("verify", steps, (int,), "a number of steps (0: off)")
+        if steps < 0:
+            raise MemoptConfigError(f"option 'verify': got {steps}; expected 0 (off) or a number of steps to check")
+        lossy = [name for name in ("compress_activations", "token_elimination") if opts.get(name) is not None]
+        if steps and lossy:
+            raise MemoptConfigError(
+                f"option 'verify' compares every gradient with eager PyTorch's, but {' and '.join(lossy)} "
+                "change gradients on purpose (lossy): verify without them, or drop 'verify'")
+        out["verify"] = steps
     return out
 
 

@@ -41,6 +41,11 @@ class MemoptInfeasibleBudget(MemoptError):
         self.breakdown = dict(breakdown or {})
 
 
+class MemoptVerificationError(MemoptError):
+    """``verify``: a compiled step's outputs or gradients differ from eager PyTorch's beyond the dtype's
+    tolerance; names the graph, the step, the value and the difference."""
+
+
 def memopt_cause(err: BaseException, cls: type[E]) -> E | None:
     """The ``cls`` error behind ``err``: Dynamo wraps an error raised in a backend (``BackendCompilerFailed``,
     with the original as ``__cause__`` or ``inner_exception``); None when there is none."""

@@ -309,3 +309,33 @@ def test_attention_at_32k_tokens_is_planned_as_the_gpu_runs_it() -> None:
     nbytes = sorted(n.meta["val"].numel() * n.meta["val"].element_size() for n in from_attention)
     assert nbytes == [heads * seq * 4, heads * seq * head_dim * 2]      # log-sum-exp fp32, output bf16
     assert all(list(n.meta["val"].shape).count(seq) < 2 for n in saved)     # nothing seq x seq is saved
+
+
+@pytest.mark.slow
+def test_a_step_that_does_not_fit_comes_with_planned_suggestions(tmp_path: Path) -> None:
+    """Note [Suggestions are plans]: llama-tiny (fp32, 2 x 256) on a device of 5.7 MiB, where it peaks at
+    7.0 MiB: memopt plan exits 1 and plans, in order, a budget of the device with offload, LoRA, QLoRA,
+    QLoRA under that budget and half the length; each suggestion's peak is what planning its options
+    directly gives, and its verdict is that peak against the device."""
+    from memopt.suggest import Suggestion, render
+
+    profile = json.loads((Path(memopt.__file__).parent / "cost_model" / "profiles" / "cpu.json").read_text())
+    device = tmp_path / "small.json"
+    device.write_text(json.dumps({**profile, "name": "small", "memory_bytes": 6_000_000}))
+    args = ("--model", "llama-tiny", "--batch", "2", "--seq", "256", "--dtype", "fp32", "--device", str(device))
+    out = _cli("plan", *args, "--json")
+    assert out.returncode == 1, out.stderr[-3000:]
+    data = json.loads(out.stdout)
+    assert data["fits_device"] is False
+    rows = data["suggestions"]
+    assert [r["change"].split()[0] for r in rows] == ["memory_budget", "LoRA", "QLoRA:", "QLoRA,", "sequence"]
+    assert [r["seq"] for r in rows] == [256] * 4 + [128]
+    for row in rows:
+        assert row["peak_bytes"] is not None and row["fits"] == (row["peak_bytes"] <= 6_000_000), row
+    assert rows[0]["fits"] and rows[0]["options"]["memory_budget"] == int(0.95 * 6_000_000)
+    direct = plan("llama-tiny", None, rows[2]["options"], device=str(device), batch=2, seq=256, dtype="fp32")
+    assert direct.peak_bytes == rows[2]["peak_bytes"]
+    text = render([Suggestion(**row) for row in rows])
+    assert text.count("does not fit") == sum(not r["fits"] for r in rows) and "sequence 128 instead of 256" in text
+    plain = _cli("plan", *args, "--no-suggest")
+    assert plain.returncode == 1 and "does NOT fit" in plain.stdout and "what would fit" not in plain.stdout

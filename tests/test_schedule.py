@@ -537,7 +537,7 @@ def test_saved_views_are_made_with_their_base_and_free_their_storage_after_its_l
 
 def test_a_users_checkpoint_that_recomputes_dropout_replays_its_rng_state() -> None:
     """A user's activation checkpoint around a dropout tags it MUST_RECOMPUTE; memopt leaves that tag
-    alone (protect_random), and torch then passes the forward's RNG state to the backward
+    alone (protect_unrepeatable), and torch then passes the forward's RNG state to the backward
     (run_and_save_rng_state / run_with_rng_state, whose state input is named apart from the forward's
     output: the simulator pairs them by position). The backward re-runs the dropout with the forward's
     state: gradients are those of the forward's own masks, and the simulated peak is the tracked one."""

@@ -151,8 +151,9 @@ def test_hf_gradient_checkpointing_dynamo_traces_is_honoured(monkeypatch: pytest
     assert len(tagged) > 20 and not any(DECISION_KEY in n.meta for n in tagged)
 
 
-class _TwoHalves(nn.Module):
-    """A tiny Llama whose forward Dynamo splits after the first layer (a graph break)."""
+class _Broken(nn.Module):
+    """A tiny Llama whose forward Dynamo splits before its second layer (a graph break in a hook: the
+    step becomes several graphs, the hook's own among them)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -163,22 +164,62 @@ class _TwoHalves(nn.Module):
         return self.llama(**inputs)
 
 
-def test_a_step_in_two_graphs_shares_a_fraction() -> None:
-    """A fraction applies to each graph's own saved activations (so to the step's, summed): each of the
-    two graphs is planned within its own share, and the gradients are eager's."""
-    model, reference = _twins(build=_TwoHalves)
-    compiled, backend = _compiled(model)
+def _broken_step(options: dict[str, Any]) -> list[Any]:
+    """One step of :class:`_Broken` compiled with ``options``: eager's loss and gradients. Returns the
+    reports of the graphs that train, in compile order."""
+    model, reference = _twins(build=_Broken)
+    compiled, backend = _compiled(model, options)
     inputs = batch("llama")
     loss, expected = compiled(**inputs).loss, reference(**inputs).loss
     loss.backward()
     expected.backward()
     assert_close(loss, expected, "loss")
-    _assert_same_grads(model, reference, "two graphs")
-    planned = [r for r in backend.reports if r.schedule is not None]
-    assert len(planned) >= 2
-    for report in planned:
+    _assert_same_grads(model, reference, "several graphs")
+    training = [r for r in backend.reports if r.backward is not None]
+    assert len(training) >= 2, [r.graph_id for r in backend.reports]
+    return training
+
+
+def test_a_step_in_several_graphs_shares_a_fraction() -> None:
+    """Note [A byte budget is the step's]: a fraction applies to each graph's own saved activations (so
+    to the step's, summed): each graph is planned within its own share, counting nothing of the others."""
+    reports = _broken_step(BUDGET)
+    for report in reports:
         assert report.memory is not None and report.budget_bytes is not None and report.schedule is not None
         assert report.memory.peak_bytes <= report.budget_bytes or report.budget_unreached
+        assert report.held_outside_bytes == 0
+
+
+def test_a_step_in_several_graphs_shares_a_byte_budget() -> None:
+    """A byte budget is the step's: each graph is planned under it less what the graphs compiled before
+    it hold while it runs (their parameters and saved activations)."""
+    unplanned = _broken_step({"codegen": "eager"})
+    held = [_held_by(r) for r in unplanned]
+    # Just enough for the graph whose own peak plus what is held before it is the largest: a plan that
+    # counted nothing of the other graphs would be given more than it has.
+    budget = max(_peak(r) + sum(held[:k]) for k, r in enumerate(unplanned))
+    with pytest.warns(UserWarning, match="a byte budget is shared among them"):
+        planned = _broken_step({"codegen": "eager", "memory_budget": budget})
+    assert [r.graph_id for r in planned] == [r.graph_id for r in unplanned]
+    for k, report in enumerate(planned):
+        before = sum(_held_by(r) for r in planned[:k])
+        assert report.held_outside_bytes == before and report.budget_bytes == budget - before
+        assert _peak(report) <= budget - before
+
+
+def _peak(report: Any) -> int:
+    assert report.memory is not None
+    return int(report.memory.peak_bytes)
+
+
+def _held_by(report: Any) -> int:
+    """What a graph holds while the graphs after it run: its parameters and saved activations."""
+    assert report.memory is not None
+    assert report.forward is not None
+    placeholders = [n for n in report.forward.graph.nodes if n.op == "placeholder"]
+    parameters = [n.meta["val"] for n, kind in zip(placeholders, report.primal_kinds) if kind == "parameter"]
+    assert parameters
+    return sum(p.numel() * p.element_size() for p in parameters) + int(report.memory.saved_activation_bytes)
 
 
 def test_dropout_draws_eagers_masks() -> None:

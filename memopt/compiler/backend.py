@@ -7,6 +7,7 @@ reports and custom pass lists, build a :class:`MemoptBackend` and pass the objec
 
 from __future__ import annotations
 
+import copy
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -80,6 +81,7 @@ class MemoptBackend:
         self.passes: tuple[Pass, ...] = PIPELINE if passes is None else tuple(passes)
         check_order(self.passes)
         self.reports: list[GraphReport] = []
+        self.ledger = StepLedger()
         self._profile: DeviceProfile | None = None
         self.__name__ = "memopt"
 
@@ -129,6 +131,10 @@ class MemoptBackend:
                 "options you compile with, or drop 'quantize' from the options")
         report = GraphReport(graph_id=graph_id(_compile_id(), gm), codegen=config.codegen, inputs=inputs)
         self.reports.append(report)
+        frame, parameters = _compile_id().split("_")[0], _parameter_bytes(inputs, example_inputs)
+        if config.memory_budget is not None and config.memory_budget.nbytes is not None:
+            report.held_outside_bytes = self.ledger.held_outside(frame)
+            self.ledger.warn_once(frame)
         dumper = Dumper(config.dump_dir, report.graph_id)
         dumper.meta = {"options": {k: v for k, v in config.to_dict().items() if k != "dump_dir"},
                        "codegen": config.codegen, "profile": self.profile.name,
@@ -136,6 +142,7 @@ class MemoptBackend:
                        "input_kinds": list(report.input_kinds),
                        "input_names": [i.name for i in inputs]}
         dumper.stage("captured", gm, kind="model", status="captured", stats={"nodes": len(gm.graph.nodes)})
+        reference = copy.deepcopy(gm) if config.verify and training else None
         if choice is not None:
             dumper.meta["sparse_backprop_auto"] = choice.summary()
             dumper.write_json("sparse_auto.json", choice.to_json())
@@ -153,7 +160,70 @@ class MemoptBackend:
             dumper.stage("inference", None, kind="partition",
                          status="compiled by Inductor without a joint graph")
             dumper.finish()
-        return compile_joint(gm, example_inputs, stage)
+        compiled = compile_joint(gm, example_inputs, stage)
+        self.ledger.record(frame, parameters, report)
+        return compiled if reference is None else _verifying(compiled, reference, report, config)
+
+
+def _verifying(compiled: Callable[..., Any], reference: torch.fx.GraphModule, report: GraphReport,
+               config: MemoptConfig) -> Callable[..., Any]:
+    """The ``verify`` option (Note [Verifying against eager] in memopt/runtime/verify.py)."""
+    from memopt.runtime.verify import verifying
+    from memopt.schedule.problem import draws_random
+
+    if config.codegen != "eager" and report.forward is not None and any(
+            draws_random(n) for n in report.forward.graph.nodes):
+        warnings.warn(f"memopt verify: graph {report.graph_id} draws random numbers, which {config.codegen} "
+                      "code draws from another generator than eager PyTorch; it is not verified (verify with "
+                      "codegen='eager' to check it)", UserWarning, stacklevel=3)
+        return compiled
+    return verifying(compiled, reference, report.inputs, config.verify, report.graph_id)
+
+
+def _parameter_bytes(inputs: Sequence[GraphInput], example_inputs: Sequence[Any]) -> int:
+    return sum(x.numel() * x.element_size() for i, x in zip(inputs, example_inputs)
+               if i.kind == "parameter" and isinstance(x, torch.Tensor))
+
+
+class StepLedger:
+    """What each of a step's graphs (one per Dynamo frame) holds while the others run.
+
+    Note [A byte budget is the step's]
+    Dynamo may split a step into several graphs (graph breaks), each compiled on its own. A fraction is
+    applied to each graph's own saved activations, so the step's saved activations shrink by the same
+    fraction. A byte budget limits the step's peak: each graph is planned under the budget less what
+    the step's other graphs, as far as this backend has compiled them, hold while it runs: their
+    parameters and the activations they save (a parameter two graphs read counts in each: a graph names
+    its parameters from its own frame's module, so two graphs' names cannot be matched). Graphs are
+    compiled in the order the first step reaches them, so the ones before a graph are all counted; a
+    graph's plan counts the later ones it has seen (after a recompile) too, which errs on the safe side.
+    It is not exact, and memopt says so when it first shares a budget: the gradients of later graphs,
+    alive during a graph's backward, are not seen by its plan, and a graph Dynamo compiles once for a
+    layer's frame and runs for every layer is counted once.
+    A backend object keeps one ledger; ``backend="memopt"``, which makes a backend per graph, shares one
+    per options object, that is per torch.compile call.
+    """
+
+    def __init__(self) -> None:
+        self.frames: dict[str, int] = {}
+        self.warned = False
+
+    def warn_once(self, frame: str) -> None:
+        if self.warned or not set(self.frames) - {frame}:
+            return
+        self.warned = True
+        warnings.warn(
+            "memopt: Dynamo split the step into several graphs (graph breaks); a byte budget is shared among "
+            "them as each is compiled: each graph is planned under the budget less what the graphs compiled "
+            "before it hold, counted once per graph, though a graph Dynamo reuses for every layer runs once "
+            "per layer. For an exact byte budget remove the breaks (torch.compile(..., fullgraph=True) names "
+            "them), or give a fraction, which each graph meets on its own", UserWarning, stacklevel=3)
+
+    def held_outside(self, frame: str) -> int:
+        return sum(held for key, held in self.frames.items() if key != frame)
+
+    def record(self, frame: str, parameter_bytes: int, report: GraphReport) -> None:
+        self.frames[frame] = parameter_bytes + (report.memory.saved_activation_bytes if report.memory else 0)
 
 
 # Note [Graphs a budget does not reach]: a budget is planned on what a graph saves for its backward.
@@ -201,4 +271,12 @@ def memopt(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options: Map
     kwargs.pop("mode", None)
     if kwargs:
         warnings.warn(f"memopt: ignoring unexpected backend arguments {sorted(kwargs)}", stacklevel=2)
-    return MemoptBackend(options)(gm, example_inputs)
+    backend = MemoptBackend(options)
+    if options is not None:
+        backend.ledger = _LEDGERS.setdefault(id(options), (options, backend.ledger))[1]
+    return backend(gm, example_inputs)
+
+
+# One step's ledger per options object, so per torch.compile call (Note [A byte budget is the step's]);
+# the options object is kept so that its id is not reused. A ledger is a few numbers per graph.
+_LEDGERS: dict[int, tuple[Mapping[str, Any], StepLedger]] = {}

@@ -41,6 +41,7 @@ from memopt.schedule.problem import (
     apply_recompute_tags,
     apply_save_tags,
     candidates,
+    communicates,
     draws_random,
     forward_region,
     rerun_forward_ops,
@@ -76,6 +77,7 @@ class GraphReport:
     predicted_time_s: float | None = None              # forward + backward on the cost profile
     budget_bytes: int | None = None                    # the memory budget resolved to bytes
     budget_unreached: str | None = None                # a fraction no plan reached: what the warning said
+    held_outside_bytes: int = 0                        # what the step's other graphs hold (byte budgets)
     schedule: ScheduleResult | None = None             # what the scheduler chose, with a budget
     # Plans the captured joint graph again under other options, as it is priced now (memopt plan --max-seq).
     # ``lowest``: the least memory the scheduler can plan, whatever it costs (memopt.max_seq's question);
@@ -175,7 +177,7 @@ def _checkpointed(gm: torch.fx.GraphModule) -> tuple[frozenset[str], frozenset[s
     for node in gm.graph.nodes:
         target = node.target
         if node.name not in forward or not isinstance(target, torch._ops.OpOverload) \
-                or target._schema.is_mutable or draws_random(node) \
+                or target._schema.is_mutable or draws_random(node) or communicates(node) \
                 or (node.meta.get("recompute") is not None and DECISION_KEY not in node.meta) \
                 or layer[node] is None:
             continue
@@ -359,7 +361,8 @@ class JointStage(CustomPartitionerFn):
             apply_recompute_tags(gm, chosen.recompute)
             return chosen.forward, chosen.backward
         baseline = evaluate(NOTHING)
-        limit = baseline.peak_bytes if budget is None else budget_bytes(budget, baseline.timeline)
+        limit = baseline.peak_bytes if budget is None else budget_bytes(budget, baseline.timeline,
+                                                                         self.report.held_outside_bytes)
         self.progress(f"scheduling: baseline peak {baseline.peak_bytes} B, budget {limit} B")
         if lowest:
             result = _lowest(evaluate, baseline, None if budget is None else limit, gm,
@@ -393,6 +396,7 @@ class JointStage(CustomPartitionerFn):
         layers = {n.name: layer_of(n)[0] for n in gm.graph.nodes}
         self.dumper.write_json("schedule.json", {
             "budget": str(budget), "budget_bytes": limit, "feasible": result.feasible,
+            "held_by_other_graphs_bytes": self.report.held_outside_bytes,
             "unreached": self.report.budget_unreached,
             "baseline_peak_bytes": baseline.peak_bytes, "peak_bytes": result.chosen.peak_bytes,
             "lowest_peak_bytes": result.lowest.peak_bytes,

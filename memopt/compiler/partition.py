@@ -18,7 +18,7 @@ from torch._functorch.partitioners import min_cut_rematerialization_partition
 from memopt.cost_model.bytes import storage_nbytes
 from memopt.errors import MemoptError
 from memopt.passes.rewrite import fake_call, fake_result
-from memopt.schedule.problem import protect_random, redrawn_random
+from memopt.schedule.problem import protect_unrepeatable, redrawn_random
 from memopt.schedule.simulate import PACKED_SUFFIX, aliased_argument
 from memopt.schedule.streams import reload_points
 
@@ -26,9 +26,9 @@ from memopt.schedule.streams import reload_points
 def partition_joint(joint_gm: torch.fx.GraphModule, joint_inputs: Sequence[object], *, num_fwd_outputs: int,
                     static_lifetime_input_indices: list[int] | None = None,
                     ) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
-    """torch's min-cut partition of ``joint_gm``, with the ops that draw random numbers saved, never
-    recomputed (:func:`memopt.schedule.problem.protect_random`)."""
-    protect_random(joint_gm)
+    """torch's min-cut partition of ``joint_gm``, with the ops that draw random numbers and the collectives
+    saved, never recomputed (:func:`memopt.schedule.problem.protect_unrepeatable`)."""
+    protect_unrepeatable(joint_gm)
     fw_gm, bw_gm = min_cut_rematerialization_partition(
         joint_gm, joint_inputs, compiler="inductor", num_fwd_outputs=num_fwd_outputs,
         static_lifetime_input_indices=static_lifetime_input_indices)

@@ -2,7 +2,7 @@
 can be recomputed.
 
 ``aten.native_dropout(x, p, train)`` returns ``(y, mask)`` with ``y = x * mask * scale``. It draws random
-numbers, so no cut may run it again (:func:`memopt.schedule.problem.protect_random`): whatever the backward
+numbers, so no cut may run it again (:func:`memopt.schedule.problem.protect_unrepeatable`): whatever the backward
 reads of it must be saved. Its backward reads ``mask`` (``native_dropout_backward``), and usually ``y``
 too (a matmul after the dropout needs its input: attention's dropped probabilities, the size of the
 scores, in fp32). This pass rewrites every reader of ``y`` to read ``native_dropout_backward(x, mask,

@@ -27,10 +27,12 @@ from memopt.schedule.simulate import CATEGORIES, MemoryTimeline
 from memopt.units import format_bytes
 
 
-def budget_bytes(budget: MemoryBudget, unoptimised: MemoryTimeline) -> int:
-    """The peak limit in bytes that ``budget`` means for this step."""
+def budget_bytes(budget: MemoryBudget, unoptimised: MemoryTimeline, held_outside: int = 0) -> int:
+    """The peak limit in bytes that ``budget`` means for this graph; a byte budget less what the step's
+    other graphs hold while it runs (``held_outside``, Note [A byte budget is the step's] in
+    memopt/compiler/backend.py)."""
     if budget.nbytes is not None:
-        return budget.nbytes
+        return budget.nbytes - held_outside
     fraction = budget.fraction if budget.fraction is not None else 1.0
     released = (1.0 - fraction) * unoptimised.saved_activation_bytes
     return int(unoptimised.peak_bytes - released)

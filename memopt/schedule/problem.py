@@ -76,14 +76,24 @@ def draws_random(node: torch.fx.Node) -> bool:
     return True
 
 
-def protect_random(joint_gm: torch.fx.GraphModule) -> None:
-    """Tag every op that draws random numbers ``MUST_SAVE`` (unless the user's checkpoint policy tagged
-    it), so that no cut recomputes it. torch's min-cut partitioner bans such recomputation, but its
-    knapsack (``activation_memory_budget`` < 1) can trade the ban away, and the backward then draws a new
-    dropout mask: silently wrong gradients (pytorch/pytorch#190758). A user's ``MUST_RECOMPUTE`` tag is
-    honoured: torch then replays the op's RNG state."""
+def communicates(node: torch.fx.Node) -> bool:
+    """Whether ``node`` is a collective (or waits for one): an op of torch's functional collectives."""
+    target = node.target
+    return node.op == "call_function" and isinstance(target, torch._ops.OpOverload) \
+        and target.namespace in ("_c10d_functional", "c10d_functional", "_dtensor")
+
+
+def protect_unrepeatable(joint_gm: torch.fx.GraphModule) -> None:
+    """Tag every op that must run once ``MUST_SAVE``, so that no cut recomputes it. An op that draws
+    random numbers (unless the user's checkpoint policy tagged it): torch's min-cut partitioner bans its
+    recomputation, but its knapsack (``activation_memory_budget`` < 1) can trade the ban away, and the
+    backward then draws a new dropout mask: silently wrong gradients (pytorch/pytorch#190758); a user's
+    ``MUST_RECOMPUTE`` tag is honoured, as torch then replays the op's RNG state. And a collective: run
+    again in the backward it would communicate again, costing a transfer the plan did not price, and hang
+    every rank whose plan did not choose it too."""
     for node in joint_gm.graph.nodes:
-        if draws_random(node) and (node.meta.get("recompute") is None or DECISION_KEY in node.meta):
+        if communicates(node) or (draws_random(node) and (node.meta.get("recompute") is None
+                                                          or DECISION_KEY in node.meta)):
             node.meta[DECISION_KEY] = "save"
             node.meta["recompute"] = CheckpointPolicy.MUST_SAVE
 
@@ -128,6 +138,8 @@ def _unrecomputable_reason(node: torch.fx.Node) -> str | None:
     # instead of 24.9 MB against a 23.7 MB plan), so memopt does not choose it yet.
     if torch.Tag.nondeterministic_seeded in target.tags:
         return "random: recomputing it would draw different numbers"
+    if communicates(node):
+        return "a collective: recomputing it would communicate again"
     if target._schema.is_mutable:
         return "mutates its inputs"
     if node.meta.get("recompute") is not None and DECISION_KEY not in node.meta:
@@ -197,7 +209,7 @@ def apply_save_tags(joint_gm: torch.fx.GraphModule, save: frozenset[str]) -> Non
 
 
 def apply_recompute_tags(joint_gm: torch.fx.GraphModule, recompute: frozenset[str]) -> None:
-    """Tag ``recompute`` MUST_RECOMPUTE; clear memopt's earlier tags (:func:`protect_random`'s are made
+    """Tag ``recompute`` MUST_RECOMPUTE; clear memopt's earlier tags (:func:`protect_unrepeatable`'s are made
     again at every partition); leave the user's tags alone."""
     for node in joint_gm.graph.nodes:
         if DECISION_KEY in node.meta:
