@@ -219,6 +219,7 @@ def tuned_here(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, float, s
     return path, time.perf_counter() - started, out
 
 
+@pytest.mark.serial
 def test_memopt_tune_quick_writes_a_profile_for_this_device(
         tuned_here: tuple[Path, float, subprocess.CompletedProcess[str]]) -> None:
     path, seconds, out = tuned_here
@@ -362,6 +363,7 @@ def test_two_profiles_give_two_plans_and_the_dump_names_each(tmp_path: Path) -> 
 # accuracy
 
 
+@pytest.mark.serial
 def test_a_tuned_profile_predicts_the_eager_step_within_35_percent(
         tmp_path: Path, tuned_here: tuple[Path, float, subprocess.CompletedProcess[str]]) -> None:
     """The demo's Llama (4 layers, hidden 256, 4 x 256 tokens), op by op: the predicted forward +
