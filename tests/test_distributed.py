@@ -48,6 +48,7 @@ def _eager_losses() -> tuple[list[float], int]:
 
 
 @pytest.mark.slow
+@pytest.mark.feature("DDP and FSDP2 (2 processes, gloo), LoRA and a budget: one process's losses")
 def test_ddp_and_fsdp2_train_as_one_process(tmp_path: Path) -> None:
     """Each step's global loss equals the single process's; every rank compiled the same graphs with the
     same plans; FSDP2's ranks hold half the parameters, and their tracked peak is lower than DDP's by
@@ -70,6 +71,7 @@ def test_ddp_and_fsdp2_train_as_one_process(tmp_path: Path) -> None:
         ddp[0]["tracked_peak_bytes"], fsdp[0]["tracked_peak_bytes"], ddp[0]["parameter_bytes"])
 
 
+@pytest.mark.feature("a collective in a graph is never recomputed")
 def test_a_collective_is_saved_never_recomputed() -> None:
     """A collective in a joint graph (torch's functional collectives, as compiled DDP, FSDP2 or tensor
     parallelism put there) is tagged to be saved, like a random op, and memopt never chooses it for

@@ -47,6 +47,7 @@ def _compiled(model: nn.Module, options: dict[str, Any] | None = None, **compile
     return torch.compile(model, backend=backend, **compile_kwargs), backend
 
 
+@pytest.mark.feature("gradient accumulation (two micro-batches a step), with a budget")
 def test_gradient_accumulation() -> None:
     """Two micro-batches per optimizer step, two steps: the accumulated gradients and the losses."""
     model, reference = _twins()
@@ -80,6 +81,8 @@ def _autocast_step(backend: Any) -> tuple[torch.Tensor, list[torch.Tensor], list
     return loss, [p.grad for p in model.parameters()], [q.grad for q in reference.parameters()]
 
 
+@pytest.mark.feature("torch.autocast bf16, with a budget")
+@pytest.mark.known_limit("Under bf16 autocast the gradients are those of plain torch.compile (aot_eager), which differ from eager's by up to 0.6% of a tensor's largest entry: AOTAutograd rounds the backward in another order")
 def test_bf16_autocast() -> None:
     """fp32 weights, the forward under torch.autocast(bf16). The compiled graph casts as eager does, but
     AOTAutograd's backward rounds in another order: the gradients of plain torch.compile with its
@@ -104,6 +107,8 @@ def checkpointing_warnings(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     yield
 
 
+@pytest.mark.feature("Hugging Face gradient_checkpointing_enable(), as it comes")
+@pytest.mark.known_limit("With Hugging Face's gradient_checkpointing_enable() (transformers 5), Dynamo cannot trace the checkpoint: the layers run uncompiled and the budget does not reach them; memopt warns. Set torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True, or turn checkpointing off and let the budget choose what to recompute")
 @pytest.mark.usefixtures("checkpointing_warnings")
 def test_hf_gradient_checkpointing_dynamo_cannot_trace_is_said_and_trains_as_eager() -> None:
     """Note [Graphs a budget does not reach]: transformers' attention sets a context variable inside the
@@ -126,6 +131,7 @@ def test_hf_gradient_checkpointing_dynamo_cannot_trace_is_said_and_trains_as_eag
     assert not layer_weights, layer_weights
 
 
+@pytest.mark.feature("Hugging Face gradient checkpointing traced by Dynamo: honoured, one graph")
 @pytest.mark.usefixtures("checkpointing_warnings")
 def test_hf_gradient_checkpointing_dynamo_traces_is_honoured(monkeypatch: pytest.MonkeyPatch) -> None:
     """With Dynamo told not to replay the context variable's side effect, the checkpoint is one traced
@@ -180,6 +186,7 @@ def _broken_step(options: dict[str, Any]) -> list[Any]:
     return training
 
 
+@pytest.mark.feature("a step Dynamo splits into several graphs, fractional budget")
 def test_a_step_in_several_graphs_shares_a_fraction() -> None:
     """Note [A byte budget is the step's]: a fraction applies to each graph's own saved activations (so
     to the step's, summed): each graph is planned within its own share, counting nothing of the others."""
@@ -190,6 +197,8 @@ def test_a_step_in_several_graphs_shares_a_fraction() -> None:
         assert report.held_outside_bytes == 0
 
 
+@pytest.mark.feature("a step Dynamo splits into several graphs, byte budget")
+@pytest.mark.known_limit("A byte budget over a step Dynamo splits into several graphs is shared as each graph is compiled: later graphs' gradients, and a graph reused for every layer, are not fully counted; memopt warns. Remove the graph breaks (fullgraph=True names them) or use a fraction")
 def test_a_step_in_several_graphs_shares_a_byte_budget() -> None:
     """A byte budget is the step's: each graph is planned under it less what the graphs compiled before
     it hold while it runs (their parameters and saved activations)."""
@@ -222,6 +231,7 @@ def _held_by(report: Any) -> int:
     return sum(p.numel() * p.element_size() for p in parameters) + int(report.memory.saved_activation_bytes)
 
 
+@pytest.mark.feature("dropout (GPT-2 as shipped), with a budget: eager's masks")
 def test_dropout_draws_eagers_masks() -> None:
     """GPT-2 with its shipped dropout (0.1 everywhere) under a budget: memopt's eager code generator draws
     the masks in eager's order, so with the same seed the loss and gradients are eager's; no mask is drawn
@@ -248,6 +258,8 @@ def test_dropout_draws_eagers_masks() -> None:
     _assert_same_grads(model, reference, "dropout")
 
 
+@pytest.mark.feature("varying lengths with dynamic=True: one compile, one plan")
+@pytest.mark.known_limit("With dynamic=True the plan is made at the first call's length and reused: a byte budget is checked at that length only, so make the first call the longest")
 def test_varying_lengths_with_dynamic_shapes_compile_once() -> None:
     """``dynamic=True``: lengths 64, 96 and 128 run through one compiled graph (no recompile), planned
     once on symbolic sizes at the first call's length and reused at each (the README's re-plan rule), with
@@ -270,6 +282,7 @@ def test_varying_lengths_with_dynamic_shapes_compile_once() -> None:
     assert report.schedule is not None and any(i.kind == "symint" for i in report.inputs)
 
 
+@pytest.mark.feature("model.eval() and torch.no_grad() through the same compiled model")
 def test_evaluation_through_the_same_compiled_model() -> None:
     """model.eval() under torch.no_grad() between training steps: eager's logits, and training goes on
     with eager's gradients."""
@@ -290,6 +303,7 @@ def test_evaluation_through_the_same_compiled_model() -> None:
             assert_close(compiled(**held_out).logits, reference(**held_out).logits, f"eval after step {step}")
 
 
+@pytest.mark.feature("AdamW with foreach=True and fused=True")
 @pytest.mark.parametrize("kind", ["foreach", "fused"])
 def test_foreach_and_fused_optimizers(kind: str) -> None:
     """AdamW with foreach=True or fused=True (the optimizer runs outside the compiled graph): the weights

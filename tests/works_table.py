@@ -1,0 +1,135 @@
+"""The README's "What works" tables and "Known limits" list, generated from the test matrix's results.
+
+    python -m tests.works_table                  # runs the matrix (~5 minutes on 2 cores), writes both
+    python -m tests.works_table --readme-only    # re-renders the README from docs/works.json
+
+runs the model zoo (tests/test_model_zoo.py), the training-loop tests (tests/test_training_loops.py) and
+the distributed test (tests/test_distributed.py), records every outcome in ``docs/works.json`` and
+rewrites the README between ``<!-- works:begin -->`` and ``<!-- works:end -->`` from it. A test that holds a
+limit is marked ``@pytest.mark.known_limit("what does not work, and what to do")``, and a feature test
+``@pytest.mark.feature("what it shows")`` (the table's first column); the limits listed are
+those of passing tests (a limit a failing test no longer holds is not listed). ``tests/test_docs.py`` checks
+that the README shows what ``docs/works.json`` records and that the record covers today's matrix, so a
+model or mode added without running this fails there.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import re
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RECORD = ROOT / "docs" / "works.json"
+README = ROOT / "README.md"
+FILES = ("tests/test_model_zoo.py", "tests/test_training_loops.py", "tests/test_distributed.py",
+         "tests/test_verify.py")
+BEGIN, END = "<!-- works:begin -->", "<!-- works:end -->"
+
+
+class _Recorder:
+    """A pytest plugin: each test's outcome, and its known_limit marker's text."""
+
+    def __init__(self) -> None:
+        self.cases: dict[str, dict[str, Any]] = {}
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_makereport(self, item: pytest.Item, call: Any) -> Iterator[None]:
+        outcome = yield
+        report = outcome.get_result()
+        if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
+            limit, feature = item.get_closest_marker("known_limit"), item.get_closest_marker("feature")
+            self.cases[item.nodeid] = {
+                "outcome": report.outcome, "feature": feature.args[0] if feature is not None else "",
+                **({"known_limit": limit.args[0]} if limit is not None else {})}
+
+
+def run() -> dict[str, Any]:
+    recorder = _Recorder()
+    started = time.perf_counter()
+    code = pytest.main(["-q", "-p", "no:cacheprovider", *FILES], plugins=[recorder])
+    import torch
+    import transformers
+
+    return {"date": time.strftime("%Y-%m-%d"), "seconds": round(time.perf_counter() - started),
+            "exit_code": int(code), "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(), "cases": dict(sorted(recorder.cases.items()))}
+
+
+_ZOO = re.compile(r"test_model_zoo\.py::test_trains_as_eager\[(?P<model>[^-\]]+)-(?P<mode>[^\]]+)\]")
+_MARK = {"passed": "yes", "failed": "**no**", "skipped": "skipped"}
+
+
+def zoo_table(record: dict[str, Any]) -> list[str]:
+    from tests.test_model_zoo import MODES
+
+    cells: dict[str, dict[str, str]] = {}
+    for nodeid, case in record["cases"].items():
+        found = _ZOO.search(nodeid)
+        if found:
+            cells.setdefault(found["model"], {})[found["mode"]] = _MARK.get(case["outcome"], case["outcome"])
+    heads = [f"{mode} ({MODES[mode].get('codegen', 'inductor')})" for mode in MODES]
+    lines = ["| model | " + " | ".join(heads) + " |", "| --- |" + " --- |" * len(heads)]
+    return lines + [f"| {model} | " + " | ".join(row.get(mode, "not run") for mode in MODES) + " |"
+                    for model, row in cells.items()]
+
+
+def feature_table(record: dict[str, Any]) -> list[str]:
+    """One line per feature; a parametrized test's cases share one, which works when all of them pass."""
+    rows: dict[str, tuple[str, set[str]]] = {}
+    for nodeid, case in record["cases"].items():
+        if "test_model_zoo.py" in nodeid:
+            continue
+        name = nodeid.split("::")[-1].split("[")[0]
+        label = case["feature"] or name
+        test, outcomes = rows.setdefault(label, (name, set()))
+        outcomes.add(case["outcome"])
+    lines = ["| feature (tiny Llama unless named) | works | test |", "| --- | --- | --- |"]
+    for label, (name, outcomes) in rows.items():
+        mark = _MARK["passed"] if outcomes == {"passed"} else ", ".join(_MARK.get(o, o) for o in sorted(outcomes))
+        lines.append(f"| {label} | {mark} | `{name}` |")
+    return lines
+
+
+def limits(record: dict[str, Any]) -> list[str]:
+    return [f"- {case['known_limit']} (`{nodeid.split('::')[-1]}`)" for nodeid, case in record["cases"].items()
+            if case.get("known_limit") and case["outcome"] == "passed"]
+
+
+def render(record: dict[str, Any]) -> str:
+    """The README's section between the markers."""
+    return "\n".join([
+        f"Generated by `python -m tests.works_table` on {record['date']} (torch {record['torch']}, transformers "
+        f"{record['transformers']}): every cell is a test that trains against eager PyTorch (loss and every "
+        "gradient, three steps; `docs/works.json` has each outcome).", "",
+        *zoo_table(record), "", *feature_table(record), "", "**Known limits** (each held by a test):", "",
+        *limits(record)])
+
+
+def write_readme(record: dict[str, Any]) -> None:
+    text = README.read_text()
+    start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
+    README.write_text(text[:start] + "\n" + render(record) + "\n" + text[end:])
+
+
+def main() -> int:
+    if "--readme-only" in sys.argv:         # re-render the README from the record, running nothing
+        write_readme(json.loads(RECORD.read_text()))
+        return 0
+    record = run()
+    RECORD.parent.mkdir(exist_ok=True)
+    RECORD.write_text(json.dumps(record, indent=1) + "\n")
+    write_readme(record)
+    print(f"works_table: {len(record['cases'])} outcomes in {RECORD.relative_to(ROOT)}; README updated", file=sys.stderr)
+    return 0 if record["exit_code"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
