@@ -99,7 +99,7 @@ def train_small_llama(quick: bool, dump_root: str) -> None:
     base = LlamaForCausalLM(config)
     batches = token_stream(seq, batch, steps)
     # No offload: on a CPU the host pool is the same memory, so offloading would only move bytes out of
-    # what the tracker counts (README, "Offload"); recomputation saves for real.
+    # what the tracker counts (docs/scheduler.md, "Offload"); recomputation saves for real.
     budget = {"memory_budget": 0.5, "offload": False}
     lora = {**budget, "adapters": {"method": "lora", "rank": 8, "targets": "all-linear"}}
     runs: dict[str, dict[str, object]] = {}

@@ -1,7 +1,7 @@
 """memopt under DDP and FSDP2 (issue 20): two processes on CPU with gloo train a tiny Llama with LoRA and a
 budget (tests/distributed_step.py says how each is set up), against the same steps in one process.
 
-On GPUs the same script runs with NCCL as the README shows."""
+On GPUs the same steps run with NCCL as docs/training.md shows."""
 
 from __future__ import annotations
 

@@ -37,3 +37,21 @@ def test_the_record_covers_todays_matrix() -> None:
     for name in FILES:
         missing = _test_functions(ROOT / name) - recorded
         assert not missing, f"{name}: {sorted(missing)} have no recorded outcome"
+
+
+def test_every_relative_link_in_the_docs_resolves() -> None:
+    """The README and docs/*.md link to files that exist (links out of the repository, such as the
+    shared design notes, are not checked), and the README links every docs page."""
+    import re
+
+    pages = [README, *sorted((ROOT / "docs").glob("*.md"))]
+    for page in pages:
+        for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", page.read_text()):
+            if re.match(r"^[a-z]+:", target):
+                continue
+            path = (page.parent / target).resolve()
+            if ROOT.resolve() in path.parents or path == ROOT.resolve():
+                assert path.exists(), f"{page.relative_to(ROOT)} links {target}, which does not exist"
+    readme = README.read_text()
+    for doc in sorted((ROOT / "docs").glob("*.md")):
+        assert f"docs/{doc.name}" in readme, f"README does not link docs/{doc.name}"

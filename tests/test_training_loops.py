@@ -262,7 +262,7 @@ def test_dropout_draws_eagers_masks() -> None:
 @pytest.mark.known_limit("With dynamic=True the plan is made at the first call's length and reused: a byte budget is checked at that length only, so make the first call the longest")
 def test_varying_lengths_with_dynamic_shapes_compile_once() -> None:
     """``dynamic=True``: lengths 64, 96 and 128 run through one compiled graph (no recompile), planned
-    once on symbolic sizes at the first call's length and reused at each (the README's re-plan rule), with
+    once on symbolic sizes at the first call's length and reused at each (docs/training.md's re-plan rule), with
     eager's gradients at each length. (Dynamo traces the frame twice on its first call, restarting
     its analysis once it has turned Python scalars into tensors; both traces reach the backend.)"""
     model, reference = _twins()
