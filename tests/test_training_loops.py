@@ -40,6 +40,17 @@ def _assert_same_grads(model: nn.Module, reference: nn.Module, what: str,
                                        msg=lambda m, name=name: f"{what}: gradient of {name}: {m}")
 
 
+def _step_matches(compiled: nn.Module, model: nn.Module, reference: nn.Module, inputs: dict[str, Any],
+                  what: str) -> None:
+    """One forward and backward of ``compiled`` (``model``'s) and of ``reference``: eager's loss and
+    gradients."""
+    loss, expected = compiled(**inputs).loss, reference(**inputs).loss
+    loss.backward()
+    expected.backward()
+    assert_close(loss, expected, f"{what}: loss")
+    _assert_same_grads(model, reference, what)
+
+
 def _compiled(model: nn.Module, options: dict[str, Any] | None = None, **compile_kwargs: Any,
               ) -> tuple[nn.Module, MemoptBackend]:
     torch._dynamo.reset()
@@ -144,12 +155,7 @@ def test_hf_gradient_checkpointing_dynamo_traces_is_honoured(monkeypatch: pytest
     for m in (model, reference):
         m.gradient_checkpointing_enable()
     compiled, backend = _compiled(model)
-    inputs = batch("llama")
-    loss, expected = compiled(**inputs).loss, reference(**inputs).loss
-    loss.backward()
-    expected.backward()
-    assert_close(loss, expected, "loss")
-    _assert_same_grads(model, reference, "checkpointed")
+    _step_matches(compiled, model, reference, batch("llama"), "checkpointed")
     (report,) = backend.reports
     assert report.joint is not None
     tagged = [n for n in report.joint.graph.nodes
@@ -175,12 +181,7 @@ def _broken_step(options: dict[str, Any]) -> list[Any]:
     reports of the graphs that train, in compile order."""
     model, reference = _twins(build=_Broken)
     compiled, backend = _compiled(model, options)
-    inputs = batch("llama")
-    loss, expected = compiled(**inputs).loss, reference(**inputs).loss
-    loss.backward()
-    expected.backward()
-    assert_close(loss, expected, "loss")
-    _assert_same_grads(model, reference, "several graphs")
+    _step_matches(compiled, model, reference, batch("llama"), "several graphs")
     training = [r for r in backend.reports if r.backward is not None]
     assert len(training) >= 2, [r.graph_id for r in backend.reports]
     return training
@@ -271,12 +272,7 @@ def test_varying_lengths_with_dynamic_shapes_compile_once() -> None:
     for seq in (64, 96, 128):
         model.zero_grad(set_to_none=True)
         reference.zero_grad(set_to_none=True)
-        inputs = batch("llama", seq=seq)
-        loss, expected = compiled(**inputs).loss, reference(**inputs).loss
-        loss.backward()
-        expected.backward()
-        assert_close(loss, expected, f"length {seq}: loss")
-        _assert_same_grads(model, reference, f"length {seq}")
+        _step_matches(compiled, model, reference, batch("llama", seq=seq), f"length {seq}")
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
     report = backend.reports[-1]
     assert report.schedule is not None and any(i.kind == "symint" for i in report.inputs)
@@ -292,10 +288,7 @@ def test_evaluation_through_the_same_compiled_model() -> None:
         inputs = batch("llama", seed=step)
         model.train()
         reference.train()
-        loss, expected = compiled(**inputs).loss, reference(**inputs).loss
-        loss.backward()
-        expected.backward()
-        _assert_same_grads(model, reference, f"step {step}")
+        _step_matches(compiled, model, reference, inputs, f"step {step}")
         model.eval()
         reference.eval()
         with torch.no_grad():
