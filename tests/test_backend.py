@@ -161,3 +161,9 @@ def test_failing_analysis_falls_back_with_a_warning(monkeypatch: pytest.MonkeyPa
     strict = MemoptBackend({"codegen": "eager", "strict": True})
     with raises_memopt(memopt.MemoptPassError, "memory simulation failed"):
         train_and_compare(_mlp, strict)
+
+
+def test_adapter_options_on_a_model_not_prepared_say_to_call_prepare() -> None:
+    compiled = torch.compile(nn.Linear(4, 2), backend=MemoptBackend({"adapters": {"method": "lora", "rank": 2}}))
+    with raises_memopt(memopt.MemoptConfigError, r"holds no memopt adapter: call memopt.prepare\(model, options\)"):
+        compiled(torch.randn(3, 4))

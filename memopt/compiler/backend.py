@@ -26,9 +26,29 @@ from memopt.errors import MemoptConfigError
 from memopt.names import GraphInput, dynamo_inputs
 from memopt.passes.base import Pass, PassContext
 from memopt.passes.inject_adapters import is_adapter_node
+from memopt.schedule.budget import StepLedger
 
 if TYPE_CHECKING:
     from memopt.sparse_auto import AutoChoice
+
+
+def _check_prepared(config: MemoptConfig, gm: torch.fx.GraphModule, inputs: Sequence[GraphInput],
+                    example_inputs: Sequence[Any]) -> AutoChoice | None:
+    """A training graph holds what the options need memopt.prepare to have made; returns the choice of
+    ``sparse_backprop: "auto"``."""
+    adapters = any(is_adapter_node(n) for n in gm.graph.nodes)
+    if config.adapters is not None and not adapters:
+        raise MemoptConfigError(
+            "options['adapters'] is set, but this graph trains parameters and holds no memopt adapter: "
+            "call memopt.prepare(model, options) before torch.compile (it freezes the base weights and "
+            "creates the adapters, so that the optimizer can be built on them), or drop 'adapters' "
+            "from the options to train the model as it is")
+    if config.quantize is not None and adapters and not any("dequantize_" in str(n.target) for n in gm.graph.nodes):
+        raise MemoptConfigError(
+            "options['quantize'] is set, but this graph's adapters sit on full-precision weights: the "
+            "model was prepared without 'quantize'. Call memopt.prepare on a fresh model with the same "
+            "options you compile with, or drop 'quantize' from the options")
+    return _check_sparse_prepared(config, inputs, example_inputs) if config.sparse_backprop is not None else None
 
 
 def _check_sparse_prepared(config: MemoptConfig, inputs: Sequence[GraphInput], example_inputs: Sequence[Any],
@@ -115,20 +135,7 @@ class MemoptBackend:
             _warn_untraced_checkpoint()
             if not training:
                 _warn_budget_without_backward()
-        if config.adapters is not None and training and not any(is_adapter_node(n) for n in gm.graph.nodes):
-            raise MemoptConfigError(
-                "options['adapters'] is set, but this graph trains parameters and holds no memopt adapter: "
-                "call memopt.prepare(model, options) before torch.compile (it freezes the base weights and "
-                "creates the adapters, so that the optimizer can be built on them), or drop 'adapters' "
-                "from the options to train the model as it is")
-        choice = _check_sparse_prepared(config, inputs, example_inputs) if (
-            config.sparse_backprop is not None and training) else None
-        if config.quantize is not None and any(is_adapter_node(n) for n in gm.graph.nodes) and not any(
-                "dequantize_" in str(n.target) for n in gm.graph.nodes):
-            raise MemoptConfigError(
-                "options['quantize'] is set, but this graph's adapters sit on full-precision weights: the "
-                "model was prepared without 'quantize'. Call memopt.prepare on a fresh model with the same "
-                "options you compile with, or drop 'quantize' from the options")
+        choice = _check_prepared(config, gm, inputs, example_inputs) if training else None
         report = GraphReport(graph_id=graph_id(_compile_id(), gm), codegen=config.codegen, inputs=inputs)
         self.reports.append(report)
         frame, parameters = _compile_id().split("_")[0], _parameter_bytes(inputs, example_inputs)
@@ -161,7 +168,7 @@ class MemoptBackend:
                          status="compiled by Inductor without a joint graph")
             dumper.finish()
         compiled = compile_joint(gm, example_inputs, stage)
-        self.ledger.record(frame, parameters, report)
+        self.ledger.record(frame, parameters + (report.memory.saved_activation_bytes if report.memory else 0))
         return compiled if reference is None else _verifying(compiled, reference, report, config)
 
 
@@ -183,47 +190,6 @@ def _verifying(compiled: Callable[..., Any], reference: torch.fx.GraphModule, re
 def _parameter_bytes(inputs: Sequence[GraphInput], example_inputs: Sequence[Any]) -> int:
     return sum(x.numel() * x.element_size() for i, x in zip(inputs, example_inputs)
                if i.kind == "parameter" and isinstance(x, torch.Tensor))
-
-
-class StepLedger:
-    """What each of a step's graphs (one per Dynamo frame) holds while the others run.
-
-    Note [A byte budget is the step's]
-    Dynamo may split a step into several graphs (graph breaks), each compiled on its own. A fraction is
-    applied to each graph's own saved activations, so the step's saved activations shrink by the same
-    fraction. A byte budget limits the step's peak: each graph is planned under the budget less what
-    the step's other graphs, as far as this backend has compiled them, hold while it runs: their
-    parameters and the activations they save (a parameter two graphs read counts in each: a graph names
-    its parameters from its own frame's module, so two graphs' names cannot be matched). Graphs are
-    compiled in the order the first step reaches them, so the ones before a graph are all counted; a
-    graph's plan counts the later ones it has seen (after a recompile) too, which errs on the safe side.
-    It is not exact, and memopt says so when it first shares a budget: the gradients of later graphs,
-    alive during a graph's backward, are not seen by its plan, and a graph Dynamo compiles once for a
-    layer's frame and runs for every layer is counted once.
-    A backend object keeps one ledger; ``backend="memopt"``, which makes a backend per graph, shares one
-    per options object, that is per torch.compile call.
-    """
-
-    def __init__(self) -> None:
-        self.frames: dict[str, int] = {}
-        self.warned = False
-
-    def warn_once(self, frame: str) -> None:
-        if self.warned or not set(self.frames) - {frame}:
-            return
-        self.warned = True
-        warnings.warn(
-            "memopt: Dynamo split the step into several graphs (graph breaks); a byte budget is shared among "
-            "them as each is compiled: each graph is planned under the budget less what the graphs compiled "
-            "before it hold, counted once per graph, though a graph Dynamo reuses for every layer runs once "
-            "per layer. For an exact byte budget remove the breaks (torch.compile(..., fullgraph=True) names "
-            "them), or give a fraction, which each graph meets on its own", UserWarning, stacklevel=3)
-
-    def held_outside(self, frame: str) -> int:
-        return sum(held for key, held in self.frames.items() if key != frame)
-
-    def record(self, frame: str, parameter_bytes: int, report: GraphReport) -> None:
-        self.frames[frame] = parameter_bytes + (report.memory.saved_activation_bytes if report.memory else 0)
 
 
 # Note [Graphs a budget does not reach]: a budget is planned on what a graph saves for its backward.

@@ -29,8 +29,8 @@ from memopt.units import format_bytes
 
 def budget_bytes(budget: MemoryBudget, unoptimised: MemoryTimeline, held_outside: int = 0) -> int:
     """The peak limit in bytes that ``budget`` means for this graph; a byte budget less what the step's
-    other graphs hold while it runs (``held_outside``, Note [A byte budget is the step's] in
-    memopt/compiler/backend.py)."""
+    other graphs hold while it runs (``held_outside``, Note [A byte budget is the step's]
+    below)."""
     if budget.nbytes is not None:
         return budget.nbytes - held_outside
     fraction = budget.fraction if budget.fraction is not None else 1.0
@@ -76,3 +76,45 @@ def check_budget(limit: int, budget: MemoryBudget, lowest: MemoryTimeline, tried
         f"can reach is {format_bytes(lowest.peak_bytes)} ({tried}), {describe_peak(lowest)}. "
         f"To fit: {fixes}.",
         min_peak_bytes=lowest.peak_bytes, breakdown=lowest.breakdown)
+
+
+class StepLedger:
+    """What each of a step's graphs (one per Dynamo frame) holds while the others run.
+
+    Note [A byte budget is the step's]
+    Dynamo may split a step into several graphs (graph breaks), each compiled on its own. A fraction is
+    applied to each graph's own saved activations, so the step's saved activations shrink by the same
+    fraction. A byte budget limits the step's peak: each graph is planned under the budget less what
+    the step's other graphs, as far as this backend has compiled them, hold while it runs: their
+    parameters and the activations they save (a parameter two graphs read counts in each: a graph names
+    its parameters from its own frame's module, so two graphs' names cannot be matched). Graphs are
+    compiled in the order the first step reaches them, so the ones before a graph are all counted; a
+    graph's plan counts the later ones it has seen (after a recompile) too, which errs on the safe side.
+    It is not exact, and memopt says so when it first shares a budget: the gradients of later graphs,
+    alive during a graph's backward, are not seen by its plan, and a graph Dynamo compiles once for a
+    layer's frame and runs for every layer is counted once.
+    A backend object keeps one ledger; ``backend="memopt"``, which makes a backend per graph, shares one
+    per options object, that is per torch.compile call (memopt/compiler/backend.py).
+    """
+
+    def __init__(self) -> None:
+        self.frames: dict[str, int] = {}
+        self.warned = False
+
+    def warn_once(self, frame: str) -> None:
+        if self.warned or not set(self.frames) - {frame}:
+            return
+        self.warned = True
+        warnings.warn(
+            "memopt: Dynamo split the step into several graphs (graph breaks); a byte budget is shared among "
+            "them as each is compiled: each graph is planned under the budget less what the graphs compiled "
+            "before it hold, counted once per graph, though a graph Dynamo reuses for every layer runs once "
+            "per layer. For an exact byte budget remove the breaks (torch.compile(..., fullgraph=True) names "
+            "them), or give a fraction, which each graph meets on its own", UserWarning, stacklevel=3)
+
+    def held_outside(self, frame: str) -> int:
+        return sum(held for key, held in self.frames.items() if key != frame)
+
+    def record(self, frame: str, held_bytes: int) -> None:
+        """``frame``'s graph holds ``held_bytes`` (its parameters and saved activations) while others run."""
+        self.frames[frame] = held_bytes
