@@ -14,6 +14,7 @@ holds, what each compiled graph saves for its backward, and each graph's plan.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import sys
@@ -101,7 +102,8 @@ def main() -> None:
     args = parser.parse_args()
     distributed = args.mode != "single"
     if distributed:
-        dist.init_process_group("gloo")
+        # A rank that waits longer than this fails with the collective it waited in, rather than hanging.
+        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     backend = MemoptBackend(OPTIONS)
     model, step = build(args.mode, backend, world)

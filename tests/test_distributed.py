@@ -21,8 +21,12 @@ SCRIPT = Path(__file__).resolve().parent / "distributed_step.py"
 def _run(mode: str, out: Path) -> list[dict[str, Any]]:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(SCRIPT)]
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
-    done = subprocess.run([*launcher, "--mode", mode, "--out", str(out)], capture_output=True, text=True,
-                          timeout=600, env=env)
+    try:
+        done = subprocess.run([*launcher, "--mode", mode, "--out", str(out)], capture_output=True, text=True,
+                              timeout=300, env=env)
+    except subprocess.TimeoutExpired as err:
+        raise AssertionError(f"{mode}: no answer in 300 s (about 30 s alone); its output so far:\n"
+                             f"{(err.stdout or b'')[-3000:]!r}\n{(err.stderr or b'')[-5000:]!r}") from None
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     return [json.loads(p.read_text()) for p in sorted(out.glob(f"{mode}.*.json"))]
 
@@ -48,6 +52,7 @@ def _eager_losses() -> tuple[list[float], int]:
 
 
 @pytest.mark.slow
+@pytest.mark.serial          # two more processes: alone, not beside the other test workers
 @pytest.mark.feature("DDP and FSDP2 (2 processes, gloo), LoRA and a budget: one process's losses")
 def test_ddp_and_fsdp2_train_as_one_process(tmp_path: Path) -> None:
     """Each step's global loss equals the single process's; every rank compiled the same graphs with the
