@@ -25,28 +25,27 @@ import torch.fx
 from torch._inductor.custom_graph_pass import CustomPartitionerFn
 
 from memopt.compiler.dump import Dumper, timeline_json, timeline_svg
-from memopt.compiler.partition import apply_compress, apply_offload, partition_joint
+from memopt.compiler.partition import Realiser, partition_joint, realise_plan
 from memopt.compiler.runner import MemoptPassWarning, PassRecord, run_passes
 from memopt.config import MemoptConfig
-from memopt.cost_model.estimate import annotate_costs, estimate_node, op_class, transfer_time_s
+from memopt.cost_model.estimate import annotate_costs, op_class, packing_time_s
 from memopt.cost_model.profile import COST_MODEL_VERSION, DeviceProfile, profile_origin
 from memopt.errors import MemoptPassError
 from memopt.names import GraphInput, joint_graph_inputs, layer_of
 from memopt.passes.base import Pass, PassContext
 from memopt.schedule.budget import budget_bytes, check_budget, unreached
-from memopt.schedule.greedy import NOTHING, Evaluation, Plan, ScheduleResult
 from memopt.schedule.model import ScheduleProblem, build_problem
 from memopt.schedule.problem import (
     DECISION_KEY,
+    NOTHING,
+    Evaluation,
+    Plan,
+    ScheduleResult,
     apply_recompute_tags,
     apply_save_tags,
-    candidates,
     communicates,
     draws_random,
     forward_region,
-    rerun_forward_ops,
-    returned_values,
-    saved_values,
 )
 from memopt.schedule.search import search_plan
 from memopt.schedule.simulate import (
@@ -55,7 +54,6 @@ from memopt.schedule.simulate import (
     simulate_joint,
     simulate_step,
 )
-from memopt.schedule.streams import exposed_transfer_s, value_bytes
 
 _T = TypeVar("_T")
 
@@ -121,7 +119,7 @@ def _offload_all(evaluate: Callable[[Plan], Evaluation], baseline: Evaluation, l
     """``offload: "all"``: every saved activation that can go to the host does, whatever it costs; a
     check of the offload runtime (streams, events, host pool), not a schedule. ``limit``: the budget's
     bytes, if one was given."""
-    chosen = evaluate((frozenset(), _offloadable(baseline), frozenset()))
+    chosen = evaluate(Plan(offload=_offloadable(baseline)))
     return ScheduleResult(chosen, baseline, chosen, chosen.peak_bytes if limit is None else limit,
                           feasible=limit is None or chosen.peak_bytes <= limit, evaluations=2, method="offload-all")
 
@@ -140,8 +138,9 @@ def _lowest(evaluate: Callable[[Plan], Evaluation], baseline: Evaluation, limit:
     ("checkpointed"). The baseline itself when it is lower (short sequences)."""
     saved = sum(c.nbytes for c in baseline.candidates if not c.held)
     if offload and (host_bytes is None or saved <= host_bytes):
-        plan: Plan = (frozenset(), _offloadable(baseline), frozenset())
-        method = "offloaded"
+        # Each reloaded where its use's segment starts: the least held at once.
+        offloaded = _offloadable(baseline)
+        plan, method = Plan(offload=offloaded, reload_in_segment=offloaded), "offloaded"
     else:
         plan, method = _checkpoint_plan(gm, offload), "checkpointed"
     chosen = evaluate(plan)
@@ -154,11 +153,12 @@ def _lowest(evaluate: Callable[[Plan], Evaluation], baseline: Evaluation, limit:
 def _checkpoint_plan(gm: torch.fx.GraphModule, offload: bool) -> Plan:
     """Each repeated layer recomputed in the backward (:func:`_checkpointed`), and what the backward still
     needs from the forward (the layers' inputs, mostly) offloaded, as far as the host bound goes
-    (:func:`_within_host`), as Unsloth's offloaded checkpointing does; recomputation alone when ``offload``
+    (Note [Bounded host memory] in memopt/compiler/partition.py), as Unsloth's offloaded checkpointing does; recomputation alone when ``offload``
     is off."""
     recompute, _ = _checkpointed(gm)
     activations = frozenset(n.name for n in gm.graph.nodes if n.op == "call_function")
-    return recompute, activations - recompute if offload else frozenset(), frozenset()
+    offloaded = activations - recompute if offload else frozenset()
+    return Plan(recompute, offloaded, reload_in_segment=offloaded)
 
 
 def _checkpointed(gm: torch.fx.GraphModule) -> tuple[frozenset[str], frozenset[str]]:
@@ -198,29 +198,6 @@ def _priced_copy(gm: torch.fx.GraphModule, costs: dict[str, Any]) -> torch.fx.Gr
         else:
             node.meta.pop("memopt_cost", None)
     return copied
-
-
-def _within_host(fw_gm: torch.fx.GraphModule, offload: frozenset[str], host_bytes: int | None) -> frozenset[str]:
-    """The values of ``offload`` that the host pool holds within ``host_bytes``, taken in forward order.
-
-    Note [Bounded host memory]
-    Every offloaded value waits in the host pool from its copy in the forward to its reload in the
-    backward, so at the boundary the pool holds them all: ``host_memory`` bounds their sum. A plan is
-    realised with the offloads that fit, in the forward's order (the first layers' values are reloaded
-    last, so their host copies are the ones that hide the most), and the rest stay on the device: the
-    simulated peak of that plan says whether it still meets the budget, and the search goes on from
-    there, so every plan memopt verifies, runs or reports keeps to the bound.
-    """
-    if host_bytes is None or not offload:
-        return offload
-    kept, total = [], 0
-    for node in fw_gm.graph.nodes:
-        if node.name in offload:
-            nbytes = value_bytes(node)
-            if total + nbytes <= host_bytes:
-                kept.append(node.name)
-                total += nbytes
-    return frozenset(kept)
 
 
 class JointStage(CustomPartitionerFn):
@@ -306,48 +283,20 @@ class JointStage(CustomPartitionerFn):
                   ) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
         """Recompute or offload saved values until the step's simulated peak meets the memory budget."""
         budget = config.memory_budget
-        fw_region = forward_region(gm)
-        cost = {n.name: n.meta["memopt_cost"].time_s for n in gm.graph.nodes if "memopt_cost" in n.meta}
-        cache: dict[tuple[Plan, float], Evaluation] = {}
-        def one_way(nbytes: int) -> float:
-            return transfer_time_s(nbytes, self.profile)
-
-        transfer = None if config.offload is False else one_way
-
-        def packing_time(packed: int, nbytes: int) -> float:
-            # Pack: read the value, write the packed copy; unpack: read it, write the value; two launches.
-            profile = self.profile
-            return 2 * (nbytes + packed) / profile.memory_bandwidth + 2 * profile.launch_overhead_s
-
+        realiser = Realiser(
+            gm, lambda recompute, share: self._partition(gm, joint_inputs, num_fwd_outputs, static, recompute, share),
+            num_fwd_outputs, lambda fw: _primal_kinds(fw, self.primal_kinds), self.profile,
+            fused_costs=self.fused_costs, offload=config.offload is not False, host_bytes=config.host_memory,
+            compress_format=config.compress_activations, forward=forward_region(gm))
+        transfer = realiser.transfer_s if realiser.offload else None
         compression = None if config.compress_activations is None else \
-            (lambda nbytes, packed: packing_time(packed, nbytes))
+            (lambda nbytes, packed: packing_time_s(nbytes, packed, self.profile))
+        cache: dict[tuple[Plan, float], Evaluation] = {}
 
         def evaluate(plan: Plan, share: float = 1.0) -> Evaluation:
             # share < 1: on torch's knapsack cut at that share (Note [Seeding from PyTorch's knapsack]).
             if (plan, share) not in cache:
-                recompute, offload, compress = plan
-                fw, bw = self._partition(gm, joint_inputs, num_fwd_outputs, static, recompute, share)
-                saved = saved_values(fw, num_fwd_outputs)
-                offload = _within_host(fw, offload & frozenset(saved), config.host_memory)
-                apply_offload(fw, bw, offload, num_user_outputs=num_fwd_outputs,
-                              transfer_time_s=one_way)
-                compress = compress & frozenset(saved)
-                if compress and config.compress_activations is not None:
-                    apply_compress(fw, bw, compress, num_user_outputs=num_fwd_outputs,
-                                   fmt=config.compress_activations)
-                timeline = simulate_step(fw, bw, input_kinds=_primal_kinds(fw, self.primal_kinds),
-                                         num_user_outputs=num_fwd_outputs)
-                # Recomputation: forward ops the backward runs again (its inputs named after forward
-                # values are saved values, not recomputation).
-                added = sum(cost[n.name] if n.name in cost else
-                            estimate_node(n, self.profile, fused=self.fused_costs).time_s
-                            for n in rerun_forward_ops(bw, fw_region))
-                found = candidates(gm, saved, transfer, returned_values(fw, num_fwd_outputs))
-                added += exposed_transfer_s(fw, bw, one_way)
-                added += sum(packing_time(value_bytes(n), value_bytes(n.args[0]))
-                             for n in fw.graph.nodes if n.meta.get("memopt_pass") == "schedule:compress")
-                cache[(plan, share)] = Evaluation(recompute, offload, timeline, found, added, fw, bw, compress,
-                                                  share)
+                cache[(plan, share)] = realise_plan(plan, share, realiser)
             return cache[(plan, share)]
 
         def problem_of(base: Evaluation) -> ScheduleProblem:

@@ -9,18 +9,31 @@ default, so memopt's graphs are Inductor's graphs.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 
 import torch
 import torch.fx
 from torch._functorch.partitioners import min_cut_rematerialization_partition
 
-from memopt.cost_model.bytes import storage_nbytes
+from memopt.cost_model.estimate import estimate_node, packing_time_s, transfer_time_s
+from memopt.cost_model.profile import DeviceProfile
 from memopt.errors import MemoptError
 from memopt.passes.rewrite import fake_call, fake_result
-from memopt.schedule.problem import protect_unrepeatable, redrawn_random
-from memopt.schedule.simulate import PACKED_SUFFIX, aliased_argument
-from memopt.schedule.streams import reload_points
+from memopt.schedule.problem import (
+    Evaluation,
+    Plan,
+    candidates,
+    protect_unrepeatable,
+    redrawn_random,
+    rerun_forward_ops,
+    returned_values,
+    saved_values,
+)
+from memopt.schedule.simulate import PACKED_SUFFIX, aliased_argument, simulate_step
+from memopt.schedule.streams import exposed_transfer_s, issue_order, reload_issues, value_bytes
+
+HOST_SUFFIX = "_host"              # a saved value's host copy: <name>_host
 
 
 def partition_joint(joint_gm: torch.fx.GraphModule, joint_inputs: Sequence[object], *, num_fwd_outputs: int,
@@ -143,11 +156,11 @@ def _replace_saved(fw_gm: torch.fx.GraphModule, bw_gm: torch.fx.GraphModule, nam
 
 
 def apply_offload(fw_gm: torch.fx.GraphModule, bw_gm: torch.fx.GraphModule, names: frozenset[str], *,
-                  num_user_outputs: int, transfer_time_s: Callable[[int], float]) -> None:
+                  num_user_outputs: int, in_segment: frozenset[str] = frozenset()) -> None:
     """Offload the saved values ``names``: the forward copies each to the host pool right after making
-    it and saves the host copy; the backward reloads it ahead of its first use — early enough that the
-    compute in between (by the cost model) covers the transfer, the copies queued one after another
-    (:func:`memopt.schedule.streams.reload_points`) — and waits right before that use."""
+    it and saves the host copy; the backward issues its reload one segment ahead of its first use's
+    segment (where that segment starts, for the values in ``in_segment``), and waits right before that
+    use (Note [Reloads start at segment boundaries] in :mod:`memopt.schedule.streams`)."""
     import memopt.runtime.offload  # noqa: F401 - registers the memopt:: ops
 
     if not names:
@@ -155,19 +168,25 @@ def apply_offload(fw_gm: torch.fx.GraphModule, bw_gm: torch.fx.GraphModule, name
     reload_op = torch.ops.memopt.reload.default
     wait_op = torch.ops.memopt.wait_reload.default
     pending = _replace_saved(fw_gm, bw_gm, names, num_user_outputs=num_user_outputs,
-                             op=torch.ops.memopt.offload.default, args=(), suffix="_host",
+                             op=torch.ops.memopt.offload.default, args=(), suffix=HOST_SUFFIX,
                              tag="schedule:offload")
-    starts = reload_points(bw_gm.graph, [(first, transfer_time_s(storage_nbytes(val))) for _, first, val in pending])
-    for (placeholder, first, device_val), at in zip(pending, starts):
-        with bw_gm.graph.inserting_before(at):
-            reloaded = bw_gm.graph.call_function(reload_op, (placeholder, device_val.device))
+    uses = [first for _, first, _ in pending]
+    ahead = [placeholder.name.removesuffix(HOST_SUFFIX) not in in_segment for placeholder, _, _ in pending]
+    issues = reload_issues(bw_gm.graph, uses, ahead)
+    reloaded = {}
+    for index in issue_order(uses, ahead, bw_gm.graph):    # all reloads first: a wait delays what follows
+        placeholder, _, device_val = pending[index]
+        with bw_gm.graph.inserting_before(issues[index]):
+            node = bw_gm.graph.call_function(reload_op, (placeholder, device_val.device))
+        node.meta["val"] = fake_call(reload_op, placeholder.meta["val"], device_val.device)
+        node.meta["memopt_pass"] = "schedule:offload"
+        reloaded[index] = node
+    for index, (placeholder, first, _) in enumerate(pending):
         with bw_gm.graph.inserting_before(first):
-            waited = bw_gm.graph.call_function(wait_op, (reloaded,))
-        reloaded.meta["val"] = fake_call(reload_op, placeholder.meta["val"], device_val.device)
+            waited = bw_gm.graph.call_function(wait_op, (reloaded[index],))
         waited.meta["val"] = None
-        for node in (reloaded, waited):
-            node.meta["memopt_pass"] = "schedule:offload"
-        placeholder.replace_all_uses_with(reloaded, delete_user_cb=lambda n: n is not reloaded)
+        waited.meta["memopt_pass"] = "schedule:offload"
+        placeholder.replace_all_uses_with(reloaded[index], delete_user_cb=lambda n: n is not reloaded[index])
     bw_gm.graph.lint()
     bw_gm.recompile()
 
@@ -193,3 +212,77 @@ def apply_compress(fw_gm: torch.fx.GraphModule, bw_gm: torch.fx.GraphModule, nam
         placeholder.replace_all_uses_with(unpacked, delete_user_cb=lambda n: n is not unpacked)
     bw_gm.graph.lint()
     bw_gm.recompile()
+
+
+@dataclasses.dataclass(frozen=True)
+class Realiser:
+    """What realising a plan on one joint graph needs besides the plan (see :func:`realise_plan`)."""
+
+    joint: torch.fx.GraphModule                 # priced: its nodes carry ``memopt_cost``
+    # The partition with these nodes tagged for recomputation, on torch's knapsack cut at this share
+    # of the saved bytes when below 1 (the caller may keep partitions: Note [Reusing partitions across
+    # lengths] in memopt/compiler/capture.py).
+    partition: Callable[[frozenset[str], float], tuple[torch.fx.GraphModule, torch.fx.GraphModule]]
+    num_user_outputs: int
+    input_kinds: Callable[[torch.fx.GraphModule], tuple[str, ...]]   # of a forward graph's inputs
+    profile: DeviceProfile
+    fused_costs: bool = False
+    offload: bool = True                        # whether the options allow offload at all
+    host_bytes: int | None = None               # Note [Bounded host memory]
+    compress_format: str | None = None          # "int8" / "fp8" when the options allow compression
+    forward: frozenset[str] = frozenset()       # the joint graph's forward ops (forward_region)
+
+    def transfer_s(self, nbytes: int) -> float:
+        return transfer_time_s(nbytes, self.profile)
+
+
+def realise_plan(plan: Plan, share: float, realiser: Realiser) -> Evaluation:
+    """Realise ``plan`` and measure it: tag and partition the joint graph (on torch's knapsack cut at
+    ``share`` when below 1), rewrite the offloaded and compressed values, simulate the step, and price
+    what it adds (the forward ops the backward runs again, the copy stream's stall, packing).
+    Offloads are kept to what the cut saves and the host pool holds, compression to what the cut saves."""
+    n = realiser.num_user_outputs
+    fw, bw = realiser.partition(plan.recompute, share)
+    saved_list = saved_values(fw, n)
+    saved = frozenset(saved_list)
+    offload = within_host(fw, plan.offload & saved, realiser.host_bytes)
+    apply_offload(fw, bw, offload, num_user_outputs=n, in_segment=plan.reload_in_segment)
+    compress = plan.compress & saved if realiser.compress_format is not None else frozenset()
+    if compress:
+        apply_compress(fw, bw, compress, num_user_outputs=n, fmt=realiser.compress_format or "int8")
+    timeline = simulate_step(fw, bw, input_kinds=realiser.input_kinds(fw), num_user_outputs=n)
+    priced = {node.name: node.meta["memopt_cost"].time_s for node in realiser.joint.graph.nodes
+              if "memopt_cost" in node.meta}
+    added = sum(priced[node.name] if node.name in priced else
+                estimate_node(node, realiser.profile, fused=realiser.fused_costs).time_s
+                for node in rerun_forward_ops(bw, realiser.forward))
+    added += exposed_transfer_s(fw, bw, realiser.transfer_s)
+    added += sum(packing_time_s(value_bytes(node), value_bytes(node.args[0]), realiser.profile)
+                 for node in fw.graph.nodes if node.meta.get("memopt_pass") == "schedule:compress")
+    found = candidates(realiser.joint, saved_list, realiser.transfer_s if realiser.offload else None,
+                       returned_values(fw, n))
+    realised = Plan(plan.recompute, offload, compress, plan.reload_in_segment & offload)
+    return Evaluation(realised, timeline, found, added, fw, bw, share)
+
+
+def within_host(fw_gm: torch.fx.GraphModule, offload: frozenset[str], host_bytes: int | None) -> frozenset[str]:
+    """The values of ``offload`` that the host pool holds within ``host_bytes``, taken in forward order.
+
+    Note [Bounded host memory]
+    Every offloaded value waits in the host pool from its copy in the forward to its reload in the
+    backward, so at the boundary the pool holds them all: ``host_memory`` bounds their sum. A plan is
+    realised with the offloads that fit, in the forward's order (the first layers' values are reloaded
+    last, so their host copies are the ones that hide the most), and the rest stay on the device: the
+    simulated peak of that plan says whether it still meets the budget, and the search goes on from
+    there, so every plan memopt verifies, runs or reports keeps to the bound.
+    """
+    if host_bytes is None or not offload:
+        return offload
+    kept, total = [], 0
+    for node in fw_gm.graph.nodes:
+        if node.name in offload:
+            nbytes = value_bytes(node)
+            if total + nbytes <= host_bytes:
+                kept.append(node.name)
+                total += nbytes
+    return frozenset(kept)

@@ -263,3 +263,10 @@ def transfer_time_s(nbytes: int, profile: DeviceProfile) -> float:
             "(evaluate symbolic sizes with memopt.cost_model.hint_int first)."
         )
     return nbytes / profile.host_device_bandwidth
+
+
+def packing_time_s(nbytes: int, packed: int, profile: DeviceProfile) -> float:
+    """Seconds to store a value of ``nbytes`` compressed to ``packed`` bytes and restore it: the pack
+    reads the value and writes the packed copy, the unpack reads that and writes the value; two
+    launches."""
+    return 2 * (nbytes + packed) / profile.memory_bandwidth + 2 * profile.launch_overhead_s

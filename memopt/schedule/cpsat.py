@@ -26,9 +26,9 @@ window covers it. The model is decomposed along the repeated layers the module s
    worst event's live bytes given the partial layer's plan (a constant per plan) minus the freed bytes
    of the between layers minus what values outside any layer free. Where two layers are partial, only
    the larger is modelled; the other's freeing is ignored, which can only overestimate the peak.
-3. *Transfers.* One copy stream serves every offload: forward copies released after an event must fit
-   in the forward compute after it, reloads due before an event in the backward compute before it; the
-   excess is exposed time (Note [Exposed transfer time] in :mod:`memopt.schedule.streams`).
+3. *Transfers.* One copy stream serves every offload, a queue whose reloads are issued at the
+   backward's segment boundaries: its rows (:class:`memopt.schedule.streams.CopyQueue`, Note [Reloads
+   start at segment boundaries]) give the stall the runtime will see.
 4. *Refinement.* The outer model's plan is then decided again several layers at a time, everything else
    fixed (Note [Refining the decomposed plan]): the fronts are coarse, the best plans are not alike
    across layers.
@@ -54,8 +54,8 @@ import numpy as np
 
 from memopt.errors import MemoptError
 from memopt.schedule.model import OFFLOAD, RECOMPUTE, Item, Option, ScheduleProblem
+from memopt.schedule.streams import NS, Copy, CopyQueue
 
-NS = 1e9                       # the solver's time unit: nanoseconds
 TRANSFER_TIE_BREAK = 0.01      # cost per second of transfer volume, so unneeded offloads are not chosen
 MIN_LAYERS_TO_DECOMPOSE = 4
 FRONT_LEVELS = 10
@@ -84,6 +84,7 @@ class _Point:
     recompute_ns: int
     out_ns: int
     in_ns: int
+    ahead_ns: int = 0            # of ``in_ns``, the reloads issued a segment ahead
 
 
 @dataclasses.dataclass
@@ -93,8 +94,7 @@ class _Var:
     cost_ns: int                # recompute time
     out_ns: int
     in_ns: int
-    release: int                # event after which its forward copies can start
-    due: int                    # event by which its reloads must be done
+    copies: tuple[Copy, ...]    # what it puts on the copy stream
 
 
 @dataclasses.dataclass
@@ -109,8 +109,7 @@ class _Outer:
     layer_vars: dict[str, list[int]]      # layer -> its plan variables
     patterns: dict[tuple[str, int], np.ndarray]   # (layer, pattern) -> bytes freed per plan (units)
     row_patterns: list[list[tuple[str, int]]]     # per row: the other layers' patterns it subtracts
-    fw_release: list[tuple[np.ndarray, int]]   # (mask over vars, forward compute after) per release
-    bw_due: list[tuple[np.ndarray, int]]       # (mask over vars, backward compute before) per due
+    queue: CopyQueue                      # the copy stream's rows over the variables
     unit: int                             # bytes per model unit
     groups: dict[str, list[Item]]         # layer -> its items in order
     points: dict[str, list[_Point]]       # layer -> the plans it may choose
@@ -174,12 +173,12 @@ def _cp_model() -> Any:
 
 
 def _signature(items: Sequence[Item]) -> tuple[Any, ...]:
-    return tuple((i.pattern, i.nbytes, tuple((o.kind, round(o.time_s * NS), round(o.out_s * NS), o.freed)
+    return tuple((i.pattern, i.nbytes, tuple((o.kind, round(o.time_s * NS), round(o.out_s * NS), o.freed, o.ahead)
                                              for o in i.options)) for i in items)
 
 
 def _point_of(items: Sequence[Item], choices: tuple[int, ...]) -> _Point:
-    rec = out = back = 0
+    rec = out = back = ahead = 0
     for item, choice in zip(items, choices):
         if choice < 0:
             continue
@@ -187,7 +186,8 @@ def _point_of(items: Sequence[Item], choices: tuple[int, ...]) -> _Point:
         rec += round(option.time_s * NS)
         out += round(option.out_s * NS)
         back += round(option.in_s * NS)
-    return _Point(choices, rec, out, back)
+        ahead += round(option.in_s * NS) if option.ahead else 0
+    return _Point(choices, rec, out, back, ahead)
 
 
 def _deterministic(solver: Any, workers: int, seconds: float) -> None:
@@ -246,7 +246,9 @@ def _undominated(items: Sequence[Item], points: Sequence[_Point],
     freed = np.array([[sum(items[i].freed_by(items[i].options[j]) for i, j in enumerate(p.choices)
                            if j >= 0 and items[i].options[j].start < t < items[i].options[j].end)
                        for t in cuts] for p in points], dtype=np.int64).reshape(len(points), len(cuts))
-    costs = np.array([(p.recompute_ns, p.out_ns, p.in_ns) for p in points], dtype=np.int64).reshape(-1, 3)
+    # Reloads issued in segment and ahead use different compute to hide behind: neither beats the other.
+    costs = np.array([(p.recompute_ns, p.out_ns, p.in_ns - p.ahead_ns, p.ahead_ns) for p in points],
+                     dtype=np.int64).reshape(-1, 4)
     taken = [{(i, j) for i, j in enumerate(p.choices) if (i, j) in external} for p in points]
     kept = []
     for a in range(len(points)):
@@ -343,14 +345,18 @@ def _front(problem: ScheduleProblem, items: Sequence[Item], conflicts: Sequence[
         most = int(solver.Value(freed))
         steps = FRONT_LEVELS if span is None else SPAN_LEVELS
         for level, objective in itertools.product(sorted({most * j // steps for j in range(1, steps + 1)}),
-                                                  ("time", "recompute", "peak")):
+                                                  ("time", "recompute", "hidden", "peak")):
             model, x, freed, peak = build(allowed, span)
             model.Add(freed >= level)
             rec = sum(round(items[i].options[j].time_s * NS) * v for (i, j), v in x.items())
             vol = sum(round((items[i].options[j].out_s + items[i].options[j].in_s) * NS) * v
                       for (i, j), v in x.items())
+            own = sum(round(items[i].options[j].in_s * NS) * v for (i, j), v in x.items()
+                      if not items[i].options[j].ahead)
             if objective == "time":
                 model.Minimize(rec + vol)
+            elif objective == "hidden":          # reloads issued ahead hide behind the segment before
+                model.Minimize(rec + vol + own)
             elif objective == "recompute":
                 model.Minimize(rec * 1000 + vol)
             else:
@@ -420,12 +426,12 @@ def _build_outer(problem: ScheduleProblem, budget: int, workers: int, decompose:
     layer_vars: dict[str, list[int]] = {}
     for name, items in groups.items():
         ids = []
-        release = max(i.made for i in items)
-        due = min(i.first_backward_use for i in items)
         for k, point in enumerate(points[name]):
             ids.append(len(variables))
+            copies = tuple(c for item, j in zip(items, point.choices) if j >= 0
+                           and (c := problem.copy_of(item, item.options[j])) is not None)
             variables.append(_Var(len(sets), ("layer", name, k), point.recompute_ns, point.out_ns,
-                                  point.in_ns, release, due))
+                                  point.in_ns, copies))
         layer_vars[name] = ids
         sets.append(ids)
         exactly_one.append(True)
@@ -435,9 +441,10 @@ def _build_outer(problem: ScheduleProblem, budget: int, workers: int, decompose:
         for j, option in enumerate(item.options):
             ids.append(len(variables))
             item_vars.setdefault(index, []).append((len(variables), item, option))
+            copy = problem.copy_of(item, option)
             variables.append(_Var(len(sets), ("value", index, j), round(option.time_s * NS),
-                                  round(option.out_s * NS), round(option.in_s * NS), item.made,
-                                  item.first_backward_use))
+                                  round(option.out_s * NS), round(option.in_s * NS),
+                                  (copy,) if copy is not None else ()))
         sets.append(ids)
         exactly_one.append(False)
 
@@ -521,18 +528,8 @@ def _build_outer(problem: ScheduleProblem, budget: int, workers: int, decompose:
         matrix.append(row)
         row_patterns.append(list(others))
 
-    # Transfer rows (Note [Exposed transfer time]): copies released after an event / due before it.
-    fw_release, bw_due = [], []
-    if any(v.out_ns for v in variables):
-        compute = [round(s * NS) for s in problem.compute_s]
-        prefix = np.concatenate([[0], np.cumsum(compute)])
-        fw_total = int(prefix[problem.forward_end + 1])
-        for tau in sorted({v.release for v in variables if v.out_ns}):
-            mask = np.array([v.out_ns > 0 and v.release >= tau for v in variables])
-            fw_release.append((mask, fw_total - int(prefix[tau + 1])))
-        for tau in sorted({v.due for v in variables if v.in_ns}):
-            mask = np.array([v.in_ns > 0 and v.due <= tau for v in variables])
-            bw_due.append((mask, int(prefix[tau]) - fw_total))
+    queue = CopyQueue(problem.compute_s, problem.forward_end, problem.segment_starts,
+                      [v.copies for v in variables])
 
     # Choices in different sets that exclude each other (Note [Freed windows] in model.py).
     holders: dict[tuple[str, Any], list[int]] = {}
@@ -553,7 +550,7 @@ def _build_outer(problem: ScheduleProblem, budget: int, workers: int, decompose:
 
     return _Outer(variables, exactly_one, sets, np.array(const, dtype=np.int64),
                   np.array(matrix, dtype=np.int64).reshape(len(const), n), layer_vars, patterns,
-                  row_patterns, fw_release, bw_due, unit, groups, points, individual, len(classes),
+                  row_patterns, queue, unit, groups, points, individual, len(classes),
                   conflicts)
 
 
@@ -570,22 +567,12 @@ class _Arrays:
         vol = np.array([v.out_ns + v.in_ns for v in variables] + [0], dtype=np.float64)
         self.cost = np.array([v.cost_ns for v in variables] + [0], dtype=np.float64) \
             + TRANSFER_TIE_BREAK * vol
-        out = np.array([v.out_ns for v in variables] + [0], dtype=np.float64)
-        back = np.array([v.in_ns for v in variables] + [0], dtype=np.float64)
-        self.copy_rows = np.array([np.append(mask, False) * out for mask, _ in outer.fw_release]
-                                  + [np.append(mask, False) * back for mask, _ in outer.bw_due]
-                                  ).reshape(-1, n + 1)
-        self.copy_caps = np.array([cap for _, cap in outer.fw_release] + [cap for _, cap in outer.bw_due],
-                                  dtype=np.float64)
-        self.fw_rows = len(outer.fw_release)
+        self.queue = outer.queue
+        self.copy_rows = np.concatenate([outer.queue.rows, np.zeros((outer.queue.rows.shape[0], 1), np.int64)], 1)
 
     def exposed(self, load: np.ndarray) -> np.ndarray:
-        """Exposed time for copy-row loads (rows x moves)."""
-        if load.shape[0] == 0:
-            return np.zeros(load.shape[1:])
-        excess = load - self.copy_caps.reshape(-1, *([1] * (load.ndim - 1)))
-        spill = np.maximum(0.0, excess[:self.fw_rows].max(0, initial=0.0))
-        return np.maximum(0.0, (excess[self.fw_rows:] + spill).max(0, initial=0.0))
+        """The copy stream's stall for row loads (rows x moves)."""
+        return self.queue.stall(load)
 
     def cost_of(self, y: np.ndarray) -> float:
         full = np.append(y, 0)
@@ -741,20 +728,17 @@ def _cp_solve(outer: _Outer, arrays: _Arrays, hint: np.ndarray, budget: int, *, 
         terms = [int(row[i]) * y[i] for i in np.nonzero(row)[0] if i not in through_aux]
         lhs = int(outer.const[r]) + sum(terms) - sum(freed[key] for key in outer.row_patterns[r])
         model.Add(lhs <= (peak if peak is not None else limit))
-    # Transfers (Note [Exposed transfer time]): forward copies the forward's compute cannot cover spill
-    # into the backward, where they delay the reloads; only the backward's waits are exposed.
-    exposed = []
-    spill = None
-    if outer.fw_release:
-        spill = model.NewIntVar(0, sum(v.out_ns for v in outer.variables), "spill")
-        for mask, cap in outer.fw_release:
-            model.Add(spill >= sum(outer.variables[i].out_ns * y[i] for i in np.nonzero(mask)[0]) - cap)
-    if outer.bw_due:
-        wait = model.NewIntVar(0, sum(v.out_ns + v.in_ns for v in outer.variables), "exposed")
-        for mask, cap in outer.bw_due:
-            model.Add(wait >= sum(outer.variables[i].in_ns * y[i] for i in np.nonzero(mask)[0])
-                      + (spill if spill is not None else 0) - cap)
-        exposed.append(wait)
+    # Transfers: the copy stream's stall (Note [Reloads start at segment boundaries]).
+    queue = outer.queue
+    exposed: list[Any] = []
+    aux: list[Any] = []
+    if queue.rows.shape[0]:
+        def load(row: int) -> Any:
+            return sum(int(queue.rows[row, i]) * y[i] for i in np.nonzero(queue.rows[row])[0])
+
+        stall, stalls, backlogs = queue.constrain(model, load, int(queue.rows.sum()) + 1)
+        exposed.append(stall)
+        aux = [*stalls, *backlogs]
     tie = [round(TRANSFER_TIE_BREAK * 100 * (v.out_ns + v.in_ns)) for v in outer.variables]
     time_terms = sum(100 * v.cost_ns * y[i] for i, v in enumerate(outer.variables)) \
         + sum(100 * e for e in exposed) + sum(tie[i] * y[i] for i in range(n))
@@ -766,11 +750,10 @@ def _cp_solve(outer: _Outer, arrays: _Arrays, hint: np.ndarray, budget: int, *, 
         model.AddHint(y[i], int(hint[i]))
     for (name, pattern), vector in outer.patterns.items():
         model.AddHint(freed[name, pattern], int(vector @ hint[outer.layer_vars[name]]))
-    out = np.array([v.out_ns for v in outer.variables])
-    if spill is not None:
-        model.AddHint(spill, max([0] + [int((out * m) @ hint) - c for m, c in outer.fw_release]))
-    for var in exposed:
-        model.AddHint(var, int(round(arrays.exposed((arrays.copy_rows @ np.append(hint, 0))[:, None])[0])))
+    if aux:
+        _, stall_hints, backlog_hints = queue.trace((queue.rows @ hint)[:, None])
+        for var, value in zip(aux, [*stall_hints, *backlog_hints]):
+            model.AddHint(var, int(round(float(value[0]))))
     if peak is not None:
         model.AddHint(peak, int(max(0, (outer.const + outer.matrix @ hint).max(initial=0))))
 
@@ -877,16 +860,6 @@ def _vector(outer: _Outer, plan: Mapping[str, Option]) -> np.ndarray:
                      for v in outer.variables])
 
 
-def added_time_s(problem: ScheduleProblem, plan: Mapping[str, Option]) -> float:
-    """``plan``'s added time in the monolithic model: recompute and compression time, and the time the
-    compute stream waits for the copy stream (Note [Exposed transfer time])."""
-    outer = _build_outer(problem, -1, 1, False, lambda message: None)
-    arrays = _Arrays(outer, 0)
-    y = _vector(outer, plan)
-    recompute = sum(v.cost_ns for v, on in zip(outer.variables, y) if on)
-    return float(recompute + arrays.exposed((arrays.copy_rows @ np.append(y, 0))[:, None])[0]) / NS
-
-
 def _refine(problem: ScheduleProblem, budget: int, plan: dict[str, Option], *, time_limit_s: float,
             workers: int, progress: Callable[[str], None], added_s: float = 0.0,
             ) -> tuple[dict[str, Option], float]:
@@ -900,12 +873,9 @@ def _refine(problem: ScheduleProblem, budget: int, plan: dict[str, Option], *, t
     monolithic model with every other choice fixed; the offloads outside the block stay in that model
     with their one option (the copy stream is shared), choices that would clash with a fixed choice
     (Note [Freed windows]: a recomputation reading a value away at that time, or reading through
-    another alias a value offloaded or compressed) are left out, and the
-    step starts from the current plan, so it never makes the plan worse. A step adds no offload: the
-    model's copy stream is optimistic when it is full (it lets reloads queue further ahead of their
-    use than the runtime starts them, Note [Exposed transfer time]), and the outer model's plan
-    usually fills it already; refined with new offloads, that GPT-2 XL plan predicted no exposed
-    transfer time and measured 5 ms of it. The passes stop when one takes off less than
+    another alias a value offloaded or compressed) are left out, and the step starts from the current
+    plan, so it never makes the plan worse. A step may add or move offloads: its copy stream is the
+    runtime's (Note [Reloads start at segment boundaries]). The passes stop when one takes off less than
     :data:`REFINE_MIN_GAIN` of ``added_s`` (the plan's added time), or when the steps have spent
     ``time_limit_s`` of CP-SAT's deterministic time (a share of the solve's limit, :data:`REFINE_SHARE`,
     on top of it: the outer model needs its whole limit). Deterministic, so that the plan does not
@@ -956,11 +926,7 @@ def _refine_step(problem: ScheduleProblem, budget: int, plan: dict[str, Option],
     shared = {name for name, option in fixed.items() if option.kind == OFFLOAD}
     banned = {(w, a) for w, a, u, b in conflicts if w in free and fixed.get(u) == b} \
         | {(u, b) for w, a, u, b in conflicts if u in free and fixed.get(w) == a}
-    # No new offloads: the model's copy stream is optimistic when it is full (reloads queue further ahead
-    # than the runtime starts them), and the outer model's plan already fills it.
-    items = [dataclasses.replace(item, options=tuple(
-                 o for o in item.options if (item.name, o) not in banned
-                 and (o.kind != OFFLOAD or plan.get(item.name) == o)))
+    items = [dataclasses.replace(item, options=tuple(o for o in item.options if (item.name, o) not in banned))
              if item.name in free else dataclasses.replace(item, options=(fixed[item.name],))
              for item in problem.items if item.name in free or item.name in shared]
     held = {name: option for name, option in fixed.items() if name not in shared}

@@ -12,89 +12,9 @@ The schedule room stays pure: partitioning and simulating a plan is the caller's
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
-from typing import Any, Protocol
 
-import torch.fx
-
-from memopt.schedule.problem import Candidate
-from memopt.schedule.simulate import MemoryTimeline
-
-
-@dataclasses.dataclass
-class Evaluation:
-    """A plan as partitioned and simulated."""
-
-    recompute: frozenset[str]
-    offload: frozenset[str]
-    timeline: MemoryTimeline
-    candidates: list[Candidate]          # the values this partition saves (next round's choices)
-    added_time_s: float                  # predicted recompute + exposed transfer + compression time
-    forward: torch.fx.GraphModule
-    backward: torch.fx.GraphModule
-    compress: frozenset[str] = frozenset()
-    share: float = 1.0                   # < 1: on torch's knapsack cut at that share of the saved bytes
-
-    @property
-    def peak_bytes(self) -> int:
-        return self.timeline.peak_bytes
-
-
-@dataclasses.dataclass
-class ScheduleResult:
-    """What scheduling chose, with the baseline and the lowest peak any verified plan reached."""
-
-    chosen: Evaluation                   # the plan to run: the budget's, or the lowest peak found
-    baseline: Evaluation                 # nothing recomputed beyond the partitioner's own choices
-    lowest: Evaluation                   # the lowest peak any evaluated plan reached
-    budget_bytes: int
-    feasible: bool
-    evaluations: int
-    method: str = "greedy"               # which search found ``chosen``
-    attempts: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # every plan verified
-    solver: dict[str, Any] | None = None  # the first CP-SAT solve's statistics (on the baseline), when it ran
-    solves: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # every CP-SAT solve, in order
-
-    def decisions(self) -> list[dict[str, Any]]:
-        """Per value the baseline partition or the chosen one saves: bytes, choice, cost and why (for
-        schedule.json)."""
-        kept = {c.name for c in self.chosen.candidates}
-        by = "the CP-SAT plan" if self.method.startswith("cp-sat") else f"the {self.method} plan"
-        cut = (f"torch's knapsack cut (activation_memory_budget={self.chosen.share:.3g})"
-               if self.chosen.share < 1.0 else "the partitioner")
-        values = {c.name: c for c in [*self.baseline.candidates, *self.chosen.candidates]}
-        rows = []
-        for c in sorted(values.values(), key=lambda c: (-c.nbytes, c.name)):
-            if c.name in self.chosen.compress:
-                choice, why = "compress", f"stored compressed to meet the budget by {by} (lossy, allowed)"
-            elif c.name in self.chosen.offload:
-                choice, why = "offload", f"freed to meet the budget by {by}; its reload hides behind compute"
-            elif c.name in self.chosen.recompute:
-                choice, why = "recompute", f"freed to meet the budget by {by}"
-            elif c.name in kept:
-                choice = "keep"
-                why = c.why_not or ("the budget is met without recomputing it"
-                                    if self.feasible else "recomputing did not lower the peak")
-            else:
-                choice, why = "recompute", f"{cut} recomputes it around memopt's decisions"
-            rows.append({"name": c.name, "bytes": c.nbytes, "choice": choice,
-                         "recompute_time_s": float(f"{c.recompute_time_s:.6g}"),
-                         "offload_time_s": (None if c.offload_time_s == float("inf")
-                                            else float(f"{c.offload_time_s:.6g}")),
-                         "why": why})
-        return rows
-
-
-Plan = tuple[frozenset[str], frozenset[str], frozenset[str]]      # (recompute, offload, compress)
-NOTHING: Plan = (frozenset(), frozenset(), frozenset())
-
-
-class Evaluate(Protocol):
-    """Partition and simulate a plan; ``share`` < 1 puts it on torch's knapsack cut at that share of
-    the saved bytes (Note [Seeding from PyTorch's knapsack] in :mod:`memopt.schedule.search`)."""
-
-    def __call__(self, plan: Plan, share: float = 1.0, /) -> Evaluation: ...
+from memopt.schedule.problem import NOTHING, Candidate, Evaluation, Plan, ScheduleResult
 
 
 def schedule_greedy(evaluate: Callable[[Plan], Evaluation], budget_bytes: int, *,
@@ -162,9 +82,9 @@ def _grow(start: Evaluation, budget_bytes: int, run: Callable[[Plan], Evaluation
             batch = max(1, min(batch, len(options) // 2))
         take = options[:batch]
         chosen = {c.name: c.choice() for c in take}
-        trial = run((current.recompute | {n for n, o in chosen.items() if o and o[0] == "recompute"},
-                     current.offload | {n for n, o in chosen.items() if o and o[0] == "offload"},
-                     current.compress))
+        trial = run(Plan(current.recompute | {n for n, o in chosen.items() if o and o[0] == "recompute"},
+                         current.offload | {n for n, o in chosen.items() if o and o[0] == "offload"},
+                         current.compress))
         better = trial.peak_bytes < current.peak_bytes
         progress(f"recompute {len(trial.recompute)}, offload {len(trial.offload)} values: peak {trial.peak_bytes} B "
                  f"({'kept' if better else 'rejected'}; budget {budget_bytes} B, {evaluations()} evaluations)")
@@ -189,7 +109,7 @@ def _prune(feasible: Evaluation, budget_bytes: int, run: Callable[[Plan], Evalua
 
     best = feasible
     for name in sorted(feasible.recompute | feasible.offload, key=lambda n: (-cost(n), n))[:max(tries, 0)]:
-        trial = run((best.recompute - {name}, best.offload - {name}, best.compress))
+        trial = run(Plan(best.recompute - {name}, best.offload - {name}, best.compress))
         if trial.peak_bytes <= budget_bytes and trial.added_time_s <= best.added_time_s:
             best = trial
     return best

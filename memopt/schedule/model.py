@@ -11,7 +11,8 @@ The baseline simulation gives the live bytes after every node of the step. A sav
 at ``f``. Kept, it is live from ``p`` to its last backward use. Recomputed, the forward still makes it
 (its forward readers need it) but drops it after ``lf``, and the backward makes it again just before
 ``f``: it frees ``b`` bytes for the events strictly between ``lf`` and ``f``. Offloaded, it frees them
-between ``lf`` and the reload's start (its prefetch point, :func:`memopt.schedule.streams.prefetch_point`).
+between ``lf`` and where its reload is issued: the start of ``f``'s segment of the backward, or of the
+segment before (Note [Reloads start at segment boundaries] in :mod:`memopt.schedule.streams`).
 So every choice is a window of freed bytes, and the live bytes of a plan at event ``t`` are the
 baseline's minus the windows that cover ``t``: the budget is one linear constraint per event.
 
@@ -49,6 +50,7 @@ temporaries) the verification measures.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import operator
 from collections.abc import Callable, Mapping
@@ -59,6 +61,7 @@ import torch.fx
 from memopt.names import layer_of
 from memopt.schedule.problem import (
     Candidate,
+    Plan,
     _unrecomputable_reason,
     forward_region,
     rerun_forward_ops,
@@ -69,7 +72,7 @@ from memopt.schedule.simulate import (
     aliased_argument,
     storage_root,
 )
-from memopt.schedule.streams import prefetch_point
+from memopt.schedule.streams import NS, Copy, segments
 
 # A recompute set larger than this is left to the partitioner (the value is kept or offloaded). An
 # attention softmax whose mask is not saved needs ~60 ops (the mask built again from positions).
@@ -90,9 +93,11 @@ class Option:
     start: int
     end: int
     time_s: float = 0.0          # recompute: the ops' predicted time; compress: packing + unpacking
-    out_s: float = 0.0           # offload: the copy to the host, issued at ``start``'s value's making
-    in_s: float = 0.0            # offload: the copy back, due at ``end``
+    out_s: float = 0.0           # offload: the copy to the host, issued where the value is made
+    in_s: float = 0.0            # offload: the copy back, issued at ``end``, due at ``due``
     freed: int | None = None     # bytes it frees, when not all of the value's (compress keeps a packed copy)
+    due: int = -1                # offload: the event that first reads the value again
+    ahead: bool = False          # offload: issued a segment ahead of ``due``'s (else where it starts)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,7 +120,7 @@ class Item:
         return self.nbytes if option.freed is None else option.freed
 
 
-Plan = dict[str, Option]                 # value -> how it is freed (kept values absent)
+Choices = dict[str, Option]              # value -> how it is freed (kept values absent)
 
 
 @dataclasses.dataclass
@@ -126,6 +131,8 @@ class ScheduleProblem:
     items: list[Item]
     forward_end: int                     # index of the last forward event
     point_group: list[str | None]        # the repeated layer each event's node belongs to
+    # Events where the backward's segments start (Note [Reloads start at segment boundaries]).
+    segment_starts: list[int] = dataclasses.field(default_factory=list)
     # Whether conflicts() also excludes reads through an alias of an offloaded or compressed value.
     alias_conflicts: bool = False
     # The solver's work that does not depend on the budget (layer fronts), kept between its solves.
@@ -157,6 +164,28 @@ class ScheduleProblem:
 
     def compressed(self, plan: Mapping[str, Option]) -> frozenset[str]:
         return frozenset(name for name, option in plan.items() if option.kind == COMPRESS)
+
+    def plan_of(self, choices: Mapping[str, Option]) -> Plan:
+        """The plan ``choices`` make, to be realised."""
+        return Plan(self.recompute_nodes(choices), self.offloaded(choices), self.compressed(choices),
+                    frozenset(n for n, o in choices.items() if o.kind == OFFLOAD and not o.ahead))
+
+    def copy_of(self, item: Item, option: Option) -> Copy | None:
+        """``option``'s copies on the copy stream, when it offloads ``item``."""
+        if option.kind != OFFLOAD:
+            return None
+        return Copy(item.made, round(option.out_s * NS), option.due, option.ahead, round(option.in_s * NS))
+
+    def added_time_s(self, choices: Mapping[str, Option]) -> float:
+        """``choices``' added time in this model: recompute and compression time, and the copy stream's
+        stall (Note [Reloads start at segment boundaries])."""
+        from memopt.schedule.streams import CopyQueue
+
+        by_name = {item.name: item for item in self.items}
+        copies = [[c] for name, o in choices.items() if (c := self.copy_of(by_name[name], o)) is not None]
+        queue = CopyQueue(self.compute_s, self.forward_end, self.segment_starts, copies)
+        stall = float(queue.stall(queue.rows.sum(axis=1, keepdims=True))[0]) / NS if copies else 0.0
+        return sum(o.time_s for o in choices.values()) + stall
 
     def conflicts(self) -> list[tuple[str, Option, str, Option]]:
         """Pairs of choices that cannot go together: recomputing ``w`` (option ``a``) reads ``u``, and
@@ -359,7 +388,8 @@ def build_problem(joint_gm: torch.fx.GraphModule, fw_gm: torch.fx.GraphModule, b
         for read in reads:
             readers_first_use.setdefault(read, set()).add(item_span[name][2])
 
-    bw_order = {n.name: n for n in bw_gm.graph.nodes}
+    first_backward = forward_end + 1
+    starts = [first_backward + i for i in segments(point_group[first_backward:])]
     by_name = {c.name: c for c in found}
     items: list[Item] = []
     for name, ms in members_of.items():
@@ -385,12 +415,15 @@ def build_problem(joint_gm: torch.fx.GraphModule, fw_gm: torch.fx.GraphModule, b
             # it is needed any longer: the item stands for every saved value sharing it).
             options += [Option(RECOMPUTE, storage_last, end, time_s=seconds) for end in ends]
         if transfer_time_s is not None and len(ms) == 1:
+            # Issued where the due event's segment starts, or where the one before it does (Note
+            # [Reloads start at segment boundaries]).
             one_way = transfer_time_s(c.nbytes)
             for end in ends:
-                due = bw_order.get(events[end].node) if events[end].phase == "backward" else None
-                start_at = prefetch_point(due, one_way) if due is not None else None
-                reload_at = index.get(("backward", start_at.name), end) if start_at is not None else end
-                options.append(Option(OFFLOAD, copied, min(reload_at, end), out_s=one_way, in_s=one_way))
+                segment = bisect.bisect_right(starts, end) - 1
+                for ahead in (False, True)[:2 if segment > 0 else 1]:
+                    issue = starts[segment - ahead] if segment >= 0 else end
+                    options.append(Option(OFFLOAD, copied, min(issue, end), out_s=one_way, in_s=one_way,
+                                          due=end, ahead=ahead))
         packed = _compressed_bytes(fw_nodes[name]) if compress_time_s is not None and len(ms) == 1 else None
         if packed is not None and compress_time_s is not None:
             options += [Option(COMPRESS, copied, end, time_s=compress_time_s(c.nbytes, packed),
@@ -406,4 +439,4 @@ def build_problem(joint_gm: torch.fx.GraphModule, fw_gm: torch.fx.GraphModule, b
             reads_alias=tuple(sorted(item_aliased.get(name, ()))),
             members=tuple(ms)))
     return ScheduleProblem(events=events, base=[e.live_bytes for e in events], compute_s=compute_s,
-                           items=items, forward_end=forward_end, point_group=point_group)
+                           items=items, forward_end=forward_end, point_group=point_group, segment_starts=starts)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import operator
 from collections.abc import Callable, Iterable
+from typing import Any, Protocol
 
 import torch
 import torch.fx
@@ -32,7 +33,7 @@ from torch.utils.checkpoint import CheckpointPolicy
 
 from memopt.cost_model.bytes import storage_nbytes
 from memopt.passes.base import call_argument
-from memopt.schedule.simulate import backward_nodes, storage_root
+from memopt.schedule.simulate import MemoryTimeline, backward_nodes, storage_root
 
 HELD = "returned by the forward as well: the caller holds it through the backward"
 # The meta key memopt writes its decision into, beside torch's own "recompute" tag, so that memopt's
@@ -61,6 +62,105 @@ class Candidate:
     def cost_per_byte(self) -> float:
         chosen = self.choice()
         return (chosen[1] if chosen else float("inf")) / max(self.nbytes, 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What a schedule does with the saved values: the joint-graph nodes to recompute in the backward,
+    the saved values to offload to the host and to store compressed. An offloaded value is reloaded one
+    segment ahead of its first use, or where that use's segment starts when ``reload_in_segment`` names it
+    (Note [Reloads start at segment boundaries] in :mod:`memopt.schedule.streams`)."""
+
+    recompute: frozenset[str] = frozenset()
+    offload: frozenset[str] = frozenset()
+    compress: frozenset[str] = frozenset()
+    reload_in_segment: frozenset[str] = frozenset()
+
+
+NOTHING = Plan()
+
+
+@dataclasses.dataclass
+class Evaluation:
+    """A plan as realised (partitioned, rewritten) and simulated."""
+
+    plan: Plan                           # as realised: offloads and compression of values this cut saves
+    timeline: MemoryTimeline
+    candidates: list[Candidate]          # the values this partition saves (next round's choices)
+    added_time_s: float                  # predicted recompute + exposed transfer + compression time
+    forward: torch.fx.GraphModule
+    backward: torch.fx.GraphModule
+    share: float = 1.0                   # < 1: on torch's knapsack cut at that share of the saved bytes
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.timeline.peak_bytes
+
+    @property
+    def recompute(self) -> frozenset[str]:
+        return self.plan.recompute
+
+    @property
+    def offload(self) -> frozenset[str]:
+        return self.plan.offload
+
+    @property
+    def compress(self) -> frozenset[str]:
+        return self.plan.compress
+
+
+@dataclasses.dataclass
+class ScheduleResult:
+    """What scheduling chose, with the baseline and the lowest peak any verified plan reached."""
+
+    chosen: Evaluation                   # the plan to run: the budget's, or the lowest peak found
+    baseline: Evaluation                 # nothing recomputed beyond the partitioner's own choices
+    lowest: Evaluation                   # the lowest peak any evaluated plan reached
+    budget_bytes: int
+    feasible: bool
+    evaluations: int
+    method: str = "greedy"               # which search found ``chosen``
+    attempts: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # every plan verified
+    solver: dict[str, Any] | None = None  # the first CP-SAT solve's statistics (on the baseline), when it ran
+    solves: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # every CP-SAT solve, in order
+
+    def decisions(self) -> list[dict[str, Any]]:
+        """Per value the baseline partition or the chosen one saves: bytes, choice, cost and why (for
+        schedule.json)."""
+        kept = {c.name for c in self.chosen.candidates}
+        by = "the CP-SAT plan" if self.method.startswith("cp-sat") else f"the {self.method} plan"
+        cut = (f"torch's knapsack cut (activation_memory_budget={self.chosen.share:.3g})"
+               if self.chosen.share < 1.0 else "the partitioner")
+        values = {c.name: c for c in [*self.baseline.candidates, *self.chosen.candidates]}
+        rows = []
+        for c in sorted(values.values(), key=lambda c: (-c.nbytes, c.name)):
+            if c.name in self.chosen.compress:
+                choice, why = "compress", f"stored compressed to meet the budget by {by} (lossy, allowed)"
+            elif c.name in self.chosen.offload:
+                choice, why = "offload", f"freed to meet the budget by {by}; its reload hides behind compute"
+            elif c.name in self.chosen.recompute:
+                choice, why = "recompute", f"freed to meet the budget by {by}"
+            elif c.name in kept:
+                choice = "keep"
+                why = c.why_not or ("the budget is met without recomputing it"
+                                    if self.feasible else "recomputing did not lower the peak")
+            else:
+                choice, why = "recompute", f"{cut} recomputes it around memopt's decisions"
+            rows.append({"name": c.name, "bytes": c.nbytes, "choice": choice,
+                         "recompute_time_s": float(f"{c.recompute_time_s:.6g}"),
+                         "offload_time_s": (None if c.offload_time_s == float("inf")
+                                            else float(f"{c.offload_time_s:.6g}")),
+                         "why": why})
+        return rows
+
+
+
+
+class Evaluate(Protocol):
+    """Partition and simulate a plan; ``share`` < 1 puts it on torch's knapsack cut at that share of
+    the saved bytes (Note [Seeding from PyTorch's knapsack] in :mod:`memopt.schedule.search`)."""
+
+    def __call__(self, plan: Plan, share: float = 1.0, /) -> Evaluation: ...
 
 
 def draws_random(node: torch.fx.Node) -> bool:

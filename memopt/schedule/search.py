@@ -46,14 +46,9 @@ from collections.abc import Callable
 from typing import Any
 
 from memopt.schedule.cpsat import solve_schedule
-from memopt.schedule.greedy import (
-    NOTHING,
-    Evaluate,
-    Evaluation,
-    ScheduleResult,
-    schedule_greedy,
-)
-from memopt.schedule.model import COMPRESS, OFFLOAD, RECOMPUTE, Option, ScheduleProblem
+from memopt.schedule.greedy import schedule_greedy
+from memopt.schedule.model import COMPRESS, OFFLOAD, RECOMPUTE, Choices, ScheduleProblem
+from memopt.schedule.problem import NOTHING, Evaluate, Evaluation, ScheduleResult
 
 MAX_ROUNDS = 3
 # Graphs up to this many joint nodes also get the partition-verified greedy (a partition of a tiny
@@ -78,16 +73,17 @@ def search_plan(evaluate: Evaluate, build: Callable[[Evaluation], ScheduleProble
         return ScheduleResult(baseline, baseline, baseline, budget_bytes, True, 1, method="baseline",
                               attempts=[_attempt("baseline", baseline, budget_bytes)])
     attempts: list[tuple[str, Evaluation]] = [("baseline", baseline)]
+    modelled: dict[str, float] = {}        # label -> the model's added time of that plan, base included
     evaluations = 1
     problem = baseline_problem = build(baseline)
-    share = 1.0                            # the cut the problem being solved is modelled on
+    share, base = 1.0, baseline            # the cut the problem being solved is modelled on
 
-    def verify(label: str, plan: dict[str, Option]) -> Evaluation:
+    def verify(label: str, plan: Choices) -> Evaluation:
         nonlocal evaluations
         evaluations += 1
-        found = evaluate((problem.recompute_nodes(plan), problem.offloaded(plan), problem.compressed(plan)),
-                         share)
+        found = evaluate(problem.plan_of(plan), share)
         attempts.append((label, found))
+        modelled[label] = base.added_time_s + problem.added_time_s(plan)
         progress(f"{label}: recompute {sum(1 for o in plan.values() if o.kind == RECOMPUTE)}, offload "
                  f"{sum(1 for o in plan.values() if o.kind == OFFLOAD)}, compress "
                  f"{sum(1 for o in plan.values() if o.kind == COMPRESS)} values -> simulated peak "
@@ -134,7 +130,7 @@ def search_plan(evaluate: Evaluate, build: Callable[[Evaluation], ScheduleProble
                 break
 
     def _seed_from_knapsack() -> None:
-        nonlocal problem, share, evaluations
+        nonlocal problem, share, evaluations, base
         over: list[tuple[float, Evaluation]] = []
         shares = _knapsack_shares(baseline, budget_bytes, graph_nodes)
         # The knapsack's peak is not monotonic in its share, and the budget's own share is an estimate:
@@ -158,9 +154,9 @@ def search_plan(evaluate: Evaluate, build: Callable[[Evaluation], ScheduleProble
             # The cheapest cut over the budget, with what the model adds to it (which only adds time:
             # a cut already dearer than a verified plan cannot lead to a better one).
             base_share, seeded = min(over, key=lambda o: (o[1].added_time_s, o[1].peak_bytes))
-            problem, share = build(seeded), base_share
+            problem, share, base = build(seeded), base_share, seeded
             solve_and_verify(problem, f"cp-sat on the knapsack's cut ({base_share:.3g})", seeded)
-            problem, share = baseline_problem, 1.0
+            problem, share, base = baseline_problem, 1.0, baseline
 
     solve_and_verify(problem, "cp-sat", baseline)
     if knapsack:
@@ -169,7 +165,7 @@ def search_plan(evaluate: Evaluate, build: Callable[[Evaluation], ScheduleProble
         except Exception as err:  # noqa: BLE001 - an optional attempt: the plans so far stand
             # torch's partitioner can refuse a knapsack cut with memopt's tags on it; the attempts
             # already verified are unaffected, and the search goes on without this base.
-            problem, share = baseline_problem, 1.0
+            problem, share, base = baseline_problem, 1.0, baseline
             progress(f"PyTorch's knapsack as a base failed ({type(err).__name__}: {err}); going on without it")
     if not any(e.peak_bytes <= budget_bytes for _, e in attempts) and any(
             o.kind != RECOMPUTE for item in problem.items for o in item.options):
@@ -196,7 +192,8 @@ def search_plan(evaluate: Evaluate, build: Callable[[Evaluation], ScheduleProble
                          else (a[1].peak_bytes, a[1].added_time_s))
     lowest_peak = min((e for _, e in attempts), key=lambda e: e.peak_bytes)
     return ScheduleResult(chosen, baseline, lowest_peak, budget_bytes, bool(meets), evaluations,
-                          method=method, attempts=[_attempt(label, e, budget_bytes) for label, e in attempts],
+                          method=method,
+                          attempts=[_attempt(label, e, budget_bytes, modelled.get(label)) for label, e in attempts],
                           solver=solves[0] if solves else None, solves=solves)
 
 
@@ -210,7 +207,10 @@ def _knapsack_shares(baseline: Evaluation, budget_bytes: int, graph_nodes: int) 
     return [own, round(own / 2 + 0.5, 3)] if graph_nodes <= KNAPSACK_PAIR_MAX_NODES else [own]
 
 
-def _attempt(label: str, found: Evaluation, budget_bytes: int) -> dict[str, Any]:
+def _attempt(label: str, found: Evaluation, budget_bytes: int, model_s: float | None = None) -> dict[str, Any]:
+    """One verified plan, for the dumps: ``model_added_s`` is what the linear model priced it at (the
+    base cut's own recomputation included), when it came from the model."""
     return {"method": label, "peak_bytes": found.peak_bytes, "meets_budget": found.peak_bytes <= budget_bytes,
-            "added_time_s": float(f"{found.added_time_s:.6g}"), "recompute": len(found.recompute),
-            "offload": len(found.offload), "compress": len(found.compress)}
+            "added_time_s": float(f"{found.added_time_s:.6g}"),
+            "model_added_s": None if model_s is None else float(f"{model_s:.6g}"),
+            "recompute": len(found.recompute), "offload": len(found.offload), "compress": len(found.compress)}

@@ -1,24 +1,51 @@
 """Copies between host and device on a stream of their own: where a reload starts, what waiting costs.
 
 Note [Exposed transfer time]
-An offload copies a value to the host right after it is made, on a copy stream, while the compute
-stream goes on; a reload is started ahead of the value's first backward use and waited for right before
-it. The copy stream does one copy at a time, so copies queue behind each other, and the compute stream
-stalls only when it reaches a wait whose copy has not finished. The time a plan adds by offloading is
-that stall, not the copies' duration. :func:`exposed_transfer_s` replays the two streams over the
-partitioned graphs with the cost model's op times; the forward's copies may run on into the backward
-(the host copy is read back only by its own reload).
+An offload copies a value to the host right after it is made, on the copy stream, while the compute
+stream goes on; a reload is issued at a point of the backward and waited for right before the value's
+first use. The copy stream does one copy at a time in the order they are issued, so copies queue behind
+each other, and the compute stream stalls only when it reaches a wait whose copy has not finished. The
+time a plan adds by offloading is that stall, not the copies' duration. :func:`exposed_transfer_s`
+replays the two streams over the partitioned graphs with the cost model's op times; the forward's copies
+may run on into the backward (the host copy is read back only by its own reload).
+
+Note [Reloads start at segment boundaries]
+The scheduler's model and the runtime must price a reload the same way, so the model decides where each
+reload is issued and the runtime issues it there. The backward runs the repeated layers one after
+another: its *segments* (:func:`segments`) are the runs of ops of one layer (ops outside every layer join
+the segment they fall in; the ops before the first layer, the loss's backward, are the first). A reload
+is issued where the segment of its first use starts (*in segment*), or where the segment before it
+starts (*one segment ahead*: it hides behind that segment's compute, and holds its bytes that much
+longer). At one boundary the copies go in that order: the segment's own reloads, then the next
+segment's, each by first use. The copy stream is then a queue whose arrivals are known: the backlog at a
+boundary is the backlog at the one before plus what was issued there, less that segment's compute
+(never below 0), and a copy waited for at ``t`` is late by the backlog at its boundary plus the copies
+issued there up to itself, less the compute from the boundary to ``t``. The stall of the whole step is
+the latest copy's lateness (a stall delays the compute, and with it the later issues, as much as it
+delays the copies). :class:`CopyQueue` writes this as linear rows, which the CP-SAT model takes as
+constraints and its greedy evaluates with numpy; the forward's copies, issued as their values are made,
+enter as the backlog at the backward's start. The model's memory windows end where the reloads are
+issued, so a plan's peak and its added time are both the runtime's, up to what the model does not see
+(a recomputation's own compute, which only hides more).
 """
 
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
 
+import numpy as np
 import torch
 import torch.fx
 
 from memopt.cost_model.bytes import storage_nbytes
+from memopt.names import layer_of
+
+NS = 1e9                       # the model's time unit: nanoseconds
+IN_SEGMENT = "in segment"
+AHEAD = "one segment ahead"
 
 
 def _op_name(node: torch.fx.Node) -> str | None:
@@ -40,46 +67,150 @@ def value_bytes(node: torch.fx.Node) -> int:
     return storage_nbytes(val)
 
 
-def prefetch_point(first_use: torch.fx.Node, seconds: float) -> torch.fx.Node:
-    """The node before which to start a reload so that the compute until ``first_use`` (by the cost
-    model) covers ``seconds`` of transfer; never before the graph's inputs."""
-    at, covered = first_use, 0.0
-    while covered < seconds and at.prev.op not in ("placeholder", "root"):
-        at = at.prev
-        covered += _op_time(at)
-    return at
+def segments(layers: Sequence[str | None]) -> list[int]:
+    """Where each segment of the backward starts (Note [Reloads start at segment boundaries]), given the
+    layer of each op in order (None: outside every layer). Index 0 always starts one."""
+    starts, current = [0] if layers else [], None
+    for index, layer in enumerate(layers):
+        if layer is not None and layer != current:
+            if current is not None:
+                starts.append(index)
+            current = layer
+    return starts
 
 
-def reload_points(graph: torch.fx.Graph, reloads: list[tuple[torch.fx.Node, float]]) -> list[torch.fx.Node]:
-    """For reloads (first use, seconds of transfer), the nodes before which to start each, so that the
-    copy stream, one copy at a time, finishes each before its use: scheduled backwards from the
-    latest deadline, a reload ends where the next one must start (Note [Exposed transfer time]).
-    Never before the graph's first op: what cannot be covered there is exposed."""
+def reload_issues(graph: torch.fx.Graph, first_uses: Sequence[torch.fx.Node], ahead: Sequence[bool],
+                  ) -> list[torch.fx.Node]:
+    """For reloads by their first use in ``graph`` (a backward graph), the node before which to issue each:
+    the start of the use's segment, or of the segment before it when ``ahead`` (Note [Reloads start at
+    segment boundaries]). Issue them before each node in the order of :func:`issue_order`."""
     ops = [n for n in graph.nodes if n.op not in ("placeholder", "output")]
     if not ops:
-        return [use for use, _ in reloads]
-    start_at: dict[torch.fx.Node, float] = {}
-    clock = 0.0
-    for node in ops:
-        start_at[node] = clock
-        clock += _op_time(node)
-    times = [start_at[n] for n in ops]
+        return list(first_uses)
+    starts = segments([layer_of(n)[0] for n in ops])
     position = {n: i for i, n in enumerate(ops)}
-    starts: dict[int, torch.fx.Node] = {}
-    free_until = float("inf")      # the copy stream is busy from here on with later reloads
-    for index in sorted(range(len(reloads)), key=lambda i: -start_at.get(reloads[i][0], 0.0)):
-        use, seconds = reloads[index]
-        deadline = start_at.get(use, 0.0)
-        finish = min(deadline, free_until)
-        # Starting earlier than one extra transfer ahead of its own prefetch point holds memory for
-        # nothing when the stream is saturated: the wait is exposed either way (and the scheduler's
-        # model assumes reloads start near their own prefetch points).
-        begin = max(finish - seconds, deadline - 2 * seconds)
-        free_until = min(free_until, begin)
-        # The last op that starts no later than ``begin`` (and not after the use itself).
-        last = bisect.bisect_right(times, begin) - 1
-        starts[index] = ops[max(0, min(last, position.get(use, len(ops) - 1)))]
-    return [starts[i] for i in range(len(reloads))]
+    issued = []
+    for use, early in zip(first_uses, ahead):
+        segment = bisect.bisect_right(starts, position.get(use, len(ops) - 1)) - 1
+        issued.append(ops[starts[max(0, segment - 1) if early else segment]])
+    return issued
+
+
+def issue_order(first_uses: Sequence[torch.fx.Node], ahead: Sequence[bool], graph: torch.fx.Graph) -> list[int]:
+    """The order to issue reloads in, at one boundary: in-segment ones first, each kind by first use."""
+    position = {n: i for i, n in enumerate(graph.nodes)}
+    return sorted(range(len(first_uses)), key=lambda i: (ahead[i], position.get(first_uses[i], 0), i))
+
+
+@dataclasses.dataclass(frozen=True)
+class Copy:
+    """One offloaded value's two copies, as the model sees them: made at event ``made`` (the copy out is
+    issued there), reloaded for event ``due``, ``ahead`` of its segment or not, in nanoseconds."""
+
+    made: int
+    out_ns: int
+    due: int
+    ahead: bool
+    in_ns: int
+
+
+class CopyQueue:
+    """The copy stream as linear rows over choice variables (Note [Reloads start at segment boundaries]).
+
+    ``copies[v]``: the copies variable ``v`` issues when chosen. :attr:`rows` (rows x variables) holds
+    each row's load, linear in the choices; :meth:`stall` turns loads into the stall, and
+    :meth:`constrain` writes the same into a CP-SAT model. The rows: per forward issue point, the copies
+    out issued there or later (against the forward's compute after it); per segment, the reloads issued
+    at its start for itself and for the next segment; and per due time, the reloads of one issue group
+    due by then."""
+
+    def __init__(self, compute_s: Sequence[float], forward_end: int, starts: Sequence[int],
+                 copies: Sequence[Sequence[Copy]]) -> None:
+        prefix = np.concatenate([[0], np.cumsum([round(s * NS) for s in compute_s])]).astype(np.int64)
+        self.starts = list(starts) or [forward_end + 1]
+        flat = [(v, c) for v, cs in enumerate(copies) for c in cs]
+        owner = np.array([v for v, _ in flat], dtype=np.int64)
+        made, out_ns, due, in_ns = (np.array([getattr(c, f) for _, c in flat], dtype=np.int64)
+                                    for f in ("made", "out_ns", "due", "in_ns"))
+        ahead = np.array([c.ahead for _, c in flat], dtype=bool)
+        # The segment each reload is due in, and whether it is issued where the one before it starts.
+        segment = np.maximum(0, np.searchsorted(np.array(self.starts), due, side="right") - 1)
+        early = ahead & (segment > 0)
+        rows: list[np.ndarray] = []
+
+        def add(weights: np.ndarray) -> int:
+            rows.append(np.bincount(owner, weights=weights, minlength=len(copies)).astype(np.int64))
+            return len(rows) - 1
+
+        fw_total = int(prefix[forward_end + 1])
+        self.forward: list[tuple[int, int]] = []          # (row, compute after its issue point)
+        for tau in np.unique(made).tolist():
+            self.forward.append((add(np.where(made >= tau, out_ns, 0)), fw_total - int(prefix[tau + 1])))
+        # Issued at a segment's start: its own reloads, and the next segment's issued ahead.
+        self.issued = [(add(np.where((segment == s) & ~early, in_ns, 0)),
+                        add(np.where((segment == s + 1) & early, in_ns, 0))) for s in range(len(self.starts))]
+        self.windows = [int(prefix[b] - prefix[a]) for a, b in zip(self.starts, self.starts[1:])]
+        # Per segment and due time t, with the compute from the segment's start to t: its own reloads
+        # due by t (issued behind the backlog), and those issued ahead due after t (queued behind it).
+        self.due: list[tuple[list[tuple[int, int]], list[tuple[int, int]]]] = []
+        for s, start in enumerate(self.starts):
+            own, ahead_here = (segment == s) & ~early, (segment == s) & early
+            self.due.append((
+                [(add(np.where(own & (due <= tau), in_ns, 0)), int(prefix[tau] - prefix[start]))
+                 for tau in np.unique(due[own]).tolist()],
+                [(add(np.where(ahead_here & (due > tau), in_ns, 0)), int(prefix[tau] - prefix[start]))
+                 for tau in np.unique(due[ahead_here]).tolist()]))
+        self.rows = np.array(rows, dtype=np.int64).reshape(len(rows), len(copies))
+
+    def stall(self, loads: np.ndarray) -> np.ndarray:
+        """The stall (ns) for row loads (rows x plans), one per plan."""
+        return self.trace(loads)[0]
+
+    def trace(self, loads: np.ndarray) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
+        """(the stall, the stall in each segment, the backlog at each segment's start; the first is the
+        forward's copies still queued when the backward starts) for row loads (rows x plans)."""
+        width = loads.shape[1:]
+        backlog = np.zeros(width)
+        for row, cap in self.forward:
+            backlog = np.maximum(backlog, loads[row] - cap)
+        stalls, backlogs = [], []
+        for s in range(len(self.starts)):
+            backlogs.append(backlog)
+            own_rows, ahead_rows = self.due[s]
+            stall = np.zeros(width)
+            for row, slack in own_rows:
+                stall = np.maximum(stall, backlog + loads[row] - slack)
+            for row, slack in ahead_rows:
+                stall = np.maximum(stall, backlog - loads[row] - slack)
+            stalls.append(stall)
+            if s < len(self.windows):
+                own, ahead = self.issued[s]
+                backlog = np.maximum(0, backlog + loads[own] + loads[ahead] - self.windows[s] - stall)
+        return sum(stalls, np.zeros(width)), stalls, backlogs
+
+    def constrain(self, model: Any, load: Callable[[int], Any], bound: int) -> tuple[Any, list[Any], list[Any]]:
+        """The stall as a CP-SAT expression over ``model``'s variables (at least what :meth:`stall`
+        gives; equal when minimised), ``load(row)`` being a row's linear expression and ``bound`` an upper
+        bound of any load; with the per-segment stall and backlog variables, as :meth:`trace` lists them."""
+        backlog = model.NewIntVar(0, bound, "spill")
+        for row, cap in self.forward:
+            model.Add(backlog >= load(row) - cap)
+        stalls, backlogs = [], []
+        for s in range(len(self.starts)):
+            backlogs.append(backlog)
+            stall = model.NewIntVar(0, bound, f"stall{s}")
+            own_rows, ahead_rows = self.due[s]
+            for row, slack in own_rows:
+                model.Add(stall >= backlog + load(row) - slack)
+            for row, slack in ahead_rows:
+                model.Add(stall >= backlog - load(row) - slack)
+            stalls.append(stall)
+            if s < len(self.windows):
+                own, ahead = self.issued[s]
+                after = model.NewIntVar(0, bound, f"backlog{s + 1}")
+                model.Add(after >= backlog + load(own) + load(ahead) - self.windows[s] - stall)
+                backlog = after
+        return sum(stalls), stalls, backlogs
 
 
 def exposed_transfer_s(fw_gm: torch.fx.GraphModule, bw_gm: torch.fx.GraphModule | None,
