@@ -120,13 +120,13 @@ def test_refining_the_outer_plan_a_few_layers_at_a_time(monkeypatch: pytest.Monk
     else fixed, finds cheaper plans. On an 8-layer GPT-2 (fake tensors, 1 x 512, budget 0.5 of the
     activations, h100 profile; three layers a step, so that most steps have fixed layers beside them) it
     takes 12% off the outer model's added time. The refined plan meets the budget in the model, takes no
-    two choices that exclude each other, offloads nothing the outer plan did not, costs less in the
-    monolithic model, and is the same plan when refined again (deterministic time limits)."""
+    two choices that exclude each other, costs less in the model, and is the same plan when refined
+    again (deterministic time limits)."""
     from transformers import GPT2Config
 
     from memopt.plan import plan
     from memopt.schedule import cpsat, search
-    from memopt.schedule.cpsat import _refine, added_time_s
+    from memopt.schedule.cpsat import _refine
 
     captured: list[tuple[ScheduleProblem, int]] = []
 
@@ -151,8 +151,7 @@ def test_refining_the_outer_plan_a_few_layers_at_a_time(monkeypatch: pytest.Monk
     assert problem.peak_bytes(refined) <= budget
     for w, a, u, b in problem.conflicts():
         assert not (refined.get(w) == a and refined.get(u) == b), (w, a, u, b)
-    assert problem.offloaded(refined) <= problem.offloaded(outer.plan)
-    before, after = added_time_s(problem, outer.plan), added_time_s(problem, refined)
+    before, after = problem.added_time_s(outer.plan), problem.added_time_s(refined)
     print("added time: outer", before, "refined", after, "gained", gained)
     # Most of what the steps claimed: their models also price transfer volume a little (the tie-break
     # that keeps needless offloads out), which dropping an offload saves too (here 84%).
