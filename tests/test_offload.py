@@ -103,3 +103,32 @@ def test_offload_all_moves_every_saved_activation_and_keeps_gradients_exact(code
     chosen, baseline = schedule.chosen.timeline, schedule.baseline.timeline
     assert chosen.saved_activation_bytes < baseline.saved_activation_bytes
     assert chosen.host_peak_bytes >= sum(c.nbytes for c in schedule.baseline.candidates if c.name in offloadable) // 2
+
+
+def test_the_device_interface_copies_through_counted_host_buffers() -> None:
+    """Note [One copy stream per device]: the offload ops use only the device backend's host buffers,
+    copies and waits; on the CPU a copy is done when it returns (nothing to wait for), and a host buffer
+    is counted in the host pool exactly as long as it lives. The CUDA backend implements the same
+    abstract methods (checked here by name: it cannot run without a GPU)."""
+    import gc
+
+    from memopt.runtime.device import CPUBackend, CUDABackend, DeviceBackend, get_device_backend, host_pool_bytes
+
+    backend = get_device_backend("cpu")
+    assert isinstance(backend, CPUBackend)
+    like = torch.arange(12, dtype=torch.bfloat16).reshape(3, 4).t()       # strided: a transpose
+    before = host_pool_bytes()
+    host = backend.host_buffer(like)
+    assert host.device.type == "cpu" and host.stride() == like.stride() and host.dtype == like.dtype
+    assert host_pool_bytes() - before == 24
+    assert backend.copy(host, like) is None
+    backend.wait(None)
+    back = torch.empty_like(like)
+    backend.wait(backend.copy(back, host))
+    torch.testing.assert_close(back, like, rtol=0, atol=0)
+    del host
+    gc.collect()
+    assert host_pool_bytes() == before
+    for name in ("host_buffer", "copy", "wait"):
+        assert name in DeviceBackend.__abstractmethods__
+        assert getattr(CUDABackend, name) is not getattr(DeviceBackend, name)

@@ -1,14 +1,30 @@
-"""What differs between devices when memopt measures memory.
+"""What differs between devices: measuring memory, and copying to and from the host.
 
-One small abstraction, :class:`DeviceBackend`, with one implementation per device type:
+One abstraction, :class:`DeviceBackend`, with one implementation per device type, which the memory
+tracker (:mod:`memopt.runtime.tracker`) and the offload runtime (:mod:`memopt.runtime.offload`) both use:
 
 - :class:`CUDABackend` reads the caching allocator's statistics (``memory_allocated``,
-  ``reset_peak_memory_stats``, ``memory_stats``). Written for CUDA (and ROCm, which answers to
+  ``reset_peak_memory_stats``, ``memory_stats``), and copies on a side stream of its own into pinned
+  host buffers (Note [One copy stream per device]). Written for CUDA (and ROCm, which answers to
   ``torch.cuda``); it cannot be exercised on a machine without a GPU.
 - :class:`CPUBackend` has no allocator statistics to read, so it records every allocation and free made
   through c10's CPU allocator with PyTorch's profiler and replays them. How, and what that cannot see, is
   described in :mod:`memopt.runtime.tracker` (the user-facing text) and in the Notes below (the
-  mechanics).
+  mechanics). Its copies are synchronous, into host buffers from outside c10's allocator.
+
+Note [One copy stream per device]
+An offload copies a saved tensor to a host buffer and a reload copies it back, both on one copy stream
+per device, in the order they are issued: the scheduler prices exactly that queue (Note [Reloads start
+at segment boundaries] in memopt/schedule/streams.py). :meth:`DeviceBackend.copy` starts a copy once
+the compute stream has reached it (the source is finished) and returns its completion, which a later
+copy may wait for (a reload waits for its own offload) and which :meth:`DeviceBackend.wait` makes the
+compute stream wait for, on the device: the host goes on queuing kernels, and the copy overlaps the
+compute between the issue and the wait. A device tensor a copy reads or writes is kept alive for the
+copy stream (``record_stream``). On CUDA, host buffers are pinned (asynchronous copies need it); on the
+CPU, where there is no separate device memory, offload is an emulation for correctness, not a saving:
+buffers come from outside c10's allocator (numpy), so the tracker does not count them as device
+memory, and copies are done when :meth:`DeviceBackend.copy` returns. Either way the host pool's bytes
+are counted apart (:class:`HostPoolRegistry`), and the tracker reports them as ``host_bytes``.
 
 The user-facing API is :func:`memopt.runtime.tracker.track_memory`; this module is what it stands on.
 Nothing here touches CUDA at import time, so it imports on CPU-only builds.
@@ -30,8 +46,9 @@ import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 
 from memopt.errors import MemoptError, MemoptUnsupportedError
@@ -39,11 +56,19 @@ from memopt.errors import MemoptError, MemoptUnsupportedError
 __all__ = [
     "CPUBackend",
     "CUDABackend",
+    "CopyDone",
     "DeviceBackend",
+    "HostPoolRegistry",
     "PeakReading",
     "get_device_backend",
+    "host_pool_bytes",
     "live_cpu_storage_bytes",
+    "record_host_alloc",
+    "record_host_free",
 ]
+
+# A copy's completion, to wait for: a CUDA event; None where copies are done when issued (the CPU).
+CopyDone = Any
 
 
 @dataclass(frozen=True)
@@ -89,6 +114,97 @@ class DeviceBackend(ABC):
     def stop_peak_tracking(self, window: int) -> PeakReading:
         """Close window ``window`` and return what it measured."""
 
+    @abstractmethod
+    def host_buffer(self, like: torch.Tensor) -> torch.Tensor:
+        """An empty host tensor for a copy of ``like`` (its shape, and its strides when it is dense: the
+        backward may read a saved value through them), counted in the host pool while it lives."""
+
+    @abstractmethod
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, after: CopyDone = None) -> CopyDone:
+        """Copy ``src`` into ``dst`` on the copy stream, behind the compute stream's work so far and
+        behind ``after`` (Note [One copy stream per device]); returns the copy's completion."""
+
+    @abstractmethod
+    def wait(self, done: CopyDone) -> None:
+        """Make the compute stream wait for a copy's completion (None: nothing to wait for)."""
+
+
+def _counted(buffer: Any, nbytes: int) -> Any:
+    """``buffer``, counted in the host pool until it is freed."""
+    record_host_alloc(nbytes)
+    weakref.finalize(buffer, record_host_free, nbytes)
+    return buffer
+
+
+class HostPoolRegistry:
+    """A count of the bytes memopt's host (offload) pool holds, with the peak seen by each open block.
+
+    The offload engine calls :func:`record_host_alloc` when its pool takes host memory and
+    :func:`record_host_free` when it gives it back; nothing else feeds it. It is a separate category
+    from device memory: on CUDA the pool is pinned host memory, which device statistics do not count;
+    on CPU the pool's tensors are already c10 allocations inside ``peak_bytes``, so adding the two would
+    count them twice.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._current = 0
+        self._peaks: dict[int, int] = {}
+        self._ids = itertools.count()
+
+    @property
+    def current_bytes(self) -> int:
+        return self._current
+
+    def record_alloc(self, nbytes: int) -> None:
+        if nbytes < 0:
+            raise MemoptError(f"record_host_alloc got {nbytes} bytes; the size of a host-pool "
+                              "allocation is >= 0 (report a release with record_host_free).")
+        with self._lock:
+            self._current += nbytes
+            for watch, peak in self._peaks.items():
+                self._peaks[watch] = max(peak, self._current)
+
+    def record_free(self, nbytes: int) -> None:
+        with self._lock:
+            if nbytes < 0 or nbytes > self._current:
+                raise MemoptError(
+                    f"record_host_free got {nbytes} bytes while the host pool holds {self._current}; "
+                    "every free must match bytes earlier reported with record_host_alloc.")
+            self._current -= nbytes
+
+    def open_watch(self) -> int:
+        """Start following the peak; returns an id for :meth:`close_watch`."""
+        with self._lock:
+            watch = next(self._ids)
+            self._peaks[watch] = self._current
+            return watch
+
+    def close_watch(self, watch: int) -> int:
+        """Stop following and return the most bytes held since :meth:`open_watch`."""
+        with self._lock:
+            return self._peaks.pop(watch)
+
+
+# The pool is one per process, so its count is too.
+_HOST_POOL = HostPoolRegistry()
+
+
+def record_host_alloc(nbytes: int) -> None:
+    """Report that memopt's host pool took ``nbytes`` more bytes (called by the offload engine)."""
+    _HOST_POOL.record_alloc(nbytes)
+
+
+def record_host_free(nbytes: int) -> None:
+    """Report that memopt's host pool released ``nbytes`` bytes (called by the offload engine)."""
+    _HOST_POOL.record_free(nbytes)
+
+
+def host_pool_bytes() -> int:
+    """Bytes memopt's host pool holds right now."""
+    return _HOST_POOL.current_bytes
+
+
 
 # --------------------------------------------------------------------------------------------------
 # CUDA
@@ -118,6 +234,36 @@ class CUDABackend(DeviceBackend):
         self.device = torch.device("cuda", index)
         self._windows: dict[int, _CUDAWindow] = {}
         self._ids = itertools.count()
+        self._copy_stream: torch.cuda.Stream | None = None
+        self._lock = threading.Lock()
+
+    def _side(self) -> torch.cuda.Stream:
+        with self._lock:
+            if self._copy_stream is None:
+                self._copy_stream = torch.cuda.Stream(device=self.device)
+            return self._copy_stream
+
+    def host_buffer(self, like: torch.Tensor) -> torch.Tensor:
+        buffer = torch.empty_like(like, device="cpu", pin_memory=True)
+        return _counted(buffer, buffer.untyped_storage().nbytes())
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, after: CopyDone = None) -> CopyDone:
+        side = self._side()
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            if after is not None:
+                side.wait_event(after)
+            dst.copy_(src, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(side)
+        for tensor in (src, dst):
+            if tensor.device.type == "cuda":
+                tensor.record_stream(side)        # not reused before the copy stream is done with it
+        return done
+
+    def wait(self, done: CopyDone) -> None:
+        if done is not None:
+            torch.cuda.current_stream(self.device).wait_event(done)
 
     def synchronize(self) -> None:
         torch.cuda.synchronize(self.device)
@@ -529,6 +675,20 @@ class CPUBackend(DeviceBackend):
 
     def stop_peak_tracking(self, window: int) -> PeakReading:
         return self._recorder.close_window(window)
+
+    def host_buffer(self, like: torch.Tensor) -> torch.Tensor:
+        layout = torch.empty_like(like, device="meta")
+        nbytes = layout.untyped_storage().nbytes()
+        raw = _counted(np.empty(max(nbytes, 1), dtype=np.uint8), nbytes)    # the views keep ``raw`` alive
+        # The bytes in the tensor's dtype (works for bf16, which numpy has no type for).
+        return torch.from_numpy(raw)[:nbytes].view(like.dtype).as_strided(layout.shape, layout.stride())
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, after: CopyDone = None) -> CopyDone:
+        dst.copy_(src)
+        return None
+
+    def wait(self, done: CopyDone) -> None:
+        pass
 
 
 # --------------------------------------------------------------------------------------------------

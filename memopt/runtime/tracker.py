@@ -75,17 +75,23 @@ kept off stderr (Note [Keeping stderr clean] in :mod:`memopt.runtime.device`).
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import os
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from memopt.errors import MemoptError
-from memopt.runtime.device import PeakReading, get_device_backend
+from memopt.runtime.device import (  # the host pool's count lives with the buffers it counts
+    _HOST_POOL,
+    HostPoolRegistry,
+    PeakReading,
+    get_device_backend,
+    host_pool_bytes,
+    record_host_alloc,
+    record_host_free,
+)
 
 TRACKED_STEPS = "tracked_steps.json"     # in a dump folder: what track_memory(dump_dir=...) measured
 
@@ -97,75 +103,6 @@ __all__ = [
     "record_host_free",
     "track_memory",
 ]
-
-
-class HostPoolRegistry:
-    """A count of the bytes memopt's host (offload) pool holds, with the peak seen by each open block.
-
-    The offload engine calls :func:`record_host_alloc` when its pool takes host memory and
-    :func:`record_host_free` when it gives it back; nothing else feeds it. It is a separate category
-    from device memory: on CUDA the pool is pinned host memory, which device statistics do not count;
-    on CPU the pool's tensors are already c10 allocations inside ``peak_bytes``, so adding the two would
-    count them twice.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._current = 0
-        self._peaks: dict[int, int] = {}
-        self._ids = itertools.count()
-
-    @property
-    def current_bytes(self) -> int:
-        return self._current
-
-    def record_alloc(self, nbytes: int) -> None:
-        if nbytes < 0:
-            raise MemoptError(f"record_host_alloc got {nbytes} bytes; the size of a host-pool "
-                              "allocation is >= 0 (report a release with record_host_free).")
-        with self._lock:
-            self._current += nbytes
-            for watch, peak in self._peaks.items():
-                self._peaks[watch] = max(peak, self._current)
-
-    def record_free(self, nbytes: int) -> None:
-        with self._lock:
-            if nbytes < 0 or nbytes > self._current:
-                raise MemoptError(
-                    f"record_host_free got {nbytes} bytes while the host pool holds {self._current}; "
-                    "every free must match bytes earlier reported with record_host_alloc.")
-            self._current -= nbytes
-
-    def open_watch(self) -> int:
-        """Start following the peak; returns an id for :meth:`close_watch`."""
-        with self._lock:
-            watch = next(self._ids)
-            self._peaks[watch] = self._current
-            return watch
-
-    def close_watch(self, watch: int) -> int:
-        """Stop following and return the most bytes held since :meth:`open_watch`."""
-        with self._lock:
-            return self._peaks.pop(watch)
-
-
-# The pool is one per process, so its count is too.
-_HOST_POOL = HostPoolRegistry()
-
-
-def record_host_alloc(nbytes: int) -> None:
-    """Report that memopt's host pool took ``nbytes`` more bytes (called by the offload engine)."""
-    _HOST_POOL.record_alloc(nbytes)
-
-
-def record_host_free(nbytes: int) -> None:
-    """Report that memopt's host pool released ``nbytes`` bytes (called by the offload engine)."""
-    _HOST_POOL.record_free(nbytes)
-
-
-def host_pool_bytes() -> int:
-    """Bytes memopt's host pool holds right now."""
-    return _HOST_POOL.current_bytes
 
 
 class MemoryTracker:
