@@ -736,9 +736,8 @@ def _cp_solve(outer: _Outer, arrays: _Arrays, hint: np.ndarray, budget: int, *, 
         def load(row: int) -> Any:
             return sum(int(queue.rows[row, i]) * y[i] for i in np.nonzero(queue.rows[row])[0])
 
-        stall, stalls, backlogs = queue.constrain(model, load, int(queue.rows.sum()) + 1)
+        stall, aux = queue.constrain(model, load, int(queue.rows.sum()) + 1)
         exposed.append(stall)
-        aux = [*stalls, *backlogs]
     tie = [round(TRANSFER_TIE_BREAK * 100 * (v.out_ns + v.in_ns)) for v in outer.variables]
     time_terms = sum(100 * v.cost_ns * y[i] for i, v in enumerate(outer.variables)) \
         + sum(100 * e for e in exposed) + sum(tie[i] * y[i] for i in range(n))
@@ -752,7 +751,7 @@ def _cp_solve(outer: _Outer, arrays: _Arrays, hint: np.ndarray, budget: int, *, 
         model.AddHint(freed[name, pattern], int(vector @ hint[outer.layer_vars[name]]))
     if aux:
         _, stall_hints, backlog_hints = queue.trace((queue.rows @ hint)[:, None])
-        for var, value in zip(aux, [*stall_hints, *backlog_hints]):
+        for var, value in zip(aux, [*stall_hints, backlog_hints[0]]):
             model.AddHint(var, int(round(float(value[0]))))
     if peak is not None:
         model.AddHint(peak, int(max(0, (outer.const + outer.matrix @ hint).max(initial=0))))
