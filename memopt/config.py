@@ -56,7 +56,7 @@ _BUDGET_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]+)\s*$")
 @dataclasses.dataclass(frozen=True)
 class MemoryBudget:
     """Either an absolute number of bytes for the peak, or a fraction of the unoptimised step's
-    activation memory (``fraction`` in (0, 1])."""
+    activation memory (``fraction`` in [0, 1])."""
 
     nbytes: int | None = None
     fraction: float | None = None
@@ -66,22 +66,23 @@ class MemoryBudget:
 
 
 def parse_budget(value: object, key: str = "memory_budget") -> MemoryBudget | None:
-    """``None``, an int of bytes, a ``"12GiB"``-style string, or a float fraction in (0, 1]."""
+    """``None``, an int of bytes, a ``"12GiB"``-style string, or a float fraction in [0, 1]."""
     if value is None:
         return None
     if isinstance(value, bool):
         raise MemoptConfigError(
             f"option {key!r}: got {value!r}; expected bytes (int), a size string like '12GiB', "
-            "a fraction in (0, 1] of activation memory, or None")
+            "a fraction in [0, 1] of activation memory, or None")
     if isinstance(value, int):
         if value <= 0:
             raise MemoptConfigError(f"option {key!r}: got {value} bytes; a budget must be positive")
         return MemoryBudget(nbytes=value)
     if isinstance(value, float):
-        if not 0.0 < value <= 1.0:
+        if not 0.0 <= value <= 1.0:
             raise MemoptConfigError(
                 f"option {key!r}: got the fraction {value}; a fractional budget is a share of the "
-                "unoptimised activation memory and must lie in (0, 1]. For bytes give an int or '12GiB'")
+                "unoptimised activation memory and must lie in [0, 1] (0: the lowest peak memopt can plan). "
+                "For bytes give an int or '12GiB'")
         return MemoryBudget(fraction=value)
     if isinstance(value, str):
         match = _BUDGET_RE.match(value)
@@ -97,7 +98,7 @@ def parse_budget(value: object, key: str = "memory_budget") -> MemoryBudget | No
         return MemoryBudget(nbytes=nbytes)
     raise MemoptConfigError(
         f"option {key!r}: got {type(value).__name__} {value!r}; expected bytes (int), a size string like "
-        "'12GiB', a fraction in (0, 1], or None")
+        "'12GiB', a fraction in [0, 1], or None")
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -13,8 +13,9 @@ of memory. A fraction asks for a trade-off, not a limit: where a step peaks in i
 gradients and temporaries (a small graph, a graph split off by a graph break), ``f`` of the saved bytes
 can be unreachable even at 0.5. Such a step gets the lowest peak the search found, and one warning per
 graph with both numbers and what occupies that peak (schedule.json records it); it is never overrun in
-silence. PyTorch's ``activation_memory_budget`` is a fraction too, of the activation bytes its knapsack
-may keep, and never fails: it reaches what its cut can.
+silence. The fraction 0 asks for that lowest peak outright, and does not warn. PyTorch's
+``activation_memory_budget`` is a fraction too, of the activation bytes its knapsack may keep, and never
+fails: it reaches what its cut can.
 """
 
 from __future__ import annotations
@@ -48,8 +49,9 @@ def describe_peak(timeline: MemoryTimeline) -> str:
 
 
 def unreached(limit: int, budget: MemoryBudget, lowest: MemoryTimeline, tried: str) -> str | None:
-    """What the warning says when ``budget`` is a fraction whose ``limit`` the lowest plan misses."""
-    if budget.nbytes is not None or lowest.peak_bytes <= limit:
+    """What the warning says when ``budget`` is a fraction whose ``limit`` the lowest plan misses; nothing
+    for the fraction 0, which asks for the lowest peak."""
+    if budget.nbytes is not None or lowest.peak_bytes <= limit or budget.fraction == 0.0:
         return None
     return (f"memopt: memory budget {budget} means a peak of {format_bytes(limit)} here, which no plan "
             f"reaches: planning the lowest peak found, {format_bytes(lowest.peak_bytes)} ({tried}), "
@@ -63,9 +65,10 @@ def check_budget(limit: int, budget: MemoryBudget, lowest: MemoryTimeline, tried
     limit])."""
     if lowest.peak_bytes <= limit:
         return
-    message = unreached(limit, budget, lowest, tried)
-    if message is not None:
-        warnings.warn(message, UserWarning, stacklevel=3)
+    if budget.nbytes is None:
+        message = unreached(limit, budget, lowest, tried)
+        if message is not None:
+            warnings.warn(message, UserWarning, stacklevel=3)
         return
     fixes = "raise the budget, " + ("" if offload_allowed else "allow offload (options offload='auto'), ") \
         + ("" if compress_allowed else "allow lossy compression of saved activations (options "
