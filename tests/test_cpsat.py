@@ -125,8 +125,9 @@ def test_refining_the_outer_plan_a_few_layers_at_a_time(monkeypatch: pytest.Monk
     from transformers import GPT2Config
 
     from memopt.plan import plan
-    from memopt.schedule import cpsat, search
-    from memopt.schedule.cpsat import _refine
+    from memopt.schedule import search
+    from memopt.schedule import refine
+    from memopt.schedule.refine import refine_plan
 
     captured: list[tuple[ScheduleProblem, int]] = []
 
@@ -142,10 +143,10 @@ def test_refining_the_outer_plan_a_few_layers_at_a_time(monkeypatch: pytest.Monk
     (problem, budget), = captured
     outer = solve_schedule(problem, budget, time_limit_s=10, workers=2, refine=False)
     assert outer.stats.layers == 8 and outer.stats.objective_s is not None
-    monkeypatch.setattr(cpsat, "REFINE_LAYERS", 3)
-    refined, gained = _refine(problem, budget, outer.plan, time_limit_s=30, workers=2,
+    monkeypatch.setattr(refine, "REFINE_LAYERS", 3)
+    refined, gained = refine_plan(problem, budget, outer.plan, time_limit_s=30, workers=2,
                               progress=lambda message: None)
-    assert _refine(problem, budget, outer.plan, time_limit_s=30, workers=2,
+    assert refine_plan(problem, budget, outer.plan, time_limit_s=30, workers=2,
                    progress=lambda message: None) == (refined, gained)
     assert gained >= 0.05 * outer.stats.objective_s, (gained, outer.stats)
     assert problem.peak_bytes(refined) <= budget
