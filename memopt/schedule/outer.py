@@ -25,12 +25,17 @@ MIN_LAYERS_TO_DECOMPOSE = 4
 
 @dataclasses.dataclass
 class Variable:
+    """One boolean of the outer model: a layer's plan (``layer``, and ``choice`` its front point) or one
+    value's option (``item`` its index in :attr:`Outer.individual`, ``choice`` the option's index)."""
+
     set_id: int                 # the one-hot set it belongs to (a layer, or one value)
-    label: tuple[Any, ...]      # ("layer", group, point index) or ("value", item index, option index)
     cost_ns: int                # recompute time
     out_ns: int
     in_ns: int
     copies: tuple[Copy, ...]    # what it puts on the copy stream
+    choice: int
+    layer: str | None = None
+    item: int = -1
 
 
 @dataclasses.dataclass
@@ -53,9 +58,17 @@ class Outer:
     classes: int
     conflicts: list[list[int]]            # at most one of each list (choices in different sets)
 
+    def option_of(self, variable: Variable) -> tuple[Item, Option]:
+        """The value and option a value's variable stands for."""
+        item = self.individual[variable.item]
+        return item, item.options[variable.choice]
+
 
 def build_outer(problem: ScheduleProblem, budget: int, workers: int, decompose: bool,
-                 progress: Callable[[str], None]) -> Outer:
+                progress: Callable[[str], None]) -> Outer:
+    """The outer model of ``problem`` for ``budget`` (Note [Layer classes and fronts]): the layers'
+    fronts, the variables, the peak rows over the events that could exceed the budget, the copy stream's
+    rows and the conflicts between choices."""
     optioned = [i for i in problem.items if i.options]
     groups: dict[str, list[Item]] = {}
     for item in optioned:
@@ -66,12 +79,28 @@ def build_outer(problem: ScheduleProblem, budget: int, workers: int, decompose: 
     individual = [i for i in optioned if i.group is None or i.group not in groups]
     for items in groups.values():
         items.sort(key=lambda i: i.made)
+    conflicts = problem.conflicts()
+    points, classes = _fronts(problem, groups, conflicts, workers, progress)
+    unit = 1 << max(0, max(problem.base, default=0).bit_length() - 40)
+    def queue(copies: list[tuple[Copy, ...]]) -> CopyQueue:
+        return CopyQueue(problem.compute_s, problem.forward_end, problem.segment_starts, copies)
 
-    # Fronts, one per class of identical layers.
+    outer = Outer([], [], [], np.zeros(0, np.int64), np.zeros((0, 0), np.int64), {}, {}, [], queue([]), unit,
+                  groups, points, individual, classes, [])
+    _variables(outer, problem)
+    _peak_rows(outer, problem, budget)
+    outer.queue = queue([v.copies for v in outer.variables])
+    outer.conflicts = _conflicts(outer, conflicts)
+    return outer
+
+
+def _fronts(problem: ScheduleProblem, groups: dict[str, list[Item]], conflicts: list[tuple[str, Option, str, Option]],
+            workers: int, progress: Callable[[str], None]) -> tuple[dict[str, list[Point]], int]:
+    """Each layer's plans: the front of one layer of its class (kept in ``problem.memo`` between
+    solves), as that layer's items; and the number of classes."""
     classes: dict[tuple[Any, ...], list[str]] = {}
     for name, items in groups.items():
         classes.setdefault(layer_signature(items), []).append(name)
-    all_conflicts = problem.conflicts()
     points: dict[str, list[Point]] = {}
     for members in classes.values():
         start = time.perf_counter()
@@ -79,9 +108,9 @@ def build_outer(problem: ScheduleProblem, budget: int, workers: int, decompose: 
         position = {item.name: i for i, item in enumerate(representative)}
         local = [(position[w], representative[position[w]].options.index(a),
                   position[u], representative[position[u]].options.index(b))
-                 for w, a, u, b in all_conflicts if w in position and u in position]
+                 for w, a, u, b in conflicts if w in position and u in position]
         external = frozenset((position[v], representative[position[v]].options.index(o))
-                             for w, a, u, b in all_conflicts if (w in position) != (u in position)
+                             for w, a, u, b in conflicts if (w in position) != (u in position)
                              for v, o in ((w, a), (u, b)) if v in position)
         key = ("front", tuple(item.name for item in representative))
         if key not in problem.memo:
@@ -91,140 +120,128 @@ def build_outer(problem: ScheduleProblem, budget: int, workers: int, decompose: 
             points[name] = [point_of(groups[name], p.choices) for p in front]
         progress(f"layer class {members[0]} (x{len(members)}): {len(front)} plans on its front "
                  f"({time.perf_counter() - start:.1f} s)")
+    return points, len(classes)
 
-    unit = 1 << max(0, max(problem.base, default=0).bit_length() - 40)
-    variables: list[Variable] = []
-    sets: list[list[int]] = []
-    exactly_one: list[bool] = []
-    layer_vars: dict[str, list[int]] = {}
-    for name, items in groups.items():
+
+def _variables(outer: Outer, problem: ScheduleProblem) -> None:
+    """One variable per layer plan (exactly one a layer) and per value option (at most one a value)."""
+    variables = outer.variables
+    for name, items in outer.groups.items():
         ids = []
-        for k, point in enumerate(points[name]):
+        for k, point in enumerate(outer.points[name]):
             ids.append(len(variables))
             copies = tuple(c for item, j in zip(items, point.choices) if j >= 0
                            and (c := problem.copy_of(item, item.options[j])) is not None)
-            variables.append(Variable(len(sets), ("layer", name, k), point.recompute_ns, point.out_ns,
-                                  point.in_ns, copies))
-        layer_vars[name] = ids
-        sets.append(ids)
-        exactly_one.append(True)
-    item_vars: dict[int, list[tuple[int, Item, Any]]] = {}
-    for index, item in enumerate(individual):
+            variables.append(Variable(len(outer.sets), point.recompute_ns, point.out_ns, point.in_ns, copies,
+                                      choice=k, layer=name))
+        outer.layer_vars[name] = ids
+        outer.sets.append(ids)
+        outer.exactly_one.append(True)
+    for index, item in enumerate(outer.individual):
         ids = []
         for j, option in enumerate(item.options):
             ids.append(len(variables))
-            item_vars.setdefault(index, []).append((len(variables), item, option))
             copy = problem.copy_of(item, option)
-            variables.append(Variable(len(sets), ("value", index, j), round(option.time_s * NS),
-                                  round(option.out_s * NS), round(option.in_s * NS),
-                                  (copy,) if copy is not None else ()))
-        sets.append(ids)
-        exactly_one.append(False)
+            variables.append(Variable(len(outer.sets), round(option.time_s * NS), round(option.out_s * NS),
+                                      round(option.in_s * NS), (copy,) if copy is not None else (),
+                                      choice=j, item=index))
+        outer.sets.append(ids)
+        outer.exactly_one.append(False)
 
-    # Rows (Note [Layer classes and fronts]): events that could exceed the budget, grouped by the layer
-    # the event runs in (its plan decides a constant per plan), the other layers' freeing patterns and
-    # the other values' active choices.
+
+def _layer_patterns(outer: Outer, name: str, over: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+    """For layer ``name``: its pattern of windows at each event of ``over`` (-1: none covers it), and the
+    bytes each plan frees per pattern; records the patterns (in units) on ``outer``."""
+    items = outer.groups[name]
+    choices = np.array([p.choices for p in outer.points[name]], dtype=np.int64).reshape(-1, len(items))
+    cuts = sorted({t for item in items for o in item.options for t in (o.start + 1, o.end)})
+    vectors: dict[bytes, int] = {}
+    table: list[np.ndarray] = []
+    segment_pattern = []
+    for cut in cuts:
+        freed = np.zeros(len(outer.points[name]), dtype=np.int64)
+        for i, item in enumerate(items):
+            for j, o in enumerate(item.options):
+                if o.start < cut < o.end:
+                    freed += np.where(choices[:, i] == j, item.freed_by(o), 0)
+        vectors.setdefault(freed.tobytes(), len(vectors))
+        if len(table) < len(vectors):
+            table.append(freed)
+        segment_pattern.append(vectors[freed.tobytes()])
+    segment = np.searchsorted(np.array(cuts), over, side="right") - 1
+    at = np.where(segment >= 0, np.array(segment_pattern + [0])[np.maximum(segment, 0)], -1)
+    empty = np.array([not vector.any() for vector in table] + [True])    # index -1: before any cut
+    for index, vector in enumerate(table):
+        outer.patterns[name, index] = vector // outer.unit
+    return np.where(empty[at], -1, at), table
+
+
+def _peak_rows(outer: Outer, problem: ScheduleProblem, budget: int) -> None:
+    """Rows (Note [Layer classes and fronts]): the events that could exceed the budget, grouped by the
+    layer the event runs in (its plan decides a constant per plan), the other layers' freeing patterns
+    and the other values' active choices; each row is its group's worst event."""
     over = np.array([t for t, base in enumerate(problem.base) if base > budget], dtype=np.int64)
-    base = np.array(problem.base, dtype=np.int64)
-    pattern_ids: dict[str, np.ndarray] = {}           # layer -> pattern index at each event of ``over``
-    patterns: dict[tuple[str, int], np.ndarray] = {}
-    freed_at: dict[str, list[np.ndarray]] = {}        # layer -> bytes freed per plan, per pattern
-    for name, items in groups.items():
-        choices = np.array([p.choices for p in points[name]], dtype=np.int64).reshape(-1, len(items))
-        cuts = sorted({t for item in items for o in item.options for t in (o.start + 1, o.end)})
-        vectors: dict[bytes, int] = {}
-        table: list[np.ndarray] = []
-        segment_pattern = []
-        for cut in cuts:
-            freed = np.zeros(len(points[name]), dtype=np.int64)
-            for i, item in enumerate(items):
-                for j, o in enumerate(item.options):
-                    if o.start < cut < o.end:
-                        freed += np.where(choices[:, i] == j, item.freed_by(o), 0)
-            signature = freed.tobytes()
-            if signature not in vectors:
-                vectors[signature] = len(table)
-                table.append(freed)
-            segment_pattern.append(vectors[signature])
-        freed_at[name] = table
-        segment = np.searchsorted(np.array(cuts), over, side="right") - 1
-        at = np.where(segment >= 0, np.array(segment_pattern + [0])[np.maximum(segment, 0)], -1)
-        empty = np.array([not vector.any() for vector in table] + [True])    # index -1: before any cut
-        pattern_ids[name] = np.where(empty[at], -1, at)
-        for index, vector in enumerate(table):
-            patterns[name, index] = vector // unit
-    names = list(groups)
+    names = list(outer.groups)
+    found = {name: _layer_patterns(outer, name, over) for name in names}
     column = {name: i for i, name in enumerate(names)}
     owners = np.array([column.get(problem.point_group[t], -1) for t in over.tolist()], dtype=np.int64)
-    layer_patterns = np.stack([pattern_ids[g] for g in names], axis=1) if names else \
+    layer_patterns = np.stack([found[g][0] for g in names], axis=1) if names else \
         np.zeros((len(over), 0), dtype=np.int64)
     owner_pattern = np.where(owners >= 0, layer_patterns[np.arange(len(over)), np.maximum(owners, 0)]
                              if names else -1, -1)
     others_key = layer_patterns.copy()
     if names:
         others_key[np.arange(len(over))[owners >= 0], owners[owners >= 0]] = -2   # the owner: per plan
-    value_vars = [(var, o) for entries in item_vars.values() for var, _, o in entries]
-    active = np.array([[o.start < t < o.end for _, o in value_vars] for t in over.tolist()],
-                      dtype=np.int64).reshape(len(over), len(value_vars))
+    value_vars = [v for v, var in enumerate(outer.variables) if var.layer is None]
+    active = np.array([[outer.option_of(outer.variables[v])[1].start < t < outer.option_of(outer.variables[v])[1].end
+                        for v in value_vars] for t in over.tolist()], dtype=np.int64).reshape(len(over), len(value_vars))
     keys = np.concatenate([owners[:, None], others_key, active], axis=1)
     unique, inverse = np.unique(keys, axis=0, return_inverse=True) if len(over) else (keys, keys[:, 0])
     inverse = np.asarray(inverse).reshape(-1)
-    rows: dict[tuple[Any, ...], list[int]] = {}
-    rows_owner_patterns: dict[tuple[Any, ...], list[int]] = {}
+    const, matrix = [], []
     for k, key_row in enumerate(unique):
         in_row = np.nonzero(inverse == k)[0]
         owner = names[int(key_row[0])] if key_row[0] >= 0 else None
-        others = tuple((g, int(key_row[1 + i])) for i, g in enumerate(names) if key_row[1 + i] >= 0)
-        values = tuple(var for (var, _), on in zip(value_vars, key_row[1 + len(names):]) if on)
-        rows[owner, others, values] = over[in_row].tolist()
-        rows_owner_patterns[owner, others, values] = owner_pattern[in_row].tolist()
-
-    n = len(variables)
-    const, matrix, row_patterns = [], [], []
-    for row_key, ts in rows.items():
-        owner, others, values = row_key
-        row = np.zeros(n, dtype=np.int64)
+        others = [(g, int(key_row[1 + i])) for i, g in enumerate(names) if key_row[1 + i] >= 0]
+        row = np.zeros(len(outer.variables), dtype=np.int64)
         if owner is None:
-            const.append(-(-int(base[ts].max()) // unit))
+            const.append(-(-int(np.array(problem.base)[over[in_row]].max()) // outer.unit))
         else:
             const.append(0)
-            worst = np.full(len(points[owner]), np.iinfo(np.int64).min // 2, dtype=np.int64)
-            for t, pattern in zip(ts, rows_owner_patterns[row_key]):
-                worst = np.maximum(worst, int(base[t]) - (freed_at[owner][pattern] if pattern >= 0 else 0))
-            row[layer_vars[owner]] = -(-worst // unit)
+            worst = np.full(len(outer.points[owner]), np.iinfo(np.int64).min // 2, dtype=np.int64)
+            for t, pattern in zip(over[in_row].tolist(), owner_pattern[in_row].tolist()):
+                worst = np.maximum(worst, problem.base[t] - (found[owner][1][pattern] if pattern >= 0 else 0))
+            row[outer.layer_vars[owner]] = -(-worst // outer.unit)
         for g, pattern in others:
-            row[layer_vars[g]] -= patterns[g, pattern]
-        for var in values:
-            label = variables[var].label
-            item = individual[label[1]]
-            row[var] -= item.freed_by(item.options[label[2]]) // unit
+            row[outer.layer_vars[g]] -= outer.patterns[g, pattern]
+        for v, on in zip(value_vars, key_row[1 + len(names):]):
+            if on:
+                item, option = outer.option_of(outer.variables[v])
+                row[v] -= item.freed_by(option) // outer.unit
         matrix.append(row)
-        row_patterns.append(list(others))
+        outer.row_patterns.append(others)
+    outer.const = np.array(const, dtype=np.int64)
+    outer.matrix = np.array(matrix, dtype=np.int64).reshape(len(const), len(outer.variables))
 
-    queue = CopyQueue(problem.compute_s, problem.forward_end, problem.segment_starts,
-                      [v.copies for v in variables])
 
-    # Choices in different sets that exclude each other (Note [Freed windows] in model.py).
+def _conflicts(outer: Outer, conflicts: list[tuple[str, Option, str, Option]]) -> list[list[int]]:
+    """Choices in different sets that exclude each other (Note [Freed windows] in model.py): at most one
+    of each list."""
     holders: dict[tuple[str, Any], list[int]] = {}
-    for name, ids in layer_vars.items():
-        for var, point in zip(ids, points[name]):
-            for item, choice in zip(groups[name], point.choices):
+    for v, var in enumerate(outer.variables):
+        if var.layer is not None:
+            for item, choice in zip(outer.groups[var.layer], outer.points[var.layer][var.choice].choices):
                 if choice >= 0:
-                    holders.setdefault((item.name, item.options[choice]), []).append(var)
-    for entries in item_vars.values():
-        for var, item, option in entries:
-            holders.setdefault((item.name, option), []).append(var)
-    conflicts = []
-    for w, a, u, b in all_conflicts:
+                    holders.setdefault((item.name, item.options[choice]), []).append(v)
+        else:
+            item, option = outer.option_of(var)
+            holders.setdefault((item.name, option), []).append(v)
+    found = []
+    for w, a, u, b in conflicts:
         left, right = holders.get((w, a), []), holders.get((u, b), [])
-        if left and right and variables[left[0]].set_id != variables[right[0]].set_id:
-            conflicts.append(sorted(set(left) | set(right)))
-    conflicts = [list(c) for c in dict.fromkeys(tuple(c) for c in conflicts)]
-
-    return Outer(variables, exactly_one, sets, np.array(const, dtype=np.int64),
-                  np.array(matrix, dtype=np.int64).reshape(len(const), n), layer_vars, patterns,
-                  row_patterns, queue, unit, groups, points, individual, len(classes),
-                  conflicts)
+        if left and right and outer.variables[left[0]].set_id != outer.variables[right[0]].set_id:
+            found.append(sorted(set(left) | set(right)))
+    return [list(c) for c in dict.fromkeys(tuple(c) for c in found)]
 
 
 class Arrays:
@@ -345,18 +362,17 @@ def plan_of(outer: Outer, y: Sequence[int]) -> dict[str, Option]:
     for var, on in zip(outer.variables, y):
         if not on:
             continue
-        if var.label[0] == "layer":
-            _, name, k = var.label
-            for item, choice in zip(outer.groups[name], outer.points[name][k].choices):
+        if var.layer is not None:
+            for item, choice in zip(outer.groups[var.layer], outer.points[var.layer][var.choice].choices):
                 if choice >= 0:
                     plan[item.name] = item.options[choice]
         else:
-            item = outer.individual[var.label[1]]
-            plan[item.name] = item.options[var.label[2]]
+            item, option = outer.option_of(var)
+            plan[item.name] = option
     return plan
 
 
 def assignment_of(outer: Outer, plan: Mapping[str, Option]) -> np.ndarray:
     """A monolithic outer model's assignment for ``plan``."""
-    return np.array([int(plan.get(outer.individual[v.label[1]].name) == outer.individual[v.label[1]].options[v.label[2]])
-                     for v in outer.variables])
+    return np.array([int(plan.get(item.name) == option)
+                     for item, option in (outer.option_of(v) for v in outer.variables)])
