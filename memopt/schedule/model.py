@@ -290,153 +290,181 @@ def build_problem(joint_gm: torch.fx.GraphModule, fw_gm: torch.fx.GraphModule, b
     """The linear model of the baseline plan (Note [Freed windows]); ``transfer_time_s`` (bytes ->
     seconds one way) allows offload, ``compress_time_s`` ((bytes, packed bytes) -> seconds to pack and
     unpack) allows compression (lossy: only when the user asked for it)."""
-    events = timeline.events
-    index = {(e.phase, e.node): i for i, e in enumerate(events)}
-    forward_end = max((i for i, e in enumerate(events) if e.phase == "forward"), default=0)
-    graphs = {"forward": fw_gm, "backward": bw_gm}
-    nodes_by_phase = {phase: {n.name: n for n in gm.graph.nodes} for phase, gm in graphs.items()}
-    compute_s, point_group = [], []
-    for event in events:
-        node = nodes_by_phase.get(event.phase, {}).get(event.node)
-        cost = node.meta.get("memopt_cost") if node is not None else None
-        compute_s.append(float(cost.time_s) if cost is not None else 0.0)
-        point_group.append(layer_of(node)[0] if node is not None else None)
+    built = _Builder(joint_gm, fw_gm, bw_gm, timeline, found)
+    built.spans()
+    built.group_by_storage()
+    ends = built.ends()
+    items = [built.item(name, members, ends[name], transfer_time_s, compress_time_s)
+             for name, members in built.members_of.items()]
+    return ScheduleProblem(events=built.events, base=[e.live_bytes for e in built.events],
+                           compute_s=built.compute_s, items=items, forward_end=built.forward_end,
+                           point_group=built.point_group, segment_starts=built.starts)
 
-    joint_nodes = {n.name: n for n in joint_gm.graph.nodes}
-    joint_order = {n: i for i, n in enumerate(joint_gm.graph.nodes)}
-    fw_nodes, bw_nodes = nodes_by_phase["forward"], nodes_by_phase["backward"]
-    available = {n.name: n.name for n in bw_gm.graph.nodes if n.op == "placeholder"}
-    # A saved value's storage holds every value that views it: a recomputation that needs the softmax
-    # whose detached alias is saved reads that alias rather than re-running the attention scores.
-    for c in found:
-        for alias in _alias_closure(storage_root(joint_nodes[c.name])):
-            available.setdefault(alias.name, c.name)
-    available.update((c.name, c.name) for c in found)
-    # Forward ops the modelled cut's backward runs again already (torch's min-cut recomputes cheap
-    # pointwise ops, tanh-GELU's 0.5 * x and 1 + tanh(...)): a recomputation that needs them too adds
-    # nothing for them, the backward runs each once (Note [Freed windows]).
-    rerun_already = {n.name for n in rerun_forward_ops(bw_gm, forward_region(joint_gm))}
-    # Values sharing a storage (views of one base the backward reads several of) are freed together
-    # or not at all: one item, recomputed together, never offloaded (each view would copy the storage).
-    bases: dict[str, list[str]] = {}
-    for c in found:
-        bases.setdefault(storage_root(joint_nodes[c.name]).name, []).append(c.name)
 
-    spans: dict[str, tuple[int, int, int]] = {}        # name -> (made, last forward use, first bw use)
-    storage_read: dict[str, int] = {}                  # name -> its storage's last forward read (not a view)
-    recompute: dict[str, tuple[list[torch.fx.Node], set[str], set[str]]] = {}
-    for c in found:
-        fw_node, placeholder = fw_nodes.get(c.name), bw_nodes.get(c.name)
-        if fw_node is None or placeholder is None or c.held:
-            continue
-        made = index.get(("forward", c.name))
-        uses = [index[("backward", u.name)] for a in _alias_closure(placeholder) for u in a.users
-                if ("backward", u.name) in index]
-        if made is None or not uses:
-            continue
-        # A saved view (a transpose of attention's probabilities) is often made at the forward's end,
-        # only to be saved; its storage was last *read* much earlier. Recomputed, the view is not made
-        # and the storage goes after that read (Note [Freed windows]).
-        root = storage_root(fw_node)
-        aliases = _alias_closure(root)
-        own = aliases if root is fw_node else _alias_closure(fw_node)
-        fw_uses = [index[("forward", u.name)] for a in own for u in a.users if ("forward", u.name) in index]
-        spans[c.name] = (made, max([made, *fw_uses]), min(uses))
-        alias_set = set(aliases)
-        read_at = [index[("forward", u.name)] for a in aliases for u in a.users
-                   if u not in alias_set and ("forward", u.name) in index]
-        storage_read[c.name] = max([index.get(("forward", root.name), made), *read_at])
-        found_set = _recompute_set(joint_nodes[c.name], available, joint_order)
-        if found_set is not None:
-            recompute[c.name] = found_set
-    members_of: dict[str, list[str]] = {}              # item name -> the saved values it stands for
-    item_of: dict[str, str] = {}
-    for names in bases.values():
-        present = sorted((n for n in names if n in spans), key=lambda n: (spans[n][0], n))
-        if present:
-            members_of[present[0]] = present
-            item_of.update((n, present[0]) for n in present)
-    item_span = {name: (min(spans[m][0] for m in ms), max(spans[m][1] for m in ms),
-                        min(spans[m][2] for m in ms)) for name, ms in members_of.items()}
-    item_recompute: dict[str, tuple[list[torch.fx.Node], set[str]]] = {}
-    item_aliased: dict[str, set[str]] = {}
-    for name, ms in members_of.items():
-        if all(m in recompute for m in ms):
-            ops = sorted({n for m in ms for n in recompute[m][0]}, key=lambda n: joint_order[n])
-            reads = {item_of[r] for m in ms for r in recompute[m][1] if r in item_of} - {name}
-            item_recompute[name] = (ops, reads)
-            item_aliased[name] = {item_of[r] for m in ms for r in recompute[m][2] if r in item_of} - {name}
-    # A value a recomputation reads must be back by the time that recomputation runs, and that is as
-    # early as the recomputations that read *its* result: a chain (a residual stream) is recomputed
-    # all at once where its last link is first needed.
-    needed_by = {name: span[2] for name, span in item_span.items()}
-    changed = True
-    while changed:
-        changed = False
-        for name, (_, reads) in item_recompute.items():
+class _Builder:
+    """The phases of :func:`build_problem`, sharing the graphs and what each phase found."""
+
+    def __init__(self, joint_gm: torch.fx.GraphModule, fw_gm: torch.fx.GraphModule, bw_gm: torch.fx.GraphModule,
+                 timeline: MemoryTimeline, found: list[Candidate]) -> None:
+        self.events, self.found = timeline.events, found
+        self.nbytes = {c.name: c.nbytes for c in found}
+        self.index = {(e.phase, e.node): i for i, e in enumerate(self.events)}
+        self.forward_end = max((i for i, e in enumerate(self.events) if e.phase == "forward"), default=0)
+        nodes_by_phase = {phase: {n.name: n for n in gm.graph.nodes}
+                          for phase, gm in (("forward", fw_gm), ("backward", bw_gm))}
+        self.fw_nodes, self.bw_nodes = nodes_by_phase["forward"], nodes_by_phase["backward"]
+        self.compute_s, self.point_group = [], []
+        for event in self.events:
+            node = nodes_by_phase.get(event.phase, {}).get(event.node)
+            cost = node.meta.get("memopt_cost") if node is not None else None
+            self.compute_s.append(float(cost.time_s) if cost is not None else 0.0)
+            self.point_group.append(layer_of(node)[0] if node is not None else None)
+        first_backward = self.forward_end + 1
+        self.starts = [first_backward + i for i in segments(self.point_group[first_backward:])]
+        self.joint_nodes = {n.name: n for n in joint_gm.graph.nodes}
+        self.joint_order = {n: i for i, n in enumerate(joint_gm.graph.nodes)}
+        self.available = {n.name: n.name for n in bw_gm.graph.nodes if n.op == "placeholder"}
+        # A saved value's storage holds every value that views it: a recomputation that needs the
+        # softmax whose detached alias is saved reads that alias rather than re-running the scores.
+        for c in found:
+            for alias in _alias_closure(storage_root(self.joint_nodes[c.name])):
+                self.available.setdefault(alias.name, c.name)
+        self.available.update((c.name, c.name) for c in found)
+        # Forward ops the modelled cut's backward runs again already (torch's min-cut recomputes cheap
+        # pointwise ops, tanh-GELU's 0.5 * x and 1 + tanh(...)): a recomputation that needs them too adds
+        # nothing for them, the backward runs each once (Note [Freed windows]).
+        self.rerun_already = {n.name for n in rerun_forward_ops(bw_gm, forward_region(joint_gm))}
+
+    def spans(self) -> None:
+        """Per saved value: where it is made, last read by the forward and first by the backward; its
+        storage's last forward read; and its recompute set."""
+        index = self.index
+        self.span: dict[str, tuple[int, int, int]] = {}
+        self.storage_read: dict[str, int] = {}
+        self.recompute: dict[str, tuple[list[torch.fx.Node], set[str], set[str]]] = {}
+        for c in self.found:
+            fw_node, placeholder = self.fw_nodes.get(c.name), self.bw_nodes.get(c.name)
+            if fw_node is None or placeholder is None or c.held:
+                continue
+            made = index.get(("forward", c.name))
+            uses = [index[("backward", u.name)] for a in _alias_closure(placeholder) for u in a.users
+                    if ("backward", u.name) in index]
+            if made is None or not uses:
+                continue
+            # A saved view (a transpose of attention's probabilities) is often made at the forward's end,
+            # only to be saved; its storage was last *read* much earlier. Recomputed, the view is not made
+            # and the storage goes after that read (Note [Freed windows]).
+            root = storage_root(fw_node)
+            aliases = _alias_closure(root)
+            own = aliases if root is fw_node else _alias_closure(fw_node)
+            fw_uses = [index[("forward", u.name)] for a in own for u in a.users if ("forward", u.name) in index]
+            self.span[c.name] = (made, max([made, *fw_uses]), min(uses))
+            alias_set = set(aliases)
+            read_at = [index[("forward", u.name)] for a in aliases for u in a.users
+                       if u not in alias_set and ("forward", u.name) in index]
+            self.storage_read[c.name] = max([index.get(("forward", root.name), made), *read_at])
+            found_set = _recompute_set(self.joint_nodes[c.name], self.available, self.joint_order)
+            if found_set is not None:
+                self.recompute[c.name] = found_set
+
+    def group_by_storage(self) -> None:
+        """Values sharing a storage (views of one base the backward reads several of) are freed together
+        or not at all: one item, recomputed together, never offloaded (each view would copy the storage)."""
+        bases: dict[str, list[str]] = {}
+        for c in self.found:
+            bases.setdefault(storage_root(self.joint_nodes[c.name]).name, []).append(c.name)
+        span = self.span
+        self.members_of: dict[str, list[str]] = {}       # item name -> the saved values it stands for
+        item_of: dict[str, str] = {}
+        for names in bases.values():
+            present = sorted((n for n in names if n in span), key=lambda n: (span[n][0], n))
+            if present:
+                self.members_of[present[0]] = present
+                item_of.update((n, present[0]) for n in present)
+        self.item_span = {name: (min(span[m][0] for m in ms), max(span[m][1] for m in ms),
+                                 min(span[m][2] for m in ms)) for name, ms in self.members_of.items()}
+        self.item_recompute: dict[str, tuple[list[torch.fx.Node], set[str]]] = {}
+        self.item_aliased: dict[str, set[str]] = {}
+        for name, ms in self.members_of.items():
+            if all(m in self.recompute for m in ms):
+                ops = sorted({n for m in ms for n in self.recompute[m][0]}, key=lambda n: self.joint_order[n])
+                reads = {item_of[r] for m in ms for r in self.recompute[m][1] if r in item_of} - {name}
+                self.item_recompute[name] = (ops, reads)
+                self.item_aliased[name] = {item_of[r] for m in ms for r in self.recompute[m][2]
+                                           if r in item_of} - {name}
+
+    def ends(self) -> dict[str, list[int]]:
+        """Per item, the events by which it may have to be back (Note [Freed windows]): its own first
+        use; the earliest recomputation that may read it (a value a recomputation reads must be back by
+        the time that recomputation runs, and that is as early as the recomputations that read *its*
+        result: a chain, a residual stream, is recomputed all at once where its last link is first
+        needed); and the first uses of the recomputations that read it directly (often well after the
+        chain's earliest link: those ends let a value stay freed across a peak between the chain's start
+        and its readers). Which one applies is the solver's business (conflicts)."""
+        needed_by = {name: span[2] for name, span in self.item_span.items()}
+        changed = True
+        while changed:
+            changed = False
+            for name, (_, reads) in self.item_recompute.items():
+                for read in reads:
+                    if needed_by[name] < needed_by[read]:
+                        needed_by[read] = needed_by[name]
+                        changed = True
+        readers_first_use: dict[str, set[int]] = {}
+        for name, (_, reads) in self.item_recompute.items():
             for read in reads:
-                if needed_by[name] < needed_by[read]:
-                    needed_by[read] = needed_by[name]
-                    changed = True
+                readers_first_use.setdefault(read, set()).add(self.item_span[name][2])
+        return {name: sorted({span[2], needed_by[name]} | {t for t in readers_first_use.get(name, ()) if t < span[2]})
+                for name, span in self.item_span.items()}
 
-    # The recomputations that read each value directly: the value must be back by the first backward use
-    # of one of them (the one the solver recomputes earliest), which is often well after the chain's
-    # earliest link (Note [Freed windows]); offering those ends lets a value stay freed across a peak
-    # that lies between the chain's start and its readers.
-    readers_first_use: dict[str, set[int]] = {}
-    for name, (_, reads) in item_recompute.items():
-        for read in reads:
-            readers_first_use.setdefault(read, set()).add(item_span[name][2])
-
-    first_backward = forward_end + 1
-    starts = [first_backward + i for i in segments(point_group[first_backward:])]
-    by_name = {c.name: c for c in found}
-    items: list[Item] = []
-    for name, ms in members_of.items():
-        c = by_name[name]
-        made, last_fw, first_bw = item_span[name]
-        # Alone: back for its own first use. In a chain: back for the earliest recomputation that
-        # may read it (Note [Freed windows]); which one applies is the solver's business (conflicts).
-        ends = sorted({first_bw, needed_by[name]} | {t for t in readers_first_use.get(name, ()) if t < first_bw})
-        options: list[Option] = []
+    def item(self, name: str, members: list[str], ends: list[int], transfer_time_s: Callable[[int], float] | None,
+             compress_time_s: Callable[[int, int], float] | None) -> Item:
+        """The item of saved value ``name`` (and the ``members`` sharing its storage), with its options."""
+        nbytes = self.nbytes[name]
+        made, last_fw, first_bw = self.item_span[name]
         # A saved view may be made before its base's last read (Note [Saved views are made where their
         # base is]): copied or packed there, its storage is still freed only after that read.
-        storage_last = max(storage_read[m] for m in ms)
+        storage_last = max(self.storage_read[m] for m in members)
         copied = max(last_fw, storage_last)
-        if name in item_recompute:
-            ops, _ = item_recompute[name]
-            # Ops outside every layer (the causal mask every layer's attention reads) are re-run once in
-            # the backward for all the layers that recompute through them: a layer's value is charged
-            # for its layers' ops only (Note [Freed windows]).
-            in_layers = layer_of(joint_nodes[name])[0] is not None
-            seconds = sum(float(n.meta["memopt_cost"].time_s) for n in ops if "memopt_cost" in n.meta
-                          and n.name not in rerun_already and not (in_layers and layer_of(n)[0] is None))
-            # Not made at all, a saved value frees its storage after the storage's last read (no view of
-            # it is needed any longer: the item stands for every saved value sharing it).
-            options += [Option(RECOMPUTE, storage_last, end, time_s=seconds) for end in ends]
-        if transfer_time_s is not None and len(ms) == 1:
-            # Issued where the due event's segment starts, or where the one before it does (Note
-            # [Reloads start at segment boundaries]).
-            one_way = transfer_time_s(c.nbytes)
-            for end in ends:
-                segment = bisect.bisect_right(starts, end) - 1
-                for ahead in (False, True)[:2 if segment > 0 else 1]:
-                    issue = starts[segment - ahead] if segment >= 0 else end
-                    options.append(Option(OFFLOAD, copied, min(issue, end), out_s=one_way, in_s=one_way,
-                                          due=end, ahead=ahead))
-        packed = _compressed_bytes(fw_nodes[name]) if compress_time_s is not None and len(ms) == 1 else None
+        options = self._recompute_options(name, storage_last, ends)
+        if transfer_time_s is not None and len(members) == 1:
+            options += self._offload_options(copied, ends, transfer_time_s(nbytes))
+        packed = _compressed_bytes(self.fw_nodes[name]) if compress_time_s is not None and len(members) == 1 else None
         if packed is not None and compress_time_s is not None:
-            options += [Option(COMPRESS, copied, end, time_s=compress_time_s(c.nbytes, packed),
-                               freed=c.nbytes - packed) for end in ends]
+            options += [Option(COMPRESS, copied, end, time_s=compress_time_s(nbytes, packed),
+                               freed=nbytes - packed) for end in ends]
         options = list(dict.fromkeys(o for o in options if o.end - o.start > 1))
-        layer, pattern = layer_of(joint_nodes[name])
-        target = joint_nodes[name].target
-        items.append(Item(
-            name=name, nbytes=c.nbytes, made=made, first_backward_use=first_bw, group=layer,
-            pattern=f"{pattern}:{getattr(target, '__name__', target)}", options=tuple(options),
-            recompute_set=tuple(n.name for n in item_recompute[name][0]) if name in item_recompute else (),
-            reads=tuple(sorted(item_recompute[name][1])) if name in item_recompute else (),
-            reads_alias=tuple(sorted(item_aliased.get(name, ()))),
-            members=tuple(ms)))
-    return ScheduleProblem(events=events, base=[e.live_bytes for e in events], compute_s=compute_s,
-                           items=items, forward_end=forward_end, point_group=point_group, segment_starts=starts)
+        layer, pattern = layer_of(self.joint_nodes[name])
+        target = self.joint_nodes[name].target
+        recomputed = self.item_recompute.get(name)
+        return Item(name=name, nbytes=nbytes, made=made, first_backward_use=first_bw, group=layer,
+                    pattern=f"{pattern}:{getattr(target, '__name__', target)}", options=tuple(options),
+                    recompute_set=tuple(n.name for n in recomputed[0]) if recomputed else (),
+                    reads=tuple(sorted(recomputed[1])) if recomputed else (),
+                    reads_alias=tuple(sorted(self.item_aliased.get(name, ()))), members=tuple(members))
+
+    def _recompute_options(self, name: str, storage_last: int, ends: list[int]) -> list[Option]:
+        if name not in self.item_recompute:
+            return []
+        ops, _ = self.item_recompute[name]
+        # Ops outside every layer (the causal mask every layer's attention reads) are re-run once in the
+        # backward for all the layers that recompute through them: a layer's value is charged for its
+        # layers' ops only (Note [Freed windows]).
+        in_layers = layer_of(self.joint_nodes[name])[0] is not None
+        seconds = sum(float(n.meta["memopt_cost"].time_s) for n in ops if "memopt_cost" in n.meta
+                      and n.name not in self.rerun_already and not (in_layers and layer_of(n)[0] is None))
+        # Not made at all, a saved value frees its storage after the storage's last read (no view of it
+        # is needed any longer: the item stands for every saved value sharing it).
+        return [Option(RECOMPUTE, storage_last, end, time_s=seconds) for end in ends]
+
+    def _offload_options(self, copied: int, ends: list[int], one_way: float) -> list[Option]:
+        """Reloads issued where the due event's segment starts, or where the one before it does (Note
+        [Reloads start at segment boundaries])."""
+        options = []
+        for end in ends:
+            segment = bisect.bisect_right(self.starts, end) - 1
+            for ahead in (False, True)[:2 if segment > 0 else 1]:
+                issue = self.starts[segment - ahead] if segment >= 0 else end
+                options.append(Option(OFFLOAD, copied, min(issue, end), out_s=one_way, in_s=one_way,
+                                      due=end, ahead=ahead))
+        return options

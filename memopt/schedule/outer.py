@@ -269,73 +269,81 @@ class Arrays:
         return float(self.cost @ full + self.exposed((self.copy_rows @ full)[:, None])[0])
 
 
+class _Moves:
+    """The greedy's state: one chosen variable per set (``n``: keep), and every move (a set's choice
+    changed to another variable) priced at once with numpy."""
+
+    def __init__(self, outer: Outer, arrays: Arrays) -> None:
+        self.outer, self.arrays, n = outer, arrays, arrays.n
+        self.choice = [min(ids, key=lambda v: (outer.variables[v].cost_ns + outer.variables[v].out_ns, v))
+                       if exact else n for ids, exact in zip(outer.sets, outer.exactly_one)]
+        moves = [(s, target) for s, (ids, exact) in enumerate(zip(outer.sets, outer.exactly_one))
+                 for target in [*ids] + ([] if exact else [n])]
+        self.owners = [s for s, _ in moves]
+        self.news = np.array([t for _, t in moves], dtype=np.int64)
+        self.clash = np.zeros((n + 1, n + 1), dtype=np.int64)
+        for group in outer.conflicts:
+            for i in group:
+                for j in group:
+                    if i != j:
+                        self.clash[i, j] = 1
+
+    def state(self) -> np.ndarray:
+        y = np.zeros(self.arrays.n + 1, dtype=np.int64)
+        y[self.choice] = 1
+        y[self.arrays.n] = 0
+        return y
+
+    def evaluate(self) -> tuple[np.ndarray, np.ndarray, float, int]:
+        """(per move: the budget violation after it, or max int when it is not allowed; its cost), the
+        current cost and the current violation."""
+        arrays, y = self.arrays, self.state()
+        olds = np.array([self.choice[s] for s in self.owners], dtype=np.int64)
+        lhs = arrays.const + arrays.matrix @ y
+        over = np.maximum(0, lhs - arrays.limit)
+        delta = arrays.matrix[:, self.news] - arrays.matrix[:, olds]
+        new_over = np.maximum(0, lhs[:, None] + delta - arrays.limit).sum(0)
+        load = arrays.copy_rows @ y
+        moved = load[:, None] + arrays.copy_rows[:, self.news] - arrays.copy_rows[:, olds]
+        base_cost = float(arrays.cost @ y + arrays.exposed(load[:, None])[0])
+        new_cost = arrays.cost @ y + arrays.cost[self.news] - arrays.cost[olds] + arrays.exposed(moved)
+        allowed = (self.clash[self.news] @ y == 0) & (self.news != olds)
+        return np.where(allowed, new_over, np.iinfo(np.int64).max), new_cost, base_cost, int(over.sum())
+
+    def take(self, move: int) -> None:
+        self.choice[self.owners[move]] = int(self.news[move])
+
+    def start_uniform(self) -> None:
+        """Start from the best uniform plan (every layer of a class the same front point, the usual
+        "checkpoint every layer" shape) when it is closer to the budget than keeping everything."""
+        outer, n = self.outer, self.arrays.n
+        layer_sets = [s for s, exact in enumerate(outer.exactly_one) if exact]
+        widest = max((len(outer.sets[s]) for s in layer_sets), default=0)
+        best = (self.evaluate()[3], self.arrays.cost_of(self.state()[:n]), list(self.choice))
+        for k in range(widest):
+            saved, trial = list(self.choice), list(self.choice)
+            for s in layer_sets:
+                trial[s] = outer.sets[s][min(k, len(outer.sets[s]) - 1)]
+            self.choice[:] = trial
+            y = self.state()
+            key = (self.evaluate()[3], self.arrays.cost_of(y[:n]), trial)
+            clashes = int(y @ self.clash @ y)
+            self.choice[:] = saved
+            if not clashes and key[:2] < best[:2]:
+                best = key
+        self.choice[:] = best[2]
+
+
 def greedy_hint(outer: Outer, budget: int, deadline_s: float = 10.0) -> tuple[np.ndarray, bool]:
     """A complete assignment of the outer model: repeatedly take the move (one layer's plan or one
     value's choice changed) with the least added time per unit of budget violation removed; once the
     budget is met, take the moves that save the most time and keep it met. Stops after
     ``deadline_s`` seconds with what it has (the solver goes on from there)."""
-    arrays = Arrays(outer, budget)
-    n = arrays.n
-    choice = []                       # per set: the chosen variable, or n for "keep"
-    for ids, exact in zip(outer.sets, outer.exactly_one):
-        choice.append(min(ids, key=lambda v: (outer.variables[v].cost_ns + outer.variables[v].out_ns, v))
-                      if exact else n)
-    news: list[int] = []
-    owners: list[int] = []
-    for s, (ids, exact) in enumerate(zip(outer.sets, outer.exactly_one)):
-        for target in [*ids] + ([] if exact else [n]):
-            news.append(target)
-            owners.append(s)
-    news_arr = np.array(news, dtype=np.int64)
-    clash = np.zeros((n + 1, n + 1), dtype=np.int64)
-    for group in outer.conflicts:
-        for i in group:
-            for j in group:
-                if i != j:
-                    clash[i, j] = 1
-
-    def state() -> np.ndarray:
-        y = np.zeros(n + 1, dtype=np.int64)
-        for c in choice:
-            y[c] = 1
-        y[n] = 0
-        return y
-
-    def evaluate() -> tuple[np.ndarray, np.ndarray, np.ndarray, float, int]:
-        y = state()
-        olds_arr = np.array([choice[s] for s in owners], dtype=np.int64)
-        lhs = arrays.const + arrays.matrix @ y
-        over = np.maximum(0, lhs - arrays.limit)
-        delta = arrays.matrix[:, news_arr] - arrays.matrix[:, olds_arr]
-        new_over = np.maximum(0, lhs[:, None] + delta - arrays.limit).sum(0)
-        load = arrays.copy_rows @ y
-        moved = load[:, None] + arrays.copy_rows[:, news_arr] - arrays.copy_rows[:, olds_arr]
-        base_cost = float(arrays.cost @ y + arrays.exposed(load[:, None])[0])
-        new_cost = arrays.cost @ y + arrays.cost[news_arr] - arrays.cost[olds_arr] + arrays.exposed(moved)
-        allowed = (clash[news_arr] @ y == 0) & (news_arr != olds_arr)
-        return olds_arr, np.where(allowed, new_over, np.iinfo(np.int64).max), new_cost, base_cost, \
-            int(over.sum())
-
-    # Start from the best uniform plan (every layer of a class the same front point, the usual
-    # "checkpoint every layer" shape) when it is closer to the budget than keeping everything.
-    layer_sets = [s for s, exact in enumerate(outer.exactly_one) if exact]
-    widest = max((len(outer.sets[s]) for s in layer_sets), default=0)
-    best_start = (evaluate()[4], arrays.cost_of(state()[:n]), list(choice))
-    for k in range(widest):
-        trial = list(choice)
-        for s in layer_sets:
-            trial[s] = outer.sets[s][min(k, len(outer.sets[s]) - 1)]
-        saved_choice, choice[:] = list(choice), trial
-        y_trial = state()
-        key = (evaluate()[4], arrays.cost_of(y_trial[:n]), trial)
-        clashes = int(y_trial @ clash @ y_trial)
-        choice[:] = saved_choice
-        if not clashes and key[:2] < best_start[:2]:
-            best_start = key
-    choice[:] = best_start[2]
+    moves = _Moves(outer, Arrays(outer, budget))
+    moves.start_uniform()
     deadline = time.perf_counter() + deadline_s
     for _ in range(4 * len(outer.sets) + 10):
-        olds_arr, new_over, new_cost, base_cost, over = evaluate()
+        new_over, new_cost, base_cost, over = moves.evaluate()
         if over == 0 or time.perf_counter() > deadline:
             break
         reduced = over - new_over
@@ -343,18 +351,17 @@ def greedy_hint(outer: Outer, budget: int, deadline_s: float = 10.0) -> tuple[np
         if not useful.any():
             break
         score = np.where(useful, (new_cost - base_cost) / np.maximum(reduced, 1), np.inf)
-        best = int(np.lexsort((-reduced, score))[0])
-        choice[owners[best]] = news[best]
-    olds_arr, new_over, new_cost, base_cost, over = evaluate()
+        moves.take(int(np.lexsort((-reduced, score))[0]))
+    new_over, new_cost, base_cost, over = moves.evaluate()
     feasible = over == 0
-    while feasible and len(news) and time.perf_counter() < deadline:
+    while feasible and len(moves.news) and time.perf_counter() < deadline:
         saving = np.where(new_over == 0, base_cost - new_cost, 0.0)
         best = int(np.argmax(saving))
         if saving[best] <= 1e-9:
             break
-        choice[owners[best]] = news[best]
-        olds_arr, new_over, new_cost, base_cost, over = evaluate()
-    return state()[:n], feasible
+        moves.take(best)
+        new_over, new_cost, base_cost, over = moves.evaluate()
+    return moves.state()[:moves.arrays.n], feasible
 
 
 def plan_of(outer: Outer, y: Sequence[int]) -> dict[str, Option]:
