@@ -17,12 +17,13 @@ the segment they fall in; the ops before the first layer, the loss's backward, a
 is issued where the segment of its first use starts (*in segment*), or where the segment before it
 starts (*one segment ahead*: it hides behind that segment's compute, and holds its bytes that much
 longer). At one boundary the copies go in that order: the segment's own reloads, then the next
-segment's, each by first use. The copy stream is then a queue whose arrivals are known: the backlog at a
-boundary is the backlog at the one before plus what was issued there, less that segment's compute
-(never below 0), and a copy waited for at ``t`` is late by the backlog at its boundary plus the copies
-issued there up to itself, less the compute from the boundary to ``t``. The stall of the whole step is
-the latest copy's lateness (a stall delays the compute, and with it the later issues, as much as it
-delays the copies). :class:`CopyQueue` writes this as linear rows, which the CP-SAT model takes as
+segment's, each by first use. The copy stream is then a queue whose arrivals are known. When the compute
+reaches a boundary, the copies still queued are those issued a segment ahead for this one (and, at the
+first, the forward's); a copy waited for at ``t`` is late by what is queued before it and itself, less
+the compute from the boundary to ``t``, and the segment stalls by its latest copy's lateness. The copy
+stream works on while the compute waits, so what is queued at the next boundary is this one's backlog
+plus what was issued here, less the segment's compute and its stall (never below 0), and the step's
+stall is the sum of its segments'. :class:`CopyQueue` writes this as linear rows, which the CP-SAT model takes as
 constraints and its greedy evaluates with numpy; the forward's copies, issued as their values are made,
 enter as the backlog at the backward's start. The model's memory windows end where the reloads are
 issued, so a plan's peak and its added time are both the runtime's, up to what the model does not see
@@ -55,8 +56,6 @@ from memopt.cost_model.bytes import storage_nbytes
 from memopt.names import layer_of
 
 NS = 1e9                       # the model's time unit: nanoseconds
-IN_SEGMENT = "in segment"
-AHEAD = "one segment ahead"
 
 
 def _op_name(node: torch.fx.Node) -> str | None:
