@@ -4,6 +4,7 @@ through Dynamo and AOTAutograd (a partition hook that runs the checks while the 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -125,7 +126,7 @@ def test_offloads_keep_to_the_host_bound_and_compression_to_its_option() -> None
         assert len(values) >= 2
         one = 32 * 64 * 4
         bounded = realise_plan(Plan(offload=values), 1.0,
-                               Realiser(**{**realiser.__dict__, "host_bytes": one}))
+                               dataclasses.replace(realiser, host_bytes=one))
         assert len(bounded.plan.offload) == 1           # the first in forward order that fits
         # Compression the options did not allow is not applied; values the cut does not save are ignored.
         found = realise_plan(Plan(compress=values, offload=frozenset({"not_a_value"})), 1.0, realiser)

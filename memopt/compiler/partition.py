@@ -10,6 +10,7 @@ default, so memopt's graphs are Inductor's graphs.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 
 import torch
@@ -235,6 +236,12 @@ class Realiser:
     def transfer_s(self, nbytes: int) -> float:
         return transfer_time_s(nbytes, self.profile)
 
+    @functools.cached_property
+    def op_times(self) -> dict[str, float]:
+        """The joint graph's op times by name, as priced (read once, for every plan realised)."""
+        return {node.name: node.meta["memopt_cost"].time_s for node in self.joint.graph.nodes
+                if "memopt_cost" in node.meta}
+
 
 def realise_plan(plan: Plan, share: float, realiser: Realiser) -> Evaluation:
     """Realise ``plan`` and measure it: tag and partition the joint graph (on torch's knapsack cut at
@@ -251,8 +258,7 @@ def realise_plan(plan: Plan, share: float, realiser: Realiser) -> Evaluation:
     if compress:
         apply_compress(fw, bw, compress, num_user_outputs=n, fmt=realiser.compress_format or "int8")
     timeline = simulate_step(fw, bw, input_kinds=realiser.input_kinds(fw), num_user_outputs=n)
-    priced = {node.name: node.meta["memopt_cost"].time_s for node in realiser.joint.graph.nodes
-              if "memopt_cost" in node.meta}
+    priced = realiser.op_times
     added = sum(priced[node.name] if node.name in priced else
                 estimate_node(node, realiser.profile, fused=realiser.fused_costs).time_s
                 for node in rerun_forward_ops(bw, realiser.forward))
