@@ -14,6 +14,8 @@ Environment overrides (read when the options are parsed, never at import time):
   file, used when none are passed (``options=None``: ``torch.compile(model, backend="memopt")`` with no
   ``options``, as a training framework that only takes a backend name compiles). Validated like
   ``options``; passed options, even ``{}``, take precedence.
+- ``MEMOPT_CACHE_DIR``: the plan cache's folder when ``plan_cache`` is True (read when a plan is cached;
+  Note [The plan cache] in memopt/compiler/plan_cache.py).
 """
 
 from __future__ import annotations
@@ -222,6 +224,7 @@ class MemoptConfig:
     host_memory: int | None = None              # bytes the offload host pool may hold; None = no bound
     compress_activations: str | None = None     # None | int8 | fp8 (lossy, only when asked)
     solver_time_limit_s: float = 15.0           # CP-SAT's deterministic time per solve, and as much for refining
+    plan_cache: bool | str = True               # keep budget plans on disk (Note [The plan cache]); a path: there
     sparse_backprop: SparseBackpropConfig | None = None     # which parameter slices train (memopt.sparse)
     token_elimination: TokenEliminationConfig | None = None  # LeMo settings (lossy; its own issue)
     chunk_sequence: ChunkSequenceConfig | None = None  # the MLP a slice of the sequence at a time (exact)
@@ -570,6 +573,10 @@ def parse_options(options: Mapping[str, Any] | MemoptConfig | None = None,
                 raise MemoptConfigError(
                     f"option 'solver_time_limit_s': got {limit}; expected seconds in (0, 3600]")
             kwargs["solver_time_limit_s"] = float(limit)
+        if "plan_cache" in opts:
+            cache = opts["plan_cache"]
+            _expect("plan_cache", cache, (bool, str, os.PathLike), "True, False or a folder path")
+            kwargs["plan_cache"] = cache if isinstance(cache, bool) else os.fspath(cache)
         kwargs["sparse_backprop"] = _parse_sparse_backprop(opts.get("sparse_backprop"))
         kwargs["token_elimination"] = _parse_token_elimination(opts.get("token_elimination"))
         kwargs["chunk_sequence"] = _parse_chunk_sequence(opts.get("chunk_sequence"))

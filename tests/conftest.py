@@ -20,3 +20,10 @@ def fresh_dynamo() -> Iterator[None]:
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
+
+
+@pytest.fixture(autouse=True)
+def plan_cache_per_test(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test plans with an empty plan cache of its own (Note [The plan cache]): a plan another test
+    searched must not stand in for the search a test checks, and nothing is written to the user's cache."""
+    monkeypatch.setenv("MEMOPT_CACHE_DIR", str(tmp_path_factory.mktemp("memopt-cache")))

@@ -22,6 +22,7 @@ thread and keeps the first one it creates, so its ``inductor_choices_class`` opt
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -48,9 +49,9 @@ class PlanKeepingChoices(InductorChoices):
 
 
 def compile_with_inductor(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
-                          partitioner: CustomPartitionerFn, *, keep_plan: bool) -> Callable[..., Any]:
+                          partitioner: CustomPartitionerFn, *, keep_plan: bool, reuse: bool) -> Callable[..., Any]:
     """``compile_fx`` with memopt's partition hook; with ``keep_plan`` (a memory budget is set), the
-    fusion limit above and the backward compiled now."""
+    fusion limit above and the backward compiled now; without ``reuse``, AOTAutograd's cache off."""
     from torch._inductor.compile_fx import compile_fx
     from torch._inductor.virtualized import V
 
@@ -59,8 +60,14 @@ def compile_with_inductor(gm: torch.fx.GraphModule, example_inputs: Sequence[Any
             gm, list(example_inputs), config_patches={"custom_partitioner_fn": partitioner})
         return compiled
 
-    if not keep_plan:
-        return compile_now()
-    with torch._functorch.config.patch(force_non_lazy_backward_lowering=True), \
-            V.set_choices_handler(PlanKeepingChoices()):
-        return compile_now()
+    # AOTAutograd's cache skips memopt's joint stage, its plan and its reports: only a stage that may be
+    # skipped lets it (Note [Inductor's caches and the joint stage] in memopt/compiler/capture.py).
+    # Inductor's FX graph cache stays on either way.
+    with contextlib.ExitStack() as stack:
+        if not reuse:
+            stack.enter_context(torch._functorch.config.patch(enable_autograd_cache=False))
+        if not keep_plan:
+            return compile_now()
+        with torch._functorch.config.patch(force_non_lazy_backward_lowering=True), \
+                V.set_choices_handler(PlanKeepingChoices()):
+            return compile_now()

@@ -167,9 +167,24 @@ class MemoptBackend:
             dumper.stage("inference", None, kind="partition",
                          status="compiled by Inductor without a joint graph")
             dumper.finish()
+        if stage.reusable:
+            _register_runtime_ops()
         compiled = compile_joint(gm, example_inputs, stage)
+        if training and report.forward is None and config.codegen != "eager":
+            report.plan_cache = "compiled step"      # AOTAutograd's cache skipped the joint stage
         self.ledger.record(frame, parameters + (report.memory.saved_activation_bytes if report.memory else 0))
         return compiled if reference is None else _verifying(compiled, reference, report, config)
+
+
+def _register_runtime_ops() -> None:
+    """memopt's custom ops, which a compiled step that AOTAutograd's cache hands back may call before
+    any pass has imported them (Note [Inductor's caches and the joint stage] in memopt/compiler/capture.py)."""
+    import memopt.runtime.compress
+    import memopt.runtime.cross_entropy
+    import memopt.runtime.linear_cross_entropy
+    import memopt.runtime.offload
+    import memopt.runtime.qlinear
+    import memopt.runtime.token_rows  # noqa: F401
 
 
 def _verifying(compiled: Callable[..., Any], reference: torch.fx.GraphModule, report: GraphReport,

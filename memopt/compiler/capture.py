@@ -26,6 +26,7 @@ from torch._inductor.custom_graph_pass import CustomPartitionerFn
 
 from memopt.compiler.dump import Dumper, timeline_json, timeline_svg
 from memopt.compiler.partition import Realiser, partition_joint, realise_plan
+from memopt.compiler.plan_cache import CachedPlan, PlanCache, cache_root, stage_identity
 from memopt.compiler.runner import MemoptPassWarning, PassRecord, run_passes
 from memopt.config import MemoptConfig
 from memopt.cost_model.estimate import annotate_costs, op_class, packing_time_s
@@ -77,6 +78,7 @@ class GraphReport:
     budget_unreached: str | None = None                # a fraction no plan reached: what the warning said
     held_outside_bytes: int = 0                        # what the step's other graphs hold (byte budgets)
     schedule: ScheduleResult | None = None             # what the scheduler chose, with a budget
+    plan_cache: str | None = None                      # the searched plan: "hit", "miss" or "stale"
     # Plans the captured joint graph again under other options, as it is priced now (memopt plan --max-seq).
     # ``lowest``: the least memory the scheduler can plan, whatever it costs (memopt.max_seq's question);
     # "checkpointed": that plan when it is known to be checkpointing (no baseline partition).
@@ -319,9 +321,9 @@ class JointStage(CustomPartitionerFn):
         elif config.offload == "all":
             result = _offload_all(evaluate, baseline, None if budget is None else limit)
         else:
-            result = search_plan(evaluate, problem_of, baseline, limit, graph_nodes=len(gm.graph.nodes),
-                                 time_limit_s=config.solver_time_limit_s, progress=self.progress,
-                                 knapsack=True)
+            result = self._search(gm, config, evaluate, lambda: search_plan(
+                evaluate, problem_of, baseline, limit, graph_nodes=len(gm.graph.nodes),
+                time_limit_s=config.solver_time_limit_s, progress=self.progress, knapsack=True), baseline, limit)
         apply_recompute_tags(gm, result.chosen.recompute)   # the joint graph shows the chosen plan
         self.report.schedule = result
         tried = (f"recomputing {len(result.lowest.recompute)}, offloading {len(result.lowest.offload)} and "
@@ -337,6 +339,31 @@ class JointStage(CustomPartitionerFn):
                          offload_allowed=transfer is not None, compress_allowed=compression is not None)
         self.report.budget_bytes = None if budget is None else limit
         return result.chosen.forward, result.chosen.backward
+
+    def _search(self, gm: torch.fx.GraphModule, config: MemoptConfig, evaluate: Callable[[Plan, float], Evaluation],
+                search: Callable[[], ScheduleResult], baseline: Evaluation, limit: int) -> ScheduleResult:
+        """``search()``'s plan, or the one a process before found for this graph, options, profile and
+        budget, realised again (Note [The plan cache] in memopt/compiler/plan_cache.py)."""
+        root = cache_root(config.plan_cache)
+        if root is None or baseline.peak_bytes <= limit:
+            return search()
+        cache = PlanCache(root)
+        key = PlanCache.key(gm, config, self.profile, f"budget {limit}")
+        entry = cache.get(key)
+        if entry is not None:
+            chosen = evaluate(entry.plan, entry.share)
+            if chosen.peak_bytes == entry.peak_bytes:
+                self.report.plan_cache = "hit"
+                self.progress(f"plan from the cache ({cache.path(key)}): {entry.method}")
+                return ScheduleResult(chosen, baseline, min(chosen, baseline, key=lambda e: e.peak_bytes), limit,
+                                      entry.feasible, evaluations=2, method=entry.method, attempts=entry.attempts,
+                                      solver=entry.solves[0] if entry.solves else None, solves=entry.solves)
+            self.progress(f"the cached plan peaks at {chosen.peak_bytes} B, not the {entry.peak_bytes} B it "
+                          "was cached at: searching again")
+        self.report.plan_cache = "stale" if entry is not None else "miss"
+        result = search()
+        cache.put(key, CachedPlan.of(result))
+        return result
 
     def _dump_schedule(self, gm: torch.fx.GraphModule, config: MemoptConfig, limit: int,
                        result: ScheduleResult) -> None:
@@ -503,9 +530,34 @@ class JointStage(CustomPartitionerFn):
         return self
 
     def uuid(self) -> Any | None:
-        # memopt's joint stage has side effects (reports, dumps) and depends on the options: never let
-        # Inductor's FX graph cache skip it.
+        # Inductor's FX graph cache reads the hook's identity from its pickle (__reduce__), not from here.
         return None
+
+    @property
+    def reusable(self) -> bool:
+        """Whether AOTAutograd's cache may hand back this graph's compiled step without running this stage
+        (Note [Inductor's caches and the joint stage]): not when the stage's side effects are asked for
+        (dumps, verification, node times), nor for a byte budget (the step's graphs share it through
+        what each holds, which only a run of the stage measures), nor with the plan cache off."""
+        config, budget = self.config, self.config.memory_budget
+        return (cache_root(config.plan_cache) is not None and not self.dumper.enabled and not config.verify
+                and not config.dump_node_times and (budget is None or budget.nbytes is None))
+
+    def __reduce__(self) -> tuple[Callable[[str], None], tuple[str]]:
+        # Note [Inductor's caches and the joint stage]
+        # Inductor keys its FX graph cache, and AOTAutograd its own, by pickling Inductor's config, this
+        # hook included. Pickled as its identity (memopt's version, the options, the profile, the passes,
+        # the plan cache's folder), the forward and backward graphs hit Inductor's cache in the next
+        # process, and where the stage is :attr:`reusable`, the whole compiled step hits AOTAutograd's:
+        # the stage is then skipped, and its report says so (``plan_cache = "compiled step"``: no graphs,
+        # no memory timeline). Elsewhere AOTAutograd's cache is off for memopt's compiles (memopt.codegen.
+        # inductor). The plan cache's folder is part of the identity so that a step is reused only from
+        # where its plan was kept (each test plans in a folder of its own).
+        return _cache_key_only, (stage_identity(self.config, self.profile, [p.name for p in self.passes],
+                                                self.fused_costs),)
+
+def _cache_key_only(identity: str) -> None:
+    raise RuntimeError(f"memopt's joint stage is pickled only into cache keys ({identity}); it cannot be loaded")
 
 
 def _boxed_eager(gm: torch.fx.GraphModule) -> Callable[..., Any]:
@@ -542,4 +594,5 @@ def compile_joint(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], stage
     # where memopt has its own kernels (token elimination's gather and scatter-add).
     from memopt.codegen.inductor import compile_with_inductor
 
-    return compile_with_inductor(gm, example_inputs, stage, keep_plan=stage.config.memory_budget is not None)
+    return compile_with_inductor(gm, example_inputs, stage, keep_plan=stage.config.memory_budget is not None,
+                                 reuse=stage.reusable)
