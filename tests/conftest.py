@@ -11,6 +11,16 @@ import pytest
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist each worker computes on one thread: two workers of torch's default two threads
+    each on this 2-core machine fight for the cores (the token-quality training test took 4x its time
+    alone). Tests run alone (``-m serial``) keep torch's default."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
+
+
 @pytest.fixture
 def fresh_dynamo() -> Iterator[None]:
     """A test that compiles starts and ends with Dynamo's caches empty, so that no graph or guard of
