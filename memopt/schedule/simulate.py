@@ -54,7 +54,6 @@ TANGENTS_HELD = tuple(int(p) for p in torch.__version__.split(".")[:2]) < (2, 13
 HOST = "host"
 
 
-
 def _is_host_output(node: torch.fx.Node) -> bool:
     """memopt::offload returns host-pool memory (matched by name: no import of the runtime needed)."""
     target = node.target
@@ -371,50 +370,18 @@ def simulate_step(fw_gm: torch.fx.GraphModule, bw_gm: torch.fx.GraphModule | Non
     """
     live = _Live()
     rec = _Recorder(live)
-    resident_sids: list[int] = []
-    for category, nbytes in sorted((extra_resident or {}).items()):
-        if nbytes:
-            sid = live.new(int(nbytes), category, f"<{category}>")
-            live.acquire([sid])
-            resident_sids.append(sid)
-
     fw_vals = _placeholder_vals(fw_gm)
-    if len(fw_vals) != len(input_kinds):
-        raise ValueError(f"forward graph has {len(fw_vals)} inputs but {len(input_kinds)} input kinds given")
-    fw_inputs: list[list[int]] = []
-    for i, (val, kind) in enumerate(zip(fw_vals, input_kinds)):
-        tensors = [t for t in _tensors(val) if t is not None]
-        sids = [live.new(_storage_bytes(t), _KIND_CATEGORY.get(kind, "inputs"), f"input{i}") for t in tensors]
-        live.acquire(sids)           # the owner's reference (module or caller), held all step
-        fw_inputs.append(sids)
+    fw_inputs = _hold_inputs(live, fw_vals, input_kinds, extra_resident or {})
     resident = live.total
     rec.record("start", "start")
-
-    # Each storage's category comes from its fate: a saved activation from the moment it is made.
     fw_outs = _output_nodes(fw_gm)
-    fate: dict[str, str] = {}
-    for index, out in enumerate(fw_outs):
-        if isinstance(out, torch.fx.Node):
-            fate.setdefault(out.name, "outputs" if index < num_user_outputs else "saved_activations")
-            base = out
-            while (parent := _base_of(base)) is not None:
-                fate.setdefault(parent.name, fate[out.name])
-                base = parent
+    fate = _fates(fw_outs, num_user_outputs)
 
     def fw_category(node: torch.fx.Node, slot: int) -> str:
         return fate.get(node.name, "temporaries")
 
     outs = _replay(fw_gm, "forward", live, rec, fw_inputs, [False] * len(fw_inputs), fw_category)
-    # Saved values by name: the partitioner names the backward's inputs after the forward values they
-    # receive, and the two orders differ (saved SymInts come last out of the forward, first into the
-    # backward).
-    saved: dict[str, list[int]] = {}
-    for out, sids in zip(fw_outs[num_user_outputs:], outs[num_user_outputs:]):
-        name = out.name if isinstance(out, torch.fx.Node) else f"<const{len(saved)}>"
-        if name in saved:
-            live.release(sids)       # the same value saved twice is held once
-        else:
-            saved[name] = sids
+    saved = _saved_by_name(live, fw_outs[num_user_outputs:], outs[num_user_outputs:])
     saved_bytes = sum(live.size[s] for s in {s for sids in saved.values() for s in sids}
                       if live.category[s] == "saved_activations")
     if bw_gm is not None:
@@ -436,21 +403,56 @@ def _base_of(node: torch.fx.Node) -> torch.fx.Node | None:
     return aliased_argument(node) if node.op == "call_function" else None
 
 
+def _hold_inputs(live: _Live, fw_vals: Sequence[object], input_kinds: Sequence[str],
+                 extra_resident: Mapping[str, int]) -> list[list[int]]:
+    """What is live before the step: bytes held outside the graphs, by category, and the forward's
+    inputs, each held by its owner (module or caller) all step; the inputs' storages."""
+    for category, nbytes in sorted(extra_resident.items()):
+        if nbytes:
+            live.acquire([live.new(int(nbytes), category, f"<{category}>")])
+    if len(fw_vals) != len(input_kinds):
+        raise ValueError(f"forward graph has {len(fw_vals)} inputs but {len(input_kinds)} input kinds given")
+    fw_inputs: list[list[int]] = []
+    for i, (val, kind) in enumerate(zip(fw_vals, input_kinds)):
+        tensors = [t for t in _tensors(val) if t is not None]
+        sids = [live.new(_storage_bytes(t), _KIND_CATEGORY.get(kind, "inputs"), f"input{i}") for t in tensors]
+        live.acquire(sids)
+        fw_inputs.append(sids)
+    return fw_inputs
+
+
+def _fates(fw_outs: Sequence[object], num_user_outputs: int) -> dict[str, str]:
+    """Each forward storage's category comes from its fate: a saved activation from the moment it is
+    made (the views' bases too)."""
+    fate: dict[str, str] = {}
+    for index, out in enumerate(fw_outs):
+        if isinstance(out, torch.fx.Node):
+            fate.setdefault(out.name, "outputs" if index < num_user_outputs else "saved_activations")
+            base = out
+            while (parent := _base_of(base)) is not None:
+                fate.setdefault(parent.name, fate[out.name])
+                base = parent
+    return fate
+
+
+def _saved_by_name(live: _Live, saved_outs: Sequence[object], outs: Sequence[list[int]]) -> dict[str, list[int]]:
+    """Saved values by name: the partitioner names the backward's inputs after the forward values they
+    receive, and the two orders differ (saved SymInts come last out of the forward, first into the
+    backward)."""
+    saved: dict[str, list[int]] = {}
+    for out, sids in zip(saved_outs, outs):
+        name = out.name if isinstance(out, torch.fx.Node) else f"<const{len(saved)}>"
+        if name in saved:
+            live.release(sids)       # the same value saved twice is held once
+        else:
+            saved[name] = sids
+    return saved
+
+
 def _simulate_backward(bw_gm: torch.fx.GraphModule, live: _Live, rec: _Recorder, saved: dict[str, list[int]],
                        input_kinds: Sequence[str], fw_vals: Sequence[object]) -> None:
     bw_placeholders = [n for n in bw_gm.graph.nodes if n.op == "placeholder"]
-    missing = [n.name for n in bw_placeholders if n.name not in saved and not n.name.startswith("tangents")]
-    # torch's RNG functionalization (a recomputed op tagged nondeterministic_seeded) passes each op's RNG
-    # state as a forward output and a backward input of different names, in the same order, after the
-    # other saved values: pair those by position.
-    read = {n.name for n in bw_placeholders}
-    unread = [name for name in saved if name not in read]
-    if missing and len(unread) == len(missing):
-        for name, state in zip(missing, unread):
-            saved[name] = saved.pop(state)
-        missing = []
-    if missing:
-        raise ValueError(f"backward inputs {missing[:5]} are neither saved by the forward nor tangents")
+    _pair_rng_states(saved, bw_placeholders)
     # Tangents: made by the autograd engine (or AOTAutograd, for outputs the loss does not use) before
     # the backward runs.
     inputs: list[list[int]] = []
@@ -488,7 +490,27 @@ def _simulate_backward(bw_gm: torch.fx.GraphModule, live: _Live, rec: _Recorder,
             for node in bw_placeholders]
     outs = _replay(bw_gm, "backward", live, rec, inputs, [not k for k in kept], bw_category)
     live.release(s for sids, k in zip(inputs, kept) if k for s in sids)
-    # AccumulateGrad: keep each parameter gradient, or copy it into the parameter's layout.
+    _accumulate_grads(live, rec, outs, bw_outs_nodes, input_kinds, fw_vals)
+
+
+def _pair_rng_states(saved: dict[str, list[int]], bw_placeholders: Sequence[torch.fx.Node]) -> None:
+    """Name the backward's inputs in ``saved``: torch's RNG functionalization (a recomputed op tagged
+    nondeterministic_seeded) passes each op's RNG state as a forward output and a backward input of
+    different names, in the same order, after the other saved values: those are paired by position."""
+    missing = [n.name for n in bw_placeholders if n.name not in saved and not n.name.startswith("tangents")]
+    read = {n.name for n in bw_placeholders}
+    unread = [name for name in saved if name not in read]
+    if missing and len(unread) == len(missing):
+        for name, state in zip(missing, unread):
+            saved[name] = saved.pop(state)
+        missing = []
+    if missing:
+        raise ValueError(f"backward inputs {missing[:5]} are neither saved by the forward nor tangents")
+
+
+def _accumulate_grads(live: _Live, rec: _Recorder, outs: Sequence[list[int]], bw_outs_nodes: Sequence[object],
+                      input_kinds: Sequence[str], fw_vals: Sequence[object]) -> None:
+    """AccumulateGrad: keep each parameter's gradient, or copy it into the parameter's layout."""
     for index, (sids, out) in enumerate(zip(outs, bw_outs_nodes)):
         if not sids or index >= len(fw_vals) or not isinstance(out, torch.fx.Node):
             live.release(sids)
@@ -503,7 +525,6 @@ def _simulate_backward(bw_gm: torch.fx.GraphModule, live: _Live, rec: _Recorder,
             live.acquire([clone])
             rec.record("accumulate_grad", out.name)
             live.release(sids)
-
 
 def simulate_joint(joint_gm: torch.fx.GraphModule) -> MemoryTimeline:
     """A coarse estimate on the unpartitioned joint graph, for pass statistics: the joint graph run as
