@@ -111,6 +111,12 @@ def _recording(monkeypatch: pytest.MonkeyPatch, module: object, name: str) -> li
     return results
 
 
+def _baseline_problem(report: Any) -> Any:
+    """The scheduler's model of the baseline cut of a scheduled graph, as its search built it."""
+    assert report.realiser is not None and report.schedule is not None
+    return report.realiser.problem(report.schedule.baseline)
+
+
 def _check(case: str, budget: object) -> tuple[int, int, int, int]:
     backend, mem = _run(case, budget)
     tracked = mem.peak_bytes
@@ -313,18 +319,16 @@ def test_inductor_keeps_closer_to_the_planned_peak(monkeypatch: pytest.MonkeyPat
     assert peaks[inductor.MAX_HORIZONTAL_FUSION_DISTANCE] < peaks[64] - 512 * 1024, peaks
 
 
-def test_a_value_a_recomputation_reads_may_stay_freed_until_that_reader_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_value_a_recomputation_reads_may_stay_freed_until_that_reader_runs() -> None:
     """Note [Freed windows]: a value that another value's recomputation reads is offered a window ending
     at each such reader's first backward use, not only at its own first use and at the earliest link of
     its chain (the residual stream links every layer to the head's recomputation at the backward's
     start: with only that end, no layer value could stay freed across a peak in the loss's backward, and
     Llama-3.1-8B QLoRA's lowest reachable peak was 12.74 GiB instead of 9.24 GiB)."""
-    import memopt.compiler.capture as capture
     from memopt.schedule.model import RECOMPUTE
 
-    problems = _recording(monkeypatch, capture, "build_problem")
-    _run("llama4", 0.5, codegen="eager", offload=False)
-    problem = problems[0]
+    backend, _ = _run("llama4", 0.5, codegen="eager", offload=False)
+    problem = _baseline_problem(backend.reports[-1])
     items = {item.name: item for item in problem.items}
     checked = 0
     for reader in problem.items:
@@ -454,8 +458,7 @@ def test_split_dropout_lets_the_backward_recompute_dropout_outputs() -> None:
     assert saved["without"] - saved["with"] == 256 * 128 * 4, saved
 
 
-def test_saved_views_are_made_with_their_base_and_free_their_storage_after_its_last_read(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_saved_views_are_made_with_their_base_and_free_their_storage_after_its_last_read() -> None:
     """Note [Saved views are made where their base is]: torch's partitioner makes a view the forward
     makes only to save it (GPT-2's eager attention saves transposes of its probabilities) at the
     forward's end; memopt's partition step makes it right after its base, so that an offload copies it
@@ -467,19 +470,9 @@ def test_saved_views_are_made_with_their_base_and_free_their_storage_after_its_l
     against 2.20 GB.)"""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    import memopt.compiler.capture as capture
     from memopt.schedule.model import RECOMPUTE
     from memopt.schedule.simulate import aliased_argument
 
-    problems, graphs = [], []
-    real = capture.build_problem
-
-    def keep(joint: torch.fx.GraphModule, fw: torch.fx.GraphModule, *args: object, **kwargs: object) -> object:
-        problems.append(real(joint, fw, *args, **kwargs))        # type: ignore[arg-type]
-        graphs.append(fw)
-        return problems[-1]
-
-    monkeypatch.setattr(capture, "build_problem", keep)
     config = GPT2Config(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=512, resid_pdrop=0.0,
                         embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="eager", bos_token_id=0,
                         eos_token_id=0)
@@ -488,9 +481,10 @@ def test_saved_views_are_made_with_their_base_and_free_their_storage_after_its_l
     model.loss_type = "ForCausalLM"
     batch = token_batch(4, 256)
     torch._dynamo.reset()
-    hf_loss(torch.compile(model, backend=MemoptBackend(
-        {"codegen": "eager", "memory_budget": 0.5, "cost_profile": "h100"})), batch)
-    problem, fw = problems[0], graphs[0]
+    backend = MemoptBackend({"codegen": "eager", "memory_budget": 0.5, "cost_profile": "h100"})
+    hf_loss(torch.compile(model, backend=backend), batch)
+    report = backend.reports[-1]
+    problem, fw = _baseline_problem(report), report.schedule.baseline.forward
     nodes = {n.name: n for n in fw.graph.nodes}
     output = fw.graph.output_node()
     events = {(e.phase, e.node): i for i, e in enumerate(problem.events)}
@@ -630,10 +624,8 @@ def test_values_the_forward_also_returns_are_not_freed(monkeypatch: pytest.Monke
     model (they stay readable by recomputations), so the model's peak of the plan is the simulated one;
     when they were items, the model planned 1.44 MB at budget 0.3 and the plan measured 1.71 MB
     (infeasible), where 1.48 MB is reachable."""
-    import memopt.compiler.capture as capture
     from memopt.schedule import search
 
-    problems = _recording(monkeypatch, capture, "build_problem")
     solved = _recording(monkeypatch, search, "solve_schedule")
     torch._dynamo.reset()
     torch.manual_seed(0)
@@ -644,9 +636,10 @@ def test_values_the_forward_also_returns_are_not_freed(monkeypatch: pytest.Monke
     report = backend.reports[-1]
     assert report.forward is not None and report.memory is not None and report.schedule is not None
     returned = {n.name for n in report.forward.graph.output_node().args[0][1:1 + len(dropped)]}
-    assert len(returned) == 3 and not returned & {item.name for item in problems[0].items}
+    problem = _baseline_problem(report)
+    assert len(returned) == 3 and not returned & {item.name for item in problem.items}
     assert report.schedule.method == "cp-sat" and report.schedule.chosen.peak_bytes <= report.budget_bytes
-    assert problems[0].peak_bytes(solved[0].plan) == report.memory.peak_bytes
+    assert problem.peak_bytes(solved[0].plan) == report.memory.peak_bytes
 
 
 def test_a_derivatives_own_ops_are_not_counted_as_recomputation() -> None:
@@ -683,8 +676,7 @@ def test_a_derivatives_own_ops_are_not_counted_as_recomputation() -> None:
     assert report.schedule is None or report.schedule.chosen.added_time_s == 0.0
 
 
-def test_a_recomputation_is_not_charged_for_ops_the_backward_runs_again_anyway(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_recomputation_is_not_charged_for_ops_the_backward_runs_again_anyway() -> None:
     """torch's min-cut recomputes cheap pointwise ops around what it saves: GPT-2's tanh GELU
     ``0.5 * x * (1 + tanh(...))`` saves ``x`` and the ``tanh``, and the backward runs ``0.5 * x`` and
     ``1 + tanh`` again for the GELU's derivative. Recomputing the GELU's output then adds only its last
@@ -692,32 +684,21 @@ def test_a_recomputation_is_not_charged_for_ops_the_backward_runs_again_anyway(
     the same (Note [Freed windows]). Charged for the ops the backward already runs, the GELU output cost
     twice what it adds (here and on GPT-2 XL), and refined GPT-2 XL plans verified up to 0.25 ms dearer
     than the model said."""
-    import memopt.compiler.capture as capture
+    from memopt.compiler.partition import realise_plan
     from memopt.schedule.model import RECOMPUTE
 
-    measured: list[tuple[float, float, int]] = []
-
-    class _Measured(Exception):
-        pass
-
-    def measure(evaluate: Any, build: Any, baseline: Any, budget: int, **kwargs: object) -> None:
-        problem = build(baseline)
-        plan = {item.name: max((o for o in item.options if o.kind == RECOMPUTE), key=lambda o: o.end)
-                for item in problem.items if item.pattern.endswith("mlp.c_proj:t.default")
-                and any(o.kind == RECOMPUTE for o in item.options)}
-        found = evaluate(problem.plan_of(plan))
-        measured.append((found.added_time_s - baseline.added_time_s,
-                         sum(o.time_s for o in plan.values()), len(plan)))
-        raise _Measured
-
-    monkeypatch.setattr(capture, "search_plan", measure)
     torch._dynamo.reset()
     model = tiny_gpt2(layers=2)
     backend = MemoptBackend({"codegen": "eager", "cost_profile": "h100", "memory_budget": 0.5,
                              "offload": False}, fused_costs=True)
-    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match="_Measured"):
-        hf_loss(torch.compile(model, backend=backend), token_batch(1, 256))
-    ((added, modelled, planned),) = measured
+    hf_loss(torch.compile(model, backend=backend), token_batch(1, 256))
+    report = backend.reports[-1]
+    baseline, problem = report.schedule.baseline, _baseline_problem(report)
+    plan = {item.name: max((o for o in item.options if o.kind == RECOMPUTE), key=lambda o: o.end)
+            for item in problem.items if item.pattern.endswith("mlp.c_proj:t.default")
+            and any(o.kind == RECOMPUTE for o in item.options)}
+    found = realise_plan(problem.plan_of(plan), 1.0, report.realiser)
+    added, modelled, planned = found.added_time_s - baseline.added_time_s, sum(o.time_s for o in plan.values()), len(plan)
     print("GELU outputs recomputed:", planned, "verified added", added, "modelled", modelled)
     assert planned == 2 and added > 0
     assert modelled == pytest.approx(added, rel=0.02)

@@ -29,13 +29,12 @@ from memopt.compiler.partition import Realiser, partition_joint, realise_plan
 from memopt.compiler.plan_cache import CachedPlan, PlanCache, cache_root, stage_identity
 from memopt.compiler.runner import MemoptPassWarning, PassRecord, run_passes
 from memopt.config import MemoptConfig
-from memopt.cost_model.estimate import annotate_costs, op_class, packing_time_s
+from memopt.cost_model.estimate import annotate_costs, op_class
 from memopt.cost_model.profile import COST_MODEL_VERSION, DeviceProfile, profile_origin
 from memopt.errors import MemoptPassError
 from memopt.names import GraphInput, joint_graph_inputs, layer_of
 from memopt.passes.base import Pass, PassContext
 from memopt.schedule.budget import budget_bytes, check_budget, unreached
-from memopt.schedule.model import ScheduleProblem, build_problem
 from memopt.schedule.problem import (
     DECISION_KEY,
     NOTHING,
@@ -78,6 +77,8 @@ class GraphReport:
     budget_unreached: str | None = None                # a fraction no plan reached: what the warning said
     held_outside_bytes: int = 0                        # what the step's other graphs hold (byte budgets)
     schedule: ScheduleResult | None = None             # what the scheduler chose, with a budget
+    # Realises and models plans on the joint graph as it was scheduled (Realiser.problem, realise_plan).
+    realiser: Realiser | None = dataclasses.field(default=None, repr=False)
     plan_cache: str | None = None                      # the searched plan: "hit", "miss" or "stale"
     # Plans the captured joint graph again under other options, as it is priced now (memopt plan --max-seq).
     # ``lowest``: the least memory the scheduler can plan, whatever it costs (memopt.max_seq's question);
@@ -290,9 +291,8 @@ class JointStage(CustomPartitionerFn):
             num_fwd_outputs, lambda fw: _primal_kinds(fw, self.primal_kinds), self.profile,
             fused_costs=self.fused_costs, offload=config.offload is not False, host_bytes=config.host_memory,
             compress_format=config.compress_activations, forward=forward_region(gm))
+        self.report.realiser = realiser
         transfer = realiser.transfer_s if realiser.offload else None
-        compression = None if config.compress_activations is None else \
-            (lambda nbytes, packed: packing_time_s(nbytes, packed, self.profile))
         cache: dict[tuple[Plan, float], Evaluation] = {}
 
         def evaluate(plan: Plan, share: float = 1.0) -> Evaluation:
@@ -300,10 +300,6 @@ class JointStage(CustomPartitionerFn):
             if (plan, share) not in cache:
                 cache[(plan, share)] = realise_plan(plan, share, realiser)
             return cache[(plan, share)]
-
-        def problem_of(base: Evaluation) -> ScheduleProblem:
-            return build_problem(gm, base.forward, base.backward, base.timeline, base.candidates, transfer,
-                                 compression)
 
         if lowest == "checkpointed":             # known to be the lowest at this length: no baseline needed
             chosen = evaluate(_checkpoint_plan(gm, offload=transfer is not None))
@@ -322,7 +318,7 @@ class JointStage(CustomPartitionerFn):
             result = _offload_all(evaluate, baseline, None if budget is None else limit)
         else:
             result = self._search(gm, config, evaluate, lambda: search_plan(
-                evaluate, problem_of, baseline, limit, graph_nodes=len(gm.graph.nodes),
+                evaluate, realiser.problem, baseline, limit, graph_nodes=len(gm.graph.nodes),
                 time_limit_s=config.solver_time_limit_s, progress=self.progress, knapsack=True), baseline, limit)
         apply_recompute_tags(gm, result.chosen.recompute)   # the joint graph shows the chosen plan
         self.report.schedule = result
@@ -336,7 +332,7 @@ class JointStage(CustomPartitionerFn):
             self.dumper.finish()
             assert budget is not None
             check_budget(limit, budget, result.lowest.timeline, tried,
-                         offload_allowed=transfer is not None, compress_allowed=compression is not None)
+                         offload_allowed=transfer is not None, compress_allowed=config.compress_activations is not None)
         self.report.budget_bytes = None if budget is None else limit
         return result.chosen.forward, result.chosen.backward
 

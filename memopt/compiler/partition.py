@@ -21,6 +21,7 @@ from memopt.cost_model.estimate import estimate_node, packing_time_s, transfer_t
 from memopt.cost_model.profile import DeviceProfile
 from memopt.errors import MemoptError
 from memopt.passes.rewrite import fake_call, fake_result
+from memopt.schedule.model import ScheduleProblem, build_problem
 from memopt.schedule.problem import (
     Evaluation,
     Plan,
@@ -235,6 +236,14 @@ class Realiser:
 
     def transfer_s(self, nbytes: int) -> float:
         return transfer_time_s(nbytes, self.profile)
+
+    def problem(self, base: Evaluation) -> ScheduleProblem:
+        """The scheduler's linear model of the plans on ``base``'s cut (:func:`memopt.schedule.model.build_problem`),
+        with the transfers and the packing the options allow, priced as :func:`realise_plan` prices them."""
+        compression = None if self.compress_format is None else \
+            (lambda nbytes, packed: packing_time_s(nbytes, packed, self.profile))
+        return build_problem(self.joint, base.forward, base.backward, base.timeline, base.candidates,
+                             self.transfer_s if self.offload else None, compression)
 
     @functools.cached_property
     def op_times(self) -> dict[str, float]:
