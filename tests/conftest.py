@@ -19,6 +19,7 @@ def pytest_configure(config: pytest.Config) -> None:
         import torch
 
         torch.set_num_threads(1)
+        os.environ["OMP_NUM_THREADS"] = "1"     # the processes a test starts, too (a profile names its threads)
 
 
 @pytest.fixture

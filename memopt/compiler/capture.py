@@ -79,7 +79,9 @@ class GraphReport:
     schedule: ScheduleResult | None = None             # what the scheduler chose, with a budget
     # Realises and models plans on the joint graph as it was scheduled (Realiser.problem, realise_plan).
     realiser: Realiser | None = dataclasses.field(default=None, repr=False)
-    plan_cache: str | None = None                      # the searched plan: "hit", "miss" or "stale"
+    # Where the budget's plan came from: "hit", "miss" or "stale" (Note [The plan cache]), or "compiled
+    # step": AOTAutograd's cache handed back the whole step and the stage did not run (no graphs above).
+    plan_cache: str | None = None
     # Plans the captured joint graph again under other options, as it is priced now (memopt plan --max-seq).
     # ``lowest``: the least memory the scheduler can plan, whatever it costs (memopt.max_seq's question);
     # "checkpointed": that plan when it is known to be checkpointing (no baseline partition).
@@ -543,14 +545,18 @@ class JointStage(CustomPartitionerFn):
         # Note [Inductor's caches and the joint stage]
         # Inductor keys its FX graph cache, and AOTAutograd its own, by pickling Inductor's config, this
         # hook included. Pickled as its identity (memopt's version, the options, the profile, the passes,
-        # the plan cache's folder), the forward and backward graphs hit Inductor's cache in the next
+        # the horizontal fusion limit it compiles under, the plan cache's folder), the forward and backward graphs hit Inductor's cache in the next
         # process, and where the stage is :attr:`reusable`, the whole compiled step hits AOTAutograd's:
         # the stage is then skipped, and its report says so (``plan_cache = "compiled step"``: no graphs,
         # no memory timeline). Elsewhere AOTAutograd's cache is off for memopt's compiles (memopt.codegen.
         # inductor). The plan cache's folder is part of the identity so that a step is reused only from
         # where its plan was kept (each test plans in a folder of its own).
+        from memopt.codegen import inductor
+
+        fusion = inductor.MAX_HORIZONTAL_FUSION_DISTANCE if self.config.memory_budget is not None else None
         return _cache_key_only, (stage_identity(self.config, self.profile, [p.name for p in self.passes],
-                                                self.fused_costs),)
+                                                self.fused_costs, fusion),)
+
 
 def _cache_key_only(identity: str) -> None:
     raise RuntimeError(f"memopt's joint stage is pickled only into cache keys ({identity}); it cannot be loaded")

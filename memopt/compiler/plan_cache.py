@@ -141,12 +141,14 @@ class PlanCache:
         return digest.hexdigest()
 
 
-def stage_identity(config: MemoptConfig, profile: DeviceProfile, passes: list[str], fused_costs: bool) -> str:
+def stage_identity(config: MemoptConfig, profile: DeviceProfile, passes: list[str], fused_costs: bool,
+                   fusion_distance: int | None) -> str:
     """What of memopt decides a compiled step, beyond the graph (Note [Inductor's caches and the joint
-    stage] in memopt/compiler/capture.py)."""
+    stage] in memopt/compiler/capture.py); ``fusion_distance``: the horizontal fusion limit Inductor
+    compiles the graphs under (memopt.codegen.inductor), None for Inductor's own."""
     return json.dumps({"memopt": memopt_version(), "options": config.to_dict(), "profile": _profile(profile),
-                       "passes": passes, "fused_costs": fused_costs, "plan_cache": str(cache_root(config.plan_cache))},
-                      sort_keys=True, default=str)
+                       "passes": passes, "fused_costs": fused_costs, "fusion_distance": fusion_distance,
+                       "plan_cache": str(cache_root(config.plan_cache))}, sort_keys=True, default=str)
 
 
 def _profile(profile: DeviceProfile) -> dict[str, Any]:
