@@ -57,6 +57,7 @@ import datetime
 import gc
 import json
 import os
+import tempfile
 import platform
 import statistics
 import sys
@@ -353,6 +354,12 @@ def add_ratios(records: list[dict[str, Any]], refs: Sequence[str] = ("eager", "i
                     r[f"{name}_vs_{ref}"] = r[key] / base[key]
 
 
+def fresh_plan_cache() -> None:
+    """Benchmarks measure planning: each run plans in an empty plan cache of its own (Note [The plan
+    cache] in memopt/compiler/plan_cache.py), and leaves the user's alone."""
+    os.environ["MEMOPT_CACHE_DIR"] = tempfile.mkdtemp(prefix="memopt-bench-")
+
+
 def run_metadata(args: argparse.Namespace, seq_lens: Sequence[int], steps: int) -> dict[str, Any]:
     import transformers
 
@@ -588,6 +595,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    fresh_plan_cache()
     meta = run_metadata(args, args.seq_len_list, args.step_count)
     runs = [(v, s) for s in args.seq_len_list for v in args.variant_list]
     print(f"bench_memory: {len(runs)} runs ({len(args.variant_list)} variants x seq {args.seq_len_list}), "

@@ -26,6 +26,7 @@ Results go to ``<out>/bench_quant.json``.
 from __future__ import annotations
 
 import os
+import tempfile
 
 import torch
 
@@ -211,6 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results")
     args = parser.parse_args(argv)
+    os.environ["MEMOPT_CACHE_DIR"] = tempfile.mkdtemp(prefix="memopt-bench-")   # plans measured afresh
     started = time.perf_counter()
 
     def log(message: str) -> None:

@@ -109,6 +109,7 @@ from bench_memory import (  # noqa: E402
     _probe_class,
     _storage_bytes,
     choose_names,
+    fresh_plan_cache,
     run_metadata,
 )
 
@@ -657,6 +658,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    fresh_plan_cache()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     meta = run_metadata(args, args.seq_len_list, args.step_count)

@@ -53,7 +53,7 @@ sys.path.insert(0, str(ROOT))
 import torch
 
 # bench_memory by the name bench_schedule imports it under (this script's folder is on the path)
-from bench_memory import choose_names
+from bench_memory import choose_names, fresh_plan_cache
 
 from benchmarks.bench_schedule import recompute_stats
 from memopt.compiler.backend import MemoptBackend
@@ -158,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
                              "budget, beside PyTorch's knapsack at the same activation_memory_budget")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args(argv)
+    fresh_plan_cache()
     fractions = [(c.partition("@")[0], float(c.partition("@")[2])) for c in args.fractions.split(",") if c]
     started = time.perf_counter()
 

@@ -50,6 +50,7 @@ from bench_memory import (
     align,
     bench_parser,
     choose_names,
+    fresh_plan_cache,
     run_grid,
     run_metadata,
     warm_track_and_time,
@@ -195,6 +196,7 @@ def bar_chart(records: list[dict[str, Any]]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = bench_parser(__doc__, VARIANTS, batch=BATCH)
     args = parser.parse_args(argv)
+    fresh_plan_cache()
     variants = choose_names(parser, args.variants, VARIANTS, "variant")
     seq_lens = ([int(s) for s in args.seq_lens.split(",")] if args.seq_lens
                 else list(QUICK_SEQ_LENS if args.quick else SEQ_LENS))

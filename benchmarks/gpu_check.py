@@ -356,7 +356,8 @@ def _memopt_row(check: Check, model: Any, batch: dict[str, Any], budget: Any) ->
 
     torch._dynamo.reset()
     profile = "cpu" if check.dry_run else "h200"
-    backend = MemoptBackend({"memory_budget": budget, "cost_profile": profile, "solver_time_limit_s": 5.0})
+    backend = MemoptBackend({"memory_budget": budget, "cost_profile": profile, "solver_time_limit_s": 5.0,
+                             "plan_cache": False})
     try:
         peak, step_s = check.step_peak_and_time(fwd_bwd(torch.compile(model, backend=backend), batch))
     except Exception as err:  # noqa: BLE001 - Dynamo wraps the backend's error
