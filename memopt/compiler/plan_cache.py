@@ -9,13 +9,14 @@ runs CP-SAT; the answer depends only on what goes into the key, so it is kept:
 - **Key**: a SHA-256 of the joint graph as the search sees it (each node's op, target, arguments, the
   shape, dtype and strides of its value, and a user's checkpoint tag), the options that can change a plan
   (all but dumps, verification and this cache's own), every field of the cost profile, the budget in
-  bytes (which counts what other graphs of the step hold), and the versions of memopt (its version and a hash of its source files, so
-  that an edited checkout misses too), torch and OR-Tools. A change in any of them misses.
+  bytes (which counts what other graphs of the step hold), and the versions of memopt (its version and a
+  hash of its source files, so that an edited checkout misses too), torch and OR-Tools. A change in any
+  of them misses.
 - **Value**: one JSON file per key: the plan (node names), the knapsack share it is cut on, the budget in
   bytes, the peak and added time it verified at, and the search's record (method, attempts, solves) for
   the dumps and reports.
-- **A hit is checked**: the plan is realised (one partition) and its simulated peak must equal the one
-  recorded; otherwise the entry is stale, the search runs, and its answer replaces the entry.
+- **A hit is checked**: the plan is realised (one partition, besides the baseline's) and its simulated
+  peak must equal the one recorded; otherwise the entry is stale, the search runs, and its answer replaces the entry.
 - **Location**: ``<root>/plans/<key>.json``, the root being the ``plan_cache`` option when it is a path,
   else ``$MEMOPT_CACHE_DIR``, else ``$XDG_CACHE_HOME/memopt``, else ``~/.cache/memopt``. The folder is
   safe to delete at any time (the next compile searches again); ``plan_cache: False`` turns it off. An
