@@ -13,8 +13,9 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 def pytest_configure(config: pytest.Config) -> None:
     """Under pytest-xdist each worker computes on one thread: two workers of torch's default two threads
-    each on this 2-core machine fight for the cores (the token-quality training test took 4x its time
-    alone). Tests run alone (``-m serial``) keep torch's default."""
+    each on this 2-core machine fight for the cores (the token-quality training test took 619 s so, 378 s
+    with one thread each; the parallel part 2040 s, then 1123-1329 s). Tests run alone (``-m serial``)
+    keep torch's default."""
     if os.environ.get("PYTEST_XDIST_WORKER"):
         import torch
 
