@@ -545,12 +545,13 @@ class JointStage(CustomPartitionerFn):
         # Note [Inductor's caches and the joint stage]
         # Inductor keys its FX graph cache, and AOTAutograd its own, by pickling Inductor's config, this
         # hook included. Pickled as its identity (memopt's version, the options, the profile, the passes,
-        # the horizontal fusion limit it compiles under, the plan cache's folder), the forward and backward graphs hit Inductor's cache in the next
-        # process, and where the stage is :attr:`reusable`, the whole compiled step hits AOTAutograd's:
-        # the stage is then skipped, and its report says so (``plan_cache = "compiled step"``: no graphs,
-        # no memory timeline). Elsewhere AOTAutograd's cache is off for memopt's compiles (memopt.codegen.
-        # inductor). The plan cache's folder is part of the identity so that a step is reused only from
-        # where its plan was kept (each test plans in a folder of its own).
+        # the horizontal fusion limit it compiles under, the plan cache's folder), the forward and
+        # backward graphs hit Inductor's cache in the next process, and where the stage is
+        # :attr:`reusable`, the whole compiled step hits AOTAutograd's: the stage is then skipped, and its
+        # report says so (``plan_cache = "compiled step"``: no graphs, no memory timeline). Elsewhere
+        # AOTAutograd's cache is off for memopt's compiles (memopt.codegen.inductor). The plan cache's
+        # folder is part of the identity so that a step is reused only from where its plan was kept (each
+        # test plans in a folder of its own).
         from memopt.codegen import inductor
 
         fusion = inductor.MAX_HORIZONTAL_FUSION_DISTANCE if self.config.memory_budget is not None else None

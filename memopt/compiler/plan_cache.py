@@ -16,7 +16,8 @@ runs CP-SAT; the answer depends only on what goes into the key, so it is kept:
   bytes, the peak and added time it verified at, and the search's record (method, attempts, solves) for
   the dumps and reports.
 - **A hit is checked**: the plan is realised (one partition, besides the baseline's) and its simulated
-  peak must equal the one recorded; otherwise the entry is stale, the search runs, and its answer replaces the entry.
+  peak must equal the one recorded; otherwise the entry is stale, the search runs, and its answer
+  replaces the entry.
 - **Location**: ``<root>/plans/<key>.json``, the root being the ``plan_cache`` option when it is a path,
   else ``$MEMOPT_CACHE_DIR``, else ``$XDG_CACHE_HOME/memopt``, else ``~/.cache/memopt``. The folder is
   safe to delete at any time (the next compile searches again); ``plan_cache: False`` turns it off. An
@@ -32,7 +33,6 @@ import json
 import os
 import tempfile
 import warnings
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,7 @@ import torch
 import torch.fx
 
 from memopt.config import MemoptConfig
-from memopt.cost_model.profile import COST_MODEL_VERSION, DeviceProfile
+from memopt.cost_model.profile import COST_MODEL_VERSION, DeviceProfile, profile_to_json
 from memopt.schedule.problem import DECISION_KEY, Plan, ScheduleResult
 
 __all__ = ["CachedPlan", "PlanCache", "cache_root", "memopt_version", "stage_identity"]
@@ -133,8 +133,7 @@ class PlanCache:
         digest = hashlib.sha256()
         options = {k: v for k, v in config.to_dict().items() if k not in _NOT_PLANNING}
         for part in (_versions(), json.dumps(options, sort_keys=True, default=str),
-                     json.dumps(_profile(profile), sort_keys=True, default=str),
-                     question):
+                     profile_to_json(profile), question):
             digest.update(part.encode())
             digest.update(b"\0")
         for node in gm.graph.nodes:
@@ -147,22 +146,9 @@ def stage_identity(config: MemoptConfig, profile: DeviceProfile, passes: list[st
     """What of memopt decides a compiled step, beyond the graph (Note [Inductor's caches and the joint
     stage] in memopt/compiler/capture.py); ``fusion_distance``: the horizontal fusion limit Inductor
     compiles the graphs under (memopt.codegen.inductor), None for Inductor's own."""
-    return json.dumps({"memopt": memopt_version(), "options": config.to_dict(), "profile": _profile(profile),
+    return json.dumps({"memopt": memopt_version(), "options": config.to_dict(), "profile": profile_to_json(profile),
                        "passes": passes, "fused_costs": fused_costs, "fusion_distance": fusion_distance,
                        "plan_cache": str(cache_root(config.plan_cache))}, sort_keys=True, default=str)
-
-
-def _profile(profile: DeviceProfile) -> dict[str, Any]:
-    return {f.name: _plain(getattr(profile, f.name)) for f in dataclasses.fields(profile)}
-
-
-def _plain(value: Any) -> Any:
-    """A profile field as JSON can write it (its mappings are read-only views)."""
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
 
 
 def _describe(node: torch.fx.Node) -> str:
@@ -191,6 +177,7 @@ def memopt_version() -> str:
     return f"memopt {memopt.__version__} {sources.hexdigest()[:16]}"
 
 
+@functools.lru_cache(maxsize=1)
 def _versions() -> str:
     from importlib.metadata import version
 

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -403,6 +403,14 @@ def _base_of(node: torch.fx.Node) -> torch.fx.Node | None:
     return aliased_argument(node) if node.op == "call_function" else None
 
 
+def _view_bases(node: torch.fx.Node) -> Iterator[torch.fx.Node]:
+    """The nodes whose storage ``node`` views, nearest first."""
+    base = _base_of(node)
+    while base is not None:
+        yield base
+        base = _base_of(base)
+
+
 def _hold_inputs(live: _Live, fw_vals: Sequence[object], input_kinds: Sequence[str],
                  extra_resident: Mapping[str, int]) -> list[list[int]]:
     """What is live before the step: bytes held outside the graphs, by category, and the forward's
@@ -428,10 +436,8 @@ def _fates(fw_outs: Sequence[object], num_user_outputs: int) -> dict[str, str]:
     for index, out in enumerate(fw_outs):
         if isinstance(out, torch.fx.Node):
             fate.setdefault(out.name, "outputs" if index < num_user_outputs else "saved_activations")
-            base = out
-            while (parent := _base_of(base)) is not None:
-                fate.setdefault(parent.name, fate[out.name])
-                base = parent
+            for base in _view_bases(out):
+                fate.setdefault(base.name, fate[out.name])
     return fate
 
 
@@ -468,12 +474,8 @@ def _simulate_backward(bw_gm: torch.fx.GraphModule, live: _Live, rec: _Recorder,
         live.release(sids)           # saved but unused by the backward: ctx lets it go
     bw_outs_nodes = _output_nodes(bw_gm)
     grad_names = {out.name for out in bw_outs_nodes if isinstance(out, torch.fx.Node)}
-    grad_bases: set[str] = set()
-    for out in bw_outs_nodes:
-        base = out
-        while isinstance(base, torch.fx.Node) and (parent := _base_of(base)) is not None:
-            grad_bases.add(parent.name)
-            base = parent
+    grad_bases = {base.name for out in bw_outs_nodes if isinstance(out, torch.fx.Node)
+                  for base in _view_bases(out)}
 
     def bw_category(node: torch.fx.Node, slot: int) -> str:
         return "gradients" if node.name in grad_names or node.name in grad_bases else "temporaries"
