@@ -98,6 +98,15 @@ def test_segments_are_runs_of_one_layer() -> None:
     assert segments(["0"]) == [0] and segments([]) == []
 
 
+def test_a_stray_op_of_another_layer_does_not_start_a_segment() -> None:
+    # Layer 0's op recomputed inside layer 2's run joins that segment; layer 1's starts at its first op.
+    assert segments([None, "2", "2", "0", "2", None, "1", "1", "1", "0", "0"]) == [0, 6, 9]
+    # Strays either side of a boundary: it goes where the fewest ops sit in another layer's segment,
+    # the latest such place on a tie.
+    assert segments(["1", "0", "1", "1", "0", "0"]) == [0, 4]
+    assert segments(["2", "2", "1", "2", "1", "1", "0", "0"]) == [0, 4, 6]
+
+
 def test_reloads_are_issued_where_the_segment_of_their_use_starts() -> None:
     graph = torch.fx.Graph()
     ops = _chain(graph, graph.placeholder("t"), 7, 1.0, [None, "2", "2", "1", "1", "0", "0"])
@@ -109,7 +118,7 @@ def test_reloads_are_issued_where_the_segment_of_their_use_starts() -> None:
     assert reload_issues(graph, [ops[1]], [True]) == [ops[0]]
 
 
-def _layered_step(layers: int, per_layer: int, seed: int) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule,
+def _layered_step(layers: int, per_layer: int, seed: int, strays: bool = False) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule,
                                                                   list[str], list[float]]:
     """A forward of ``layers`` x ``per_layer`` ops making one saved value each (random sizes), and a
     backward running the layers in reverse, each op reading the value its forward twin made. Returns the
@@ -147,16 +156,23 @@ def _layered_step(layers: int, per_layer: int, seed: int) -> tuple[torch.fx.Grap
         y.meta.update(memopt_cost=_cost(seconds), val=_fake(),
                       nn_module_stack={"m": (f"model.layers.{index // per_layer}", object)})
         times.append(seconds)
+        if strays and index % per_layer == per_layer - 1 and index // per_layer > 0:
+            # A recomputed op of layer 0 (its causal mask) where this layer's backward needs it.
+            y = bw.call_function(torch.ops.aten.mul.Tensor, (y, 1.0))
+            y.meta.update(memopt_cost=_cost(0.0), val=_fake(), nn_module_stack={"m": ("model.layers.0", object)})
     bw.output((y,))
     return torch.fx.GraphModule({}, fw), torch.fx.GraphModule({}, bw), names, times
 
 
+@pytest.mark.parametrize("strays", [False, True])
 @pytest.mark.parametrize("seed", range(8))
-def test_the_models_rows_give_the_stall_the_runtime_replays(seed: int) -> None:
+def test_the_models_rows_give_the_stall_the_runtime_replays(seed: int, strays: bool) -> None:
     """Random offloads, each reloaded in segment or one ahead: the queue's rows and the replay of the
-    rewritten graphs give the same stall (golden: the replay is the runtime's order of copies)."""
+    rewritten graphs give the same stall (golden: the replay is the runtime's order of copies). With
+    ``strays``, the rewritten backward also runs an op of layer 0 inside every other layer's run (a
+    recomputation), which the model's baseline does not have: the segments, and the stall, stay the same."""
     layers, per_layer = 4, 3
-    fw, bw, names, times = _layered_step(layers, per_layer, seed)
+    fw, bw, names, times = _layered_step(layers, per_layer, seed, strays)
     rng = random.Random(100 + seed)
     chosen = [n for n in names if rng.random() < 0.6]
     in_segment = frozenset(n for n in chosen if rng.random() < 0.5)
