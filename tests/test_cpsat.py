@@ -3,10 +3,13 @@ honour the recompute conflicts, and are never worse than the greedy warm start i
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from memopt.schedule.bound import added_time_bound_s
 from memopt.schedule.cpsat import solve_schedule
 from memopt.schedule.model import OFFLOAD, RECOMPUTE, Item, Option, ScheduleProblem
 from memopt.schedule.simulate import MemoryEvent
@@ -157,3 +160,47 @@ def test_refining_the_outer_plan_a_few_layers_at_a_time(monkeypatch: pytest.Monk
     # Most of what the steps claimed: their models also price transfer volume a little (the tie-break
     # that keeps needless offloads out), which dropping an offload saves too (here 84%).
     assert before - after >= 0.75 * gained, (before, after, gained)
+
+
+@settings(max_examples=30, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(problem=problems(), share=st.floats(min_value=0.0, max_value=1.0))
+def test_the_lower_bound_is_never_above_the_optimum(problem: ScheduleProblem, share: float) -> None:
+    """Note [A lower bound on the added time]: the bound holds for every plan of the model, so it is at
+    most the monolithic model's optimum, and infinite only where no plan meets the budget."""
+    floor = solve_schedule(problem, 0, time_limit_s=10, workers=1, minimise_peak=True, decompose=False)
+    lowest, highest = problem.peak_bytes(floor.plan), max(problem.base)
+    budget = int(lowest + share * (highest - lowest))
+    solved = solve_schedule(problem, budget, time_limit_s=10, workers=1, decompose=False, refine=False)
+    assert solved.stats.status == "OPTIMAL", solved.stats
+    assert solved.stats.objective_s is not None
+    bound = added_time_bound_s(problem, budget)
+    assert bound <= solved.stats.objective_s + 1e-9
+    assert added_time_bound_s(problem, highest) == 0.0
+
+
+def test_the_lower_bound_of_a_single_peak() -> None:
+    """One event over the budget by 3 KiB and three values that cover it: a (2 KiB, 1 ms to recompute),
+    b (1 KiB, 1 ms), c (2 KiB, 4 ms). Cheapest per byte first, the bound takes a and b: 2 ms, the
+    optimum. When c may be offloaded (4 ms one way, within the 5 ms of compute the copy stream has),
+    it frees 2 KiB for nothing and the last KiB goes at a's rate: 0.5 ms, under the optimum (1 ms:
+    recompute a or b whole)."""
+    def item(name: str, nbytes: int, seconds: float, offload_s: float | None = None) -> Item:
+        options = [Option(RECOMPUTE, 0, 4, time_s=seconds)]
+        if offload_s is not None:
+            options.append(Option(OFFLOAD, 0, 4, out_s=offload_s, in_s=offload_s, due=4))
+        return Item(name, nbytes, 0, 4, None, name, tuple(options))
+
+    base = [0, 1024, 5120, 1024, 0]
+    events = [MemoryEvent("forward" if t < 2 else "backward", f"n{t}", b) for t, b in enumerate(base)]
+    problem = ScheduleProblem(events=events, base=base, compute_s=[1e-3] * 5,
+                              items=[item("a", 2048, 1e-3), item("b", 1024, 1e-3), item("c", 2048, 4e-3)],
+                              forward_end=1, point_group=[None] * 5)
+    assert added_time_bound_s(problem, 2048) == pytest.approx(2e-3)
+    offloading = dataclasses.replace(problem, items=[*problem.items[:2], item("c", 2048, 4e-3, offload_s=4e-3)])
+    assert added_time_bound_s(offloading, 2048) == pytest.approx(0.5e-3)
+    # A copy stream too slow for c within the compute: it frees 5/6 of c's bytes at most.
+    slow = dataclasses.replace(problem, items=[*problem.items[:2], item("c", 2048, 4e-3, offload_s=6e-3)])
+    assert added_time_bound_s(slow, 2048) == pytest.approx((3072 - 2048 * 5 / 6) * 1e-3 / 2048)
+    assert added_time_bound_s(problem, 1024) == pytest.approx(4e-3)       # a, b and half of c
+    # 1 KiB more live at the peak than the three values hold: no plan meets 512 B.
+    assert added_time_bound_s(dataclasses.replace(problem, base=[0, 1024, 6144, 1024, 0]), 512) == float("inf")
