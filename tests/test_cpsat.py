@@ -162,6 +162,47 @@ def test_refining_the_outer_plan_a_few_layers_at_a_time(monkeypatch: pytest.Monk
     assert before - after >= 0.75 * gained, (before, after, gained)
 
 
+def test_spread_blocks_trade_the_copy_stream_between_far_layers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Note [Refining the decomposed plan]: four layers, two at a time. The copy stream has room for
+    one copy out (0.9 ms each) before the backward's first segment ends; two would spill into the
+    backward and stall a reload by 0.2 ms. Layer 0 offloads ``a`` (which it could recompute for 50 us)
+    and layer 2 recomputes ``b`` (100 us; it could be offloaded). Blocks of adjacent layers ({0, 1},
+    {2, 3}) each see the other's choice fixed: recomputing ``a`` alone only costs more, offloading ``b``
+    alone finds the stream full. The spread block {0, 2} swaps them."""
+    from memopt.schedule import refine
+    from memopt.schedule.refine import layer_blocks, refine_plan, refine_step
+
+    monkeypatch.setattr(refine, "REFINE_LAYERS", 2)
+    assert layer_blocks(["0", "1", "2", "3"], 0) == [{"0", "1"}, {"2", "3"}]
+    assert layer_blocks(["0", "1", "2", "3"], 1) == [{"0", "2"}, {"1", "3"}]
+
+    def item(name: str, layer: int, recompute_s: float | None, end: int) -> Item:
+        options = []
+        if recompute_s is not None:      # else kept: layers 1 and 3 only make the blocks
+            options = [Option(RECOMPUTE, layer + 1, end, time_s=recompute_s),   # reloaded a segment ahead
+                       Option(OFFLOAD, layer + 1, end - 2, out_s=0.9e-3, in_s=0.1e-3, due=end, ahead=True)]
+        return Item(name, 1000, layer + 1, end, f"layers.{layer}", "v", tuple(options))
+
+    a, c, b, d = item("a", 0, 5e-5, 19), item("c", 1, None, 17), item("b", 2, 1e-4, 15), item("d", 3, None, 13)
+    base = [0] * 20
+    base[10] = 5000                                # the backward's start: a and b must both be away
+    events = [MemoryEvent("forward" if t < 10 else "backward", f"n{t}", live) for t, live in enumerate(base)]
+    compute = [1e-4] * 11 + [2e-4] * 9             # 1 ms of forward; the first segment: 0.3 ms
+    problem = ScheduleProblem(events=events, base=base, compute_s=compute, items=[a, c, b, d], forward_end=9,
+                              point_group=[None] * 20, segment_starts=[10, 12, 14, 16, 18])
+    start, best = {"a": a.options[1], "b": b.options[0]}, {"a": a.options[0], "b": b.options[1]}
+    both = {"a": a.options[1], "b": b.options[1]}
+    assert [problem.added_time_s(p) for p in (start, best, both)] == pytest.approx([1e-4, 5e-5, 2e-4])
+    assert solve_schedule(problem, 3000, time_limit_s=10, workers=1, decompose=False, refine=False).plan == best
+    conflicts = problem.conflicts()
+    for block in layer_blocks(["layers.0", "layers.1", "layers.2", "layers.3"], 0):
+        assert refine_step(problem, 3000, dict(start), block, conflicts, 1)[1] == 0.0
+    refined, gained = refine_plan(problem, 3000, dict(start), time_limit_s=20, workers=1,
+                                  progress=lambda message: None)
+    assert refined == best, refined
+    assert gained == pytest.approx(1e-4 - 5e-5, rel=1e-3)
+
+
 @settings(max_examples=30, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(problem=problems(), share=st.floats(min_value=0.0, max_value=1.0))
 def test_the_lower_bound_is_never_above_the_optimum(problem: ScheduleProblem, share: float) -> None:

@@ -15,9 +15,11 @@ every constraint but that one, and letting each item be chosen in part, leaves a
 
 An item may be counted both ways (offloaded and recomputed), which only lowers the bound. The bound is
 the largest over the events where the baseline is over the budget (at most :data:`EVENTS` of them, the
-highest first): it holds for every plan of the model, so a plan within a few percent of it is nearly the
-best the model has, and a target below it cannot be met without changing the model (the graph, the cost
-profile, or what may be freed).
+highest first). It holds for every plan the CP-SAT model admits, so a plan within a few percent of it is
+nearly the best that model has, and a target below it cannot be met without changing the model (the
+graph, the cost profile, or what may be freed). The greedy hint, priced by the whole queue, may leave
+copies out queued past that segment, and such a plan can go below the bound: the model frees a value
+where its copy is issued, not where the copy is done.
 """
 
 from __future__ import annotations
