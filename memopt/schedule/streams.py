@@ -14,21 +14,20 @@ The scheduler's model and the runtime must price a reload the same way, so the m
 reload is issued and the runtime issues it there. The backward runs the repeated layers one after
 another: its *segments* (:func:`segments`) hold one layer's ops each (ops outside every layer, and a
 recomputed op of another layer run inside one, join the segment they fall in; the ops before the first
-layer, the loss's backward, are the first). A reload
-is issued where the segment of its first use starts (*in segment*), or where the segment before it
-starts (*one segment ahead*: it hides behind that segment's compute, and holds its bytes that much
-longer). At one boundary the copies go in that order: the segment's own reloads, then the next
-segment's, each by first use. The copy stream is then a queue whose arrivals are known. When the compute
-reaches a boundary, the copies still queued are those issued a segment ahead for this one (and, at the
-first, the forward's); a copy waited for at ``t`` is late by what is queued before it and itself, less
-the compute from the boundary to ``t``, and the segment stalls by its latest copy's lateness. The copy
-stream works on while the compute waits, so what is queued at the next boundary is this one's backlog
-plus what was issued here, less the segment's compute and its stall (never below 0), and the step's
-stall is the sum of its segments'. :class:`CopyQueue` writes this as linear rows, which the CP-SAT model takes as
-constraints and its greedy evaluates with numpy; the forward's copies, issued as their values are made,
-enter as the backlog at the backward's start. The model's memory windows end where the reloads are
-issued, so a plan's peak and its added time are both the runtime's, up to what the model does not see
-(a recomputation's own compute, which only hides more).
+layer, the loss's backward, are the first). A reload is issued where the segment of its first use starts
+(*in segment*), or where the segment before it starts (*one segment ahead*: it hides behind that
+segment's compute, and holds its bytes that much longer). At one boundary the copies go in that order:
+the segment's own reloads, then the next segment's, each by first use. The copy stream is then a queue
+whose arrivals are known. When the compute reaches a boundary, the copies still queued are those issued a
+segment ahead for this one (and, at the first, the forward's); a copy waited for at ``t`` is late by what
+is queued before it and itself, less the compute from the boundary to ``t``, and the segment stalls by
+its latest copy's lateness. The copy stream works on while the compute waits, so what is queued at the
+next boundary is this one's backlog plus what was issued here, less the segment's compute and its stall
+(never below 0), and the step's stall is the sum of its segments'. :class:`CopyQueue` writes this as
+linear rows, which the CP-SAT model takes as constraints and its greedy evaluates with numpy; the
+forward's copies, issued as their values are made, enter as the backlog at the backward's start. The
+model's memory windows end where the reloads are issued, so a plan's peak and its added time are both the
+runtime's, up to what the model does not see (a recomputation's own compute, which only hides more).
 
 Note [A drained copy stream]
 The queue's backlog carries from segment to segment, and a stall drains it (the copy stream works while
@@ -88,9 +87,8 @@ def segments(layers: Sequence[str | None]) -> list[int]:
     layers go in the order of their ops' median positions, each segment holds one layer, and the
     boundaries are those that leave the fewest ops of another layer inside a segment (ops outside every
     layer count for none), each as late as that allows, which puts it at the layer's first op when there
-    are no strays. Cut at every change of layer instead, a stray in layer 44 split its segment in three
-    and moved its reloads' issue points past the model's (0.4 ms of stall the model did not see, on
-    GPT-2 XL)."""
+    are no strays. Cut at every change of layer instead, one stray splits a segment in three and moves
+    its reloads' issue points past where the model, reading the baseline, put them."""
     if not layers:
         return []
     positions: dict[str, list[int]] = {}
