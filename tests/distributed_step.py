@@ -130,6 +130,12 @@ def main() -> None:
                       for r in backend.reports if r.backward is not None]}
     Path(args.out, f"{args.mode}.{rank}.json").write_text(json.dumps(out, indent=1))
     if distributed:
+        # gloo's worker thread frees a finished collective's tensors after the caller has its result,
+        # and needs the GIL for it; DDP's reducer, freed when main() returns, joins that thread holding
+        # the GIL. Seen hanging there (py-spy: ~Reducer -> ~ProcessGroupGloo -> join, the worker in
+        # ~AsyncAllreduceWork waiting for the GIL) on a loaded 2-core machine. The barrier waits without
+        # the GIL, after every earlier collective on the worker's queue.
+        dist.barrier()
         dist.destroy_process_group()
 
 

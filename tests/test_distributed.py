@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -21,13 +22,17 @@ SCRIPT = Path(__file__).resolve().parent / "distributed_step.py"
 def _run(mode: str, out: Path) -> list[dict[str, Any]]:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(SCRIPT)]
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    # A session of its own, so that a timeout stops the ranks too, not the launcher alone.
+    process = subprocess.Popen([*launcher, "--mode", mode, "--out", str(out)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
     try:
-        done = subprocess.run([*launcher, "--mode", mode, "--out", str(out)], capture_output=True, text=True,
-                              timeout=300, env=env)
-    except subprocess.TimeoutExpired as err:
+        stdout, stderr = process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
         raise AssertionError(f"{mode}: no answer in 300 s (about 30 s alone); its output so far:\n"
-                             f"{(err.stdout or b'')[-3000:]!r}\n{(err.stderr or b'')[-5000:]!r}") from None
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+                             f"{stdout[-3000:]}\n{stderr[-5000:]}") from None
+    assert process.returncode == 0, stdout[-3000:] + stderr[-5000:]
     return [json.loads(p.read_text()) for p in sorted(out.glob(f"{mode}.*.json"))]
 
 
