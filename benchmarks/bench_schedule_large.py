@@ -27,10 +27,11 @@ Per variant: the simulated peak of forward + backward (no optimizer states), the
 the predicted added time: the cost-model time of the forward ops the backward runs again plus the exposed
 transfer time of offloads (``memopt.schedule.streams.exposed_transfer_s``), counted the same way for
 every variant (bench_schedule.py's Note [Counting recomputation]). Also memopt's scheduling time and the
-solver's status and gap, every plan the search verified, its model's added time beside the verified
-one, and ``model_bound_s``: the added time no plan of the solver's model goes below (Note [A lower bound
-on the added time] in memopt/schedule/bound.py), to tell a weak plan from a target the model cannot reach. The targets: at the knapsack's peak, memopt with offload predicts at most half of the knapsack's
-added time; at a fraction, memopt's plan is its own (not a knapsack cut); and the model agrees with the
+solver's status and gap, every plan the search verified, its model's added time beside the verified one,
+and ``model_bound_s``: the added time no plan of the solver's model goes below (Note [A lower bound on
+the added time] in memopt/schedule/bound.py), to tell a weak plan from a target the model cannot reach.
+The targets: at the knapsack's peak, memopt with offload predicts at most half of the knapsack's added
+time; at a fraction, memopt's plan is its own (not a knapsack cut); and the model agrees with the
 verification within 10% (or 0.1 ms) on every plan it priced. Results go to
 ``<out>/bench_schedule_large.json`` and ``.csv``.
 """

@@ -118,8 +118,8 @@ def test_reloads_are_issued_where_the_segment_of_their_use_starts() -> None:
     assert reload_issues(graph, [ops[1]], [True]) == [ops[0]]
 
 
-def _layered_step(layers: int, per_layer: int, seed: int, strays: bool = False) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule,
-                                                                  list[str], list[float]]:
+def _layered_step(layers: int, per_layer: int, seed: int, strays: bool = False,
+                  ) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule, list[str], list[float]]:
     """A forward of ``layers`` x ``per_layer`` ops making one saved value each (random sizes), and a
     backward running the layers in reverse, each op reading the value its forward twin made. Returns the
     graphs (every value saved), the saved names and the op times of the step in order."""
