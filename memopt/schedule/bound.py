@@ -39,53 +39,59 @@ def added_time_bound_s(problem: ScheduleProblem, budget: int) -> float:
     if not len(over):
         return 0.0
     events = over[np.argsort(-base[over], kind="stable")[:EVENTS]]
-    rows = [(i, o) for i, item in enumerate(problem.items) for o in item.options]
-    item = np.array([i for i, _ in rows], dtype=np.int64)
-    start, end = (np.array([getattr(o, f) for _, o in rows], dtype=np.int64) for f in ("start", "end"))
-    freed = np.array([problem.items[i].freed_by(o) for i, o in rows], dtype=np.float64)
-    cost = np.array([o.time_s for _, o in rows], dtype=np.float64)
-    offload = np.array([o.kind == OFFLOAD for _, o in rows], dtype=bool)
-    out_s = np.array([o.out_s for _, o in rows], dtype=np.float64)
+    options = _Options(problem)
     starts = problem.segment_starts
     window = float(np.sum(problem.compute_s[:starts[1]] if len(starts) > 1 else problem.compute_s))
-    return max(_bound_at(int(t), base[t] - budget, item, start, end, freed, cost, offload, out_s, window,
-                         len(problem.items)) for t in events)
+    return max(options.bound_at(int(t), base[t] - budget, window) for t in events)
 
 
-def _bound_at(t: int, need: float, item: np.ndarray, start: np.ndarray, end: np.ndarray, freed: np.ndarray,
-              cost: np.ndarray, offload: np.ndarray, out_s: np.ndarray, window: float, items: int) -> float:
-    """The fractional knapsack at event ``t``: offloads first, up to ``window`` seconds of copies out,
-    then the other options covering ``t`` by cost per byte."""
-    covers = (start < t) & (t < end)
-    moved = covers & offload & (out_s > 0)
-    # Per item, the copy out that frees the most bytes per second of copy stream.
-    rate = np.zeros(items)
-    np.maximum.at(rate, item[moved], freed[moved] / out_s[moved])
-    copied = np.zeros(items)
-    np.maximum.at(copied, item[covers & offload], freed[covers & offload])
-    free_bytes = 0.0
-    left = window
-    for i in np.argsort(-rate, kind="stable"):
-        if rate[i] <= 0 or left <= 0:
-            break
-        take = min(copied[i], left * rate[i])
-        free_bytes += take
-        left -= take / rate[i]
-    free_bytes += float(np.sum(copied[rate == 0]))   # copies that take no time
-    if free_bytes >= need:
-        return 0.0
-    priced = covers & ~offload & (freed > 0)
-    per_byte = np.full(items, np.inf)
-    np.minimum.at(per_byte, item[priced], cost[priced] / freed[priced])
-    # Each byte at the item's cheapest rate, up to the most any of its options frees: never dearer than
-    # any mix of its options.
-    bytes_of = np.zeros(items)
-    np.maximum.at(bytes_of, item[priced], freed[priced])
-    total, short = 0.0, need - free_bytes
-    for i in np.argsort(per_byte, kind="stable"):
-        if short <= 0 or not np.isfinite(per_byte[i]):
-            break
-        take = min(bytes_of[i], short)
-        total += take * per_byte[i]
-        short -= take
-    return total if short <= 0 else float("inf")
+class _Options:
+    """Every option of every item as arrays, one entry per option."""
+
+    def __init__(self, problem: ScheduleProblem) -> None:
+        rows = [(i, o) for i, item in enumerate(problem.items) for o in item.options]
+        self.items = len(problem.items)
+        self.item = np.array([i for i, _ in rows], dtype=np.int64)
+        self.start, self.end = (np.array([getattr(o, f) for _, o in rows], dtype=np.int64) for f in ("start", "end"))
+        self.freed = np.array([problem.items[i].freed_by(o) for i, o in rows], dtype=np.float64)
+        self.cost = np.array([o.time_s for _, o in rows], dtype=np.float64)
+        self.offload = np.array([o.kind == OFFLOAD for _, o in rows], dtype=bool)
+        self.out_s = np.array([o.out_s for _, o in rows], dtype=np.float64)
+
+    def bound_at(self, t: int, need: float, window: float) -> float:
+        """The fractional knapsack at event ``t``: offloads first, up to ``window`` seconds of copies out,
+        then the other options covering ``t`` by cost per byte."""
+        item, freed, cost, offload, out_s = self.item, self.freed, self.cost, self.offload, self.out_s
+        covers = (self.start < t) & (t < self.end)
+        moved = covers & offload & (out_s > 0)
+        # Per item, the copy out that frees the most bytes per second of copy stream.
+        rate = np.zeros(self.items)
+        np.maximum.at(rate, item[moved], freed[moved] / out_s[moved])
+        copied = np.zeros(self.items)
+        np.maximum.at(copied, item[covers & offload], freed[covers & offload])
+        free_bytes = 0.0
+        left = window
+        for i in np.argsort(-rate, kind="stable"):
+            if rate[i] <= 0 or left <= 0:
+                break
+            take = min(copied[i], left * rate[i])
+            free_bytes += take
+            left -= take / rate[i]
+        free_bytes += float(np.sum(copied[rate == 0]))   # copies that take no time
+        if free_bytes >= need:
+            return 0.0
+        priced = covers & ~offload & (freed > 0)
+        per_byte = np.full(self.items, np.inf)
+        np.minimum.at(per_byte, item[priced], cost[priced] / freed[priced])
+        # Each byte at the item's cheapest rate, up to the most any of its options frees: never dearer
+        # than any mix of its options.
+        bytes_of = np.zeros(self.items)
+        np.maximum.at(bytes_of, item[priced], freed[priced])
+        total, short = 0.0, need - free_bytes
+        for i in np.argsort(per_byte, kind="stable"):
+            if short <= 0 or not np.isfinite(per_byte[i]):
+                break
+            take = min(bytes_of[i], short)
+            total += take * per_byte[i]
+            short -= take
+        return total if short <= 0 else float("inf")

@@ -94,7 +94,7 @@ def layer_blocks(layers: Sequence[str], round_: int) -> list[set[str]]:
     """The blocks of :data:`REFINE_LAYERS` layers that pass ``round_`` decides again, one after another:
     runs of adjacent layers in even passes, layers spread over the depth (layer k in block k mod the
     number of blocks) in odd ones."""
-    count = max(1, -(-len(layers) // REFINE_LAYERS))
+    count = -(-len(layers) // REFINE_LAYERS)
     if round_ % 2 == 0:
         return [set(layers[k * REFINE_LAYERS:(k + 1) * REFINE_LAYERS]) for k in range(count)]
     return [set(layers[k::count]) for k in range(count)]
